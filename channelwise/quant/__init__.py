@@ -1,0 +1,37 @@
+"""Channel-wise quantizer primitives: granularities, specs, and (fake-)quantization."""
+
+from channelwise.quant.core import (
+    QParams,
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    qparams_from_range,
+    quantization_error,
+    quantize,
+)
+from channelwise.quant.granularity import (
+    Granularity,
+    PerColumn,
+    PerGroup,
+    PerRow,
+    PerTensor,
+    granularity_from_name,
+)
+
+__all__ = [
+    "Granularity",
+    "PerColumn",
+    "PerGroup",
+    "PerRow",
+    "PerTensor",
+    "QParams",
+    "QuantSpec",
+    "compute_qparams",
+    "dequantize",
+    "fake_quantize",
+    "granularity_from_name",
+    "qparams_from_range",
+    "quantization_error",
+    "quantize",
+]

@@ -1,0 +1,249 @@
+"""One quantizer definition for both simulated (fake-quant) and packed integer paths.
+
+A tensor ``x`` of any shape ``(..., cols)`` is viewed as ``(rows, cols)`` and split into blocks
+by its granularity; viewed as ``(rows // br, br, cols // bc, bc)`` each block shares one
+``scale`` and ``zero_point`` of shape ``(rows // br, cols // bc)``. Everything is computed in
+float32; rounding is round-half-to-even.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from channelwise.errors import NonFiniteError, QuantConfigError
+from channelwise.quant.granularity import (
+    Granularity,
+    PerColumn,
+    PerGroup,
+    PerRow,
+    PerTensor,
+)
+
+RangeMethod = Literal["minmax", "percentile", "mse"]
+_RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: bit-width, signedness, scale granularity and range estimation."""
+
+    bits: int
+    symmetric: bool
+    granularity: Granularity
+    range_method: RangeMethod = "minmax"
+    percentile: float = 99.9
+    mse_grid: int = 80
+    mse_min_ratio: float = 0.2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise QuantConfigError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if not isinstance(self.symmetric, bool):
+            raise QuantConfigError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if not isinstance(self.granularity, (PerTensor, PerRow, PerColumn, PerGroup)):
+            raise QuantConfigError(
+                "granularity must be PerTensor, PerRow, PerColumn or PerGroup, got "
+                f"{self.granularity!r}; use granularity_from_name for names"
+            )
+        if self.range_method not in _RANGE_METHODS:
+            raise QuantConfigError(
+                f"range_method must be one of {', '.join(_RANGE_METHODS)}, "
+                f"got {self.range_method!r}"
+            )
+        if not 0 < self.percentile <= 100:
+            raise QuantConfigError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if (
+            isinstance(self.mse_grid, bool)
+            or not isinstance(self.mse_grid, int)
+            or self.mse_grid < 1
+        ):
+            raise QuantConfigError(f"mse_grid must be a positive integer, got {self.mse_grid!r}")
+        if not 0 < self.mse_min_ratio <= 1:
+            raise QuantConfigError(f"mse_min_ratio must be in (0, 1], got {self.mse_min_ratio!r}")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code."""
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """Storage dtype of integer codes: int8 if symmetric, uint8 otherwise."""
+        return torch.int8 if self.symmetric else torch.uint8
+
+
+@dataclass
+class QParams:
+    """Per-block ``scale`` (float32) and ``zero_point`` (float32 holding integers), same shape."""
+
+    scale: Tensor
+    zero_point: Tensor
+
+
+def compute_qparams(x: Tensor, spec: QuantSpec) -> QParams:
+    """Estimate scale and zero point of ``x`` ``(..., cols)`` → each ``(rows//br, cols//bc)``."""
+    _check_finite(x)
+    xb = _blocks(x, spec)
+    if spec.range_method == "mse":
+        return _mse_search(xb, spec)
+    lo, hi = _percentile_range(xb, spec) if spec.range_method == "percentile" else _minmax_range(xb)
+    return qparams_from_range(lo, hi, spec)
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> QParams:
+    """Scale and zero point from per-block ranges ``lo``, ``hi`` (each ``(R, C)``).
+
+    Meant for observers that accumulate min/max over several batches; symmetric specs use
+    ``max(-lo, hi)``, asymmetric ones widen the range to include 0.
+    """
+    scale, zero = _params_from_range(lo.float(), hi.float(), spec)
+    return QParams(scale, zero)
+
+
+def quantize(x: Tensor, qparams: QParams, spec: QuantSpec) -> Tensor:
+    """Integer codes of ``x``, same shape, dtype ``spec.code_dtype``, within [qmin, qmax]."""
+    _check_finite(x)
+    xb = _blocks(x, spec)
+    scale, zero = _broadcast(qparams, xb, spec)
+    return _codes(xb, scale, zero, spec).reshape(x.shape).to(spec.code_dtype)
+
+
+def dequantize(
+    codes: Tensor, qparams: QParams, spec: QuantSpec, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Real values ``(codes - zero_point) * scale``, same shape as ``codes``, in ``dtype``."""
+    cb = _blocks(codes, spec)
+    scale, zero = _broadcast(qparams, cb, spec)
+    return ((cb - zero) * scale).reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(x: Tensor, spec: QuantSpec, qparams: QParams | None = None) -> Tensor:
+    """Quantize then dequantize ``x``; shape and dtype preserved.
+
+    ``qparams`` defaults to ``compute_qparams(x, spec)``.
+    """
+    if qparams is None:
+        qparams = compute_qparams(x, spec)
+    else:
+        _check_finite(x)
+    xb = _blocks(x, spec)
+    scale, zero = _broadcast(qparams, xb, spec)
+    return _fake_quant(xb, scale, zero, spec).reshape(x.shape).to(x.dtype)
+
+
+def quantization_error(x: Tensor, spec: QuantSpec) -> float:
+    """Relative Frobenius error ``‖fake_quantize(x) − x‖ / ‖x‖`` (0 for an all-zero ``x``)."""
+    x32 = x.float()
+    norm = torch.linalg.vector_norm(x32).item()
+    if norm == 0:
+        return 0.0
+    return torch.linalg.vector_norm(fake_quantize(x32, spec) - x32).item() / norm
+
+
+def _check_finite(x: Tensor) -> None:
+    if not x.is_floating_point():
+        return
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    raise NonFiniteError(
+        f"input to quantizer contains NaN/inf values ({n_nan} NaN, {n_inf} inf of "
+        f"{x.numel()}); check the model's activations/weights"
+    )
+
+
+def _blocks(x: Tensor, spec: QuantSpec) -> Tensor:
+    """``x`` ``(..., cols)`` as float32 ``(rows // br, br, cols // bc, bc)``."""
+    if x.ndim == 0 or x.numel() == 0:
+        raise QuantConfigError(
+            f"quantizer needs a non-empty tensor with at least 1 dimension, got shape "
+            f"{tuple(x.shape)}"
+        )
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    br, bc = spec.granularity.block_shape(rows, cols)
+    return x.float().reshape(rows // br, br, cols // bc, bc)
+
+
+def _broadcast(qparams: QParams, xb: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point ``(R, C)`` as ``(R, 1, C, 1)`` float32 on ``xb``'s device."""
+    expected = (xb.shape[0], xb.shape[2])
+    if tuple(qparams.scale.shape) != expected or tuple(qparams.zero_point.shape) != expected:
+        raise QuantConfigError(
+            f"qparams shape {tuple(qparams.scale.shape)} does not match the expected "
+            f"{expected} for {spec.granularity} on this tensor"
+        )
+
+    def view(t: Tensor) -> Tensor:
+        return t.to(device=xb.device, dtype=torch.float32)[:, None, :, None]
+
+    return view(qparams.scale), view(qparams.zero_point)
+
+
+def _codes(xb: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    return torch.clamp(torch.round(xb / scale) + zero, spec.qmin, spec.qmax)
+
+
+def _fake_quant(xb: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    return (_codes(xb, scale, zero, spec) - zero) * scale
+
+
+def _minmax_range(xb: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-block min and max, each ``(R, C)``."""
+    return xb.amin(dim=(1, 3)), xb.amax(dim=(1, 3))
+
+
+def _percentile_range(xb: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Per-block clipped range ``(R, C)``: |x| at ``percentile`` (sym) or lo/hi percentiles."""
+    flat = xb.permute(0, 2, 1, 3).reshape(xb.shape[0], xb.shape[2], -1)
+    n = flat.shape[-1]
+    k = min(n, max(1, math.ceil(spec.percentile / 100 * n - 1e-6)))
+    if spec.symmetric:
+        amax = flat.abs().kthvalue(k, dim=-1).values
+        return -amax, amax
+    return flat.kthvalue(n - k + 1, dim=-1).values, flat.kthvalue(k, dim=-1).values
+
+
+def _params_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point ``(R, C)`` from a per-block range; zero-width ranges get scale 1."""
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / spec.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    lo = torch.clamp(lo, max=0)
+    hi = torch.clamp(hi, min=0)
+    scale = (hi - lo) / (spec.qmax - spec.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def _mse_search(xb: Tensor, spec: QuantSpec) -> QParams:
+    """Per block, the range shrink ratio in the grid with least squared fake-quant error."""
+    lo, hi = _minmax_range(xb)
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        lo, hi = -amax, amax
+    best_scale, best_zero = _params_from_range(lo, hi, spec)
+    best_err = torch.full_like(best_scale, math.inf)
+    for ratio in torch.linspace(1.0, spec.mse_min_ratio, spec.mse_grid).tolist():
+        scale, zero = _params_from_range(lo * ratio, hi * ratio, spec)
+        deq = _fake_quant(xb, scale[:, None, :, None], zero[:, None, :, None], spec)
+        err = (deq - xb).square().sum(dim=(1, 3))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return QParams(best_scale, best_zero)

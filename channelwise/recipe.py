@@ -1,0 +1,156 @@
+"""Typed recipes: what to quantize and how, as validated YAML that round-trips.
+
+A recipe names the weight and activation formats and a list of *steps*, each a registered method
+(``rtn`` today; transforms and searches later) applied in order, block by block::
+
+    name: rtn-w4a16-g64
+    weights: {bits: 4, symmetric: false, granularity: group, group_size: 64}
+    steps:
+      - method: rtn
+
+Presets live in ``channelwise/recipes/*.yaml``; their names are part of the interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from channelwise.errors import RecipeError
+from channelwise.quant import QuantSpec, granularity_from_name
+
+PRESET_DIR = Path(__file__).parent / "recipes"
+
+
+class QuantArgs(BaseModel):
+    """One tensor kind's quantizer, as written in a recipe.
+
+    ``granularity`` is read by role: for weights ``channel`` is per output channel; for
+    activations ``channel`` is per input channel (static) and ``token`` is per token (dynamic).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(ge=2, le=8)
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "input_channel", "token", "group"] = "channel"
+    group_size: int | None = Field(default=None, ge=1)
+    group_along: Literal["input", "output"] = "input"
+    range: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = Field(default=99.9, gt=0, le=100)
+    dynamic: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantArgs:
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"group_size is only meaningful with granularity 'group', "
+                             f"not '{self.granularity}'")
+        return self
+
+    def spec(self, role: Literal["weight", "activation"]) -> QuantSpec:
+        name = self.granularity
+        if role == "activation" and name == "channel":
+            name = "input_channel"
+        granularity = granularity_from_name(name, self.group_size, self.group_along)
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity=granularity,
+                         range_method=self.range, percentile=self.percentile)
+
+
+class Step(BaseModel):
+    """One method applied to every block; ``args`` are validated by the method itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    """A validated compression recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    description: str = ""
+    weights: QuantArgs | None = None
+    activations: QuantArgs | None = None
+    steps: tuple[Step, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        acts = self.activations
+        if acts is not None:
+            if acts.granularity == "token" and not acts.dynamic:
+                raise ValueError("activations: per-token granularity is computed at run time; "
+                                 "set dynamic: true (or use tensor/channel for static)")
+            if acts.group_along == "output" and acts.granularity == "group":
+                raise ValueError("activations: groups run along the input channels only")
+        if self.weights is not None and self.weights.granularity == "token":
+            raise ValueError("weights: 'token' is an activation granularity; use channel, "
+                             "input_channel, group or tensor")
+        if (self.weights or self.activations) and not self.steps:
+            return self.model_copy(update={"steps": (Step(method="rtn"),)})
+        return self
+
+    @property
+    def is_float(self) -> bool:
+        return self.weights is None and self.activations is None and not self.steps
+
+    def bits_label(self) -> str:
+        w = f"W{self.weights.bits}" if self.weights else "W16"
+        a = f"A{self.activations.bits}" if self.activations else "A16"
+        g = f" g{self.weights.group_size}" if self.weights and self.weights.group_size else ""
+        return f"{w}{a}{g}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{origin}: expected a mapping with keys name, weights, "
+                              f"activations, steps; got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"{origin}: {_first_problem(exc)}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str, origin: str = "recipe") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{origin}: not valid YAML ({exc})".replace("\n", " ")) from None
+        return cls.from_dict(data, origin)
+
+
+def _first_problem(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "recipe"
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list | tuple) else ""
+        problems.append(f"{where}: {message}{shown}")
+    return "; ".join(problems)
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
+    """A preset by name, a YAML file path, or a ``Recipe`` passed through."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    path = preset if preset.is_file() else Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"unknown recipe '{name_or_path}': not a preset "
+                          f"({', '.join(preset_names())}) nor a YAML file")
+    return Recipe.from_yaml(path.read_text(), origin=str(name_or_path))

@@ -1,0 +1,392 @@
+"""Specification of the quantizer core: granularities, qparams, (fake-)quantization."""
+
+import itertools
+
+import pytest
+import torch
+
+from channelwise.errors import NonFiniteError, QuantConfigError
+from channelwise.quant import (
+    PerColumn,
+    PerGroup,
+    PerRow,
+    PerTensor,
+    QParams,
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    granularity_from_name,
+    qparams_from_range,
+    quantization_error,
+    quantize,
+)
+
+GRANULARITIES = [
+    PerTensor(),
+    PerRow(),
+    PerColumn(),
+    PerGroup(16),
+    PerGroup(4, "output"),
+]
+BITS = [2, 3, 4, 8]
+
+
+def reference_fake_quant(x, bits, symmetric, block_rows, block_cols):
+    """Block-by-block loop over a 2-D ``x`` with the textbook formulas."""
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[0], block_rows):
+        for j in range(0, x.shape[1], block_cols):
+            block = x[i : i + block_rows, j : j + block_cols]
+            if symmetric:
+                qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+                scale = block.abs().max() / qmax
+                zero = torch.tensor(0.0)
+            else:
+                qmin, qmax = 0, 2**bits - 1
+                lo = torch.minimum(block.min(), torch.tensor(0.0))
+                hi = torch.maximum(block.max(), torch.tensor(0.0))
+                scale = (hi - lo) / qmax
+            if scale == 0:
+                scale = torch.tensor(1.0)
+            if not symmetric:
+                zero = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+            q = torch.clamp(torch.round(block / scale) + zero, qmin, qmax)
+            out[i : i + block_rows, j : j + block_cols] = (q - zero) * scale
+    return out
+
+
+def spec(bits=4, symmetric=True, granularity=None, **kwargs):
+    return QuantSpec(bits, symmetric, granularity or PerRow(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "symmetric", "bits"),
+    list(itertools.product(GRANULARITIES, [True, False], BITS)),
+    ids=str,
+)
+def test_fake_quant_matches_loop_reference(granularity, symmetric, bits):
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits)) * 3 + 0.5
+    block = granularity.block_shape(8, 64)
+    expected = reference_fake_quant(x, bits, symmetric, *block)
+    got = fake_quantize(x, QuantSpec(bits, symmetric, granularity))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_nd_input_uses_last_dim_as_columns():
+    x = torch.randn(2, 4, 64)
+    expected = reference_fake_quant(x.reshape(8, 64), 4, False, 1, 16)
+    got = fake_quantize(x, spec(symmetric=False, granularity=PerGroup(16)))
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.reshape(8, 64), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "scale_shape"),
+    [
+        (PerTensor(), (1, 1)),
+        (PerRow(), (8, 1)),
+        (PerColumn(), (1, 64)),
+        (PerGroup(16), (8, 4)),
+        (PerGroup(4, "output"), (2, 64)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_shape_follows_granularity(granularity, scale_shape, symmetric):
+    qp = compute_qparams(torch.randn(8, 64), spec(symmetric=symmetric, granularity=granularity))
+    assert qp.scale.shape == scale_shape
+    assert qp.zero_point.shape == scale_shape
+    assert qp.scale.dtype == torch.float32
+    assert granularity.scale_shape(8, 64) == scale_shape
+    if symmetric:
+        assert torch.all(qp.zero_point == 0)
+
+
+def test_outlier_column_hurts_per_tensor_but_not_per_column():
+    x = torch.randn(32, 64)
+    x[:, 5] *= 1000
+    others = torch.arange(64) != 5
+
+    def error_on_others(granularity):
+        y = fake_quantize(x, spec(granularity=granularity))
+        return ((y - x)[:, others].norm() / x[:, others].norm()).item()
+
+    assert error_on_others(PerColumn()) < 0.2
+    assert error_on_others(PerTensor()) > 0.9
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", [PerColumn(), PerGroup(4, "output")], ids=str)
+def test_constant_columns_are_reproduced(symmetric, granularity):
+    x = torch.randn(8, 64)
+    x[:, 0] = 3.0
+    x[:, 1] = -2.0
+    x[:, 2] = 0.0
+    y = fake_quantize(x, spec(symmetric=symmetric, granularity=granularity))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, :3], x[:, :3], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", [PerRow(), PerGroup(16)], ids=str)
+def test_constant_rows_are_reproduced(symmetric, granularity):
+    x = torch.randn(8, 64)
+    x[0] = 0.7
+    x[1] = -5.0
+    x[2] = 0.0
+    y = fake_quantize(x, spec(symmetric=symmetric, granularity=granularity))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:3], x[:3], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=str)
+def test_all_zeros_give_exact_zeros(method, symmetric, granularity):
+    x = torch.zeros(8, 64)
+    s = spec(symmetric=symmetric, granularity=granularity, range_method=method, mse_grid=10)
+    qp = compute_qparams(x, s)
+    assert torch.isfinite(qp.scale).all() and (qp.scale > 0).all()
+    y = fake_quantize(x, s)
+    assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_rejected(bad):
+    x = torch.randn(4, 16)
+    x[1, 3] = bad
+    with pytest.raises(NonFiniteError, match="NaN/inf.*1 (NaN|inf)"):
+        compute_qparams(x, spec())
+    with pytest.raises(NonFiniteError):
+        fake_quantize(x, spec())
+    qp = compute_qparams(torch.randn(4, 16), spec())
+    with pytest.raises(NonFiniteError):
+        quantize(x, qp, spec())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+def test_codes_stay_in_range_with_stated_dtype(symmetric, bits):
+    s = spec(bits=bits, symmetric=symmetric, granularity=PerGroup(16))
+    x = torch.randn(16, 64) * 5
+    codes = quantize(x, compute_qparams(x, s), s)
+    assert codes.dtype == (torch.int8 if symmetric else torch.uint8)
+    assert codes.shape == x.shape
+    assert s.qmin <= codes.int().min() and codes.int().max() <= s.qmax
+    if symmetric:
+        assert codes.int().abs().max() == s.qmax
+    else:
+        assert codes.int().min() == 0 and codes.int().max() == s.qmax
+
+
+def test_qmin_qmax():
+    assert (spec(bits=4).qmin, spec(bits=4).qmax) == (-8, 7)
+    assert (spec(bits=8, symmetric=False).qmin, spec(bits=8, symmetric=False).qmax) == (
+        0,
+        255,
+    )
+
+
+def test_8bit_asymmetric_codes_reach_255():
+    x = torch.linspace(-1.0, 3.0, 1024).reshape(4, 256)
+    s = spec(bits=8, symmetric=False, granularity=PerTensor())
+    codes = quantize(x, compute_qparams(x, s), s)
+    assert codes.dtype == torch.uint8
+    assert codes.max().item() == 255 and codes.min().item() == 0
+
+
+def gaussian_with_outliers():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 256, generator=g)
+    idx = torch.randint(0, x.numel(), (40,), generator=g)
+    x.view(-1)[idx] *= 25
+    return x
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", [PerTensor(), PerRow(), PerGroup(64)], ids=str)
+def test_mse_range_is_never_worse_than_minmax(symmetric, granularity):
+    x = gaussian_with_outliers()
+    minmax = spec(symmetric=symmetric, granularity=granularity)
+    mse = spec(symmetric=symmetric, granularity=granularity, range_method="mse", mse_grid=10)
+    blocks = granularity.scale_shape(*x.shape)
+
+    def block_sse(s):
+        sq = (fake_quantize(x, s) - x).square()
+        return sq.reshape(blocks[0], -1, blocks[1], x.shape[1] // blocks[1]).sum(dim=(1, 3))
+
+    assert torch.all(block_sse(mse) <= block_sse(minmax) * (1 + 1e-6))
+    assert quantization_error(x, mse) < quantization_error(x, minmax)
+
+
+def test_mse_chooses_the_ratio_per_block():
+    x = torch.randn(2, 1050, generator=torch.Generator().manual_seed(3))
+    x[0, 0] = 8.0
+    x[1] = torch.arange(-7.0, 8.0).repeat(70) * 0.25
+    minmax = compute_qparams(x, spec())
+    mse = compute_qparams(x, spec(range_method="mse", mse_grid=20))
+    assert mse.scale[0, 0] < 0.8 * minmax.scale[0, 0]
+    assert mse.scale[1, 0] == minmax.scale[1, 0] == 0.25
+
+
+def test_mse_with_single_ratio_equals_minmax():
+    x = gaussian_with_outliers()
+    s = spec(range_method="mse", mse_grid=1)
+    torch.testing.assert_close(fake_quantize(x, s), fake_quantize(x, spec()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_clips_outliers_on_both_sides(symmetric):
+    x = torch.randn(1, 1000, generator=torch.Generator().manual_seed(1))
+    x[0, 7] = 1000.0
+    x[0, 8] = -1000.0
+    others = torch.arange(1000) >= 9
+
+    def error_on_others(s):
+        y = fake_quantize(x, s)
+        return y, ((y - x)[0, others].norm() / x[0, others].norm()).item()
+
+    minmax = spec(bits=8, symmetric=symmetric, granularity=PerTensor())
+    clipped = spec(
+        bits=8,
+        symmetric=symmetric,
+        granularity=PerTensor(),
+        range_method="percentile",
+        percentile=99.8,
+    )
+    y, err = error_on_others(clipped)
+    assert y[0, 7:9].abs().max() <= 1.01 * x[0, others].abs().max()
+    assert err < 0.05
+    assert error_on_others(minmax)[1] > 0.5
+
+
+def test_rounding_is_half_to_even():
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 7.0]])
+    s = spec(granularity=PerTensor())
+    codes = quantize(x, compute_qparams(x, s), s)
+    assert codes.tolist() == [[0, 2, 2, 0, -2, -2, 7]]
+
+
+def test_percentile_100_equals_minmax():
+    x = gaussian_with_outliers()
+    for symmetric in (True, False):
+        p100 = spec(symmetric=symmetric, range_method="percentile", percentile=100.0)
+        assert torch.equal(fake_quantize(x, p100), fake_quantize(x, spec(symmetric=symmetric)))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True])
+def test_bad_bits_are_rejected(bits):
+    with pytest.raises(QuantConfigError, match=rf"bits must be an integer in 2\.\.8, got {bits}"):
+        QuantSpec(bits, True, PerRow())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"percentile": 0.0},
+        {"percentile": 100.5},
+        {"range_method": "entropy"},
+        {"mse_grid": 0},
+        {"mse_min_ratio": 0.0},
+        {"granularity": "channel"},
+    ],
+)
+def test_bad_spec_settings_are_rejected(kwargs):
+    with pytest.raises(QuantConfigError):
+        spec(**{"granularity": PerRow(), **kwargs})
+
+
+def test_group_size_not_dividing_names_the_numbers():
+    with pytest.raises(
+        QuantConfigError,
+        match="group size 128 does not divide 576 input channels; use a divisor such as 64 or 32",
+    ):
+        compute_qparams(torch.randn(4, 576), spec(granularity=PerGroup(128)))
+    with pytest.raises(QuantConfigError, match="group size 3 does not divide 8 output channels"):
+        PerGroup(3, "output").block_shape(8, 64)
+
+
+@pytest.mark.parametrize("args", [(0,), (-4,), (16, "sideways")])
+def test_bad_group_is_rejected(args):
+    with pytest.raises(QuantConfigError):
+        PerGroup(*args)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("tensor", PerTensor()),
+        ("channel", PerRow()),
+        ("row", PerRow()),
+        ("token", PerRow()),
+        ("input_channel", PerColumn()),
+        ("column", PerColumn()),
+    ],
+)
+def test_granularity_names(name, expected):
+    assert granularity_from_name(name) == expected
+
+
+def test_group_granularity_name():
+    assert granularity_from_name("group", 128) == PerGroup(128)
+    assert granularity_from_name("group", 64, along="output") == PerGroup(64, "output")
+    with pytest.raises(QuantConfigError, match="group_size"):
+        granularity_from_name("group")
+    with pytest.raises(QuantConfigError, match="only used with granularity 'group'"):
+        granularity_from_name("channel", 128)
+
+
+def test_unknown_granularity_name_lists_valid_names():
+    with pytest.raises(QuantConfigError, match="unknown granularity 'block'.*channel.*group"):
+        granularity_from_name("block")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=str)
+def test_round_trip_equals_fake_quantize(symmetric, granularity):
+    x = torch.randn(8, 64) * 2
+    s = spec(bits=3, symmetric=symmetric, granularity=granularity)
+    qp = compute_qparams(x, s)
+    y = dequantize(quantize(x, qp, s), qp, s)
+    assert torch.equal(y, fake_quantize(x, s, qp))
+    assert torch.equal(y, fake_quantize(x, s))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_fake_quantize_is_idempotent_with_same_qparams(symmetric, method):
+    x = gaussian_with_outliers()
+    s = spec(symmetric=symmetric, granularity=PerGroup(32), range_method=method, mse_grid=10)
+    qp = compute_qparams(x, s)
+    y = fake_quantize(x, s, qp)
+    assert torch.equal(fake_quantize(y, s, qp), y)
+
+
+def test_dtype_and_shape_are_preserved():
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = fake_quantize(x, spec(granularity=PerGroup(32)))
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    qp = compute_qparams(x, spec())
+    out = dequantize(quantize(x, qp, spec()), qp, spec(), dtype=torch.float16)
+    assert out.dtype == torch.float16
+
+
+def test_mismatched_qparams_are_rejected():
+    qp = QParams(torch.ones(4, 1), torch.zeros(4, 1))
+    with pytest.raises(QuantConfigError, match="does not match"):
+        quantize(torch.randn(8, 16), qp, spec())
+
+
+def test_quantization_error_of_zeros_is_zero():
+    assert quantization_error(torch.zeros(4, 8), spec()) == 0.0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_qparams_from_range_matches_minmax(symmetric):
+    x = torch.randn(8, 64)
+    s = spec(symmetric=symmetric, granularity=PerColumn())
+    qp = qparams_from_range(x.amin(dim=0, keepdim=True), x.amax(dim=0, keepdim=True), s)
+    expected = compute_qparams(x, s)
+    assert torch.equal(qp.scale, expected.scale)
+    assert torch.equal(qp.zero_point, expected.zero_point)

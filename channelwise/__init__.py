@@ -1,10 +1,10 @@
 """channelwise: channel-wise compression of transformer models, with the quality cost measured.
 
-    import channelwise as cw
-    model, tokenizer = cw.load_model()                     # embedded SmolLM2-135M-Instruct
-    protocol = cw.Protocol()                               # calibrate on Emma, eval Pride & Prejudice
-    cw.quantize(model, "rtn-w8a8", protocol.calibration_tokens(tokenizer))
-    print(cw.perplexity(model, protocol.eval_tokens(tokenizer)))
+import channelwise as cw
+model, tokenizer = cw.load_model()                     # embedded SmolLM2-135M-Instruct
+protocol = cw.Protocol()                               # calibrate on Emma, eval Pride & Prejudice
+cw.quantize(model, "rtn-w8a8", protocol.calibration_tokens(tokenizer))
+print(cw.perplexity(model, protocol.eval_tokens(tokenizer)))
 """
 
 from channelwise.adapters import adapter_for

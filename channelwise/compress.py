@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, OutputExistsError, RecipeError
-from channelwise.methods import build_method
+from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
 from channelwise.quant import QParams, compute_qparams
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
@@ -42,9 +42,15 @@ class CompressionResult:
     calibration_samples: int
 
 
-def quantize(model: nn.Module, recipe: str | Path | Recipe, calibration: torch.Tensor | None = None,
-             *, batch_size: int = 8, device: str | torch.device | None = None,
-             progress: bool = True) -> CompressionResult:
+def quantize(
+    model: nn.Module,
+    recipe: str | Path | Recipe,
+    calibration: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> CompressionResult:
     """Compress ``model`` in place with ``recipe`` (a preset name, YAML path or ``Recipe``).
 
     ``calibration`` holds token ids ``(n_samples, seq_len)``; methods that observe activations need
@@ -52,18 +58,19 @@ def quantize(model: nn.Module, recipe: str | Path | Recipe, calibration: torch.T
     """
     recipe = load_recipe(recipe)
     if getattr(model, RECIPE_ATTR, None) is not None:
-        raise ChannelwiseError(f"this model was already compressed with "
-                               f"'{getattr(model, RECIPE_ATTR).name}'; load a fresh copy first")
+        raise ChannelwiseError(
+            f"this model was already compressed with "
+            f"'{getattr(model, RECIPE_ATTR).name}'; load a fresh copy first"
+        )
     adapter = adapter_for(model)
-    check_recipe_fits(model, adapter, recipe)
-    methods = [build_method(step, recipe) for step in recipe.steps]
-    for method in methods:
-        method.check(model, adapter)
+    methods = plan(model, recipe)
     static = recipe.activations is not None and not recipe.activations.dynamic
     needs_data = static or any(method.needs_calibration for method in methods)
     if needs_data and calibration is None:
-        raise RecipeError(f"recipe '{recipe.name}' needs calibration data (static activation "
-                          "ranges or a calibrating method); pass calibration token ids")
+        raise RecipeError(
+            f"recipe '{recipe.name}' needs calibration data (static activation "
+            "ranges or a calibrating method); pass calibration token ids"
+        )
 
     def block_fn(ctx: BlockContext) -> None:
         for method in methods:
@@ -74,17 +81,35 @@ def quantize(model: nn.Module, recipe: str | Path | Recipe, calibration: torch.T
     start = time.perf_counter()
     with torch.no_grad():
         if needs_data:
-            run_blockwise(model, adapter, calibration, block_fn, batch_size=batch_size,
-                          device=device, progress=progress)
+            run_blockwise(
+                model,
+                adapter,
+                calibration,
+                block_fn,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+            )
         else:
             blocks = adapter.block_list(model)
             where = torch.device(device) if device is not None else model_device(model)
-            for index in tqdm(range(len(blocks)), desc=recipe.name, disable=not progress,
-                              leave=False):
+            for index in tqdm(
+                range(len(blocks)), desc=recipe.name, disable=not progress, leave=False
+            ):
                 block_fn(BlockContext(index, blocks[index], adapter, [], [], where))
     setattr(model, RECIPE_ATTR, recipe)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
     return CompressionResult(recipe, time.perf_counter() - start, n)
+
+
+def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
+    """Build and check every step of ``recipe`` against ``model``; changes nothing."""
+    adapter = adapter_for(model)
+    check_recipe_fits(model, adapter, recipe)
+    methods = [build_method(step, recipe) for step in recipe.steps]
+    for method in methods:
+        method.check(model, adapter)
+    return methods
 
 
 def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> None:
@@ -92,19 +117,25 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
     block = adapter.block_list(model)[0]
     for name, module in adapter.block_linears(block).items():
         out_features, in_features = linear_weight(module, adapter.transposed_weights).shape
-        for role, args, shape in (("weight", recipe.weights, (out_features, in_features)),
-                                  ("activation", recipe.activations, (1, in_features))):
+        for role, args, shape in (
+            ("weight", recipe.weights, (out_features, in_features)),
+            ("activation", recipe.activations, (1, in_features)),
+        ):
             if args is None:
                 continue
             try:
                 args.spec(role).granularity.block_shape(*shape)
             except RecipeError as exc:
-                raise RecipeError(f"recipe '{recipe.name}' does not fit {adapter.blocks}.*.{name} "
-                                  f"({out_features}×{in_features}): {exc}") from None
+                raise RecipeError(
+                    f"recipe '{recipe.name}' does not fit {adapter.blocks}.*.{name} "
+                    f"({out_features}×{in_features}): {exc}"
+                ) from None
     acts = recipe.activations
     if acts is not None and not acts.dynamic and acts.granularity == "group":
-        raise RecipeError(f"recipe '{recipe.name}': static activation ranges are per tensor or "
-                          "per channel; per-group activations must be dynamic: true")
+        raise RecipeError(
+            f"recipe '{recipe.name}': static activation ranges are per tensor or "
+            "per channel; per-group activations must be dynamic: true"
+        )
 
 
 def install_block_input_quantizers(ctx: BlockContext, recipe: Recipe) -> None:
@@ -143,8 +174,9 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
         tokenizer.save_pretrained(tmp)
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / MARKER_FILE).write_text(json.dumps(
-            {"format": "fake-quant", "recipe": recipe.model_dump(mode="json")}, indent=2))
+        (tmp / MARKER_FILE).write_text(
+            json.dumps({"format": "fake-quant", "recipe": recipe.model_dump(mode="json")}, indent=2)
+        )
         static = _static_qparams(model)
         if static:
             save_file(static, str(tmp / STATIC_QPARAMS_FILE))
@@ -183,8 +215,10 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
                 qparams = None
                 if not recipe.activations.dynamic:
                     if f"{key}.scale" not in static:
-                        raise ChannelwiseError(f"{folder} is missing the static activation "
-                                               f"ranges of {key}; the checkpoint is incomplete")
+                        raise ChannelwiseError(
+                            f"{folder} is missing the static activation "
+                            f"ranges of {key}; the checkpoint is incomplete"
+                        )
                     qparams = QParams(static[f"{key}.scale"], static[f"{key}.zero_point"])
                 install_input_quantizer(module, InputQuantizer(spec, qparams))
     setattr(model, RECIPE_ATTR, recipe)

@@ -43,8 +43,10 @@ class BlockContext:
     def forward(self) -> list[torch.Tensor]:
         """Run the block on every calibration batch; outputs stay on the compute device."""
         with torch.no_grad():
-            return [_hidden(self.block(x.to(self.device), **kw))
-                    for x, kw in zip(self.inputs, self.kwargs, strict=True)]
+            return [
+                _hidden(self.block(x.to(self.device), **kw))
+                for x, kw in zip(self.inputs, self.kwargs, strict=True)
+            ]
 
     @contextmanager
     def capture_inputs(self, names: tuple[str, ...]) -> Iterator[dict[str, list[torch.Tensor]]]:
@@ -52,7 +54,8 @@ class BlockContext:
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         handles = [
             self.block.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, name=name: captured[name].append(args[0].detach()))
+                lambda _m, args, name=name: captured[name].append(args[0].detach())
+            )
             for name in names
         ]
         try:
@@ -68,7 +71,8 @@ class BlockContext:
         """
         handles = [
             self.block.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, name=name: update(name, args[0].detach()))
+                lambda _m, args, name=name: update(name, args[0].detach())
+            )
             for name in names
         ]
         try:
@@ -86,8 +90,9 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                         batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+def capture_block_inputs(
+    model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict]]:
     """Run the embeddings only, returning block 0's hidden states and kwargs per batch."""
     first = adapter.block_list(model)[0]
     inputs: list[torch.Tensor] = []
@@ -105,7 +110,7 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: tor
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
                 try:
-                    model(input_ids[start:start + batch_size].to(device), use_cache=False)
+                    model(input_ids[start : start + batch_size].to(device), use_cache=False)
                 except _Captured:
                     pass
     finally:
@@ -113,9 +118,15 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: tor
     return inputs, kwargs
 
 
-def run_blockwise(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                  block_fn: Callable[[BlockContext], None], batch_size: int = 8,
-                  device: str | torch.device | None = None, progress: bool = True) -> list[torch.Tensor]:
+def run_blockwise(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    input_ids: torch.Tensor,
+    block_fn: Callable[[BlockContext], None],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
     """Apply ``block_fn`` to each block in order, on calibration ``input_ids`` ``(n, seq)``.
 
     Each block is moved to ``device`` (default: where the model is) while it is worked on and
@@ -135,7 +146,8 @@ def run_blockwise(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
             if not torch.isfinite(out).all():
                 raise NonFiniteError(
                     f"block {index} produced NaN/inf activations during calibration; the model "
-                    "or the recipe overflows here (try a float32 model or a wider bit-width)")
+                    "or the recipe overflows here (try a float32 model or a wider bit-width)"
+                )
         inputs = [out.to(home) for out in outputs]
         block.to(home)
     return inputs

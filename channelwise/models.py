@@ -59,13 +59,17 @@ def resolve_model(spec: str | os.PathLike | None = None) -> Path | str:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but has no config.json; expected a "
-                                     "Hugging Face checkpoint directory")
+            raise ModelNotFoundError(
+                f"{path} is a folder but has no config.json; expected a "
+                "Hugging Face checkpoint directory"
+            )
         return path
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint "
-                                     "directory, a .gguf file or an embedded name")
+            raise ModelNotFoundError(
+                f"{path} is a file but not a .gguf; give a checkpoint "
+                "directory, a .gguf file or an embedded name"
+            )
         return cached_gguf_checkpoint(path)
     if path.is_absolute() or spec.startswith(".") or spec.count("/") != 1:
         raise ModelNotFoundError(
@@ -97,7 +101,9 @@ def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError) as exc:
@@ -110,12 +116,17 @@ def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
-def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` in eval mode; a channelwise output folder comes back quantized."""
+def load_model(
+    spec: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` in eval mode; a channelwise output folder loads quantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     source = resolve_model(spec)
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)

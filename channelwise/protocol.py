@@ -29,8 +29,10 @@ class Protocol:
 
     def __post_init__(self) -> None:
         if self.calib_data == self.eval_data:
-            raise DataSourceError(f"calibration and evaluation both use '{self.eval_data}'; "
-                                  "never calibrate on the evaluation text: pick another source")
+            raise DataSourceError(
+                f"calibration and evaluation both use '{self.eval_data}'; "
+                "never calibrate on the evaluation text: pick another source"
+            )
 
     def with_(self, **changes) -> Protocol:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -48,8 +48,9 @@ class QuantArgs(BaseModel):
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
         if self.granularity != "group" and self.group_size is not None:
-            raise ValueError(f"group_size is only meaningful with granularity 'group', "
-                             f"not '{self.granularity}'")
+            raise ValueError(
+                f"group_size is only meaningful with granularity 'group', not '{self.granularity}'"
+            )
         return self
 
     def spec(self, role: Literal["weight", "activation"]) -> QuantSpec:
@@ -57,8 +58,13 @@ class QuantArgs(BaseModel):
         if role == "activation" and name == "channel":
             name = "input_channel"
         granularity = granularity_from_name(name, self.group_size, self.group_along)
-        return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity=granularity,
-                         range_method=self.range, percentile=self.percentile)
+        return QuantSpec(
+            bits=self.bits,
+            symmetric=self.symmetric,
+            granularity=granularity,
+            range_method=self.range,
+            percentile=self.percentile,
+        )
 
 
 class Step(BaseModel):
@@ -86,13 +92,17 @@ class Recipe(BaseModel):
         acts = self.activations
         if acts is not None:
             if acts.granularity == "token" and not acts.dynamic:
-                raise ValueError("activations: per-token granularity is computed at run time; "
-                                 "set dynamic: true (or use tensor/channel for static)")
+                raise ValueError(
+                    "activations: per-token granularity is computed at run time; "
+                    "set dynamic: true (or use tensor/channel for static)"
+                )
             if acts.group_along == "output" and acts.granularity == "group":
                 raise ValueError("activations: groups run along the input channels only")
         if self.weights is not None and self.weights.granularity == "token":
-            raise ValueError("weights: 'token' is an activation granularity; use channel, "
-                             "input_channel, group or tensor")
+            raise ValueError(
+                "weights: 'token' is an activation granularity; use channel, "
+                "input_channel, group or tensor"
+            )
         if (self.weights or self.activations) and not self.steps:
             return self.model_copy(update={"steps": (Step(method="rtn"),)})
         return self
@@ -113,8 +123,10 @@ class Recipe(BaseModel):
     @classmethod
     def from_dict(cls, data: Any, origin: str = "recipe") -> Recipe:
         if not isinstance(data, dict):
-            raise RecipeError(f"{origin}: expected a mapping with keys name, weights, "
-                              f"activations, steps; got {type(data).__name__}")
+            raise RecipeError(
+                f"{origin}: expected a mapping with keys name, weights, "
+                f"activations, steps; got {type(data).__name__}"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -151,6 +163,8 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     path = preset if preset.is_file() else Path(name_or_path).expanduser()
     if not path.is_file():
-        raise RecipeError(f"unknown recipe '{name_or_path}': not a preset "
-                          f"({', '.join(preset_names())}) nor a YAML file")
+        raise RecipeError(
+            f"unknown recipe '{name_or_path}': not a preset "
+            f"({', '.join(preset_names())}) nor a YAML file"
+        )
     return Recipe.from_yaml(path.read_text(), origin=str(name_or_path))

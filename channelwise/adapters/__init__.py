@@ -10,5 +10,11 @@ from channelwise.adapters.base import (
     supported_model_types,
 )
 
-__all__ = ["ModelAdapter", "Subset", "adapter_for", "linear_weight", "register_adapter",
-           "supported_model_types"]
+__all__ = [
+    "ModelAdapter",
+    "Subset",
+    "adapter_for",
+    "linear_weight",
+    "register_adapter",
+    "supported_model_types",
+]

@@ -90,7 +90,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     return _FACTORIES[model_type](config)
 
 
-def linear_weight(module: nn.Module, transposed: bool) -> "nn.Parameter":
+def linear_weight(module: nn.Module, transposed: bool) -> nn.Parameter:
     """The weight as ``(out_features, in_features)``: a view, so in-place edits reach the module.
 
     GPT-2's ``Conv1D`` stores ``(in, out)``; ``transposed`` says so.

@@ -9,11 +9,13 @@ def gpt_neox_adapter(config) -> ModelAdapter:
         family="gpt_neox",
         blocks="gpt_neox.layers",
         subsets=(
-            Subset("attn_in", ("attention.query_key_value",), prev="input_layernorm",
-                   prev_kind="norm"),
+            Subset(
+                "attn_in", ("attention.query_key_value",), prev="input_layernorm", prev_kind="norm"
+            ),
             Subset("attn_out", ("attention.dense",), prev=None),
-            Subset("mlp_in", ("mlp.dense_h_to_4h",), prev="post_attention_layernorm",
-                   prev_kind="norm"),
+            Subset(
+                "mlp_in", ("mlp.dense_h_to_4h",), prev="post_attention_layernorm", prev_kind="norm"
+            ),
             Subset("mlp_out", ("mlp.dense_4h_to_h",), prev=None),
         ),
         embeddings=("gpt_neox.embed_in",),

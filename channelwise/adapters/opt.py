@@ -10,9 +10,15 @@ def opt_adapter(config) -> ModelAdapter:
         family="opt",
         blocks="model.decoder.layers",
         subsets=(
-            Subset("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                   prev="self_attn_layer_norm", prev_kind="norm"),
-            Subset("attn_out", ("self_attn.out_proj",), prev="self_attn.v_proj", prev_kind="linear"),
+            Subset(
+                "attn_in",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                prev="self_attn_layer_norm",
+                prev_kind="norm",
+            ),
+            Subset(
+                "attn_out", ("self_attn.out_proj",), prev="self_attn.v_proj", prev_kind="linear"
+            ),
             Subset("mlp_in", ("fc1",), prev="final_layer_norm", prev_kind="norm"),
             Subset("mlp_out", ("fc2",), prev="fc1", prev_kind=None),
         ),
@@ -20,11 +26,17 @@ def opt_adapter(config) -> ModelAdapter:
         final_norm="model.decoder.final_layer_norm",
         lm_head="lm_head",
         norm_type="layernorm",
-        attention={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                   "o": "self_attn.out_proj"},
+        attention={
+            "q": "self_attn.q_proj",
+            "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj",
+            "o": "self_attn.out_proj",
+        },
         folding_unsupported=(
             "this OPT model is post-LN (do_layer_norm_before=False, e.g. OPT-350m): its LayerNorms "
             "act on the residual stream, so folding scales or shifts into them is not exact; "
             "use a pre-LN OPT (125m, 1.3b, …) or a method without folding (rtn)"
-        ) if post_ln else None,
+        )
+        if post_ln
+        else None,
     )

@@ -29,9 +29,7 @@ AUSTEN_NOVELS: tuple[str, ...] = (
 PACKAGE = "r-cran-janeaustenr"
 DEB_ENV = "CHANNELWISE_JANEAUSTENR_DEB"
 _APT_TIMEOUT_S = 300
-_FALLBACK_HINT = (
-    f"download {PACKAGE}_*.deb from packages.debian.org and set {DEB_ENV} to its path"
-)
+_FALLBACK_HINT = f"download {PACKAGE}_*.deb from packages.debian.org and set {DEB_ENV} to its path"
 
 
 def austen_folder() -> Path:
@@ -125,9 +123,7 @@ def _find_data_dir(root: Path) -> Path:
     for index in sorted(root.rglob("Rdata.rdx")):
         if (index.parent / "Rdata.rdb").is_file():
             return index.parent
-    raise DataSourceError(
-        f"no janeaustenr data (Rdata.rdx and Rdata.rdb) found under {root}"
-    )
+    raise DataSourceError(f"no janeaustenr data (Rdata.rdx and Rdata.rdb) found under {root}")
 
 
 def _read_novels(data_dir: Path) -> dict[str, str]:
@@ -138,9 +134,7 @@ def _read_novels(data_dir: Path) -> dict[str, str]:
     novels = {}
     for name in AUSTEN_NOVELS:
         if name not in offsets:
-            raise DataSourceError(
-                f"{data_dir} lacks the novel {name!r}; is it the right package?"
-            )
+            raise DataSourceError(f"{data_dir} lacks the novel {name!r}; is it the right package?")
         start, length = (int(v) for v in offsets[name])
         block = database[start : start + length]
         lines = _parse_r(zlib.decompress(block[4:]))
@@ -157,9 +151,7 @@ def _parse_r(raw: bytes) -> object:
             warnings.filterwarnings("ignore", message="Unknown file type")
             return rdata.conversion.convert(rdata.parser.parse_data(raw))
     except Exception as exc:
-        raise DataSourceError(
-            f"could not decode the janeaustenr R data ({exc})"
-        ) from exc
+        raise DataSourceError(f"could not decode the janeaustenr R data ({exc})") from exc
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -98,9 +98,7 @@ def _wikitext2(split: str) -> str:
 def _c4(split: str) -> str:
     """Load the first shard of allenai/c4 English validation (``split`` is ignored)."""
     del split
-    return _load_hub(
-        "c4", "validation", "allenai/c4", data_files={"validation": _C4_SHARD}
-    )
+    return _load_hub("c4", "validation", "allenai/c4", data_files={"validation": _C4_SHARD})
 
 
 def _pile_val(split: str) -> str:
@@ -111,9 +109,7 @@ def _pile_val(split: str) -> str:
 
 def _unreachable(name: str, reason: str) -> DataSourceError:
     """Build the error for a hub corpus that cannot be loaded."""
-    return DataSourceError(
-        f"could not reach dataset {name!r} ({reason}); {_OFFLINE_HINT}"
-    )
+    return DataSourceError(f"could not reach dataset {name!r} ({reason}); {_OFFLINE_HINT}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,9 +42,7 @@ def calibration_samples(
             f"{ids.numel()}; use a longer text or a shorter seqlen"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(
-        0, ids.numel() - seqlen + 1, (n_samples,), generator=generator
-    )
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n_samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 

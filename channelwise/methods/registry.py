@@ -54,8 +54,10 @@ def method_names() -> list[str]:
 
 def build_method(step: Step, recipe: Recipe) -> Method:
     if step.method not in _METHODS:
-        raise RecipeError(f"recipe '{recipe.name}': unknown method '{step.method}'; "
-                          f"registered methods: {', '.join(method_names())}")
+        raise RecipeError(
+            f"recipe '{recipe.name}': unknown method '{step.method}'; "
+            f"registered methods: {', '.join(method_names())}"
+        )
     cls = _METHODS[step.method]
     try:
         args = cls.Args.model_validate(step.args)

@@ -20,8 +20,10 @@ class RTN(Method):
 
     def check(self, model, adapter) -> None:
         if self.recipe.weights is None:
-            raise RecipeError(f"recipe '{self.recipe.name}': step 'rtn' needs a 'weights' "
-                              "quantizer (e.g. weights: {bits: 8, granularity: channel})")
+            raise RecipeError(
+                f"recipe '{self.recipe.name}': step 'rtn' needs a 'weights' "
+                "quantizer (e.g. weights: {bits: 8, granularity: channel})"
+            )
 
     def apply(self, ctx: BlockContext) -> None:
         spec = self.recipe.weights.spec("weight")

@@ -1,0 +1,196 @@
+"""The ``channelwise`` command: a thin layer over the Python API.
+
+Every error a user can cause prints one line (``error: …``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from channelwise.errors import ChannelwiseError
+
+DEFAULT_PLOT = "results/compare.png"
+
+
+def _protocol(args):
+    from channelwise.protocol import Protocol
+
+    return Protocol().with_(
+        calib_data=getattr(args, "calib_data", None),
+        eval_data=getattr(args, "eval_data", None),
+        windows=getattr(args, "windows", None),
+        seqlen=getattr(args, "seqlen", None),
+        start=getattr(args, "start", None),
+        calib_samples=getattr(args, "calib_samples", None),
+    )
+
+
+def cmd_quantize(args) -> None:
+    from channelwise import load_model, load_recipe, quantize, save_quantized
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ChannelwiseError(f"{out} exists; choose another --out or pass --force")
+    model, tokenizer = load_model(args.model)
+    calibration = _protocol(args).calibration_tokens(tokenizer)
+    result = quantize(model, recipe, calibration, progress=not args.quiet)
+    path = save_quantized(model, tokenizer, out, force=args.force)
+    print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path}")
+
+
+def cmd_eval(args) -> None:
+    from channelwise import load_model, perplexity
+    from channelwise.report import write_atomic
+
+    protocol = _protocol(args)
+    model, tokenizer = load_model(args.model)
+    windows = protocol.eval_tokens(tokenizer)
+    start = time.perf_counter()
+    ppl = perplexity(model, windows, progress=not args.quiet)
+    result = {
+        "ppl": ppl,
+        "model": str(args.model or "smollm2-135m"),
+        "data": protocol.eval_data,
+        "windows": protocol.windows,
+        "seqlen": protocol.seqlen,
+        "start": protocol.start,
+        "eval_s": time.perf_counter() - start,
+    }
+    print(
+        f"perplexity {ppl:.3f} on {protocol.eval_data} "
+        f"({protocol.windows}×{protocol.seqlen} tokens from {protocol.start})"
+    )
+    if args.json:
+        write_atomic(args.json, json.dumps(result, indent=2))
+
+
+def cmd_compare(args) -> None:
+    from channelwise.compare import compare
+    from channelwise.report import format_table, plot_comparison, write_json
+
+    protocol = _protocol(args)
+    recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    rows = compare(recipes, args.model, protocol, progress=not args.quiet)
+    print(format_table(rows))
+    meta = {
+        "model": args.model or "smollm2-135m",
+        "calib_data": protocol.calib_data,
+        "eval_data": protocol.eval_data,
+        "windows": protocol.windows,
+        "seqlen": protocol.seqlen,
+        "start": protocol.start,
+        "calib_samples": protocol.calib_samples,
+    }
+    if args.json:
+        print(f"wrote {write_json(rows, args.json, meta)}")
+    print(f"wrote {plot_comparison(rows, args.plot)}")
+
+
+def cmd_inspect(args) -> None:
+    from channelwise import load_model
+    from channelwise.observe import collect_channel_stats
+    from channelwise.report import outlier_summary, plot_channel_heatmap
+
+    protocol = _protocol(args)
+    model, tokenizer = load_model(args.model)
+    stats = collect_channel_stats(
+        model, protocol.calibration_tokens(tokenizer), progress=not args.quiet
+    )
+    print(outlier_summary(stats))
+    title = f"{args.model or 'smollm2-135m'} on {protocol.calib_data}"
+    print(f"wrote {plot_channel_heatmap(stats, args.out, title)}")
+
+
+def cmd_prepare(args) -> None:
+    from channelwise.data import ensure_austen
+    from channelwise.models import resolve_model
+
+    print(f"model ready at {resolve_model(args.model)}")
+    print(f"Austen novels ready at {ensure_austen()}")
+
+
+def cmd_recipes(args) -> None:
+    from channelwise.recipe import load_recipe, preset_names
+
+    for name in preset_names():
+        print(f"{name:<18} {load_recipe(name).description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="channelwise", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_options(p, calib=True, evaluation=True):
+        if calib:
+            p.add_argument("--calib-data", help="calibration source (default: emma)")
+            p.add_argument("--calib-samples", type=int, help="calibration samples (default: 128)")
+        if evaluation:
+            p.add_argument("--eval-data", help="evaluation source (default: prideprejudice)")
+            p.add_argument("--windows", type=int, help="evaluation windows (default: 16)")
+            p.add_argument("--start", type=int, help="first evaluation token (default: 5000)")
+        p.add_argument("--seqlen", type=int, help="tokens per window/sample (default: 512)")
+
+    p = sub.add_parser("quantize", help="compress a model with a recipe and save it")
+    p.add_argument("model", nargs="?", help="embedded name, checkpoint dir, .gguf or hub id")
+    p.add_argument("--recipe", required=True, help="preset name or YAML file")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    data_options(p, evaluation=False)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a model (or a quantized output folder)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--data", dest="eval_data", help="evaluation source (default: prideprejudice)")
+    p.add_argument("--windows", type=int)
+    p.add_argument("--start", type=int)
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--json", help="write {'ppl': …} here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="several recipes side by side, against fp")
+    p.add_argument("--recipes", default="fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64")
+    p.add_argument("--model")
+    p.add_argument("--json", help="write {recipe: {ppl, calib_s, …}} here")
+    p.add_argument("--plot", default=DEFAULT_PLOT, help=f"chart path (default: {DEFAULT_PLOT})")
+    data_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("inspect", help="per-channel activation outliers: heat map and summary")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--out", default="results/inspect.png", help="heat map PNG path")
+    data_options(p, evaluation=False)
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("prepare", help="fetch and cache the embedded model and data (once)")
+    p.add_argument("model", nargs="?")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("recipes", help="list the preset recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "inspect" and args.calib_samples is None:
+        args.calib_samples = 16
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except ChannelwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to the output path", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Tables and pictures: the comparison table and chart, and per-channel outlier heat maps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from channelwise.compare import ComparisonRow  # noqa: E402
+from channelwise.observe import ModelChannelStats  # noqa: E402
+
+
+def format_table(rows: list[ComparisonRow]) -> str:
+    """A fixed-width text table: recipe, bits, perplexity, Δ% vs fp, calibration and eval time."""
+    header = (
+        f"{'recipe':<22} {'bits':<12} {'ppl':>10} {'Δ% vs fp':>10} {'calib s':>9} {'eval s':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.recipe:<22} {row.bits:<12} {row.ppl:>10.3f} {row.delta_pct:>+9.1f}% "
+            f"{row.calib_s:>9.1f} {row.eval_s:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to a temporary sibling, then rename it over ``path``."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    tmp.replace(path)
+    return path
+
+
+def write_json(rows: list[ComparisonRow], path: str | Path, meta: dict | None = None) -> Path:
+    """``{recipe: {"ppl": …, "calib_s": …, …}}`` plus a ``"_meta"`` entry describing the run."""
+    payload = {row.recipe: row.as_dict() for row in rows}
+    if meta:
+        payload["_meta"] = meta
+    return write_atomic(path, json.dumps(payload, indent=2))
+
+
+def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
+    """Bar chart of perplexity per recipe, log-scaled when the spread is large."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.2))
+    values = [row.ppl for row in rows]
+    colors = [
+        "#4c72b0" if row.delta_pct <= 5 else "#dd8452" if row.delta_pct <= 50 else "#c44e52"
+        for row in rows
+    ]
+    bars = ax.bar(range(len(rows)), values, color=colors)
+    ax.set_xticks(
+        range(len(rows)),
+        [f"{row.recipe}\n{row.bits}" for row in rows],
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
+    if max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.axhline(rows[0].ppl, color="black", linestyle="--", linewidth=0.8, label="fp")
+    for bar, row in zip(bars, rows, strict=True):
+        ax.annotate(
+            f"{row.ppl:.2f}\n{row.delta_pct:+.1f}%",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Quality cost of each recipe")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_channel_heatmap(stats: ModelChannelStats, path: str | Path, title: str = "") -> Path:
+    """One panel per subset: blocks × channels of the input's abs-max, log colour scale."""
+    names = list(stats.stats)
+    fig, axes = plt.subplots(len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        matrix = stats.absmax_matrix(name).clamp_min(1e-6).log10().numpy()
+        image = ax.imshow(matrix, aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_title(
+            f"{name}: input of {stats.linears[name]} (log10 abs-max per channel)", fontsize=9
+        )
+        ax.set_ylabel("block")
+        ax.set_xlabel("channel")
+        fig.colorbar(image, ax=ax, pad=0.01)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def outlier_summary(stats: ModelChannelStats, top: int = 5) -> str:
+    """The worst channels of each subset: abs-max and its ratio to the median channel."""
+    lines = []
+    for name in stats.stats:
+        matrix = stats.absmax_matrix(name)
+        per_block_median = matrix.median(dim=1).values.clamp_min(1e-12)
+        ratio = matrix / per_block_median[:, None]
+        flat = ratio.flatten()
+        k = min(top, flat.numel())
+        lines.append(
+            f"{name} (input of {stats.linears[name]}): max/median "
+            f"{ratio.max().item():.1f}×, median block max/median "
+            f"{ratio.amax(dim=1).median().item():.1f}×"
+        )
+        for index in torch.topk(flat, k).indices.tolist():
+            block, channel = divmod(index, matrix.shape[1])
+            lines.append(
+                f"  block {block:>3} channel {channel:>5}: abs-max "
+                f"{matrix[block, channel].item():9.2f} = {ratio[block, channel].item():6.1f}× "
+                "median"
+            )
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+__all__ = [
+    "format_table",
+    "outlier_summary",
+    "plot_channel_heatmap",
+    "plot_comparison",
+    "write_atomic",
+    "write_json",
+]

@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 DEMO_RECIPES ?= fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64
+BENCH_RECIPES ?= fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64,rtn-w3a16-g64,rtn-w4a8-g64,rtn-w4a4
 
 .PHONY: setup prepare demo test lint bench clean
 
@@ -31,8 +32,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check channelwise tests
 
+# Every RTN preset that fits SmolLM2 on the full protocol (about 10 minutes on 2 cores).
 bench: prepare
-	$(PY) benchmarks/rtn_presets.py
+	$(VENV)/bin/channelwise compare --recipes $(BENCH_RECIPES) \
+		--json results/bench.json --plot results/bench.png
 
 clean:
 	rm -rf $(VENV) results

@@ -112,6 +112,8 @@ class Recipe(BaseModel):
         return self.weights is None and self.activations is None and not self.steps
 
     def bits_label(self) -> str:
+        if self.is_float:
+            return "float"
         w = f"W{self.weights.bits}" if self.weights else "W16"
         a = f"A{self.activations.bits}" if self.activations else "A16"
         g = f" g{self.weights.group_size}" if self.weights and self.weights.group_size else ""

@@ -184,7 +184,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
     else:
         tmp.rename(out)
     return out

@@ -103,9 +103,15 @@ class Recipe(BaseModel):
                 "weights: 'token' is an activation granularity; use channel, "
                 "input_channel, group or tensor"
             )
-        if (self.weights or self.activations) and not self.steps:
-            return self.model_copy(update={"steps": (Step(method="rtn"),)})
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        """Weights with no steps are quantized round-to-nearest."""
+        if isinstance(data, dict) and data.get("weights") is not None and not data.get("steps"):
+            return {**data, "steps": (Step(method="rtn"),)}
+        return data
 
     @property
     def is_float(self) -> bool:

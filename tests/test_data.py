@@ -75,9 +75,7 @@ def test_cached_novels_are_read_without_fetching(
     assert austen_text("emma") == "cached emma \u00e9"
 
 
-def test_missing_apt_get_is_actionable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_apt_get_is_actionable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path))
     monkeypatch.delenv(austen.DEB_ENV, raising=False)
     monkeypatch.setattr(austen.shutil, "which", lambda _: None)
@@ -142,9 +140,7 @@ def test_missing_path_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["wikitext2", "wikitext-2", "c4", "pile-val"])
-def test_hub_corpus_without_datasets(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hub_corpus_without_datasets(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataSourceError) as info:
         load_text(name)
@@ -166,9 +162,7 @@ def test_hub_corpus_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     _fake_datasets(monkeypatch, offline)
-    with pytest.raises(
-        DataSourceError, match="could not reach dataset 'c4'.*ConnectionError"
-    ):
+    with pytest.raises(DataSourceError, match="could not reach dataset 'c4'.*ConnectionError"):
         load_text("c4")
 
 
@@ -202,9 +196,7 @@ def test_eval_windows_consecutive() -> None:
     assert windows.shape == (4, 128)
     assert windows.dtype == torch.long
     assert torch.equal(windows.flatten(), torch.arange(5000, 5000 + 4 * 128))
-    assert torch.equal(
-        eval_windows(ids, 16, 2, start=0), torch.arange(32).reshape(2, 16)
-    )
+    assert torch.equal(eval_windows(ids, 16, 2, start=0), torch.arange(32).reshape(2, 16))
 
 
 def test_eval_windows_too_short() -> None:
@@ -217,9 +209,7 @@ def test_calibration_samples_reproducible() -> None:
     first = calibration_samples(ids, n_samples=8, seqlen=64, seed=3)
     assert first.shape == (8, 64)
     assert torch.equal(first, calibration_samples(ids, n_samples=8, seqlen=64, seed=3))
-    assert not torch.equal(
-        first, calibration_samples(ids, n_samples=8, seqlen=64, seed=4)
-    )
+    assert not torch.equal(first, calibration_samples(ids, n_samples=8, seqlen=64, seed=4))
     steps = first[:, 1:] - first[:, :-1]
     assert bool((steps == 1).all())
     assert int(first.min()) >= 0 and int(first.max()) < 10_000
@@ -227,9 +217,7 @@ def test_calibration_samples_reproducible() -> None:
 
 def test_calibration_exact_length_and_too_short() -> None:
     ids = torch.arange(64)
-    assert torch.equal(
-        calibration_samples(ids, n_samples=2, seqlen=64), ids.repeat(2, 1)
-    )
+    assert torch.equal(calibration_samples(ids, n_samples=2, seqlen=64), ids.repeat(2, 1))
     with pytest.raises(DataSourceError, match="64 tokens.*has 63"):
         calibration_samples(torch.arange(63), n_samples=2, seqlen=64)
 

@@ -20,7 +20,9 @@ class Subset:
 
     ``prev`` is the module (path relative to the block) whose output is the linears' input, or
     ``None`` when no single op does (e.g. the MLP's down projection reads act(gate)·up).
-    ``prev_kind`` says what a channel transform can fold into: ``"norm"`` or ``"linear"``.
+    ``prev_kind`` says what a channel transform can fold into: ``"norm"``, ``"linear"`` (one
+    output channel of ``prev`` per input channel), or ``"grouped_heads"`` (v_proj → o_proj under
+    grouped-query attention: one v channel per KV head feeds all query heads of its group).
     """
 
     name: str

@@ -20,7 +20,7 @@ def gpt_neox_adapter(config) -> ModelAdapter:
         ),
         embeddings=("gpt_neox.embed_in",),
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",
         norm_type="layernorm",
         attention={"qkv": "attention.query_key_value", "o": "attention.dense"},
     )

@@ -5,6 +5,9 @@ from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
 
 @register_adapter("llama", "qwen2", "mistral")
 def llama_adapter(config) -> ModelAdapter:
+    # Under grouped-query attention one v_proj channel feeds every query head of its group, so a
+    # per-channel factor folds from o_proj into v_proj only if shared across that group.
+    grouped = config.num_key_value_heads != config.num_attention_heads
     return ModelAdapter(
         family="llama",
         blocks="model.layers",
@@ -15,7 +18,12 @@ def llama_adapter(config) -> ModelAdapter:
                 prev="input_layernorm",
                 prev_kind="norm",
             ),
-            Subset("attn_out", ("self_attn.o_proj",), prev="self_attn.v_proj", prev_kind="linear"),
+            Subset(
+                "attn_out",
+                ("self_attn.o_proj",),
+                prev="self_attn.v_proj",
+                prev_kind="grouped_heads" if grouped else "linear",
+            ),
             Subset(
                 "mlp_in",
                 ("mlp.gate_proj", "mlp.up_proj"),

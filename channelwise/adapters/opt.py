@@ -1,4 +1,8 @@
-"""OPT: pre-LN LayerNorm blocks (125m, 1.3b, …); post-LN OPT-350m cannot take folding transforms."""
+"""OPT: pre-LN LayerNorm blocks (125m, 1.3b, …); post-LN OPT-350m cannot take folding transforms.
+
+OPT-350m also projects embeddings in and out (``project_in``/``project_out``, 512 ↔ 1024); they
+sit outside the blocks and stay in float.
+"""
 
 from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
 
@@ -23,7 +27,7 @@ def opt_adapter(config) -> ModelAdapter:
             Subset("mlp_out", ("fc2",), prev="fc1", prev_kind=None),
         ),
         embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
-        final_norm="model.decoder.final_layer_norm",
+        final_norm=None if post_ln else "model.decoder.final_layer_norm",
         lm_head="lm_head",
         norm_type="layernorm",
         attention={

@@ -27,6 +27,7 @@ from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
 from channelwise.quant import QParams, compute_qparams
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
+from channelwise.quant.attention import install_attention_quantizers
 from channelwise.recipe import Recipe, load_recipe
 
 RECIPE_ATTR = "channelwise_recipe"
@@ -77,6 +78,10 @@ def quantize(
             method.apply(ctx)
         if recipe.activations is not None:
             install_block_input_quantizers(ctx, recipe)
+        if recipe.attention is not None:
+            install_attention_quantizers(
+                model, [ctx.block.get_submodule(adapter.attention_module)], recipe.attention.specs()
+            )
 
     start = time.perf_counter()
     with torch.no_grad():
@@ -129,6 +134,22 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
                 raise RecipeError(
                     f"recipe '{recipe.name}' does not fit {adapter.blocks}.*.{name} "
                     f"({out_features}×{in_features}): {exc}"
+                ) from None
+    if recipe.attention is not None:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        for name in ("q", "k", "v", "probs"):
+            args = getattr(recipe.attention, name)
+            if args is None or name == "probs":
+                continue
+            try:
+                args.spec("activation").granularity.block_shape(1, head_dim)
+            except RecipeError as exc:
+                raise RecipeError(
+                    f"recipe '{recipe.name}': attention.{name} does not fit "
+                    f"head_dim {head_dim}: {exc}"
                 ) from None
     acts = recipe.activations
     if acts is not None and not acts.dynamic and acts.granularity == "group":
@@ -224,4 +245,10 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
                         )
                     qparams = QParams(static[f"{key}.scale"], static[f"{key}.zero_point"])
                 install_input_quantizer(module, InputQuantizer(spec, qparams))
+    if recipe.attention is not None:
+        adapter = adapter_for(model)
+        modules = [
+            block.get_submodule(adapter.attention_module) for block in adapter.block_list(model)
+        ]
+        install_attention_quantizers(model, modules, recipe.attention.specs())
     setattr(model, RECIPE_ATTR, recipe)

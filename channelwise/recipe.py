@@ -67,6 +67,42 @@ class QuantArgs(BaseModel):
         )
 
 
+class AttentionArgs(BaseModel):
+    """Quantizers of the attention matmul inputs; ``k``/``v`` double as the KV-cache quantizer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    q: QuantArgs | None = None
+    k: QuantArgs | None = None
+    v: QuantArgs | None = None
+    probs: QuantArgs | None = None
+
+    @model_validator(mode="after")
+    def _dynamic(self) -> AttentionArgs:
+        for name in ("q", "k", "v", "probs"):
+            args = getattr(self, name)
+            if args is not None and not args.dynamic:
+                raise ValueError(
+                    f"attention.{name}: only dynamic quantizers are supported here "
+                    "(set dynamic: true); static ranges come with the KV-cache work"
+                )
+            if args is not None and args.granularity in ("channel", "input_channel"):
+                raise ValueError(f"attention.{name}: use granularity token, tensor or group")
+        return self
+
+    def specs(self):
+        from channelwise.quant.attention import AttentionQuantizers
+
+        return AttentionQuantizers(
+            **{
+                name: None
+                if getattr(self, name) is None
+                else getattr(self, name).spec("activation")
+                for name in ("q", "k", "v", "probs")
+            }
+        )
+
+
 class Step(BaseModel):
     """One method applied to every block; ``args`` are validated by the method itself."""
 
@@ -85,6 +121,7 @@ class Recipe(BaseModel):
     description: str = ""
     weights: QuantArgs | None = None
     activations: QuantArgs | None = None
+    attention: AttentionArgs | None = None
     steps: tuple[Step, ...] = ()
 
     @model_validator(mode="after")
@@ -115,7 +152,12 @@ class Recipe(BaseModel):
 
     @property
     def is_float(self) -> bool:
-        return self.weights is None and self.activations is None and not self.steps
+        return (
+            self.weights is None
+            and self.activations is None
+            and self.attention is None
+            and not self.steps
+        )
 
     def bits_label(self) -> str:
         if self.is_float:
@@ -123,7 +165,10 @@ class Recipe(BaseModel):
         w = f"W{self.weights.bits}" if self.weights else "W16"
         a = f"A{self.activations.bits}" if self.activations else "A16"
         g = f" g{self.weights.group_size}" if self.weights and self.weights.group_size else ""
-        return f"{w}{a}{g}"
+        kv = ""
+        if self.attention is not None and self.attention.k is not None:
+            kv = f"KV{self.attention.k.bits}"
+        return f"{w}{a}{kv}{g}"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

@@ -43,6 +43,7 @@ class ModelAdapter:
     lm_head: str
     norm_type: str
     attention: dict[str, str] = field(default_factory=dict)
+    attention_module: str = "self_attn"
     transposed_weights: bool = False
     folding_unsupported: str | None = None
 

@@ -18,6 +18,7 @@ def gpt2_adapter(config) -> ModelAdapter:
         final_norm="transformer.ln_f",
         lm_head="lm_head",
         norm_type="layernorm",
+        attention_module="attn",
         attention={"qkv": "attn.c_attn", "o": "attn.c_proj"},
         transposed_weights=True,
     )

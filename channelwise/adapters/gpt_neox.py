@@ -22,5 +22,6 @@ def gpt_neox_adapter(config) -> ModelAdapter:
         final_norm="gpt_neox.final_layer_norm",
         lm_head="lm_head",
         norm_type="layernorm",
+        attention_module="attention",
         attention={"qkv": "attention.query_key_value", "o": "attention.dense"},
     )

@@ -32,13 +32,16 @@ def _protocol(args):
 
 def cmd_quantize(args) -> None:
     from channelwise import load_model, load_recipe, quantize, save_quantized
+    from channelwise.compress import needs_calibration
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ChannelwiseError(f"{out} exists; choose another --out or pass --force")
-    model, tokenizer = load_model(args.model)
-    calibration = _protocol(args).calibration_tokens(tokenizer)
+    model, tokenizer = load_model(args.model, device=args.device)
+    calibration = (
+        _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
+    )
     result = quantize(model, recipe, calibration, progress=not args.quiet)
     path = save_quantized(model, tokenizer, out, force=args.force)
     print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path}")
@@ -49,7 +52,7 @@ def cmd_eval(args) -> None:
     from channelwise.report import write_atomic
 
     protocol = _protocol(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     windows = protocol.eval_tokens(tokenizer)
     start = time.perf_counter()
     ppl = perplexity(model, windows, progress=not args.quiet)
@@ -76,7 +79,7 @@ def cmd_compare(args) -> None:
 
     protocol = _protocol(args)
     recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
-    rows = compare(recipes, args.model, protocol, progress=not args.quiet)
+    rows = compare(recipes, args.model, protocol, progress=not args.quiet, device=args.device)
     print(format_table(rows))
     meta = {
         "model": args.model or "smollm2-135m",
@@ -98,7 +101,7 @@ def cmd_inspect(args) -> None:
     from channelwise.report import outlier_summary, plot_channel_heatmap
 
     protocol = _protocol(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     stats = collect_channel_stats(
         model, protocol.calibration_tokens(tokenizer), progress=not args.quiet
     )
@@ -125,6 +128,11 @@ def cmd_recipes(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="channelwise", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:1, … (default: cuda when present, else cpu)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_options(p, calib=True, evaluation=True):

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from channelwise.compress import plan, quantize
+from channelwise.compress import needs_calibration, plan, quantize
 from channelwise.evaluate import perplexity
 from channelwise.models import load_model
 from channelwise.protocol import Protocol
@@ -36,6 +36,7 @@ def compare(
     protocol: Protocol | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    device: str = "auto",
 ) -> list[ComparisonRow]:
     """Quantize a fresh copy of ``model`` with each recipe and evaluate it on ``protocol``.
 
@@ -46,7 +47,7 @@ def compare(
     if not any(recipe.is_float for recipe in loaded):
         loaded.insert(0, load_recipe("fp"))
     loaded.sort(key=lambda recipe: not recipe.is_float)
-    reference, tokenizer = load_model(model)
+    reference, tokenizer = load_model(model, device=device)
     for recipe in loaded:
         plan(reference, recipe)
     windows = protocol.eval_tokens(tokenizer)
@@ -54,10 +55,10 @@ def compare(
     rows: list[ComparisonRow] = []
     baseline = None
     for recipe in loaded:
-        fresh, _ = load_model(model)
+        fresh, _ = load_model(model, device=device)
         calib_s = 0.0
         if not recipe.is_float:
-            if calibration is None:
+            if calibration is None and needs_calibration(recipe):
                 calibration = protocol.calibration_tokens(tokenizer)
             calib_s = quantize(fresh, recipe, calibration, progress=progress).calib_seconds
         start = time.perf_counter()

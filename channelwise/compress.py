@@ -65,8 +65,7 @@ def quantize(
         )
     adapter = adapter_for(model)
     methods = plan(model, recipe)
-    static = recipe.activations is not None and not recipe.activations.dynamic
-    needs_data = static or any(method.needs_calibration for method in methods)
+    needs_data = needs_calibration(recipe)
     if needs_data and calibration is None:
         raise RecipeError(
             f"recipe '{recipe.name}' needs calibration data (static activation "
@@ -105,6 +104,13 @@ def quantize(
     setattr(model, RECIPE_ATTR, recipe)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
     return CompressionResult(recipe, time.perf_counter() - start, n)
+
+
+def needs_calibration(recipe: str | Path | Recipe) -> bool:
+    """Whether ``recipe`` observes activations (static ranges or a calibrating method)."""
+    recipe = load_recipe(recipe)
+    static = recipe.activations is not None and not recipe.activations.dynamic
+    return static or any(build_method(step, recipe).needs_calibration for step in recipe.steps)
 
 
 def plan(model: nn.Module, recipe: Recipe) -> list[Method]:

@@ -35,3 +35,7 @@ class DataSourceError(ChannelwiseError):
 
 class OutputExistsError(ChannelwiseError):
     """An output path exists and ``force`` was not given."""
+
+
+class DeviceError(ChannelwiseError):
+    """A requested compute device does not exist or is not available."""

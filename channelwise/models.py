@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from channelwise.errors import ModelNotFoundError
+from channelwise.errors import DeviceError, ModelNotFoundError
 from channelwise.paths import channelwise_home
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,22 @@ def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; anything else must name a usable device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"unknown device '{device}': use cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device '{device}' requested but no CUDA device is available")
+    return resolved
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode; a channelwise output folder loads quantized."""
@@ -127,6 +140,7 @@ def load_model(
 
     source = resolve_model(spec)
     hf_logging.disable_progress_bar()
+    device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)

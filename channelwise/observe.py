@@ -17,16 +17,24 @@ from channelwise.engine import BlockContext, run_blockwise
 
 @dataclass
 class ChannelStats:
-    """Running per-channel min, max, abs-max and mean |x| over tokens; each ``(channels,)``."""
+    """Running per-channel min, max, abs-max and mean |x| over tokens; each ``(channels,)``.
+
+    Percentiles come from a uniform reservoir sample of at most ``sample_rows`` token rows
+    (seeded, so reproducible), which bounds memory whatever the calibration size.
+    """
 
     min: torch.Tensor | None = None
     max: torch.Tensor | None = None
     absmax: torch.Tensor | None = None
     abssum: torch.Tensor | None = None
     tokens: int = 0
+    sample_rows: int = 4096
+    sample: torch.Tensor | None = None
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def update(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
+        self._reservoir(rows)
         lo, hi = rows.amin(dim=0), rows.amax(dim=0)
         absmax = torch.maximum(hi.abs(), lo.abs())
         abssum = rows.abs().sum(dim=0)
@@ -42,6 +50,35 @@ class ChannelStats:
     @property
     def absmean(self) -> torch.Tensor:
         return self.abssum / max(self.tokens, 1)
+
+    def abs_percentile(self, q: float) -> torch.Tensor:
+        """Per-channel ``q``-th percentile (0–100) of |x| over the sampled tokens, ``(C,)``."""
+        if self.sample is None:
+            raise ValueError("no statistics collected yet")
+        return torch.quantile(self.sample.abs(), q / 100.0, dim=0)
+
+    def _reservoir(self, rows: torch.Tensor) -> None:
+        """Algorithm R, vectorized over a batch of rows (Vitter 1985)."""
+        rows = rows.detach().cpu()
+        seen = self.tokens
+        if self.sample is None:
+            self.sample = rows[: self.sample_rows].clone()
+            rest, seen = rows[self.sample_rows :], rows[: self.sample_rows].shape[0]
+        elif self.sample.shape[0] < self.sample_rows:
+            room = self.sample_rows - self.sample.shape[0]
+            self.sample = torch.cat([self.sample, rows[:room]])
+            rest, seen = rows[room:], seen + min(room, rows.shape[0])
+        else:
+            rest = rows
+        if rest.shape[0] == 0:
+            return
+        positions = torch.arange(seen, seen + rest.shape[0], dtype=torch.float64)
+        slots = (
+            torch.rand(rest.shape[0], generator=self.generator, dtype=torch.float64)
+            * (positions + 1)
+        ).long()
+        keep = slots < self.sample_rows
+        self.sample[slots[keep]] = rest[keep]
 
 
 @dataclass

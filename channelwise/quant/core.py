@@ -92,11 +92,17 @@ class QParams:
 
 def compute_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     """Estimate scale and zero point of ``x`` ``(..., cols)`` → each ``(rows//br, cols//bc)``."""
-    _check_finite(x)
+    if spec.range_method != "minmax":
+        _check_finite(x)
     xb = _blocks(x, spec)
     if spec.range_method == "mse":
         return _mse_search(xb, spec)
-    lo, hi = _percentile_range(xb, spec) if spec.range_method == "percentile" else _minmax_range(xb)
+    if spec.range_method == "percentile":
+        return qparams_from_range(*_percentile_range(xb, spec), spec)
+    lo, hi = _minmax_range(xb)
+    # amin/amax propagate NaN and inf, so checking the (much smaller) ranges is enough.
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        _check_finite(x)
     return qparams_from_range(lo, hi, spec)
 
 

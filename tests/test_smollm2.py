@@ -96,3 +96,14 @@ def test_cli_rejects_calibrating_on_the_evaluation_text(capsys):
     code = main(["-q", "compare", "--recipes", "rtn-w8a16", "--calib-data", "prideprejudice"])
     assert code == 2
     assert "never calibrate on the evaluation text" in capsys.readouterr().err
+
+
+def test_a_gguf_path_loads_like_the_embedded_name(smollm2):
+    from channelwise.models import embedded_gguf, resolve_model
+
+    assert resolve_model(str(embedded_gguf())) == resolve_model("smollm2-135m")
+    model, _, _ = smollm2
+    again, _ = load_model(str(embedded_gguf()))
+    assert torch.equal(
+        again.model.layers[3].mlp.down_proj.weight, model.model.layers[3].mlp.down_proj.weight
+    )

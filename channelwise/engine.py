@@ -65,18 +65,34 @@ class BlockContext:
                 handle.remove()
 
     def observe(self, names: tuple[str, ...], update: Callable[[str, torch.Tensor], None]) -> None:
-        """Stream every named submodule's input through ``update(name, x)`` over one forward pass.
+        """Stream every named submodule's input through ``update(name, x)``, batch by batch.
 
-        Use this for statistics and Hessians: nothing is kept beyond what ``update`` keeps.
+        Use this for statistics and Hessians: nothing is kept beyond what ``update`` keeps. Each
+        batch's forward stops as soon as the last named module (in the adapter's execution order)
+        has been seen, so observing the attention inputs costs almost nothing.
         """
+        order = {name: i for i, name in enumerate(self.adapter.linear_names())}
+        last = max(names, key=lambda name: order.get(name, len(order)))
+        stops_early = last in order
+
+        def hook(_module, args, name):
+            update(name, args[0].detach())
+            if stops_early and name == last:
+                raise _Captured
+
         handles = [
             self.block.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, name=name: update(name, args[0].detach())
+                lambda module, args, name=name: hook(module, args, name)
             )
             for name in names
         ]
         try:
-            self.forward()
+            with torch.no_grad():
+                for x, kw in zip(self.inputs, self.kwargs, strict=True):
+                    try:
+                        self.block(x.to(self.device), **kw)
+                    except _Captured:
+                        pass
         finally:
             for handle in handles:
                 handle.remove()

@@ -192,3 +192,23 @@ def test_non_finite_block_output_names_the_block(
 
     with pytest.raises(NonFiniteError, match=f"block {bad_block}\\b"):
         run_blockwise(tiny_model, adapter, token_ids, block_fn=poison, batch_size=2, progress=False)
+
+
+def test_observe_stops_each_batch_after_the_last_observed_module(make_tiny_model, token_ids):
+    from channelwise.adapters import adapter_for
+    from channelwise.engine import BlockContext, capture_block_inputs
+
+    model = make_tiny_model("llama")
+    adapter = adapter_for(model)
+    inputs, kwargs = capture_block_inputs(model, adapter, token_ids, batch_size=2)
+    block = adapter.block_list(model)[0]
+    ctx = BlockContext(0, block, adapter, inputs, kwargs, torch.device("cpu"))
+    later_calls = []
+    handle = block.get_submodule("mlp.gate_proj").register_forward_pre_hook(
+        lambda *_: later_calls.append(1)
+    )
+    seen = []
+    ctx.observe(("self_attn.q_proj", "self_attn.k_proj"), lambda name, x: seen.append(name))
+    handle.remove()
+    assert later_calls == []
+    assert seen.count("self_attn.q_proj") == seen.count("self_attn.k_proj") == len(inputs)

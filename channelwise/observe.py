@@ -20,7 +20,8 @@ class ChannelStats:
     """Running per-channel min, max, abs-max and mean |x| over tokens; each ``(channels,)``.
 
     Percentiles come from a uniform reservoir sample of at most ``sample_rows`` token rows
-    (seeded, so reproducible), which bounds memory whatever the calibration size.
+    (seeded, so reproducible), which bounds memory whatever the calibration size; sampling is off
+    (``sample_rows=0``) unless asked for.
     """
 
     min: torch.Tensor | None = None
@@ -28,13 +29,14 @@ class ChannelStats:
     absmax: torch.Tensor | None = None
     abssum: torch.Tensor | None = None
     tokens: int = 0
-    sample_rows: int = 4096
+    sample_rows: int = 0
     sample: torch.Tensor | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def update(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
-        self._reservoir(rows)
+        if self.sample_rows > 0:
+            self._reservoir(rows)
         lo, hi = rows.amin(dim=0), rows.amax(dim=0)
         absmax = torch.maximum(hi.abs(), lo.abs())
         abssum = rows.abs().sum(dim=0)
@@ -53,6 +55,8 @@ class ChannelStats:
 
     def abs_percentile(self, q: float) -> torch.Tensor:
         """Per-channel ``q``-th percentile (0–100) of |x| over the sampled tokens, ``(C,)``."""
+        if self.sample_rows <= 0:
+            raise ValueError("percentiles need a reservoir: create ChannelStats(sample_rows=N)")
         if self.sample is None:
             raise ValueError("no statistics collected yet")
         return torch.quantile(self.sample.abs(), q / 100.0, dim=0)

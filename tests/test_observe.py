@@ -57,7 +57,15 @@ def test_reservoir_keeps_every_part_of_the_stream_equally():
 
 def test_percentile_before_any_update_is_an_error():
     with pytest.raises(ValueError, match="no statistics"):
-        ChannelStats().abs_percentile(50)
+        ChannelStats(sample_rows=10).abs_percentile(50)
+
+
+def test_percentiles_need_a_reservoir():
+    stats = ChannelStats()
+    stats.update(torch.ones(4, 3))
+    assert stats.sample is None
+    with pytest.raises(ValueError, match="sample_rows"):
+        stats.abs_percentile(50)
 
 
 def test_collected_abs_max_matches_the_norm_outputs(make_tiny_model, token_ids):

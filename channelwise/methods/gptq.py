@@ -1,0 +1,254 @@
+"""GPTQ: second-order weight quantization with error feedback.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023 (arXiv 2210.17323).
+
+For a linear with weight ``W`` ``(out, in)`` and calibration inputs ``x``, GPTQ minimises
+``‖XWᵀ − XŴᵀ‖²`` one input column at a time: with ``H = (2/n) Σ xᵀx`` (plus damping
+``λ = damp · mean diag H``) and ``U`` the upper Cholesky factor of ``H⁻¹``, column ``i`` is
+rounded with the recipe's weight quantizer and its error is spread over the columns not yet
+quantized, ``W[:, i+1:] −= ((w − q) / U_ii) · U[i, i+1:]``. Updates are applied lazily: within a
+block of ``block_size`` columns, then to the rest of the matrix in one matrix product. Optionally
+columns are processed in descending ``diag H`` ("act-order") and un-permuted at the end. Dead
+inputs (``H_ii = 0``) get ``H_ii = 1`` and their weight columns are zeroed.
+
+Scales: per output channel or per tensor → computed once from the weight before the loop; groups
+along the input channels → computed from the current, error-updated weights when the loop reaches
+the group's first column, or all up front from the original weight with ``static_groups``.
+
+Deviations from the paper and its reference code:
+
+- Hessians are summed per batch in float32 and across batches in float64; the Cholesky factors
+  and the column loop run in float64 (the reference uses float32 throughout). Rounding itself is
+  the shared float32 quantizer (``quant.fake_quantize``), exactly as RTN rounds.
+- Hessians use every calibration token of the block's inputs. With ``true_sequential`` they are
+  observed after the block's earlier subsets are already quantized; the block's inputs come from
+  the previous, already-quantized blocks. Linears of one adapter subset read the same input and
+  share one Hessian; each observation pass stops once the observed linears have run.
+- Dynamic group scales see the fully updated weights, including updates of the current lazy
+  block still pending for the group's later columns; the reference reads the matrix without them
+  when a group starts inside a block, which makes its result depend on ``block_size``. Ours does
+  not.
+- Per-channel/per-tensor scales are computed after dead columns are zeroed.
+- ``act_order`` without ``static_groups`` forms groups over the *permuted* order (as the
+  reference): the weights then lie on a grid of non-contiguous groups, which a packed format
+  would need a group index for. ``static_groups`` keeps the recipe's contiguous groups.
+- No per-column losses are reported; the calibration set is the protocol's (Emma), not C4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from channelwise.adapters import Subset, linear_weight
+from channelwise.engine import BlockContext
+from channelwise.errors import ChannelwiseError, RecipeError
+from channelwise.methods.registry import Method, register
+from channelwise.quant import QParams, QuantSpec, compute_qparams, fake_quantize
+from channelwise.quant.granularity import PerColumn, PerGroup, PerRow
+
+
+class GPTQArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    damp: float = Field(default=0.01, ge=0)
+    block_size: int = Field(default=128, ge=1)
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+
+
+@register
+class GPTQ(Method):
+    name = "gptq"
+    needs_calibration = True
+    quantizes_weights = True
+    Args = GPTQArgs
+
+    def check(self, model, adapter) -> None:
+        if self.recipe.weights is None:
+            raise RecipeError(
+                f"recipe '{self.recipe.name}': step 'gptq' needs a 'weights' quantizer "
+                "(e.g. weights: {bits: 4, symmetric: false, granularity: group, group_size: 64})"
+            )
+        check_granularity(self.recipe.weights.spec("weight"), f"recipe '{self.recipe.name}'")
+
+    def apply(self, ctx: BlockContext) -> None:
+        spec = self.recipe.weights.spec("weight")
+        subsets = ctx.adapter.subsets
+        stages = [(s,) for s in subsets] if self.args.true_sequential else [subsets]
+        for stage in stages:
+            hessians = observe_hessians(ctx, stage)
+            for subset in stage:
+                for name in subset.linears:
+                    self._quantize_linear(ctx, name, hessians[subset.name], spec)
+
+    def _quantize_linear(self, ctx: BlockContext, name: str, hessian: Tensor, spec) -> None:
+        weight = linear_weight(ctx.block.get_submodule(name), ctx.adapter.transposed_weights)
+        a = self.args
+        quantized = gptq_quantize_weight(
+            weight, hessian, spec, a.damp, a.block_size, a.act_order, a.static_groups,
+            name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
+        )  # fmt: skip
+        weight.copy_(quantized.to(weight.dtype))
+
+
+def check_granularity(spec: QuantSpec, where: str = "gptq") -> None:
+    """GPTQ rounds one input column at a time, so scales must not vary along a column's inputs."""
+    g = spec.granularity
+    if isinstance(g, PerColumn) or (isinstance(g, PerGroup) and g.along == "output"):
+        raise RecipeError(
+            f"{where}: GPTQ quantizes one input column at a time and cannot honour {g} weight "
+            "scales (per input channel / groups along output channels); use channel, tensor or "
+            "group along input, or the per-input-channel GPTQ variant of the AdaDim issue "
+            "(llm-methods.md §5)"
+        )
+
+
+class _Stop(Exception):
+    pass
+
+
+def observe_hessians(ctx: BlockContext, subsets: tuple[Subset, ...]) -> dict[str, Tensor]:
+    """``H = (2/n) Σ xᵀx`` ``(in, in)`` per subset over every calibration token, float64.
+
+    The subset's first linear is observed (its linears share one input); each batch's forward
+    stops as soon as every observed linear has seen it.
+    """
+    first = {subset.linears[0]: subset.name for subset in subsets}
+    sums: dict[str, Tensor] = {}
+    counts = dict.fromkeys(first.values(), 0)
+    for x, kwargs in zip(ctx.inputs, ctx.kwargs, strict=True):
+        seen: set[str] = set()
+
+        def update(name: str, inputs: Tensor, seen=seen) -> None:
+            rows = inputs.reshape(-1, inputs.shape[-1]).float()
+            product = (rows.T @ rows).double()
+            key = first[name]
+            sums[key] = sums[key] + product if key in sums else product
+            counts[key] += rows.shape[0]
+            seen.add(name)
+            if len(seen) == len(first):
+                raise _Stop
+
+        try:
+            replace(ctx, inputs=[x], kwargs=[kwargs]).observe(tuple(first), update)
+        except _Stop:
+            pass
+    if missing := sorted(set(first.values()) - set(sums)):
+        raise ChannelwiseError(
+            f"GPTQ: in block {ctx.index} the linears of subsets {missing} never ran on the "
+            "calibration data; the model's adapter does not match its forward"
+        )
+    return {key: sums[key] * (2 / counts[key]) for key in sums}
+
+
+def gptq_quantize_weight(
+    W: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    *,
+    name: str = "weight",
+) -> Tensor:
+    """GPTQ-quantized copy of ``W`` ``(out, in)`` given the Hessian ``H`` ``(in, in)``; float64.
+
+    ``name`` labels the layer in errors. Raises :class:`RecipeError` for granularities GPTQ
+    cannot honour and :class:`ChannelwiseError` if ``H + λI`` is not positive definite.
+    """
+    check_granularity(spec)
+    spec.granularity.block_shape(*W.shape)  # group size must divide the input channels
+    W = W.detach().to(torch.float64).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    torch.diagonal(H)[dead] = 1
+    W[:, dead] = 0
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    else:
+        perm = torch.arange(W.shape[1], device=W.device)
+    grid = _Grid(W, spec, perm, static_groups)
+    hinv = inverse_cholesky(H[perm][:, perm], damp, name)
+    Q = _quantize_columns(W[:, perm], hinv, grid, block_size)
+    return Q[:, torch.argsort(perm)]
+
+
+def inverse_cholesky(H: Tensor, damp: float, name: str) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹``, i.e. ``UᵀU = (H + λI)⁻¹``.
+
+    ``λ = damp · mean diag H``; raises :class:`ChannelwiseError` naming ``name`` on failure.
+    """
+    H = H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    lower, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info.item() != 0 or not torch.isfinite(upper).all():
+        raise ChannelwiseError(
+            f"GPTQ: the Hessian of {name} is not positive definite even with damp={damp}; "
+            "use a larger damp (e.g. damp: 0.1) or more calibration samples"
+        )
+    return upper
+
+
+class _Grid:
+    """The quantizer of each column, in processing (possibly permuted) order."""
+
+    def __init__(self, W: Tensor, spec: QuantSpec, perm: Tensor, static_groups: bool) -> None:
+        group = spec.granularity
+        self.size = group.size if isinstance(group, PerGroup) else None
+        self.dynamic = self.size is not None and not static_groups
+        # A column is (out, 1): per-row scales on it are exactly one group's scales.
+        self.spec = replace(spec, granularity=PerRow()) if self.size else spec
+        self.perm = perm.tolist()
+        self.qparams = None if self.dynamic else compute_qparams(W, spec)
+        self.current = self.qparams
+
+    def starts_group(self, j: int) -> bool:
+        return self.dynamic and j % self.size == 0
+
+    def set_group(self, columns: Tensor) -> None:
+        self.current = compute_qparams(columns, self.spec)
+
+    def fake_quantize(self, column: Tensor, j: int) -> Tensor:
+        qparams = self.current
+        if self.size is not None and not self.dynamic:
+            g = slice(self.perm[j] // self.size, self.perm[j] // self.size + 1)
+            qparams = QParams(self.qparams.scale[:, g], self.qparams.zero_point[:, g])
+        return fake_quantize(column[:, None], self.spec, qparams)[:, 0]
+
+
+def _quantize_columns(W: Tensor, hinv: Tensor, grid: _Grid, block_size: int) -> Tensor:
+    """The GPTQ loop over the columns of ``W`` (already permuted), lazy in blocks of columns."""
+    Q = torch.zeros_like(W)
+    cols = W.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        block = W[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        for k in range(i2 - i1):
+            j = i1 + k
+            if grid.starts_group(j):
+                grid.set_group(_current_columns(W, block, errors, hinv, i1, j, j + grid.size))
+            q = grid.fake_quantize(block[:, k], j)
+            Q[:, j] = q
+            errors[:, k] = (block[:, k] - q) / hinv[j, j]
+            block[:, k + 1 :] -= torch.outer(errors[:, k], hinv[j, j + 1 : i2])
+        W[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return Q
+
+
+def _current_columns(W, block, errors, hinv, i1: int, j: int, stop: int) -> Tensor:
+    """Columns ``j:stop`` as they stand now, with this block's pending updates applied."""
+    i2 = i1 + block.shape[1]
+    inside = block[:, j - i1 : min(stop, i2) - i1]
+    if stop <= i2:
+        return inside
+    beyond = W[:, i2:stop] - errors[:, : j - i1] @ hinv[i1:j, i2:stop]
+    return torch.cat([inside, beyond], dim=1)

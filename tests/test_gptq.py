@@ -1,0 +1,312 @@
+"""Specification of GPTQ (arXiv 2210.17323): exact against a plain reference, better than RTN."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import channelwise.methods.gptq as gptq_module  # registers 'gptq' whatever methods/__init__ holds
+from channelwise.adapters import adapter_for, linear_weight
+from channelwise.compress import quantize
+from channelwise.engine import run_blockwise
+from channelwise.errors import ChannelwiseError, RecipeError
+from channelwise.methods.gptq import gptq_quantize_weight, observe_hessians
+from channelwise.quant import QParams, QuantSpec, compute_qparams, fake_quantize
+from channelwise.quant.granularity import PerColumn, PerGroup, PerRow, PerTensor
+from channelwise.recipe import QuantArgs, Recipe, Step, load_recipe
+
+PER_CHANNEL = QuantSpec(bits=4, symmetric=False, granularity=PerRow())
+PER_GROUP = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(8))
+SPECS = {
+    "channel": PER_CHANNEL,
+    "group": PER_GROUP,
+    "tensor-sym3": QuantSpec(bits=3, symmetric=True, granularity=PerTensor()),
+    "group-mse": QuantSpec(bits=3, symmetric=False, granularity=PerGroup(8), range_method="mse"),
+}
+
+
+def reference_gptq(W, H, spec, damp=0.01, act_order=False, static_groups=False):
+    """Plain GPTQ: one column at a time, the whole remainder updated at once, float64."""
+    W, H = W.double().clone(), H.double().clone()
+    for i in range(H.shape[0]):
+        if H[i, i] == 0:
+            H[i, i] = 1
+            W[:, i] = 0
+    grouped = isinstance(spec.granularity, PerGroup)
+    column_spec = replace(spec, granularity=PerRow()) if grouped else spec
+    fixed = compute_qparams(W, spec) if not grouped or static_groups else None
+    n = W.shape[1]
+    perm = torch.argsort(H.diag(), descending=True, stable=True) if act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    H = H + damp * H.diag().mean() * torch.eye(n, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(H)).T  # upper, UᵀU = H⁻¹
+    Q = torch.zeros_like(W)
+    qparams = fixed
+    for j in range(n):
+        if grouped and static_groups:
+            g = int(perm[j]) // spec.granularity.size
+            qparams = QParams(fixed.scale[:, g : g + 1], fixed.zero_point[:, g : g + 1])
+        elif grouped and j % spec.granularity.size == 0:
+            qparams = compute_qparams(W[:, j : j + spec.granularity.size], column_spec)
+        Q[:, j] = fake_quantize(W[:, j : j + 1], column_spec, qparams)[:, 0]
+        W[:, j + 1 :] -= torch.outer((W[:, j] - Q[:, j]) / U[j, j], U[j, j + 1 :])
+    return Q[:, torch.argsort(perm)]
+
+
+def random_problem(seed: int, out: int = 12, n_in: int = 32, tokens: int = 256):
+    """A weight and the Hessian of correlated inputs with uneven channel scales."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, n_in, generator=gen)
+    X = torch.randn(tokens, n_in, generator=gen) @ torch.randn(n_in, n_in, generator=gen)
+    X = X * torch.rand(n_in, generator=gen) * 3
+    return W, 2 / tokens * X.T @ X
+
+
+def correlated_inputs(seed: int, tokens: int = 2048, n_in: int = 64, rank: int = 6):
+    """X = Z·A + small noise: strongly correlated features."""
+    gen = torch.Generator().manual_seed(seed)
+    Z = torch.randn(tokens, rank, generator=gen)
+    A = torch.randn(rank, n_in, generator=gen)
+    return (Z @ A + 0.05 * torch.randn(tokens, n_in, generator=gen)).double()
+
+
+# --- exactness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block_size", [3, 4, 128])
+def test_lazy_blocks_match_plain_column_by_column_gptq(spec_name, act_order, block_size):
+    spec = SPECS[spec_name]
+    for seed in range(3):
+        W, H = random_problem(seed)
+        if seed == 2:  # dead inputs
+            H[[5, 20]] = 0
+            H[:, [5, 20]] = 0
+        ours = gptq_quantize_weight(W, H, spec, block_size=block_size, act_order=act_order)
+        torch.testing.assert_close(ours, reference_gptq(W, H, spec, act_order=act_order),
+                                   rtol=0, atol=1e-5)  # fmt: skip
+        assert not torch.equal(ours, fake_quantize(W.double(), spec))  # feedback did something
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block_size", [4, 128])
+def test_static_groups_match_plain_gptq_and_keep_the_original_groups(act_order, block_size):
+    W, H = random_problem(7)
+    ours = gptq_quantize_weight(W, H, PER_GROUP, 0.01, block_size, act_order, static_groups=True)
+    expected = reference_gptq(W, H, PER_GROUP, act_order=act_order, static_groups=True)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    # On the grid of the original weight's contiguous groups:
+    qparams = compute_qparams(W, PER_GROUP)
+    torch.testing.assert_close(ours, fake_quantize(ours, PER_GROUP, qparams), rtol=0, atol=1e-6)
+
+
+def test_identity_hessian_reduces_to_round_to_nearest():
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    for spec in (PER_CHANNEL, PER_GROUP, SPECS["tensor-sym3"]):
+        ours = gptq_quantize_weight(W, torch.eye(64) * 0.37, spec, block_size=16)
+        assert torch.equal(ours.float(), fake_quantize(W, spec))
+    ours = gptq_quantize_weight(W, torch.eye(64), PER_CHANNEL, act_order=True)
+    assert torch.equal(ours.float(), fake_quantize(W, PER_CHANNEL))
+
+
+def test_result_does_not_depend_on_the_hessian_scale():
+    W, H = random_problem(4)
+    torch.testing.assert_close(
+        gptq_quantize_weight(W, H, PER_GROUP),
+        gptq_quantize_weight(W, 1000 * H, PER_GROUP),
+        rtol=0,
+        atol=1e-5,
+    )
+
+
+# --- quality ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [PER_CHANNEL, QuantSpec(3, False, PerGroup(16))], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_output_error_is_well_below_rtn_on_correlated_inputs(spec, act_order):
+    X = correlated_inputs(0)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)).double()
+    H = 2 / X.shape[0] * X.T @ X
+    ours = gptq_quantize_weight(W, H, spec, act_order=act_order)
+
+    def output_error(Wq):
+        return (X @ W.T - X @ Wq.T).square().sum().item()
+
+    assert output_error(ours) < 0.5 * output_error(fake_quantize(W, spec))
+    # Every group of every row holds at most 2^bits distinct levels.
+    size = spec.granularity.size if isinstance(spec.granularity, PerGroup) else 64
+    if act_order and size < 64:
+        return  # groups run over the permuted columns; checked with static_groups above
+    groups = ours.float().reshape(32, 64 // size, size)
+    levels = max(len(torch.unique(groups[r, g])) for r in range(32) for g in range(64 // size))
+    assert levels <= 2**spec.bits
+    qparams = compute_qparams(W.float(), spec) if size == 64 else None
+    if qparams is not None:  # per channel: the very grid of the original weight
+        assert torch.equal(fake_quantize(ours.float(), spec, qparams), ours.float())
+
+
+def test_dead_inputs_are_zeroed_without_nans():
+    W, H = random_problem(2)
+    H[[3, 17]] = 0
+    H[:, [3, 17]] = 0
+    for act_order in (False, True):
+        ours = gptq_quantize_weight(W, H, PER_GROUP, act_order=act_order, block_size=5)
+        assert torch.isfinite(ours).all()
+        assert (ours[:, [3, 17]] == 0).all()
+        assert (ours[:, [0, 1, 2, 4]] != 0).any()
+    all_dead = gptq_quantize_weight(W, torch.zeros(32, 32), PER_CHANNEL)
+    assert torch.equal(all_dead, torch.zeros_like(all_dead))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", [PerColumn(), PerGroup(4, "output")], ids=str)
+def test_scales_along_a_column_are_refused(granularity):
+    W, H = random_problem(0)
+    with pytest.raises(RecipeError, match="AdaDim"):
+        gptq_quantize_weight(W, H, QuantSpec(4, False, granularity))
+
+
+def test_input_channel_recipe_is_refused_before_any_change(make_tiny_model, calibration_ids):
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = Recipe(
+        name="gptq-ic",
+        weights=QuantArgs(bits=4, symmetric=False, granularity="input_channel"),
+        steps=(Step(method="gptq"),),
+    )
+    with pytest.raises(RecipeError, match="gptq-ic.*input.*AdaDim"):
+        quantize(model, recipe, calibration_ids, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_unknown_or_invalid_args_are_recipe_errors(make_tiny_model, calibration_ids):
+    for args in ({"dampp": 0.1}, {"block_size": 0}, {"damp": -1}):
+        recipe = Recipe(
+            name="bad", weights=QuantArgs(bits=4), steps=(Step(method="gptq", args=args),)
+        )
+        with pytest.raises(RecipeError, match="bad"):
+            quantize(make_tiny_model("llama"), recipe, calibration_ids, progress=False)
+
+
+def test_indefinite_hessian_names_the_layer_and_suggests_damp():
+    H = torch.tensor([[1.0, 10.0], [10.0, 1.0]])
+    with pytest.raises(ChannelwiseError, match=r"model\.layers\.3\.mlp\.up_proj.*larger damp"):
+        gptq_quantize_weight(torch.ones(2, 2), H, PER_CHANNEL, name="model.layers.3.mlp.up_proj")
+
+
+def test_cholesky_failure_in_a_model_is_a_clear_error(
+    monkeypatch, make_tiny_model, calibration_ids
+):
+    def broken(ctx, subsets):
+        return {subset.name: -torch.eye(64, dtype=torch.float64) for subset in subsets}
+
+    monkeypatch.setattr(gptq_module, "observe_hessians", broken)
+    with pytest.raises(ChannelwiseError, match=r"model\.layers\.0\.self_attn\.q_proj.*damp") as e:
+        quantize(make_tiny_model("llama"), "gptq-w4a16-g64", calibration_ids, progress=False)
+    assert e.value.__cause__ is None and e.value.__context__ is None  # no torch traceback
+
+
+def test_preset_needs_calibration(tiny_model):
+    model = tiny_model
+    with pytest.raises(RecipeError, match="calibration"):
+        quantize(model, "gptq-w4a16-g64", progress=False)
+    assert load_recipe("gptq-w3a16-g64").weights.bits == 3
+
+
+def test_hessians_cover_every_calibration_token_of_each_subset(make_tiny_model, lm_data):
+    model = make_tiny_model("gpt_neox")
+    adapter = adapter_for(model)
+    checked = []
+
+    def check_block(ctx):
+        ours = observe_hessians(ctx, adapter.subsets)
+        firsts = tuple(subset.linears[0] for subset in adapter.subsets)
+        with ctx.capture_inputs(firsts) as captured:
+            ctx.forward()
+        for subset in adapter.subsets:
+            X = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[subset.linears[0]]])
+            assert X.shape[0] == 32 * 32
+            expected = 2 / X.shape[0] * X.double().T @ X.double()
+            torch.testing.assert_close(ours[subset.name], expected, rtol=1e-5, atol=1e-6)
+        checked.append(ctx.index)
+
+    run_blockwise(model, adapter, lm_data[0], check_block, batch_size=8, progress=False)
+    assert checked == [0, 1]
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.fixture
+def lm_data():
+    """Calibration (32 × 32) and held-out evaluation (8 × 32) token ids of the tiny vocabulary."""
+    gen = torch.Generator().manual_seed(11)
+    return torch.randint(0, 128, (32, 32), generator=gen), torch.randint(0, 128, (8, 32))
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_beats_rtn_on_the_logits_of_every_family(family, bits, make_tiny_model, lm_data):
+    """Held-out logits MSE vs float; on these models GPTQ measures 0.45–0.7× RTN's."""
+    calibration, evaluation = lm_data
+    reference = logits(make_tiny_model(family), evaluation)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = make_tiny_model(family)
+        quantize(model, f"{method}-w{bits}a16-g64", calibration, batch_size=8, progress=False)
+        errors[method] = (logits(model, evaluation) - reference).square().mean().item()
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize(("sequential", "passes"), [(True, 4), (False, 1)])
+def test_true_sequential_observes_each_subset_after_the_earlier_ones_are_quantized(
+    sequential, passes, make_tiny_model, lm_data, monkeypatch
+):
+    calibration, evaluation = lm_data
+    reference = logits(make_tiny_model("llama"), evaluation)
+    model = make_tiny_model("llama")
+    linears = adapter_for(model).block_linears(model.model.layers[0])
+    original = {name: module.weight.clone() for name, module in linears.items()}
+    observed = []
+
+    def spy(ctx, subsets):
+        if ctx.index == 0:  # how many of the block's linears are already quantized
+            done = sum(not torch.equal(m.weight, original[n]) for n, m in linears.items())
+            observed.append(([s.name for s in subsets], done))
+        return observe_hessians(ctx, subsets)
+
+    monkeypatch.setattr(gptq_module, "observe_hessians", spy)
+    recipe = load_recipe("gptq-w4a16-g64").model_copy(
+        update={"steps": (Step(method="gptq", args={"true_sequential": sequential}),)}
+    )
+    quantize(model, recipe, calibration, progress=False)
+    assert len(observed) == passes
+    if sequential:  # q,k,v (3) → o (1) → gate,up (2) → down: quantized before each observation
+        assert [done for _, done in observed] == [0, 3, 4, 6]
+    else:
+        assert observed == [(["attn_in", "attn_out", "mlp_in", "mlp_out"], 0)]
+    error = (logits(model, evaluation) - reference).square().mean().item()
+    assert 0 < error < 0.05 * reference.square().mean().item()
+
+
+def test_transposed_gpt2_weights_are_quantized_in_place_on_grid(make_tiny_model, lm_data):
+    calibration, _ = lm_data
+    model = make_tiny_model("gpt2")
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    quantize(model, "gptq-w4a16-g64", calibration, progress=False)
+    assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
+    adapter = adapter_for(model)
+    for block in adapter.block_list(model):
+        for module in adapter.block_linears(block).values():
+            weight = linear_weight(module, adapter.transposed_weights)
+            groups = weight.reshape(weight.shape[0], -1, 64)
+            assert max(len(torch.unique(g)) for g in groups.reshape(-1, 64)) <= 16

@@ -81,9 +81,7 @@ def resolve_model(spec: str | os.PathLike | None = None) -> Path | str:
 
 def cached_gguf_checkpoint(gguf_path: Path) -> Path:
     """Convert a GGUF file to an fp32 safetensors checkpoint once; return its directory."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    out = channelwise_home() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:10]}"
+    out = channelwise_home() / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to a float checkpoint at %s (once)", gguf_path.name, out)
@@ -94,6 +92,17 @@ def cached_gguf_checkpoint(gguf_path: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def _fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """A content key (size, first and last MiB): the same file in any venv shares one cache."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(edge))
+        handle.seek(max(0, size - edge))
+        digest.update(handle.read(edge))
+    return digest.hexdigest()[:10]
 
 
 def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
@@ -138,9 +147,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    device = resolve_device(device)
     source = resolve_model(spec)
     hf_logging.disable_progress_bar()
-    device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)

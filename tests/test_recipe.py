@@ -224,3 +224,12 @@ def test_rtn_without_weights_is_refused_when_checked() -> None:
     method = build_method(recipe.steps[0], recipe)
     with pytest.raises(RecipeError, match="weights"):
         method.check(None, None)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_weight_quantizing_step_without_weights_is_refused(make_tiny_model, method):
+    from channelwise.compress import plan
+
+    recipe = Recipe.from_dict({"name": "no-w", "steps": [{"method": method}]})
+    with pytest.raises(RecipeError, match=f"step '{method}' needs a 'weights' quantizer"):
+        plan(make_tiny_model("llama"), recipe)

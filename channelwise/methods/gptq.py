@@ -70,11 +70,7 @@ class GPTQ(Method):
     Args = GPTQArgs
 
     def check(self, model, adapter) -> None:
-        if self.recipe.weights is None:
-            raise RecipeError(
-                f"recipe '{self.recipe.name}': step 'gptq' needs a 'weights' quantizer "
-                "(e.g. weights: {bits: 4, symmetric: false, granularity: group, group_size: 64})"
-            )
+        super().check(model, adapter)
         check_granularity(self.recipe.weights.spec("weight"), f"recipe '{self.recipe.name}'")
 
     def apply(self, ctx: BlockContext) -> None:

@@ -34,7 +34,15 @@ class Method:
         self.args = args
 
     def check(self, model, adapter) -> None:
-        """Raise a RecipeError before any work if the model cannot honour this step."""
+        """Raise a RecipeError before any work if the model cannot honour this step.
+
+        A method that quantizes weights needs the recipe's ``weights`` quantizer.
+        """
+        if self.quantizes_weights and self.recipe.weights is None:
+            raise RecipeError(
+                f"recipe '{self.recipe.name}': step '{self.name}' needs a 'weights' quantizer "
+                "(e.g. weights: {bits: 4, symmetric: false, granularity: group, group_size: 64})"
+            )
 
     def apply(self, ctx: BlockContext) -> None:
         raise NotImplementedError

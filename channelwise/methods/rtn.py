@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from channelwise.adapters import linear_weight
 from channelwise.engine import BlockContext
-from channelwise.errors import RecipeError
 from channelwise.methods.registry import Method, register
 from channelwise.quant import fake_quantize
 
@@ -17,13 +16,6 @@ from channelwise.quant import fake_quantize
 class RTN(Method):
     name = "rtn"
     quantizes_weights = True
-
-    def check(self, model, adapter) -> None:
-        if self.recipe.weights is None:
-            raise RecipeError(
-                f"recipe '{self.recipe.name}': step 'rtn' needs a 'weights' "
-                "quantizer (e.g. weights: {bits: 8, granularity: channel})"
-            )
 
     def apply(self, ctx: BlockContext) -> None:
         spec = self.recipe.weights.spec("weight")

@@ -25,13 +25,15 @@ from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, OutputExistsError, RecipeError
 from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
-from channelwise.quant import QParams, compute_qparams
+from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import install_attention_quantizers
 from channelwise.recipe import Recipe, load_recipe
 
 RECIPE_ATTR = "channelwise_recipe"
+METHODS_ATTR = "channelwise_methods"
 STATIC_QPARAMS_FILE = "activation_qparams.safetensors"
+STEP_STATE_FILE = "step_state.safetensors"
 
 
 @dataclass
@@ -84,6 +86,8 @@ def quantize(
 
     start = time.perf_counter()
     with torch.no_grad():
+        for method in methods:
+            method.prepare_model(model, adapter, calibration if needs_data else None)
         if needs_data:
             run_blockwise(
                 model,
@@ -102,6 +106,7 @@ def quantize(
             ):
                 block_fn(BlockContext(index, blocks[index], adapter, [], [], where))
     setattr(model, RECIPE_ATTR, recipe)
+    setattr(model, METHODS_ATTR, methods)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
     return CompressionResult(recipe, time.perf_counter() - start, n)
 
@@ -166,9 +171,18 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
 
 
 def install_block_input_quantizers(ctx: BlockContext, recipe: Recipe) -> None:
-    """Quantize every linear input of the block: dynamic per call, or static from calibration."""
+    """Quantize every linear input of the block: dynamic per call, or static from calibration.
+
+    Linears that a method already gave an input quantizer of its own keep it.
+    """
     spec = recipe.activations.spec("activation")
-    linears = ctx.adapter.block_linears(ctx.block)
+    linears = {
+        name: module
+        for name, module in ctx.adapter.block_linears(ctx.block).items()
+        if input_quantizer(module) is None
+    }
+    if not linears:
+        return
     if recipe.activations.dynamic:
         for module in linears.values():
             install_input_quantizer(module, InputQuantizer(spec))
@@ -201,12 +215,18 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
         tokenizer.save_pretrained(tmp)
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / MARKER_FILE).write_text(
-            json.dumps({"format": "fake-quant", "recipe": recipe.model_dump(mode="json")}, indent=2)
-        )
+        marker = {
+            "format": "fake-quant",
+            "recipe": recipe.model_dump(mode="json"),
+            "input_quantizers": _input_quantizer_specs(model),
+        }
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
         static = _static_qparams(model)
         if static:
             save_file(static, str(tmp / STATIC_QPARAMS_FILE))
+        state = _step_state(model)
+        if state:
+            save_file(state, str(tmp / STEP_STATE_FILE))
     if out.exists():
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         out.rename(old)
@@ -230,31 +250,77 @@ def _static_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _input_quantizer_specs(model: nn.Module) -> dict[str, dict]:
+    return {
+        name: {"spec": spec_to_dict(quantizer.spec), "static": quantizer.qparams is not None}
+        for name, module in model.named_modules()
+        if (quantizer := input_quantizer(module)) is not None
+    }
+
+
+def _step_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every step's ``saved_state()``, keyed ``"<step index>/<key>"``."""
+    tensors = {}
+    for index, method in enumerate(getattr(model, METHODS_ATTR, None) or ()):
+        for key, tensor in method.saved_state().items():
+            tensors[f"{index}/{key}"] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
 def restore_quantized(model: nn.Module, folder: Path) -> None:
-    """Re-install the activation quantizers of a saved model (its weights are already on grid)."""
+    """Re-install the runtime ops of a saved model (its weights are already on grid).
+
+    Each step's ``restore`` runs first (online ops such as rotations), then the activation
+    quantizers, each with the spec it was saved with (a method may have chosen its own).
+    """
     marker = json.loads((folder / MARKER_FILE).read_text())
     recipe = Recipe.from_dict(marker.get("recipe"), origin=str(folder / MARKER_FILE))
-    if recipe.activations is not None:
-        spec = recipe.activations.spec("activation")
+    adapter = adapter_for(model)
+    state_file = folder / STEP_STATE_FILE
+    state = load_file(str(state_file)) if state_file.is_file() else {}
+    methods = [build_method(step, recipe) for step in recipe.steps]
+    for index, method in enumerate(methods):
+        method.check(model, adapter)
+        prefix = f"{index}/"
+        method.restore(
+            model, adapter, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+    saved = marker.get("input_quantizers")
+    if saved is None and recipe.activations is not None:  # written before per-module specs
+        saved = {
+            f"{adapter.blocks}.{index}.{name}": {
+                "spec": spec_to_dict(recipe.activations.spec("activation")),
+                "static": not recipe.activations.dynamic,
+            }
+            for index in range(len(adapter.block_list(model)))
+            for name in adapter.linear_names()
+        }
+    if saved:
         static_file = folder / STATIC_QPARAMS_FILE
         static = load_file(str(static_file)) if static_file.is_file() else {}
-        adapter = adapter_for(model)
-        for index, block in enumerate(adapter.block_list(model)):
-            for name, module in adapter.block_linears(block).items():
-                key = f"{adapter.blocks}.{index}.{name}"
-                qparams = None
-                if not recipe.activations.dynamic:
-                    if f"{key}.scale" not in static:
-                        raise ChannelwiseError(
-                            f"{folder} is missing the static activation "
-                            f"ranges of {key}; the checkpoint is incomplete"
-                        )
-                    qparams = QParams(static[f"{key}.scale"], static[f"{key}.zero_point"])
-                install_input_quantizer(module, InputQuantizer(spec, qparams))
+        for key, entry in saved.items():
+            try:
+                module = model.get_submodule(key)
+            except AttributeError:
+                raise ChannelwiseError(
+                    f"{folder} quantizes the input of {key}, which this model does not have; "
+                    "the checkpoint does not match its config"
+                ) from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("spec"), dict):
+                raise ChannelwiseError(f"{folder / MARKER_FILE}: malformed entry for {key}")
+            qparams = None
+            if entry.get("static"):
+                if f"{key}.scale" not in static:
+                    raise ChannelwiseError(
+                        f"{folder} is missing the static activation "
+                        f"ranges of {key}; the checkpoint is incomplete"
+                    )
+                qparams = QParams(static[f"{key}.scale"], static[f"{key}.zero_point"])
+            install_input_quantizer(module, InputQuantizer(spec_from_dict(entry["spec"]), qparams))
     if recipe.attention is not None:
-        adapter = adapter_for(model)
         modules = [
             block.get_submodule(adapter.attention_module) for block in adapter.block_list(model)
         ]
         install_attention_quantizers(model, modules, recipe.attention.specs())
     setattr(model, RECIPE_ATTR, recipe)
+    setattr(model, METHODS_ATTR, methods)

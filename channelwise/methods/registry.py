@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
 
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError
@@ -44,8 +45,27 @@ class Method:
                 "(e.g. weights: {bits: 4, symmetric: false, granularity: group, group_size: 64})"
             )
 
+    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+        """Whole-model work, once, after every step's ``check`` and before the block loop.
+
+        Steps run it in recipe order (e.g. rotating the embeddings and the LM head, or a global
+        hyper-parameter search on ``calibration`` token ids ``(n, seq)``). Default: nothing.
+        """
+
     def apply(self, ctx: BlockContext) -> None:
         raise NotImplementedError
+
+    def saved_state(self) -> dict[str, Tensor]:
+        """Tensors a saved checkpoint needs to re-install this step's runtime ops (hooks that
+        are not weights, e.g. an online Hadamard). Default: none."""
+        return {}
+
+    def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
+        """Re-install runtime ops on a loaded model whose weights already carry this step.
+
+        Called after ``check`` and before the activation quantizers are installed. Default:
+        nothing.
+        """
 
 
 _METHODS: dict[str, type[Method]] = {}

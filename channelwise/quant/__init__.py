@@ -9,6 +9,8 @@ from channelwise.quant.core import (
     qparams_from_range,
     quantization_error,
     quantize,
+    spec_from_dict,
+    spec_to_dict,
 )
 from channelwise.quant.granularity import (
     Granularity,
@@ -34,4 +36,6 @@ __all__ = [
     "qparams_from_range",
     "quantization_error",
     "quantize",
+    "spec_from_dict",
+    "spec_to_dict",
 ]

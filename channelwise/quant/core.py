@@ -82,6 +82,34 @@ class QuantSpec:
         return torch.int8 if self.symmetric else torch.uint8
 
 
+def spec_to_dict(spec: QuantSpec) -> dict:
+    """A JSON-able description of ``spec`` that :func:`spec_from_dict` reads back."""
+    g = spec.granularity
+    granularity = {"kind": type(g).__name__}
+    if isinstance(g, PerGroup):
+        granularity.update(size=g.size, along=g.along)
+    return {
+        "bits": spec.bits,
+        "symmetric": spec.symmetric,
+        "granularity": granularity,
+        "range_method": spec.range_method,
+        "percentile": spec.percentile,
+        "mse_grid": spec.mse_grid,
+        "mse_min_ratio": spec.mse_min_ratio,
+    }
+
+
+def spec_from_dict(data: dict) -> QuantSpec:
+    """The inverse of :func:`spec_to_dict`; a malformed description raises QuantConfigError."""
+    kinds = {cls.__name__: cls for cls in (PerTensor, PerRow, PerColumn, PerGroup)}
+    try:
+        g = dict(data["granularity"])
+        cls = kinds[g.pop("kind")]
+        return QuantSpec(**{**data, "granularity": cls(**g)})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QuantConfigError(f"malformed quantizer description {data!r}: {exc}") from None
+
+
 @dataclass
 class QParams:
     """Per-block ``scale`` (float32) and ``zero_point`` (float32 holding integers), same shape."""

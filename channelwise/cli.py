@@ -96,18 +96,22 @@ def cmd_compare(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from channelwise import load_model
-    from channelwise.observe import collect_channel_stats
-    from channelwise.report import outlier_summary, plot_channel_heatmap
+    from channelwise.inspect import inspect_channels
+    from channelwise.report import outlier_change_summary, outlier_summary, plot_channel_heatmap
 
     protocol = _protocol(args)
-    model, tokenizer = load_model(args.model, device=args.device)
-    stats = collect_channel_stats(
-        model, protocol.calibration_tokens(tokenizer), progress=not args.quiet
+    found = inspect_channels(
+        args.model, protocol, args.recipe, device=args.device, progress=not args.quiet
     )
-    print(outlier_summary(stats))
     title = f"{args.model or 'smollm2-135m'} on {protocol.calib_data}"
-    print(f"wrote {plot_channel_heatmap(stats, args.out, title)}")
+    print(outlier_summary(found.before))
+    if found.after is None:
+        print(f"wrote {plot_channel_heatmap(found.before, args.out, title)}")
+        return
+    print(f"\nafter {found.recipe.name} (activation quantizers off):")
+    print(outlier_change_summary(found.before, found.after))
+    columns = [("before", found.before), (f"after {found.recipe.name}", found.after)]
+    print(f"wrote {plot_channel_heatmap(columns, args.out, title)}")
 
 
 def cmd_prepare(args) -> None:
@@ -173,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-channel activation outliers: heat map and summary")
     p.add_argument("model", nargs="?")
     p.add_argument("--out", default="results/inspect.png", help="heat map PNG path")
+    p.add_argument(
+        "--recipe", help="also show the activations after this recipe's transforms, side by side"
+    )
     data_options(p, evaluation=False)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("prepare", help="fetch and cache the embedded model and data (once)")

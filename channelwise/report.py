@@ -82,23 +82,62 @@ def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
     return _save_figure(fig, path)
 
 
-def plot_channel_heatmap(stats: ModelChannelStats, path: str | Path, title: str = "") -> Path:
-    """One panel per subset: blocks × channels of the input's abs-max, log colour scale."""
-    names = list(stats.stats)
-    fig, axes = plt.subplots(len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names, strict=True):
-        matrix = stats.absmax_matrix(name).clamp_min(1e-6).log10().numpy()
-        image = ax.imshow(matrix, aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_title(
-            f"{name}: input of {stats.linears[name]} (log10 abs-max per channel)", fontsize=9
-        )
-        ax.set_ylabel("block")
-        ax.set_xlabel("channel")
-        fig.colorbar(image, ax=ax, pad=0.01)
+def plot_channel_heatmap(
+    stats: ModelChannelStats | list[tuple[str, ModelChannelStats]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """One row per subset: blocks × channels of the input's abs-max, log colour scale.
+
+    Given ``[(label, stats), …]`` (e.g. before and after a recipe) the panels sit side by side,
+    one column each, sharing a colour scale per subset so the columns compare directly.
+    """
+    columns = [("", stats)] if isinstance(stats, ModelChannelStats) else list(stats)
+    names = list(columns[0][1].stats)
+    width = 12 if len(columns) == 1 else 8 * len(columns)
+    fig, axes = plt.subplots(
+        len(names), len(columns), figsize=(width, 2.6 * len(names)), squeeze=False
+    )
+    for row, name in enumerate(names):
+        matrices = [s.absmax_matrix(name).clamp_min(1e-6).log10().numpy() for _, s in columns]
+        vmin = min(float(m.min()) for m in matrices)
+        vmax = max(float(m.max()) for m in matrices)
+        for col, ((label, column), matrix) in enumerate(zip(columns, matrices, strict=True)):
+            ax = axes[row, col]
+            image = ax.imshow(
+                matrix, aspect="auto", cmap="magma", interpolation="nearest", vmin=vmin, vmax=vmax
+            )
+            prefix = f"{label} — " if label else ""
+            ax.set_title(
+                f"{prefix}{name}: input of {column.linears[name]} (log10 abs-max per channel)",
+                fontsize=9,
+            )
+            ax.set_ylabel("block")
+            ax.set_xlabel("channel")
+            fig.colorbar(image, ax=ax, pad=0.01)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+def outlier_ratio(stats: ModelChannelStats, subset: str) -> torch.Tensor:
+    """``(n_blocks, channels)``: each channel's abs-max over its block's median channel."""
+    matrix = stats.absmax_matrix(subset)
+    return matrix / matrix.median(dim=1).values.clamp_min(1e-12)[:, None]
+
+
+def outlier_change_summary(before: ModelChannelStats, after: ModelChannelStats) -> str:
+    """Per subset, the worst and the typical block's max/median channel ratio, before → after."""
+    lines = ["subset      input of                 max/median: worst block   median block"]
+    for name in before.stats:
+        b, a = outlier_ratio(before, name), outlier_ratio(after, name)
+        lines.append(
+            f"{name:<11} {before.linears[name]:<24} "
+            f"{b.max().item():9.1f}× → {a.max().item():7.1f}×   "
+            f"{b.amax(dim=1).median().item():7.1f}× → {a.amax(dim=1).median().item():6.1f}×"
+        )
+    return "\n".join(lines)
 
 
 def outlier_summary(stats: ModelChannelStats, top: int = 5) -> str:
@@ -106,8 +145,7 @@ def outlier_summary(stats: ModelChannelStats, top: int = 5) -> str:
     lines = []
     for name in stats.stats:
         matrix = stats.absmax_matrix(name)
-        per_block_median = matrix.median(dim=1).values.clamp_min(1e-12)
-        ratio = matrix / per_block_median[:, None]
+        ratio = outlier_ratio(stats, name)
         flat = ratio.flatten()
         k = min(top, flat.numel())
         lines.append(
@@ -137,6 +175,8 @@ def _save_figure(fig, path: str | Path) -> Path:
 
 __all__ = [
     "format_table",
+    "outlier_change_summary",
+    "outlier_ratio",
     "outlier_summary",
     "plot_channel_heatmap",
     "plot_comparison",

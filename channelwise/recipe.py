@@ -41,12 +41,15 @@ class QuantArgs(BaseModel):
     group_along: Literal["input", "output"] = "input"
     range: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = Field(default=99.9, gt=0, le=100)
+    clip_ratio: float = Field(default=1.0, gt=0, le=1)
     dynamic: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantArgs:
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
+        if self.clip_ratio != 1.0 and self.range != "minmax":
+            raise ValueError(f"clip_ratio shrinks minmax ranges; range '{self.range}' clips itself")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(
                 f"group_size is only meaningful with granularity 'group', not '{self.granularity}'"
@@ -64,6 +67,7 @@ class QuantArgs(BaseModel):
             granularity=granularity,
             range_method=self.range,
             percentile=self.percentile,
+            clip_ratio=self.clip_ratio,
         )
 
 

@@ -390,3 +390,56 @@ def test_qparams_from_range_matches_minmax(symmetric):
     expected = compute_qparams(x, s)
     assert torch.equal(qp.scale, expected.scale)
     assert torch.equal(qp.zero_point, expected.zero_point)
+
+
+def reference_clipped_fake_quant(x, bits, symmetric, ratio):
+    """Per-row loop: the min-max range times ``ratio``, then the textbook formulas."""
+    out = torch.empty_like(x)
+    for i, row in enumerate(x):
+        if symmetric:
+            qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            scale = row.abs().max() * ratio / qmax
+            zero = torch.tensor(0.0)
+        else:
+            qmin, qmax = 0, 2**bits - 1
+            lo = torch.minimum(row.min() * ratio, torch.tensor(0.0))
+            hi = torch.maximum(row.max() * ratio, torch.tensor(0.0))
+            scale = (hi - lo) / qmax
+        scale = scale if scale > 0 else torch.tensor(1.0)
+        if not symmetric:
+            zero = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+        out[i] = (torch.clamp(torch.round(row / scale) + zero, qmin, qmax) - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("case", ["random", "outliers", "constant", "zeros"])
+def test_clip_ratio_matches_reference(symmetric, case):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 32, generator=gen)
+    if case == "outliers":
+        x[:, 3] *= 80.0
+    elif case == "constant":
+        x[2] = 1.5
+    elif case == "zeros":
+        x[1] = 0.0
+    q = fake_quantize(x, spec(4, symmetric, PerRow(), clip_ratio=0.9))
+    torch.testing.assert_close(q, reference_clipped_fake_quant(x, 4, symmetric, 0.9))
+    assert not torch.equal(q, fake_quantize(x, spec(4, symmetric, PerRow())))
+
+
+def test_clip_ratio_one_is_plain_minmax_and_nan_is_still_refused():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(fake_quantize(x, spec(clip_ratio=1.0)), fake_quantize(x, spec()))
+    x[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        fake_quantize(x, spec(clip_ratio=0.9))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"clip_ratio": 0.0}, {"clip_ratio": 1.5}, {"clip_ratio": 0.9, "range_method": "mse"}],
+)
+def test_bad_clip_ratio_is_rejected(kwargs):
+    with pytest.raises(QuantConfigError):
+        spec(**kwargs)

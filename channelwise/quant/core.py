@@ -30,7 +30,11 @@ _RANGE_METHODS = ("minmax", "percentile", "mse")
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize: bit-width, signedness, scale granularity and range estimation."""
+    """How to quantize: bit-width, signedness, scale granularity and range estimation.
+
+    ``clip_ratio`` (minmax only) multiplies every block's min and max before the scale is set,
+    as QuaRot's activation clipping (0.9) and RotateKV's 2-bit KV clipping (0.8) do.
+    """
 
     bits: int
     symmetric: bool
@@ -39,6 +43,7 @@ class QuantSpec:
     percentile: float = 99.9
     mse_grid: int = 80
     mse_min_ratio: float = 0.2
+    clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -65,6 +70,13 @@ class QuantSpec:
             raise QuantConfigError(f"mse_grid must be a positive integer, got {self.mse_grid!r}")
         if not 0 < self.mse_min_ratio <= 1:
             raise QuantConfigError(f"mse_min_ratio must be in (0, 1], got {self.mse_min_ratio!r}")
+        if not 0 < self.clip_ratio <= 1:
+            raise QuantConfigError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.clip_ratio != 1.0 and self.range_method != "minmax":
+            raise QuantConfigError(
+                f"clip_ratio shrinks min-max ranges; it cannot combine with range "
+                f"'{self.range_method}', which chooses its own clipping"
+            )
 
     @property
     def qmin(self) -> int:
@@ -96,6 +108,7 @@ def spec_to_dict(spec: QuantSpec) -> dict:
         "percentile": spec.percentile,
         "mse_grid": spec.mse_grid,
         "mse_min_ratio": spec.mse_min_ratio,
+        "clip_ratio": spec.clip_ratio,
     }
 
 
@@ -131,6 +144,8 @@ def compute_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     # amin/amax propagate NaN and inf, so checking the (much smaller) ranges is enough.
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         _check_finite(x)
+    if spec.clip_ratio != 1.0:
+        lo, hi = lo * spec.clip_ratio, hi * spec.clip_ratio
     return qparams_from_range(lo, hi, spec)
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,11 +38,13 @@ STEP_STATE_FILE = "step_state.safetensors"
 
 @dataclass
 class CompressionResult:
-    """What ``quantize`` did: the recipe and the calibration wall time in seconds."""
+    """What ``quantize`` did: the recipe, the calibration wall time in seconds, and the methods
+    that ran (their diagnostics: chosen scales, per-layer choices, searched α …)."""
 
     recipe: Recipe
     calib_seconds: float
     calibration_samples: int
+    methods: list[Method] = field(default_factory=list)
 
 
 def quantize(
@@ -108,7 +110,7 @@ def quantize(
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
-    return CompressionResult(recipe, time.perf_counter() - start, n)
+    return CompressionResult(recipe, time.perf_counter() - start, n, methods)
 
 
 def needs_calibration(recipe: str | Path | Recipe) -> bool:

@@ -33,9 +33,12 @@ def reference_gptq(W, H, spec, damp=0.01, act_order=False, static_groups=False):
         if H[i, i] == 0:
             H[i, i] = 1
             W[:, i] = 0
-    grouped = isinstance(spec.granularity, PerGroup)
+    per_ic = isinstance(spec.granularity, PerColumn) or (
+        isinstance(spec.granularity, PerGroup) and spec.granularity.along == "output"
+    )
+    grouped = isinstance(spec.granularity, PerGroup) and not per_ic
     column_spec = replace(spec, granularity=PerRow()) if grouped else spec
-    fixed = compute_qparams(W, spec) if not grouped or static_groups else None
+    fixed = compute_qparams(W, spec) if not per_ic and (not grouped or static_groups) else None
     n = W.shape[1]
     perm = torch.argsort(H.diag(), descending=True, stable=True) if act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
@@ -49,6 +52,8 @@ def reference_gptq(W, H, spec, damp=0.01, act_order=False, static_groups=False):
             qparams = QParams(fixed.scale[:, g : g + 1], fixed.zero_point[:, g : g + 1])
         elif grouped and j % spec.granularity.size == 0:
             qparams = compute_qparams(W[:, j : j + spec.granularity.size], column_spec)
+        elif per_ic:  # the column itself, as it stands after the earlier columns' feedback
+            qparams = compute_qparams(W[:, j : j + 1], spec)
         Q[:, j] = fake_quantize(W[:, j : j + 1], column_spec, qparams)[:, 0]
         W[:, j + 1 :] -= torch.outer((W[:, j] - Q[:, j]) / U[j, j], U[j, j + 1 :])
     return Q[:, torch.argsort(perm)]
@@ -164,24 +169,98 @@ def test_dead_inputs_are_zeroed_without_nans():
 # --- errors ----------------------------------------------------------------------------------
 
 
+# --- per input channel (AdaDim's per-IC GPTQ, arXiv 2309.15531) ------------------------------
+
+PER_IC = {
+    "input_channel": QuantSpec(bits=4, symmetric=False, granularity=PerColumn()),
+    "groups-of-outputs": QuantSpec(bits=3, symmetric=False, granularity=PerGroup(4, "output")),
+}
+
+
+@pytest.mark.parametrize("spec_name", PER_IC)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block_size", [5, 128])
+def test_per_input_channel_matches_plain_gptq_with_scales_from_the_updated_column(
+    spec_name, act_order, block_size
+):
+    spec = PER_IC[spec_name]
+    for seed in range(3):
+        W, H = random_problem(seed)  # 12 outputs: groups of 4 outputs per input column
+        if seed == 2:
+            H[[5, 20]] = 0
+            H[:, [5, 20]] = 0
+        ours = gptq_quantize_weight(W, H, spec, block_size=block_size, act_order=act_order)
+        expected = reference_gptq(W, H, spec, act_order=act_order)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+        assert not torch.equal(ours, fake_quantize(W.double(), spec))  # feedback did something
+        # Every column is on its own per-IC grid: at most 2^bits levels per group of outputs.
+        rows = spec.granularity.size if isinstance(spec.granularity, PerGroup) else 12
+        groups = ours.T.reshape(32, 12 // rows, rows)
+        assert max(len(torch.unique(g)) for g in groups.reshape(-1, rows)) <= 2**spec.bits
+
+
+@pytest.mark.parametrize("spec_name", PER_IC)
+def test_identity_hessian_reduces_to_per_input_channel_round_to_nearest(spec_name):
+    spec = PER_IC[spec_name]
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    for act_order in (False, True):
+        ours = gptq_quantize_weight(W, torch.eye(64) * 0.37, spec, act_order=act_order)
+        assert torch.equal(ours.float(), fake_quantize(W, spec))
+
+
+def test_per_input_channel_beats_its_rtn_on_correlated_inputs():
+    X = correlated_inputs(1)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6)).double()
+    H = 2 / X.shape[0] * X.T @ X
+    spec = QuantSpec(3, False, PerGroup(16, "output"))
+    ours = gptq_quantize_weight(W, H, spec, act_order=True)
+
+    def output_error(Wq):
+        return (X @ W.T - X @ Wq.T).square().sum().item()
+
+    assert output_error(ours) < 0.5 * output_error(fake_quantize(W, spec))
+
+
 @pytest.mark.parametrize("granularity", [PerColumn(), PerGroup(4, "output")], ids=str)
-def test_scales_along_a_column_are_refused(granularity):
+def test_static_groups_with_scales_inside_a_column_are_refused(granularity):
     W, H = random_problem(0)
-    with pytest.raises(RecipeError, match="AdaDim"):
-        gptq_quantize_weight(W, H, QuantSpec(4, False, granularity))
+    with pytest.raises(RecipeError, match="static_groups.*AdaDim"):
+        gptq_quantize_weight(W, H, QuantSpec(4, False, granularity), static_groups=True)
 
 
-def test_input_channel_recipe_is_refused_before_any_change(make_tiny_model, calibration_ids):
+def test_groups_of_outputs_must_divide_the_output_channels():
+    W, H = random_problem(0)  # 12 outputs
+    with pytest.raises(RecipeError, match="group size 8 does not divide 12 output channels"):
+        gptq_quantize_weight(W, H, QuantSpec(4, False, PerGroup(8, "output")))
+
+
+def test_input_channel_recipe_with_static_groups_is_refused_before_any_change(
+    make_tiny_model, calibration_ids
+):
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = Recipe(
         name="gptq-ic",
         weights=QuantArgs(bits=4, symmetric=False, granularity="input_channel"),
-        steps=(Step(method="gptq"),),
+        steps=(Step(method="gptq", args={"static_groups": True}),),
     )
-    with pytest.raises(RecipeError, match="gptq-ic.*input.*AdaDim"):
+    with pytest.raises(RecipeError, match="gptq-ic.*static_groups"):
         quantize(model, recipe, calibration_ids, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_input_channel_recipe_runs_on_a_tiny_model(make_tiny_model, calibration_ids):
+    model = make_tiny_model("llama")
+    recipe = Recipe(
+        name="gptq-ic",
+        weights=QuantArgs(bits=4, symmetric=False, granularity="group", group_size=16,
+                          group_along="output"),
+        steps=(Step(method="gptq", args={"act_order": True}),),
+    )  # fmt: skip
+    quantize(model, recipe, calibration_ids, progress=False)
+    weight = model.model.layers[1].mlp.down_proj.weight  # (64, 128): 4 groups per column
+    groups = weight.T.reshape(128, 4, 16)
+    assert max(len(torch.unique(g)) for g in groups.reshape(-1, 16)) <= 16
 
 
 def test_unknown_or_invalid_args_are_recipe_errors(make_tiny_model, calibration_ids):

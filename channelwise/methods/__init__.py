@@ -1,6 +1,7 @@
 """Registered methods; importing this package registers every one."""
 
 from channelwise.methods import (  # noqa: F401  (registration)
+    adadim,
     dgq,
     gptq,
     quarot,

@@ -14,7 +14,11 @@ inputs (``H_ii = 0``) get ``H_ii = 1`` and their weight columns are zeroed.
 
 Scales: per output channel or per tensor → computed once from the weight before the loop; groups
 along the input channels → computed from the current, error-updated weights when the loop reaches
-the group's first column, or all up front from the original weight with ``static_groups``.
+the group's first column, or all up front from the original weight with ``static_groups``. Per
+input channel, or groups of output channels inside each input column (the per-IC quantization of
+AdaDim, Heo et al., arXiv 2309.15531) → each column is one quantization vector, its scales computed
+from the current, error-updated column when the loop reaches it (``static_groups`` is refused
+there: it has no meaning for scales that live inside one column).
 
 Deviations from the paper and its reference code:
 
@@ -71,7 +75,11 @@ class GPTQ(Method):
 
     def check(self, model, adapter) -> None:
         super().check(model, adapter)
-        check_granularity(self.recipe.weights.spec("weight"), f"recipe '{self.recipe.name}'")
+        check_granularity(
+            self.recipe.weights.spec("weight"),
+            f"recipe '{self.recipe.name}'",
+            static_groups=self.args.static_groups,
+        )
 
     def apply(self, ctx: BlockContext) -> None:
         spec = self.recipe.weights.spec("weight")
@@ -93,16 +101,22 @@ class GPTQ(Method):
         weight.copy_(quantized.to(weight.dtype))
 
 
-def check_granularity(spec: QuantSpec, where: str = "gptq") -> None:
-    """GPTQ rounds one input column at a time, so scales must not vary along a column's inputs."""
-    g = spec.granularity
-    if isinstance(g, PerColumn) or (isinstance(g, PerGroup) and g.along == "output"):
+def check_granularity(spec: QuantSpec, where: str = "gptq", static_groups: bool = False) -> None:
+    """Refuse ``static_groups`` with scales inside a column (per input channel / groups along
+    output channels): those are computed per column as the loop reaches it, never up front."""
+    if static_groups and is_per_column(spec):
         raise RecipeError(
-            f"{where}: GPTQ quantizes one input column at a time and cannot honour {g} weight "
-            "scales (per input channel / groups along output channels); use channel, tensor or "
-            "group along input, or the per-input-channel GPTQ variant of the AdaDim issue "
-            "(llm-methods.md §5)"
+            f"{where}: static_groups fixes groups along the input channels up front, but these "
+            f"{spec.granularity} weight scales live inside each input column and are computed "
+            "from the error-updated column as GPTQ reaches it (AdaDim per-IC, llm-methods.md §5); "
+            "drop static_groups or use groups along input"
         )
+
+
+def is_per_column(spec: QuantSpec) -> bool:
+    """Whether scales live inside one input column (per-IC: ``PerColumn``, groups of outputs)."""
+    g = spec.granularity
+    return isinstance(g, PerColumn) or (isinstance(g, PerGroup) and g.along == "output")
 
 
 class _Stop(Exception):
@@ -156,11 +170,12 @@ def gptq_quantize_weight(
 ) -> Tensor:
     """GPTQ-quantized copy of ``W`` ``(out, in)`` given the Hessian ``H`` ``(in, in)``; float64.
 
-    ``name`` labels the layer in errors. Raises :class:`RecipeError` for granularities GPTQ
-    cannot honour and :class:`ChannelwiseError` if ``H + λI`` is not positive definite.
+    ``name`` labels the layer in errors. Raises :class:`RecipeError` for settings GPTQ cannot
+    honour (``static_groups`` with per-column scales, a group size that does not divide the
+    grouped dimension) and :class:`ChannelwiseError` if ``H + λI`` is not positive definite.
     """
-    check_granularity(spec)
-    spec.granularity.block_shape(*W.shape)  # group size must divide the input channels
+    check_granularity(spec, static_groups=static_groups)
+    spec.granularity.block_shape(*W.shape)  # group size must divide the grouped dimension
     W = W.detach().to(torch.float64).clone()
     H = H.detach().to(device=W.device, dtype=torch.float64).clone()
     dead = torch.diagonal(H) == 0
@@ -198,12 +213,16 @@ class _Grid:
 
     def __init__(self, W: Tensor, spec: QuantSpec, perm: Tensor, static_groups: bool) -> None:
         group = spec.granularity
-        self.size = group.size if isinstance(group, PerGroup) else None
+        # Per-IC: a column (out, 1) is its own quantization vector; scales come from it directly.
+        self.per_column = is_per_column(spec)
+        grouped = isinstance(group, PerGroup) and not self.per_column
+        self.size = group.size if grouped else None
         self.dynamic = self.size is not None and not static_groups
         # A column is (out, 1): per-row scales on it are exactly one group's scales.
         self.spec = replace(spec, granularity=PerRow()) if self.size else spec
         self.perm = perm.tolist()
-        self.qparams = None if self.dynamic else compute_qparams(W, spec)
+        fixed = not (self.dynamic or self.per_column)
+        self.qparams = compute_qparams(W, spec) if fixed else None
         self.current = self.qparams
 
     def starts_group(self, j: int) -> bool:
@@ -213,6 +232,8 @@ class _Grid:
         self.current = compute_qparams(columns, self.spec)
 
     def fake_quantize(self, column: Tensor, j: int) -> Tensor:
+        if self.per_column:
+            return fake_quantize(column[:, None], self.spec)[:, 0]
         qparams = self.current
         if self.size is not None and not self.dynamic:
             g = slice(self.perm[j] // self.size, self.perm[j] // self.size + 1)

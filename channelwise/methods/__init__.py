@@ -4,6 +4,8 @@ from channelwise.methods import (  # noqa: F401  (registration)
     adadim,
     dgq,
     gptq,
+    osplus,
+    outliertune,
     quarot,
     rtn,
     smoothquant,

@@ -13,16 +13,15 @@ follows the activation outliers: each linear input's per-channel abs-max ratio (
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 from collections import defaultdict
 
+import common  # benchmarks/common.py: this folder is on sys.path when run as a script
 import torch
 
-import channelwise as cw
 import channelwise.methods.adadim  # noqa: F401  (registers 'adadim')
+from channelwise.compare import ComparisonRow
+from channelwise.compress import CompressionResult
 from channelwise.methods.adadim import AdaDim
 
 RECIPES = (
@@ -84,50 +83,18 @@ def outlier_report(method: AdaDim) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated presets")
-    parser.add_argument("--samples", type=int, default=128, help="first N calibration samples")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
-    parser.add_argument("--json", help="also write the rows and choices here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = common.parser(__doc__, RECIPES).parse_args()
+    reports: list[tuple[str, AdaDim]] = []
 
-    protocol = cw.Protocol()
-    _, tokenizer = cw.load_model(device="cpu")
-    windows = protocol.eval_tokens(tokenizer)
-    calibration = protocol.calibration_tokens(tokenizer)[: args.samples]
+    def keep_adadim(row: ComparisonRow, result: CompressionResult | None) -> None:
+        methods = result.methods if result is not None else []
+        reports.extend((row.recipe, m) for m in methods if isinstance(m, AdaDim))
 
-    print(f"torch threads: {torch.get_num_threads()}, device: {args.device}, "
-          f"calibration {tuple(calibration.shape)}, eval {tuple(windows.shape)}")  # fmt: skip
-    rows, reports = [], []
-    for name in args.recipes.split(","):
-        recipe = cw.load_recipe(name)
-        start = time.perf_counter()
-        model, _ = cw.load_model(device=args.device)
-        seconds, methods = 0.0, []
-        if not recipe.is_float:
-            result = cw.quantize(model, recipe, calibration, progress=False)
-            seconds, methods = result.calib_seconds, result.methods
-        ppl = cw.perplexity(model, windows, progress=False)
-        row = {"recipe": name, "bits": recipe.bits_label(), "ppl": ppl, "calib_s": seconds}
-        rows.append(row)
-        print(f"{name:<26} {row['bits']:<10} ppl {ppl:8.3f}  calib {seconds:7.1f}s  "
-              f"wall {time.perf_counter() - start:7.1f}s", flush=True)  # fmt: skip
-        for method in methods:
-            if isinstance(method, AdaDim):
-                reports.append((name, method))
-                row["choices"] = {f"{b}.{n}": c for (b, n), c in method.choices.items()}
-
+    rows = common.run(args, common.recipe_names(args), on_row=keep_adadim)
     for name, method in reports:
         print(f"\n## {name}: per-layer choices\n{method.summary()}\n{outlier_report(method)}")
-    print("\n| recipe | bits | ppl | calib s |\n|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['recipe']} | {row['bits']} | {row['ppl']:.3f} | {row['calib_s']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"samples": args.samples, "rows": rows}, handle, indent=2)
+    choices = {name: {f"{b}.{n}": c for (b, n), c in m.choices.items()} for name, m in reports}
+    common.report(args, rows, extra={"choices": choices})
 
 
 if __name__ == "__main__":

@@ -11,87 +11,14 @@ tuned on the evaluation text: the presets carry the paper's settings (seed 0).
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
+import common  # benchmarks/common.py: this folder is on sys.path when run as a script
 
-import torch
-
-from channelwise import Protocol, load_model, perplexity, quantize
-from channelwise.recipe import load_recipe
-
-DEFAULT_RECIPES = "fp,rtn-w4a4,quarot-rtn-w4a4,quarot-w4a4"
+RECIPES = ("fp", "rtn-w4a4", "quarot-rtn-w4a4", "quarot-w4a4")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--samples", type=int, default=None, help="first N calibration samples")
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated presets")
-    parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args()
-
-    protocol = Protocol()
-    model, tokenizer = load_model(device=args.device)
-    calibration = protocol.calibration_tokens(tokenizer)
-    if args.samples is not None:
-        calibration = calibration[: args.samples]
-    windows = protocol.eval_tokens(tokenizer)
-    del model
-
-    rows = []
-    baseline = None
-    for name in args.recipes.split(","):
-        recipe = load_recipe(name.strip())
-        model, _ = load_model(device=args.device)
-        calib_s = 0.0
-        if not recipe.is_float:
-            calib_s = quantize(model, recipe, calibration, progress=False).calib_seconds
-        start = time.perf_counter()
-        ppl = perplexity(model, windows, progress=False)
-        eval_s = time.perf_counter() - start
-        if baseline is None and recipe.is_float:
-            baseline = ppl
-        row = {
-            "recipe": recipe.name,
-            "bits": recipe.bits_label(),
-            "ppl": ppl,
-            "delta_pct": None if baseline is None else 100.0 * (ppl / baseline - 1.0),
-            "calib_s": calib_s,
-            "eval_s": eval_s,
-        }
-        rows.append(row)
-        delta = "" if row["delta_pct"] is None else f"Δ {row['delta_pct']:+9.2f}%"
-        print(
-            f"{row['recipe']:<18} {row['bits']:<6} ppl {ppl:10.3f}  {delta}  "
-            f"calib {calib_s:7.1f}s  eval {eval_s:6.1f}s",
-            flush=True,
-        )
-        del model
-
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-    )
-    print(
-        f"\ndevice: {args.device} ({device or platform.machine()}), torch "
-        f"{torch.__version__}, threads {torch.get_num_threads()}"
-    )
-    print(
-        f"calibration {tuple(calibration.shape)} from {protocol.calib_data}; "
-        f"eval {tuple(windows.shape)} from {protocol.eval_data}\n"
-    )
-    print("| recipe | bits | ppl | Δ% vs fp | calib s |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        delta = "—" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f}"
-        print(
-            f"| {row['recipe']} | {row['bits']} | {row['ppl']:.3f} | {delta} | "
-            f"{row['calib_s']:.1f} |"
-        )
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": args.device, "samples": len(calibration), "rows": rows}, handle)
+    args = common.parser(__doc__, RECIPES).parse_args()
+    common.main(args, common.recipe_names(args))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from channelwise.compress import needs_calibration, plan, quantize
+from channelwise.compress import CompressionResult, needs_calibration, plan, quantize
 from channelwise.evaluate import perplexity
 from channelwise.models import load_model
 from channelwise.protocol import Protocol
-from channelwise.recipe import load_recipe
+from channelwise.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +32,24 @@ class ComparisonRow:
         return asdict(self)
 
 
+OnRow = Callable[[ComparisonRow, CompressionResult | None], None]
+
+
 def compare(
-    recipes: list[str],
+    recipes: list[str | Path | Recipe],
     model: str | None = None,
     protocol: Protocol | None = None,
     batch_size: int = 4,
     progress: bool = True,
     device: str = "auto",
+    on_row: OnRow | None = None,
 ) -> list[ComparisonRow]:
     """Quantize a fresh copy of ``model`` with each recipe and evaluate it on ``protocol``.
 
+    ``recipes`` are preset names, YAML paths or ``Recipe`` objects (e.g. variants built in code).
     ``fp`` is always measured first (added if missing), so every Δ% is within one run.
+    ``on_row(row, result)`` is called as each row is measured (``result`` is ``None`` for a float
+    recipe), e.g. to print progress or a method's diagnostics from ``result.methods``.
     """
     protocol = protocol or Protocol()
     loaded = [load_recipe(name) for name in recipes]  # validate every recipe before any work
@@ -56,24 +65,22 @@ def compare(
     baseline = None
     for recipe in loaded:
         fresh, _ = load_model(model, device=device)
-        calib_s = 0.0
+        calib_s, result = 0.0, None
         if not recipe.is_float:
             if calibration is None and needs_calibration(recipe):
                 calibration = protocol.calibration_tokens(tokenizer)
-            calib_s = quantize(fresh, recipe, calibration, progress=progress).calib_seconds
+            result = quantize(fresh, recipe, calibration, progress=progress)
+            calib_s = result.calib_seconds
         start = time.perf_counter()
         ppl = perplexity(fresh, windows, batch_size=batch_size, progress=progress)
         eval_s = time.perf_counter() - start
         baseline = baseline if baseline is not None else ppl
-        rows.append(
-            ComparisonRow(
-                recipe.name,
-                recipe.bits_label(),
-                ppl,
-                100.0 * (ppl / baseline - 1.0),
-                calib_s,
-                eval_s,
-            )
+        row = ComparisonRow(
+            recipe.name, recipe.bits_label(), ppl, 100.0 * (ppl / baseline - 1.0), calib_s, eval_s
         )
+        rows.append(row)
         log.info("%s: ppl %.3f", recipe.name, ppl)
+        if on_row is not None:
+            on_row(row, result)
+        del fresh
     return rows

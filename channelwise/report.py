@@ -30,6 +30,17 @@ def format_table(rows: list[ComparisonRow]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[ComparisonRow]) -> str:
+    """The same rows as a Markdown table (for README and reports): recipe, bits, ppl, Δ%, calib."""
+    lines = ["| recipe | bits | ppl | Δ% vs fp | calib s |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row.recipe} | {row.bits} | {row.ppl:.3f} | {row.delta_pct:+.2f} | "
+            f"{row.calib_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to a temporary sibling, then rename it over ``path``."""
     path = Path(path).expanduser()
@@ -174,6 +185,7 @@ def _save_figure(fig, path: str | Path) -> Path:
 
 
 __all__ = [
+    "format_markdown",
     "format_table",
     "outlier_change_summary",
     "outlier_ratio",

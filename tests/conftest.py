@@ -12,9 +12,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
+from helpers import FAMILIES  # tests/helpers.py: shared by the test files
 from torch import nn
-
-FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
 
 HIDDEN = 64
 LAYERS = 2

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logits
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -26,11 +27,6 @@ STATIC_W8A8 = Recipe(
     activations=QuantArgs(bits=8, symmetric=True, granularity="tensor", dynamic=False),
     steps=(Step(method="rtn"),),
 )
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:

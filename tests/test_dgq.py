@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import FAMILIES
 from torch import nn
 
 from channelwise.adapters import adapter_for, linear_weight
@@ -24,7 +25,6 @@ from channelwise.quant.dual_grained import (
 )
 from channelwise.recipe import Recipe, Step, load_recipe
 
-FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
 WIDE = {  # wide enough that k = int(0.005·C + 1.5) ≥ 2: smoothing actually scales channels
     "llama": dict(hidden_size=256, intermediate_size=512),
     "qwen2": dict(hidden_size=256, intermediate_size=512),

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch import nn
+from helpers import logits
 
 import channelwise.methods.gptq as gptq_module  # registers 'gptq' whatever methods/__init__ holds
 from channelwise.adapters import adapter_for, linear_weight
@@ -319,11 +319,6 @@ def test_hessians_cover_every_calibration_token_of_each_subset(make_tiny_model, 
 
 
 # --- models ----------------------------------------------------------------------------------
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
 
 
 @pytest.fixture

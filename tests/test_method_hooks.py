@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from helpers import logits
+from torch import Tensor
 
 from channelwise.adapters import adapter_for
 from channelwise.compress import STEP_STATE_FILE, quantize, save_quantized
@@ -71,11 +72,6 @@ RECIPE = Recipe(
     activations=QuantArgs(bits=8, symmetric=True, granularity="token", dynamic=True),
     steps=(Step(method="test_shift_down_input"), Step(method="rtn")),
 )
-
-
-def logits(model: nn.Module, ids: Tensor) -> Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers import FAMILIES, logits, relative_error, save_and_reload
 
-from channelwise.compress import plan, quantize, save_quantized
+from channelwise.compress import plan, quantize
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods.osplus import (
     OSPlus,
@@ -14,20 +14,8 @@ from channelwise.methods.osplus import (
     search_threshold,
     threshold_grid,
 )
-from channelwise.models import load_model
 from channelwise.quant.activation import remove_input_quantizer
 from channelwise.recipe import Recipe, Step, load_recipe
-
-FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).norm() / before.norm()).item()
 
 
 def osplus_only(**args) -> Recipe:
@@ -106,8 +94,7 @@ def test_quantized_model_saves_and_loads_back(
     model = make_tiny_model(family)
     quantize(model, "osplus-w8a8", calibration_ids, batch_size=3, progress=False)
     expected = logits(model, token_ids)
-    out = save_quantized(model, tiny_tokenizer, tmp_path / "out")
-    loaded, _ = load_model(out, device="cpu")
+    loaded = save_and_reload(model, tiny_tokenizer, tmp_path / "out")
     assert torch.allclose(logits(loaded, token_ids), expected, atol=1e-5, rtol=1e-5)
 
 

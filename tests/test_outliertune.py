@@ -5,26 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAMILIES, logits, relative_error, save_and_reload
 from torch import nn
 
 from channelwise.adapters import adapter_for
-from channelwise.compress import plan, quantize, save_quantized
+from channelwise.compress import plan, quantize
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 from channelwise.methods.outliertune import OutlierTune, integer_quantizer, step_sizes
-from channelwise.models import load_model
 from channelwise.quant.activation import input_quantizer, remove_input_quantizer
 from channelwise.recipe import Recipe, Step, load_recipe
-
-FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).norm() / before.norm()).item()
 
 
 def outliertune_only(bits: int = 8, **args) -> Recipe:
@@ -132,8 +121,7 @@ def test_quantized_model_saves_and_loads_back(
     model = make_tiny_model(family)
     quantize(model, "outliertune-w6a6", calibration_ids, batch_size=3, progress=False)
     expected = logits(model, token_ids)
-    out = save_quantized(model, tiny_tokenizer, tmp_path / "out")
-    loaded, _ = load_model(out, device="cpu")
+    loaded = save_and_reload(model, tiny_tokenizer, tmp_path / "out")
     assert torch.allclose(logits(loaded, token_ids), expected, atol=1e-5, rtol=1e-5)
     restored = input_quantizer(
         adapter_for(loaded)

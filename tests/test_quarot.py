@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import logits, relative_error
 from torch import nn
 
 from channelwise.adapters import adapter_for
@@ -25,15 +26,6 @@ VARIANTS = [
     ("llama", {**ODD, "tie_word_embeddings": True}),
 ]
 IDS = ["llama", "qwen2", "mistral", "llama-48", "llama-48-tied"]
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).norm() / before.norm()).item()
 
 
 def with_steps(preset: str, *steps: Step) -> Recipe:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import logits, relative_error
 from torch import nn
 
 from channelwise.adapters import adapter_for
@@ -30,15 +31,6 @@ VARIANTS = [(family, {}) for family in LLAMA_LIKE] + [
 ]
 TOL = 1e-5
 SPEC = QuantSpec(bits=4, symmetric=True, granularity=PerRow())
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).norm() / before.norm()).item()
 
 
 def randomize_norms(model: nn.Module) -> None:

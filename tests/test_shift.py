@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAMILIES, logits, relative_error, save_and_reload
 from torch import nn
 
 from channelwise.adapters import adapter_for
-from channelwise.compress import plan, quantize, save_quantized
+from channelwise.compress import plan, quantize
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
-from channelwise.models import load_model
 from channelwise.recipe import Recipe, Step
 from channelwise.transforms.shift import (
     enable_llama_biases,
@@ -19,16 +19,7 @@ from channelwise.transforms.shift import (
     shift_norm_output,
 )
 
-PRE_LN = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).norm() / before.norm()).item()
+PRE_LN = FAMILIES  # every tiny family is pre-LN by default
 
 
 def shift_every_norm(model: nn.Module, scale_too: bool = False) -> None:
@@ -119,8 +110,7 @@ def test_shifted_model_saves_and_loads_back(
     quantize(model, shift_only(), calibration_ids, batch_size=3, progress=False)
     expected = logits(model, token_ids)
     assert relative_error(expected, before) < 1e-5
-    out = save_quantized(model, tiny_tokenizer, tmp_path / "out")
-    loaded, _ = load_model(out, device="cpu")
+    loaded = save_and_reload(model, tiny_tokenizer, tmp_path / "out")
     assert relative_error(logits(loaded, token_ids), expected) < 1e-6
 
 

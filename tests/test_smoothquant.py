@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import inject_outlier_channel, logits, relative_error
 from torch import nn
 
 import channelwise.methods.smoothquant  # noqa: F401  (registers the method)
@@ -25,15 +26,6 @@ ALL_FOLDABLE = {
 def smooth_only(**args) -> Recipe:
     """Smoothing with no quantizer: no weights, so no default rtn step either."""
     return Recipe(name="smooth-only", steps=(Step(method="smoothquant", args=args),))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
-    return ((after - before).norm() / before.norm()).item()
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,16 +161,6 @@ def test_presets_match_rtn_formats(bits: int) -> None:
     assert (smooth.weights, smooth.activations) == (rtn.weights, rtn.activations)
     assert [step.method for step in smooth.steps] == ["smoothquant", "rtn"]
     assert smooth.bits_label() == f"W{bits}A{bits}"
-
-
-def inject_outlier_channel(model: nn.Module, channel: int = 5, factor: float = 50.0) -> None:
-    """Scale one channel of every norm feeding linears: an activation outlier, as in real LLMs."""
-    adapter = adapter_for(model)
-    with torch.no_grad():
-        for block in adapter.block_list(model):
-            for subset in adapter.subsets:
-                if subset.prev_kind == "norm":
-                    block.get_submodule(subset.prev).weight[channel] *= factor
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import logits
 from torch import nn
 
 from channelwise.adapters import adapter_for, linear_weight
@@ -34,11 +35,6 @@ def randomize_vectors(model: nn.Module) -> None:
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
 
 
 def assert_same_function(after: torch.Tensor, before: torch.Tensor, rel: float = 1e-5) -> None:

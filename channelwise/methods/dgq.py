@@ -161,7 +161,7 @@ class DGQ(Method):
                         f"channels of {adapter.blocks}.*.{name}; choose a divisor of {cols}"
                     )
         self._check_activations(where)
-        self._check_order(where)
+        registry.check_transform_order(self.recipe, self.name)
         if self.args.smooth:
             adapter.require_folding("dgq smoothing")
             self.smoothed = tuple(
@@ -178,14 +178,6 @@ class DGQ(Method):
                 f"{where}: DGQ's static activation range is per tensor and symmetric; use "
                 "activations: {bits: 8, symmetric: true, granularity: tensor} or dynamic: true"
             )
-
-    def _check_order(self, where: str) -> None:
-        for step in self.recipe.steps:
-            if step.method == self.name:
-                return
-            cls = registry._METHODS.get(step.method)
-            if cls is not None and cls.quantizes_weights:
-                raise RecipeError(f"{where}: step '{step.method}' quantizes the weights first")
 
     def apply(self, ctx: BlockContext) -> None:
         if not self.group_size:

@@ -1,33 +1,21 @@
-"""Shared plumbing of the migration methods (OS+, OutlierTune): step order, the norm subsets,
-and capturing a subset's inputs (and the attention module's call) on calibration batches."""
+"""Shared plumbing of the migration methods (OS+, OutlierTune): their base class (step order, the
+norm subsets, the persisted shift state, the per-subset loop) and capturing a subset's inputs
+(and the attention module's call) on calibration batches."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from channelwise.adapters import ModelAdapter, Subset
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError, UnsupportedModelError
-from channelwise.methods import registry
+from channelwise.methods.registry import Method, check_transform_order
+from channelwise.transforms.shift import ShiftState, enable_llama_biases, restore_shift_state
 
 
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needs was seen."""
-
-
-def check_transform_order(recipe, name: str) -> None:
-    """Refuse a transform step placed after a step that quantizes the weights."""
-    quantized_by = None
-    for step in recipe.steps:
-        cls = registry._METHODS.get(step.method)
-        if step.method == name and quantized_by is not None:
-            raise RecipeError(
-                f"recipe '{recipe.name}': step '{name}' must come before weight quantization, but "
-                f"'{quantized_by}' quantizes the weights first; put {name} first"
-            )
-        if cls is not None and cls.quantizes_weights:
-            quantized_by = step.method
 
 
 def norm_subsets(adapter: ModelAdapter, name: str) -> tuple[Subset, ...]:
@@ -36,6 +24,43 @@ def norm_subsets(adapter: ModelAdapter, name: str) -> tuple[Subset, ...]:
     if not subsets:
         raise UnsupportedModelError(f"{name}: {adapter.family} declares no norm → linear subset")
     return subsets
+
+
+class ShiftMigration(Method):
+    """Base of the methods that shift (and scale) a norm's output channels into its consumers.
+
+    It checks the step order and picks the norm → linear subsets (a subclass may add more),
+    enables Llama's linear biases when ``args.shift``, persists the RMSNorm output shifts
+    (``state``) and runs ``_migrate(ctx, subset)`` on each subset of each block.
+    """
+
+    def __init__(self, recipe, args) -> None:
+        super().__init__(recipe, args)
+        self.subsets: tuple[Subset, ...] = ()
+        self.state = ShiftState()
+
+    def check(self, model, adapter: ModelAdapter) -> None:
+        super().check(model, adapter)
+        check_transform_order(self.recipe, self.name)
+        self.subsets = norm_subsets(adapter, self.name)
+
+    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+        if self.args.shift:
+            enable_llama_biases(model, adapter)
+
+    def saved_state(self) -> dict[str, Tensor]:
+        return self.state.saved()
+
+    def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
+        restore_shift_state(model, state, adapter.transposed_weights)
+
+    def apply(self, ctx: BlockContext) -> None:
+        with torch.no_grad():
+            for subset in self.subsets:
+                self._migrate(ctx, subset)
+
+    def _migrate(self, ctx: BlockContext, subset: Subset) -> None:
+        raise NotImplementedError
 
 
 def capture_subset_inputs(

@@ -49,25 +49,21 @@ from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from channelwise.adapters import ModelAdapter, Subset, linear_weight
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError
 from channelwise.methods.migration import (
+    ShiftMigration,
     StopForward,
     batch_slice,
     capture_subset_inputs,
-    check_transform_order,
-    norm_subsets,
 )
-from channelwise.methods.registry import Method, register
+from channelwise.methods.registry import register
 from channelwise.quant import PerTensor, QParams, QuantSpec, fake_quantize
 from channelwise.transforms.shift import (
-    ShiftState,
-    enable_llama_biases,
     fold_scales_into_shifted_norm,
-    restore_shift_state,
     shift_norm_output,
 )
 from channelwise.transforms.smooth import fold_scales_between_linears
@@ -119,7 +115,7 @@ class OSPlusArgs(BaseModel):
 
 
 @register
-class OSPlus(Method):
+class OSPlus(ShiftMigration):
     """Shift (``z``) and scale (``s`` from a threshold search) folded into norms and linears."""
 
     name = "osplus"
@@ -129,16 +125,12 @@ class OSPlus(Method):
 
     def __init__(self, recipe, args) -> None:
         super().__init__(recipe, args)
-        self.subsets: tuple[Subset, ...] = ()
         self.lower = 1.0
-        self.state = ShiftState()
         #: ``(block, subset) → (t*, candidates, losses, s)`` on the CPU (diagnostics, tests).
         self.searches: dict[tuple[int, str], tuple[float, Tensor, Tensor, Tensor]] = {}
 
     def check(self, model, adapter: ModelAdapter) -> None:
-        super().check(model, adapter)
-        check_transform_order(self.recipe, self.name)
-        self.subsets = norm_subsets(adapter, self.name)
+        super().check(model, adapter)  # step order, norm → linear subsets
         up_down = [s for s in adapter.subsets if s.name == "mlp_out" and s.prev_kind == "linear"]
         if self.args.scale_down_proj is None:
             self.subsets = (*self.subsets, *up_down)  # the paper's Llama code: on by default
@@ -151,21 +143,6 @@ class OSPlus(Method):
             self.subsets = (*self.subsets, *up_down)
         default = 0.1 if adapter.family == "llama" else 1.0
         self.lower = self.args.lower_bound if self.args.lower_bound is not None else default
-
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
-        if self.args.shift:
-            enable_llama_biases(model, adapter)
-
-    def saved_state(self) -> dict[str, Tensor]:
-        return self.state.saved()
-
-    def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
-        restore_shift_state(model, state, adapter.transposed_weights)
-
-    def apply(self, ctx: BlockContext) -> None:
-        with torch.no_grad():
-            for subset in self.subsets:
-                self._migrate(ctx, subset)
 
     def _migrate(self, ctx: BlockContext, subset: Subset) -> None:
         transposed = ctx.adapter.transposed_weights

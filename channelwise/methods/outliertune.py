@@ -43,21 +43,18 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor, nn
+from torch import Tensor
 
 from channelwise.adapters import ModelAdapter, Subset
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError
-from channelwise.methods.migration import check_transform_order, norm_subsets
-from channelwise.methods.registry import Method, register
+from channelwise.methods.migration import ShiftMigration
+from channelwise.methods.registry import register
 from channelwise.observe import ChannelStats
 from channelwise.quant import PerTensor, QParams, QuantSpec
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
 from channelwise.transforms.shift import (
-    ShiftState,
-    enable_llama_biases,
     fold_scales_into_shifted_norm,
-    restore_shift_state,
     shift_norm_output,
 )
 from channelwise.transforms.smooth import MIN_SCALE
@@ -107,7 +104,7 @@ class OutlierTuneArgs(BaseModel):
 
 
 @register
-class OutlierTune(Method):
+class OutlierTune(ShiftMigration):
     """Symmetrize, fold ``Δ`` into the weights, quantize ``X̃ ⊘ Δ`` to integers (static)."""
 
     name = "outliertune"
@@ -117,8 +114,6 @@ class OutlierTune(Method):
 
     def __init__(self, recipe, args) -> None:
         super().__init__(recipe, args)
-        self.subsets: tuple[Subset, ...] = ()
-        self.state = ShiftState()
         #: ``(block, subset) → (z, Δ)`` on the CPU (diagnostics, tests).
         self.folded: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
 
@@ -130,25 +125,9 @@ class OutlierTune(Method):
                 f"{where}: needs an 'activations' quantizer (its bits set Δ = a / (2^(b−1) − 1)), "
                 "e.g. activations: {bits: 8, symmetric: true, granularity: token, dynamic: true}"
             )
-        check_transform_order(self.recipe, self.name)
-        self.subsets = norm_subsets(adapter, self.name)
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
-        if self.args.shift:
-            enable_llama_biases(model, adapter)
-
-    def saved_state(self) -> dict[str, Tensor]:
-        return self.state.saved()
-
-    def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
-        restore_shift_state(model, state, adapter.transposed_weights)
-
-    def apply(self, ctx: BlockContext) -> None:
-        with torch.no_grad():
-            for subset in self.subsets:
-                self._tune(ctx, subset, self.recipe.activations.bits)
-
-    def _tune(self, ctx: BlockContext, subset: Subset, bits: int) -> None:
+    def _migrate(self, ctx: BlockContext, subset: Subset) -> None:
+        bits = self.recipe.activations.bits
         transposed = ctx.adapter.transposed_weights
         norm = ctx.block.get_submodule(subset.prev)
         linears = [ctx.block.get_submodule(name) for name in subset.linears]

@@ -143,7 +143,9 @@ class QuaRot(Method):
     def check(self, model, adapter: ModelAdapter) -> None:
         super().check(model, adapter)
         where = f"recipe '{self.recipe.name}', step 'quarot'"
-        self._check_order(where)
+        if [step.method for step in self.recipe.steps].count(self.name) > 1:
+            raise RecipeError(f"{where}: quarot may appear once per recipe")
+        registry.check_transform_order(self.recipe, self.name, "the rotation", True)
         require_rmsnorm(adapter, "quarot")
         dims = _dims(model)
         needed = {"intermediate (down_proj input)": dims["intermediate"]}
@@ -162,28 +164,6 @@ class QuaRot(Method):
                 hints.append("down_proj's online Hadamard has no fallback: QuaRot cannot run here")
             sizes = ", ".join(f"{n} ({what})" for what, n in missing.items())
             raise RecipeError(f"{where}: no Hadamard matrix of order {sizes}; {'; '.join(hints)}")
-
-    def _check_order(self, where: str) -> None:
-        steps = [step.method for step in self.recipe.steps]
-        index = steps.index(self.name)
-        if steps.count(self.name) > 1:
-            raise RecipeError(f"{where}: quarot may appear once per recipe")
-
-        def quantizes(method: str) -> bool:
-            cls = registry._METHODS.get(method)
-            return cls is not None and cls.quantizes_weights
-
-        before = [m for m in steps[:index] if quantizes(m)]
-        if before:
-            raise RecipeError(
-                f"{where}: the rotation must come before weight quantization, but step "
-                f"'{before[0]}' quantizes the weights first; put quarot first"
-            )
-        if not any(quantizes(m) for m in steps[index + 1 :]):
-            raise RecipeError(
-                f"{where}: quarot only rotates; follow it with a quantizing step "
-                "(steps: [{method: quarot}, {method: gptq}] or rtn)"
-            )
 
     def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
         apply_quarot(model, adapter, self.args.seed, self.args.rotation, self.args.online_o)

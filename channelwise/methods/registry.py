@@ -93,3 +93,35 @@ def build_method(step: Step, recipe: Recipe) -> Method:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise RecipeError(f"recipe '{recipe.name}', step '{step.method}': {problems}") from None
     return cls(recipe, args)
+
+
+def quantizes_weights(method: str) -> bool:
+    """Whether the registered method ``method`` leaves the weights quantized."""
+    cls = _METHODS.get(method)
+    return cls is not None and cls.quantizes_weights
+
+
+def check_transform_order(
+    recipe: Recipe, name: str, what: str = "", needs_quantizer_after: bool = False
+) -> None:
+    """Refuse step ``name`` after a weight-quantizing step (its transform would be lost on the
+    quantized weights); with ``needs_quantizer_after``, also refuse it with no quantizing step
+    after it (a pure transform that leaves the weights in float). ``what`` names the transform
+    in the message (e.g. "the rotation"); default: "step '<name>'"."""
+    steps = [step.method for step in recipe.steps]
+    where = f"recipe '{recipe.name}', step '{name}'"
+    what = what or f"step '{name}'"
+    for index, method in enumerate(steps):
+        if method != name:
+            continue
+        before = [m for m in steps[:index] if quantizes_weights(m)]
+        if before:
+            raise RecipeError(
+                f"{where}: {what} must come before weight quantization, but step "
+                f"'{before[0]}' quantizes the weights first; put {name} first"
+            )
+        if needs_quantizer_after and not any(quantizes_weights(m) for m in steps[index + 1 :]):
+            raise RecipeError(
+                f"{where}: {name} quantizes no weights; follow it with a quantizing step "
+                f"(steps: [{{method: {name}}}, {{method: gptq}}] or rtn)"
+            )

@@ -118,7 +118,7 @@ class SmoothQuant(Method):
 
     def check(self, model, adapter: ModelAdapter) -> None:
         where = f"recipe '{self.recipe.name}', step 'smoothquant'"
-        self._check_order(where)
+        registry.check_transform_order(self.recipe, self.name, "smoothing")
         config = getattr(model, "config", None)
         self.alpha = (
             self.args.alpha
@@ -133,18 +133,6 @@ class SmoothQuant(Method):
             kv_heads = getattr(config, "num_key_value_heads", None) or heads
             self.n_rep = heads // kv_heads
             self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-
-    def _check_order(self, where: str) -> None:
-        quantized_by = None
-        for step in self.recipe.steps:
-            cls = registry._METHODS.get(step.method)
-            if step.method == self.name and quantized_by is not None:
-                raise RecipeError(
-                    f"{where}: smoothing must come before weight quantization, but step "
-                    f"'{quantized_by}' quantizes the weights first; put smoothquant first"
-                )
-            if cls is not None and cls.quantizes_weights:
-                quantized_by = step.method
 
     def _select_subsets(self, adapter: ModelAdapter, where: str) -> tuple[Subset, ...]:
         by_name = {subset.name: subset for subset in adapter.subsets}

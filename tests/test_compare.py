@@ -1,0 +1,78 @@
+"""``compare``: recipes given as names or ``Recipe`` objects, fp first, one ``on_row`` per row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from channelwise.compare import compare
+from channelwise.compress import CompressionResult
+from channelwise.evaluate import perplexity
+from channelwise.models import load_model
+from channelwise.protocol import Protocol
+from channelwise.recipe import Step, load_recipe
+from channelwise.report import format_markdown
+
+
+@pytest.fixture
+def setup(make_tiny_model, tiny_tokenizer, tmp_path: Path) -> tuple[str, Protocol]:
+    """A saved tiny Llama and a protocol on two small random texts (no download)."""
+    model_dir = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(3)
+    texts = {}
+    for name in ("calib", "eval"):
+        ids = torch.randint(1, 128, (200,), generator=generator).tolist()
+        texts[name] = tmp_path / f"{name}.txt"
+        texts[name].write_text(" ".join(f"t{i}" for i in ids))
+    protocol = Protocol(
+        calib_data=str(texts["calib"]),
+        eval_data=str(texts["eval"]),
+        seqlen=16,
+        windows=2,
+        start=0,
+        calib_samples=2,
+    )
+    return str(model_dir), protocol
+
+
+def test_compare_takes_recipe_objects_and_reports_each_row(setup) -> None:
+    model_dir, protocol = setup
+    base = load_recipe("smoothquant-w8a8")
+    variant = base.model_copy(
+        update={
+            "name": "smoothquant α=0.5",
+            "steps": (Step(method="smoothquant", args={"alpha": 0.5}), Step(method="rtn")),
+        }
+    )
+    seen: list[tuple[str, CompressionResult | None]] = []
+    rows = compare(
+        ["rtn-w8a16", variant],
+        model_dir,
+        protocol,
+        progress=False,
+        device="cpu",
+        on_row=lambda row, result: seen.append((row.recipe, result)),
+    )
+
+    assert [row.recipe for row in rows] == ["fp", "rtn-w8a16", "smoothquant α=0.5"]
+    assert [name for name, _ in seen] == [row.recipe for row in rows]
+    assert seen[0][1] is None  # fp: nothing quantized
+    result = seen[2][1]
+    assert result is not None and result.recipe is variant
+    assert [m.name for m in result.methods] == ["smoothquant", "rtn"]
+    assert result.methods[0].alpha == 0.5
+    assert result.calibration_samples == protocol.calib_samples
+
+    model, tokenizer = load_model(model_dir, device="cpu")
+    expected = perplexity(model, protocol.eval_tokens(tokenizer), progress=False)
+    assert rows[0].ppl == pytest.approx(expected, rel=1e-6)
+    assert rows[0].delta_pct == 0.0
+    assert rows[2].delta_pct == pytest.approx(100.0 * (rows[2].ppl / rows[0].ppl - 1.0))
+
+    table = format_markdown(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert table[-1].startswith("| smoothquant α=0.5 | W8A8 |")

@@ -2,6 +2,7 @@
 
 from channelwise.methods import (  # noqa: F401  (registration)
     adadim,
+    awq,
     dgq,
     gptq,
     osplus,
@@ -9,6 +10,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     quarot,
     rtn,
     smoothquant,
+    smoothquant_plus,
 )
 from channelwise.methods.registry import Method, build_method, method_names, register
 

@@ -96,6 +96,8 @@ def test_quantized_model_saves_and_loads_back(
     expected = logits(model, token_ids)
     loaded = save_and_reload(model, tiny_tokenizer, tmp_path / "out")
     assert torch.allclose(logits(loaded, token_ids), expected, atol=1e-5, rtol=1e-5)
+    again = save_and_reload(loaded, tiny_tokenizer, tmp_path / "again")  # state saved again
+    assert torch.allclose(logits(again, token_ids), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_llama_without_shift_is_scale_only(make_tiny_model, calibration_ids, token_ids) -> None:

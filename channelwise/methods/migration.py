@@ -52,7 +52,7 @@ class ShiftMigration(Method):
         return self.state.saved()
 
     def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
-        restore_shift_state(model, state, adapter.transposed_weights)
+        self.state = restore_shift_state(model, state, adapter.transposed_weights)
 
     def apply(self, ctx: BlockContext) -> None:
         with torch.no_grad():

@@ -202,8 +202,12 @@ class ShiftState:
         return state
 
 
-def restore_shift_state(model: nn.Module, state: dict[str, Tensor], transposed: bool) -> None:
-    """Re-create biases and runtime norm shifts saved by :meth:`ShiftState.saved`."""
+def restore_shift_state(
+    model: nn.Module, state: dict[str, Tensor], transposed: bool
+) -> ShiftState:
+    """Re-create biases and runtime norm shifts saved by :meth:`ShiftState.saved`; the returned
+    state records them again, so a restored model saves them again."""
+    restored = ShiftState()
     for key, value in state.items():
         kind, _, path = key.partition("/")
         if kind not in ("norm_shift", "bias"):
@@ -218,9 +222,12 @@ def restore_shift_state(model: nn.Module, state: dict[str, Tensor], transposed: 
         if kind == "norm_shift":
             remove_norm_shift(module)
             install_norm_shift(module, value)
+            restored.norms[path] = module
         else:
             bias = ensure_bias(module, transposed)
             bias.data.copy_(value.to(device=bias.device, dtype=bias.dtype))
+            restored.biased[path] = module
+    return restored
 
 
 def _norm_channels(norm: nn.Module) -> int:

@@ -202,9 +202,7 @@ class ShiftState:
         return state
 
 
-def restore_shift_state(
-    model: nn.Module, state: dict[str, Tensor], transposed: bool
-) -> ShiftState:
+def restore_shift_state(model: nn.Module, state: dict[str, Tensor], transposed: bool) -> ShiftState:
     """Re-create biases and runtime norm shifts saved by :meth:`ShiftState.saved`; the returned
     state records them again, so a restored model saves them again."""
     restored = ShiftState()

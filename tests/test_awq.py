@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import FAMILIES, inject_outlier_channel, logits
 from torch import nn
 
 from channelwise.adapters import adapter_for, linear_weight
@@ -22,7 +23,6 @@ from channelwise.quant import QuantSpec, fake_quantize
 from channelwise.quant.granularity import PerGroup
 from channelwise.recipe import Recipe, Step, load_recipe
 
-FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
 SPEC = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32))
 
 
@@ -35,11 +35,6 @@ def awq_recipe(group_size: int = 32, quantizer: str = "rtn", **args) -> Recipe:
     )
 
 
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 def max_relative(after: torch.Tensor, before: torch.Tensor) -> float:
     return ((after - before).abs().max() / before.abs().max()).item()
 
@@ -50,16 +45,6 @@ def outlier_inputs(n: int = 512, features: int = 128, seed: int = 0) -> torch.Te
     x[:, 3] *= 40.0
     x[:, 70] *= 25.0
     return x
-
-
-def inject_outlier_channel(model: nn.Module, channel: int = 5, factor: float = 30.0) -> None:
-    """Scale one channel of every norm feeding linears: a salient input channel."""
-    adapter = adapter_for(model)
-    with torch.no_grad():
-        for block in adapter.block_list(model):
-            for subset in adapter.subsets:
-                if subset.prev_kind == "norm":
-                    block.get_submodule(subset.prev).weight[channel] *= factor
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,7 +66,7 @@ def test_scale_folds_alone_keep_the_model(tiny_model, calibration_ids, token_ids
 def test_grouped_query_attention_scales_v_into_o(make_tiny_model, calibration_ids) -> None:
     model = make_tiny_model("llama")
     assert adapter_for(model).subsets[1].prev_kind == "grouped_heads"
-    inject_outlier_channel(model)
+    inject_outlier_channel(model, factor=30.0)
     awq, _ = plan(model, awq_recipe(clip=False))
     run_blockwise(model, adapter_for(model), calibration_ids, awq.apply, progress=False)
     assert len(awq.losses[(0, "attn_out")]) == 20
@@ -160,11 +145,11 @@ def test_search_lowers_block_output_error_under_an_outlier_channel(
     make_tiny_model, family, calibration_ids, token_ids
 ) -> None:
     reference = make_tiny_model(family)
-    inject_outlier_channel(reference)
+    inject_outlier_channel(reference, factor=30.0)
     errors = {}
     for name, recipe in (("rtn", load_recipe("rtn-w4a16-g64")), ("awq", awq_recipe(clip=False))):
         model = make_tiny_model(family)
-        inject_outlier_channel(model)
+        inject_outlier_channel(model, factor=30.0)
         recipe = recipe.model_copy(update={"weights": awq_recipe().weights})
         quantize(model, recipe, calibration_ids, progress=False)
         errors[name] = block_output_error(model, reference, token_ids)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import FAMILIES, inject_outlier_channel, logits
 from torch import nn
 
 from channelwise.adapters import adapter_for, linear_weight
@@ -18,7 +19,6 @@ from channelwise.recipe import Recipe, Step, load_recipe
 from channelwise.transforms import smooth_scales, weight_input_absmax
 from channelwise.transforms.subset_scales import fold_subset, foldable_subsets, head_geometry
 
-FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -31,22 +31,8 @@ def sq_plus_recipe(quantizer: str = "rtn", group_size: int = 32, **args) -> Reci
     )
 
 
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 def max_relative(after: torch.Tensor, before: torch.Tensor) -> float:
     return ((after - before).abs().max() / before.abs().max()).item()
-
-
-def inject_outlier_channel(model: nn.Module, channel: int = 5, factor: float = 30.0) -> None:
-    adapter = adapter_for(model)
-    with torch.no_grad():
-        for block in adapter.block_list(model):
-            for subset in adapter.subsets:
-                if subset.prev_kind == "norm":
-                    block.get_submodule(subset.prev).weight[channel] *= factor
 
 
 def reference_smooth_and_round(model: nn.Module, ids: torch.Tensor, alpha: float, spec) -> None:
@@ -118,13 +104,13 @@ def test_search_picks_the_alpha_with_the_lowest_loss(
     explicit = {}
     for alpha in GRID:
         model = make_tiny_model(family)
-        inject_outlier_channel(model)
+        inject_outlier_channel(model, factor=30.0)
         reference_smooth_and_round(model, ids, alpha, spec)
         explicit[alpha] = hf_loss(model, ids)
     assert len({round(v, 6) for v in explicit.values()}) > 1, "the grid must matter"
 
     model = make_tiny_model(family)
-    inject_outlier_channel(model)
+    inject_outlier_channel(model, factor=30.0)
     quantize(model, recipe, calibration_ids, batch_size=2, progress=False)
     method = getattr(model, METHODS_ATTR)[0]
     assert isinstance(method, SmoothQuantPlus)

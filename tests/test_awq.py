@@ -204,7 +204,11 @@ def test_per_tensor_weights_work_without_clipping(make_tiny_model, calibration_i
         weights={"bits": 4, "granularity": "tensor"},
         steps=(Step(method="awq", args={"clip": False}), Step(method="rtn")),
     )
-    quantize(make_tiny_model("qwen2"), recipe, calibration_ids, progress=False)
+    model = make_tiny_model("qwen2")
+    quantize(model, recipe, calibration_ids, progress=False)
+    adapter = adapter_for(model)
+    for module in adapter.block_linears(adapter.block_list(model)[0]).values():
+        assert linear_weight(module, adapter.transposed_weights).unique().numel() <= 2**4
 
 
 def test_post_ln_opt_is_refused(opt_post_ln, calibration_ids) -> None:

@@ -9,9 +9,10 @@ to sit on the compute device; peak memory is one block plus the calibration acti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -22,7 +23,46 @@ from channelwise.errors import NonFiniteError
 
 
 class _Captured(Exception):
-    pass
+    """Raised by a hook to end a forward pass once what it needs was seen."""
+
+
+#: What :func:`run_until` grabs: a module's first positional input, its output, or its call
+#: ``(args, kwargs)``.
+Capture = Literal["input", "output", "call"]
+
+
+def run_until(module: nn.Module, what: Capture, forward: Callable[[], object]) -> Any | None:
+    """Call ``forward()`` (no grad), stopping it the first time ``module`` runs.
+
+    Returns that run's input (``args[0]``, detached), output (detached if a tensor) or call
+    ``(args, kwargs)`` as received — or ``None`` if ``module`` never ran (``forward`` completed).
+    """
+    got: list = []
+
+    def keep(value) -> None:
+        got.append(value)
+        raise _Captured
+
+    if what == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0].detach()))
+    elif what == "output":
+        handle = module.register_forward_hook(lambda _m, _a, out: keep(_detached(out)))
+    else:
+        handle = module.register_forward_pre_hook(
+            lambda _m, args, kwargs: keep((args, dict(kwargs))), with_kwargs=True
+        )
+    try:
+        with torch.no_grad():
+            forward()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return got[0] if got else None
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -48,6 +88,26 @@ class BlockContext:
                 for x, kw in zip(self.inputs, self.kwargs, strict=True)
             ]
 
+    def capture(
+        self,
+        name: str,
+        what: Capture = "input",
+        batches: Iterable[tuple[torch.Tensor, dict]] | None = None,
+    ) -> list:
+        """Per batch, submodule ``name``'s input ``(batch, seq, in)``, output or call
+        ``(args, kwargs)`` (see :func:`run_until`); each batch's forward stops right there.
+
+        ``batches`` are ``(hidden, kwargs)`` pairs (default: ``zip(inputs, kwargs)``); a batch in
+        which the module never runs contributes nothing.
+        """
+        module = self.block.get_submodule(name)
+        pairs = zip(self.inputs, self.kwargs, strict=True) if batches is None else batches
+        got = [
+            run_until(module, what, lambda x=x, kw=kw: self.block(x.to(self.device), **kw))
+            for x, kw in pairs
+        ]
+        return [value for value in got if value is not None]
+
     @contextmanager
     def capture_inputs(self, names: tuple[str, ...]) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Record the inputs of the named submodules during the forwards run inside the block."""
@@ -68,34 +128,33 @@ class BlockContext:
         """Stream every named submodule's input through ``update(name, x)``, batch by batch.
 
         Use this for statistics and Hessians: nothing is kept beyond what ``update`` keeps. Each
-        batch's forward stops as soon as the last named module (in the adapter's execution order)
-        has been seen, so observing the attention inputs costs almost nothing.
+        batch's forward stops as soon as every named module has been seen (at the last of them in
+        execution order), so observing the attention inputs costs almost nothing.
         """
-        order = {name: i for i, name in enumerate(self.adapter.linear_names())}
-        last = max(names, key=lambda name: order.get(name, len(order)))
-        stops_early = last in order
+        wanted = set(names)
 
-        def hook(_module, args, name):
+        def hook(_module, args, name, seen):
             update(name, args[0].detach())
-            if stops_early and name == last:
+            seen.add(name)
+            if seen == wanted:
                 raise _Captured
 
-        handles = [
-            self.block.get_submodule(name).register_forward_pre_hook(
-                lambda module, args, name=name: hook(module, args, name)
-            )
-            for name in names
-        ]
-        try:
-            with torch.no_grad():
-                for x, kw in zip(self.inputs, self.kwargs, strict=True):
-                    try:
-                        self.block(x.to(self.device), **kw)
-                    except _Captured:
-                        pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.no_grad():
+            for x, kw in zip(self.inputs, self.kwargs, strict=True):
+                seen: set[str] = set()
+                handles = [
+                    self.block.get_submodule(name).register_forward_pre_hook(
+                        lambda module, args, name=name, seen=seen: hook(module, args, name, seen)
+                    )
+                    for name in names
+                ]
+                try:
+                    self.block(x.to(self.device), **kw)
+                except _Captured:
+                    pass
+                finally:
+                    for handle in handles:
+                        handle.remove()
 
 
 def _hidden(output) -> torch.Tensor:
@@ -113,24 +172,12 @@ def capture_block_inputs(
     first = adapter.block_list(model)[0]
     inputs: list[torch.Tensor] = []
     kwargs: list[dict] = []
-
-    def stop(_module, args, kw):
-        hidden = args[0] if args else kw.pop("hidden_states")
-        inputs.append(hidden.detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
-
-    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
     device = model_device(model)
-    try:
-        with torch.no_grad():
-            for start in range(0, input_ids.shape[0], batch_size):
-                try:
-                    model(input_ids[start : start + batch_size].to(device), use_cache=False)
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        args, kw = run_until(first, "call", lambda ids=ids: model(ids, use_cache=False))
+        inputs.append((args[0] if args else kw["hidden_states"]).detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
     return inputs, kwargs
 
 

@@ -126,33 +126,9 @@ def measure_point(adapter: ModelAdapter, name: str) -> str:
     return name
 
 
-class _Stop(Exception):
-    pass
-
-
 def _run_until(ctx: BlockContext, name: str, want: Literal["input", "output"]) -> list[Tensor]:
     """The named module's input or output per batch of ``ctx``; each forward stops there."""
-    module = ctx.block.get_submodule(name)
-    got: list[Tensor] = []
-
-    def keep(tensor: Tensor):
-        got.append(tensor.detach())
-        raise _Stop
-
-    if want == "input":
-        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
-    else:
-        handle = module.register_forward_hook(lambda _m, _args, out: keep(out))
-    try:
-        with torch.no_grad():
-            for x, kwargs in zip(ctx.inputs, ctx.kwargs, strict=True):
-                try:
-                    ctx.block(x.to(ctx.device), **kwargs)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return got
+    return ctx.capture(name, want)
 
 
 def _mse(outputs: list[Tensor], reference: list[Tensor]) -> float:

@@ -119,10 +119,6 @@ def is_per_column(spec: QuantSpec) -> bool:
     return isinstance(g, PerColumn) or (isinstance(g, PerGroup) and g.along == "output")
 
 
-class _Stop(Exception):
-    pass
-
-
 def observe_hessians(ctx: BlockContext, subsets: tuple[Subset, ...]) -> dict[str, Tensor]:
     """``H = (2/n) Σ xᵀx`` ``(in, in)`` per subset over every calibration token, float64.
 
@@ -132,23 +128,15 @@ def observe_hessians(ctx: BlockContext, subsets: tuple[Subset, ...]) -> dict[str
     first = {subset.linears[0]: subset.name for subset in subsets}
     sums: dict[str, Tensor] = {}
     counts = dict.fromkeys(first.values(), 0)
-    for x, kwargs in zip(ctx.inputs, ctx.kwargs, strict=True):
-        seen: set[str] = set()
 
-        def update(name: str, inputs: Tensor, seen=seen) -> None:
-            rows = inputs.reshape(-1, inputs.shape[-1]).float()
-            product = (rows.T @ rows).double()
-            key = first[name]
-            sums[key] = sums[key] + product if key in sums else product
-            counts[key] += rows.shape[0]
-            seen.add(name)
-            if len(seen) == len(first):
-                raise _Stop
+    def update(name: str, inputs: Tensor) -> None:
+        rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        product = (rows.T @ rows).double()
+        key = first[name]
+        sums[key] = sums[key] + product if key in sums else product
+        counts[key] += rows.shape[0]
 
-        try:
-            replace(ctx, inputs=[x], kwargs=[kwargs]).observe(tuple(first), update)
-        except _Stop:
-            pass
+    ctx.observe(tuple(first), update)
     if missing := sorted(set(first.values()) - set(sums)):
         raise ChannelwiseError(
             f"GPTQ: in block {ctx.index} the linears of subsets {missing} never ran on the "

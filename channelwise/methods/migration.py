@@ -14,10 +14,6 @@ from channelwise.methods.registry import Method, check_transform_order
 from channelwise.transforms.shift import ShiftState, enable_llama_biases, restore_shift_state
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once what it needs was seen."""
-
-
 def norm_subsets(adapter: ModelAdapter, name: str) -> tuple[Subset, ...]:
     adapter.require_folding(name)
     subsets = tuple(s for s in adapter.subsets if s.prev_kind == "norm")
@@ -68,38 +64,15 @@ def capture_subset_inputs(
 ) -> tuple[list[Tensor], tuple | None]:
     """Inputs of ``subset`` on the first ``n_samples`` calibration sequences (all if ``None``),
     each ``(b, seq, C)``; and the attention module's ``(args, kwargs)`` on the first batch."""
-    first = ctx.block.get_submodule(subset.linears[0])
-    attention = ctx.block.get_submodule(ctx.adapter.attention_module)
-    captured: list[Tensor] = []
-    call: list[tuple] = []
-
-    def grab(_m, args):
-        captured.append(args[0].detach())
-        raise StopForward
-
-    def grab_call(_m, args, kwargs):
-        if not call:
-            call.append((args, dict(kwargs)))
-
-    handles = [
-        first.register_forward_pre_hook(grab),
-        attention.register_forward_pre_hook(grab_call, with_kwargs=True),
-    ]
-    seen = 0
-    try:
-        with torch.no_grad():
-            for x, kw in zip(ctx.inputs, ctx.kwargs, strict=True):
-                if n_samples is not None and seen >= n_samples:
-                    break
-                take = x.shape[0] if n_samples is None else min(x.shape[0], n_samples - seen)
-                try:
-                    ctx.block(x[:take].to(ctx.device), **batch_slice(kw, x.shape[0], take))
-                except StopForward:
-                    pass
-                seen += take
-    finally:
-        for handle in handles:
-            handle.remove()
+    batches, seen = [], 0
+    for x, kw in zip(ctx.inputs, ctx.kwargs, strict=True):
+        if n_samples is not None and seen >= n_samples:
+            break
+        take = x.shape[0] if n_samples is None else min(x.shape[0], n_samples - seen)
+        batches.append((x[:take], batch_slice(kw, x.shape[0], take)))
+        seen += take
+    captured = ctx.capture(subset.linears[0], "input", batches)
+    call = ctx.capture(ctx.adapter.attention_module, "call", batches[:1])
     if not captured:
         raise RecipeError(f"block {ctx.index} never ran '{subset.linears[0]}' on calibration data")
     return captured, (call[0] if call else None)

@@ -52,11 +52,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from channelwise.adapters import ModelAdapter, Subset, linear_weight
-from channelwise.engine import BlockContext
+from channelwise.engine import BlockContext, run_until
 from channelwise.errors import RecipeError
 from channelwise.methods.migration import (
     ShiftMigration,
-    StopForward,
     batch_slice,
     capture_subset_inputs,
 )
@@ -225,23 +224,9 @@ def _attention_output(ctx: BlockContext, x: Tensor, args: tuple, kwargs: dict) -
     """The attention module's output before its output projection, ``(n, seq, heads·d)``."""
     o_proj = ctx.block.get_submodule(ctx.adapter.attention["o"])
     attention = ctx.block.get_submodule(ctx.adapter.attention_module)
-    out: list[Tensor] = []
-
-    def grab(_m, a):
-        out.append(a[0].detach())
-        raise StopForward
-
-    handle = o_proj.register_forward_pre_hook(grab)
-    try:
-        if args:
-            attention(x, *args[1:], **kwargs)
-        else:
-            attention(**{**kwargs, "hidden_states": x})
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    return out[0]
+    if args:
+        return run_until(o_proj, "input", lambda: attention(x, *args[1:], **kwargs))
+    return run_until(o_proj, "input", lambda: attention(**{**kwargs, "hidden_states": x}))
 
 
 def _mlp_output(ctx: BlockContext, subset: Subset, rows: Tensor) -> Tensor:

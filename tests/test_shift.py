@@ -13,7 +13,7 @@ from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelErro
 from channelwise.recipe import Recipe, Step
 from channelwise.transforms.shift import (
     enable_llama_biases,
-    fold_scales_into_shifted_norm,
+    fold_scales_into_norm,
     norm_shift,
     shift_between_linears,
     shift_norm_output,
@@ -33,7 +33,7 @@ def shift_every_norm(model: nn.Module, scale_too: bool = False) -> None:
             shift_norm_output(norm, linears, z, adapter.transposed_weights)
             if scale_too:
                 s = torch.rand(norm.weight.numel(), generator=generator) * 4 + 0.5
-                fold_scales_into_shifted_norm(norm, linears, s, adapter.transposed_weights)
+                fold_scales_into_norm(norm, linears, s, adapter.transposed_weights)
 
 
 @pytest.mark.parametrize("family", PRE_LN)

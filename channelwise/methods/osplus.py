@@ -62,7 +62,7 @@ from channelwise.methods.migration import (
 from channelwise.methods.registry import register
 from channelwise.quant import PerTensor, QParams, QuantSpec, fake_quantize
 from channelwise.transforms.shift import (
-    fold_scales_into_shifted_norm,
+    fold_scales_into_norm,
     shift_norm_output,
 )
 from channelwise.transforms.smooth import fold_scales_between_linears
@@ -165,7 +165,7 @@ class OSPlus(ShiftMigration):
         t, losses = search_threshold(candidates, loss)
         s = osplus_scales(cmx, cmn, t)
         if subset.prev_kind == "norm":
-            fold_scales_into_shifted_norm(prev, linears, s, transposed)
+            fold_scales_into_norm(prev, linears, s, transposed)
         else:
             fold_scales_between_linears(prev, linears, s, transposed)
         self.searches[(ctx.index, subset.name)] = (t, candidates, losses, s.cpu())

@@ -12,7 +12,7 @@ calibration tokens and ``Δ_j = a_j / (2^{b−1} − 1)``; (3) *pre-executes the
 per-channel rescale inside the GEMM; ``W′`` is then quantized per output channel by the next step
 (``rtn`` or ``gptq``).
 
-Step (3) is exactly a channel scaling with ``s = Δ`` (:func:`fold_scales_into_shifted_norm`): the
+Step (3) is exactly a channel scaling with ``s = Δ`` (:func:`fold_scales_into_norm`): the
 norm then outputs ``X̃ ⊘ Δ``, which this step quantizes with a *static per-tensor quantizer of
 scale 1* (integers, clamped) installed on q/k/v (or the fused QKV) and gate/up (fc1). The inputs
 of o_proj and down_proj (fc2) get the recipe's activation quantizer (dynamic per token in the
@@ -54,7 +54,7 @@ from channelwise.observe import ChannelStats
 from channelwise.quant import PerTensor, QParams, QuantSpec
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
 from channelwise.transforms.shift import (
-    fold_scales_into_shifted_norm,
+    fold_scales_into_norm,
     shift_norm_output,
 )
 from channelwise.transforms.smooth import MIN_SCALE
@@ -141,7 +141,7 @@ class OutlierTune(ShiftMigration):
         stats = ChannelStats()  # of X̃: the norm now outputs the shifted activation
         ctx.observe((subset.linears[0],), lambda _name, x: stats.update(x))
         delta = step_sizes(stats.absmax, bits)
-        fold_scales_into_shifted_norm(norm, linears, delta, transposed)
+        fold_scales_into_norm(norm, linears, delta, transposed)
         for module in linears:
             install_input_quantizer(module, integer_quantizer(bits))
         self.folded[(ctx.index, subset.name)] = (z.cpu(), delta.cpu())

@@ -17,9 +17,10 @@ in every consumer: ``b ← b + W·z`` (``W`` the weight *before* any later scali
     exactly ``z`` (repeated over the query heads of each KV group). The MLP's up → down is *not*
     exact: down reads ``act(gate)·up``, and ``act(gate)·(up − z)`` is not a constant shift.
 
-``fold_scales_into_shifted_norm`` divides a norm's weight/bias *and* its runtime shift by ``s``,
-so a scale can follow a shift on an RMSNorm. :class:`ShiftState` records what a method created
-(runtime shifts, biases) so ``Method.saved_state`` / ``Method.restore`` can persist it.
+:func:`~channelwise.transforms.smooth.fold_scales_into_norm` divides a norm's runtime shift
+along with its weight/bias, so any scaling (this method's or a later step's) can follow a shift.
+:class:`ShiftState` records what a method created (runtime shifts, biases) so
+``Method.saved_state`` / ``Method.restore`` can persist it.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from torch import Tensor, nn
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.errors import NonFiniteError, RecipeError
 from channelwise.transforms.smooth import (
+    NORM_SHIFT_ATTR,
     _as_list,
     _check_in_features,
     _out_features,
     expand_to_query_heads,
-    fold_scales_into_norm,
 )
 
-_SHIFT_ATTR = "_channelwise_norm_shift"
+_SHIFT_ATTR = NORM_SHIFT_ATTR
 #: Llama's config flags that give its linears a bias (transformers 5): q/k/v/o and gate/up/down.
 LLAMA_BIAS_FLAGS = {
     "attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -147,17 +148,6 @@ def shift_between_linears(
     bias.data.copy_((bias.data.float() - z_kv.to(bias.device)).to(bias.dtype))
 
 
-def fold_scales_into_shifted_norm(
-    norm: nn.Module, linears: Iterable[nn.Module], s: Tensor, transposed: bool
-) -> None:
-    """:func:`~channelwise.transforms.smooth.fold_scales_into_norm`, also dividing a runtime
-    shift by ``s``: the norm then outputs ``(X − z)/s``."""
-    fold_scales_into_norm(norm, linears, s, transposed)
-    installed = getattr(norm, _SHIFT_ATTR, None)
-    if installed is not None:
-        installed[0].z = installed[0].z / s.detach().float().to(installed[0].z.device)
-
-
 def enable_llama_biases(model: nn.Module, adapter: ModelAdapter) -> None:
     """Give every q/k/v/o/gate/up/down of a ``model_type: llama`` model a bias (zeros where new)
     and set ``attention_bias``/``mlp_bias``, so ``from_pretrained`` reloads them all.
@@ -252,7 +242,6 @@ __all__ = [
     "ShiftState",
     "enable_llama_biases",
     "ensure_bias",
-    "fold_scales_into_shifted_norm",
     "fold_shift_into_linears",
     "install_norm_shift",
     "norm_shift",

@@ -12,6 +12,7 @@ when it is folded into the op that produces ``X``:
     ``f(x)·weight + bias`` channel-wise (LayerNorm, Llama/Qwen2/Mistral RMSNorm); *not* for norms
     that scale by ``1 + weight`` (Gemma), nor for post-LN blocks, where the norm's output is also
     the residual stream (the adapters refuse those through ``ModelAdapter.require_folding``).
+    A runtime output shift installed by :mod:`channelwise.transforms.shift` is divided too.
     Shapes: ``norm.weight`` ``(C,)``, each linear ``(O_i, C)``, ``s`` ``(C,)``.
 
 ``fold_scales_between_linears(prev, next_linears, s, transposed)``
@@ -50,6 +51,8 @@ from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelErro
 
 #: Floor of both terms of the SmoothQuant ratio, and of the resulting factor.
 MIN_SCALE = 1e-5
+#: Attribute of a norm carrying a runtime output shift (``transforms.shift``): ``(hook, handle)``.
+NORM_SHIFT_ATTR = "_channelwise_norm_shift"
 
 
 def smooth_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
@@ -120,6 +123,9 @@ def fold_scales_into_norm(
     _divide(weight.data, s)
     if isinstance(bias, Tensor):
         _divide(bias.data, s)
+    shift = getattr(norm, NORM_SHIFT_ATTR, None)
+    if shift is not None:  # a runtime shift z on the output scales with it: (γx̂ − z)/s
+        shift[0].z = shift[0].z / s.to(shift[0].z.device)
     for module in linears:
         _scale_columns(module, s, transposed)
 

@@ -11,9 +11,9 @@ from channelwise.adapters import adapter_for
 from channelwise.compress import plan, quantize
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 from channelwise.recipe import Recipe, Step
+from channelwise.transforms import fold_scales_into_norm
 from channelwise.transforms.shift import (
     enable_llama_biases,
-    fold_scales_into_norm,
     norm_shift,
     shift_between_linears,
     shift_norm_output,

@@ -62,10 +62,9 @@ from channelwise.methods.migration import (
 from channelwise.methods.registry import register
 from channelwise.quant import PerTensor, QParams, QuantSpec, fake_quantize
 from channelwise.transforms.shift import (
-    fold_scales_into_norm,
     shift_norm_output,
 )
-from channelwise.transforms.smooth import fold_scales_between_linears
+from channelwise.transforms.smooth import fold_scales_between_linears, fold_scales_into_norm
 
 # --- pure pieces --------------------------------------------------------------------------------
 

@@ -54,10 +54,9 @@ from channelwise.observe import ChannelStats
 from channelwise.quant import PerTensor, QParams, QuantSpec
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
 from channelwise.transforms.shift import (
-    fold_scales_into_norm,
     shift_norm_output,
 )
-from channelwise.transforms.smooth import MIN_SCALE
+from channelwise.transforms.smooth import MIN_SCALE, fold_scales_into_norm
 
 
 def integer_quantizer(bits: int) -> InputQuantizer:

@@ -1,10 +1,11 @@
 """What a recipe does to the activations: per-channel statistics before and after its transforms.
 
 ``inspect_channels`` observes the input of every subset of every block on calibration tokens, on
-the model as loaded and, given a recipe, on a fresh copy compressed with it. The copy is compressed
-without activation and attention quantizers (and any input quantizer a method installed is
-removed before observing), so the "after" statistics are exactly what those quantizers would
-see: the inputs after smoothing, shifting or rotation, with the weights already quantized.
+the model as loaded and, given a recipe, on a fresh copy compressed with it. The recipe runs as
+written (methods such as OutlierTune need its activation format), without attention
+quantizers; every input quantizer is then removed before observing, so the "after" statistics
+are exactly what those quantizers see: the inputs after smoothing, shifting or rotation, with
+the weights already quantized.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ class ChannelInspection:
     recipe: Recipe | None = None
 
 
-def without_activation_quantizers(recipe: Recipe) -> Recipe:
-    """``recipe`` with its activation and attention quantizers dropped (weights and steps kept)."""
-    return recipe.model_copy(update={"activations": None, "attention": None})
+def without_attention_quantizers(recipe: Recipe) -> Recipe:
+    """``recipe`` with its attention (q/k/v/probs) quantizers dropped; everything else kept."""
+    return recipe.model_copy(update={"attention": None})
 
 
 def inspect_channels(
@@ -55,10 +56,8 @@ def inspect_channels(
     fp_model, tokenizer = load_model(model, device=device)
     tokens = protocol.calibration_tokens(tokenizer)
     result = ChannelInspection(before=collect_channel_stats(fp_model, tokens, progress=progress))
-    if recipe is not None:
-        del fp_model
-        compressed, _ = load_model(model, device=device)
-        result.after = channel_stats_after(compressed, recipe, tokens, progress=progress)
+    if recipe is not None:  # observing changed nothing: compress the same copy
+        result.after = channel_stats_after(fp_model, recipe, tokens, progress=progress)
         result.recipe = recipe
     return result
 
@@ -66,8 +65,9 @@ def inspect_channels(
 def channel_stats_after(
     model: nn.Module, recipe: Recipe, tokens: torch.Tensor, progress: bool = True
 ) -> ModelChannelStats:
-    """Compress ``model`` in place with ``recipe`` minus its activation quantizers, then observe."""
-    quantize(model, without_activation_quantizers(recipe), tokens, progress=progress)
+    """Compress ``model`` in place with ``recipe`` (no attention quantizers), then observe its
+    linears' inputs with every input quantizer removed."""
+    quantize(model, without_attention_quantizers(recipe), tokens, progress=progress)
     for module in model.modules():
         remove_input_quantizer(module)
     return collect_channel_stats(model, tokens, progress=progress)

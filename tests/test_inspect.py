@@ -7,7 +7,7 @@ import torch
 
 from channelwise.adapters import adapter_for
 from channelwise.cli import main
-from channelwise.inspect import channel_stats_after, without_activation_quantizers
+from channelwise.inspect import channel_stats_after, without_attention_quantizers
 from channelwise.observe import collect_channel_stats
 from channelwise.quant.activation import input_quantizer
 from channelwise.recipe import load_recipe
@@ -50,8 +50,23 @@ def test_after_statistics_are_taken_without_any_input_quantizer(
 ) -> None:
     channel_stats_after(tiny_model, load_recipe("rtn-w8a8"), calibration_ids, progress=False)
     assert all(input_quantizer(m) is None for m in tiny_model.modules())
-    recipe = without_activation_quantizers(load_recipe("smoothquant-w6a6"))
-    assert recipe.activations is None and recipe.weights is not None and recipe.steps
+    recipe = without_attention_quantizers(load_recipe("smoothquant-w6a6"))
+    assert recipe.attention is None and recipe.activations is not None and recipe.steps
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_outliertune_which_needs_the_activation_format_can_be_inspected(
+    tiny_model, calibration_ids
+) -> None:
+    after = channel_stats_after(
+        tiny_model, load_recipe("outliertune-w8a8"), calibration_ids, progress=False
+    )
+    assert all(input_quantizer(m) is None for m in tiny_model.modules())
+    # OutlierTune divides its inputs by Δ = a/127: every channel's abs-max becomes 127 (block 0
+    # exactly; later blocks see inputs calibrated with activation quantization on, so close).
+    absmax = after.absmax_matrix("attn_in")
+    torch.testing.assert_close(absmax[0], torch.full_like(absmax[0], 127.0))
+    assert ((absmax - 127.0).abs() < 0.1 * 127.0).all()
 
 
 @pytest.mark.parametrize("family", ["llama"])

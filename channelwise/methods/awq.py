@@ -65,9 +65,8 @@ from torch import Tensor
 from channelwise.adapters import ModelAdapter, Subset, linear_weight
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError
-from channelwise.methods.registry import Method, check_transform_order, register
+from channelwise.methods.registry import Method, check_search_transform, register
 from channelwise.quant import QuantSpec, fake_quantize
-from channelwise.recipe import Recipe
 from channelwise.transforms.subset_scales import (
     fold_subset,
     foldable_subsets,
@@ -153,18 +152,6 @@ def clip_search(
         best_err = torch.where(better, err, best_err)
         best_bound = torch.where(better[..., None], bound, best_bound)
     return best_bound
-
-
-def check_search_transform(recipe: Recipe, name: str) -> None:
-    """A step whose search scores the recipe's weight quantizer: it needs ``weights`` and a
-    quantizing step after it (and none before)."""
-    if recipe.weights is None:
-        raise RecipeError(
-            f"recipe '{recipe.name}', step '{name}': the search needs the recipe's 'weights' "
-            "quantizer (e.g. weights: {bits: 4, symmetric: false, granularity: group, "
-            "group_size: 64})"
-        )
-    check_transform_order(recipe, name, needs_quantizer_after=True)
 
 
 @register

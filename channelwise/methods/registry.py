@@ -125,3 +125,15 @@ def check_transform_order(
                 f"{where}: {name} quantizes no weights; follow it with a quantizing step "
                 f"(steps: [{{method: {name}}}, {{method: gptq}}] or rtn)"
             )
+
+
+def check_search_transform(recipe: Recipe, name: str) -> None:
+    """A step whose search scores the recipe's weight quantizer: it needs ``weights`` and a
+    quantizing step after it (and none before)."""
+    if recipe.weights is None:
+        raise RecipeError(
+            f"recipe '{recipe.name}', step '{name}': the search needs the recipe's 'weights' "
+            "quantizer (e.g. weights: {bits: 4, symmetric: false, granularity: group, "
+            "group_size: 64})"
+        )
+    check_transform_order(recipe, name, needs_quantizer_after=True)

@@ -6,10 +6,19 @@ default; percentile or MSE clip search where the recipe asks), no calibration da
 
 from __future__ import annotations
 
-from channelwise.adapters import linear_weight
+from torch import nn
+
+from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.engine import BlockContext
 from channelwise.methods.registry import Method, register
-from channelwise.quant import fake_quantize
+from channelwise.quant import QuantSpec, fake_quantize
+
+
+def rtn_block(block: nn.Module, adapter: ModelAdapter, spec: QuantSpec) -> None:
+    """Round every linear of ``block`` to ``spec``'s grid, in place."""
+    for module in adapter.block_linears(block).values():
+        weight = linear_weight(module, adapter.transposed_weights)
+        weight.copy_(fake_quantize(weight, spec))
 
 
 @register
@@ -18,7 +27,4 @@ class RTN(Method):
     quantizes_weights = True
 
     def apply(self, ctx: BlockContext) -> None:
-        spec = self.recipe.weights.spec("weight")
-        for module in ctx.adapter.block_linears(ctx.block).values():
-            weight = linear_weight(module, ctx.adapter.transposed_weights)
-            weight.copy_(fake_quantize(weight, spec))
+        rtn_block(ctx.block, ctx.adapter, self.recipe.weights.spec("weight"))

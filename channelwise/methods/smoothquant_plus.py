@@ -55,12 +55,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from channelwise.adapters import ModelAdapter, Subset, linear_weight
+from channelwise.adapters import ModelAdapter, Subset
 from channelwise.engine import BlockContext, model_device
 from channelwise.errors import RecipeError
-from channelwise.methods.awq import check_search_transform
-from channelwise.methods.registry import Method, register
-from channelwise.quant import QuantSpec, fake_quantize
+from channelwise.methods.registry import Method, check_search_transform, register
+from channelwise.methods.rtn import rtn_block
 from channelwise.transforms.smooth import smooth_scales, weight_input_absmax
 from channelwise.transforms.subset_scales import (
     fold_subset,
@@ -153,13 +152,6 @@ def mean_cross_entropy(model: nn.Module, ids: Tensor, batch_size: int) -> float:
     return total / count
 
 
-def quantize_block_linears(block: nn.Module, adapter: ModelAdapter, spec: QuantSpec) -> None:
-    """RTN: every linear of the block rounded in place with ``spec``."""
-    for module in adapter.block_linears(block).values():
-        weight = linear_weight(module, adapter.transposed_weights)
-        weight.copy_(fake_quantize(weight, spec))
-
-
 @register
 class SmoothQuantPlus(Method):
     """One model-wide α for SmoothQuant smoothing, searched on the RTN-quantized model's loss."""
@@ -211,7 +203,7 @@ class SmoothQuantPlus(Method):
             for alpha in self.args.alphas:
                 for index, block in enumerate(blocks):
                     self._smooth(block, index, alpha, adapter.transposed_weights)
-                    quantize_block_linears(block, adapter, spec)
+                    rtn_block(block, adapter, spec)
                 loss = mean_cross_entropy(model, ids, batch)
                 if not math.isfinite(loss):
                     loss = math.inf

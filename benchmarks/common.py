@@ -56,7 +56,7 @@ def print_row(row: ComparisonRow, result: CompressionResult | None = None) -> No
     """One progress line per measured recipe."""
     print(
         f"{row.recipe:<36} {row.bits:<10} ppl {row.ppl:8.3f}  Δ {row.delta_pct:+7.2f}%  "
-        f"calib {row.calib_s:7.1f}s  eval {row.eval_s:6.1f}s",
+        f"calib {row.calib_s:7.1f}s {row.calib_peak_mb:6.0f} MB  eval {row.eval_s:6.1f}s",
         flush=True,
     )
 

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from channelwise.compress import CompressionResult, needs_calibration, plan, quantize
+from channelwise.engine import model_device
 from channelwise.evaluate import perplexity
+from channelwise.memory import PeakMemory
 from channelwise.models import load_model
 from channelwise.protocol import Protocol
 from channelwise.recipe import Recipe, load_recipe
@@ -27,6 +29,7 @@ class ComparisonRow:
     delta_pct: float
     calib_s: float
     eval_s: float
+    calib_peak_mb: float = 0.0  # peak memory calibration added (see channelwise.memory)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,18 +68,25 @@ def compare(
     baseline = None
     for recipe in loaded:
         fresh, _ = load_model(model, device=device)
-        calib_s, result = 0.0, None
+        calib_s, peak_mb, result = 0.0, 0.0, None
         if not recipe.is_float:
             if calibration is None and needs_calibration(recipe):
                 calibration = protocol.calibration_tokens(tokenizer)
-            result = quantize(fresh, recipe, calibration, progress=progress)
-            calib_s = result.calib_seconds
+            with PeakMemory(model_device(fresh)) as peak:
+                result = quantize(fresh, recipe, calibration, progress=progress)
+            calib_s, peak_mb = result.calib_seconds, peak.added_mb
         start = time.perf_counter()
         ppl = perplexity(fresh, windows, batch_size=batch_size, progress=progress)
         eval_s = time.perf_counter() - start
         baseline = baseline if baseline is not None else ppl
         row = ComparisonRow(
-            recipe.name, recipe.bits_label(), ppl, 100.0 * (ppl / baseline - 1.0), calib_s, eval_s
+            recipe.name,
+            recipe.bits_label(),
+            ppl,
+            100.0 * (ppl / baseline - 1.0),
+            calib_s,
+            eval_s,
+            peak_mb,
         )
         rows.append(row)
         log.info("%s: ppl %.3f", recipe.name, ppl)

@@ -17,26 +17,32 @@ from channelwise.observe import ModelChannelStats  # noqa: E402
 
 
 def format_table(rows: list[ComparisonRow]) -> str:
-    """A fixed-width text table: recipe, bits, perplexity, Δ% vs fp, calibration and eval time."""
+    """A fixed-width text table: recipe, bits, perplexity, Δ% vs fp, calibration time and peak
+    memory, eval time."""
     header = (
-        f"{'recipe':<22} {'bits':<12} {'ppl':>10} {'Δ% vs fp':>10} {'calib s':>9} {'eval s':>8}"
+        f"{'recipe':<22} {'bits':<12} {'ppl':>10} {'Δ% vs fp':>10} {'calib s':>9} "
+        f"{'calib MB':>9} {'eval s':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row.recipe:<22} {row.bits:<12} {row.ppl:>10.3f} {row.delta_pct:>+9.1f}% "
-            f"{row.calib_s:>9.1f} {row.eval_s:>8.1f}"
+            f"{row.calib_s:>9.1f} {row.calib_peak_mb:>9.0f} {row.eval_s:>8.1f}"
         )
     return "\n".join(lines)
 
 
 def format_markdown(rows: list[ComparisonRow]) -> str:
-    """The same rows as a Markdown table (for README and reports): recipe, bits, ppl, Δ%, calib."""
-    lines = ["| recipe | bits | ppl | Δ% vs fp | calib s |", "|---|---|---|---|---|"]
+    """The same rows as a Markdown table (for README and reports): recipe, bits, ppl, Δ%, calib
+    time and peak memory."""
+    lines = [
+        "| recipe | bits | ppl | Δ% vs fp | calib s | calib peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row.recipe} | {row.bits} | {row.ppl:.3f} | {row.delta_pct:+.2f} | "
-            f"{row.calib_s:.1f} |"
+            f"{row.calib_s:.1f} | {row.calib_peak_mb:.0f} |"
         )
     return "\n".join(lines)
 

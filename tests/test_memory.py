@@ -1,0 +1,26 @@
+"""The peak-memory tracker sees a step's allocation and nothing from before it."""
+
+import torch
+
+from channelwise.memory import PeakMemory, resident_bytes
+
+
+def test_resident_bytes_is_the_process_size() -> None:
+    assert resident_bytes() > 10 * 2**20
+
+
+def test_peak_memory_sees_a_short_lived_allocation() -> None:
+    with PeakMemory("cpu", interval_s=0.001) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        for _ in range(20):
+            block.mul_(1.0001)
+        del block
+    assert 40 <= peak.added_mb <= 200
+
+
+def test_memory_held_before_the_step_is_not_counted() -> None:
+    held = torch.ones(64 * 2**20 // 4)
+    with PeakMemory("cpu") as peak:
+        torch.ones(16).sum()
+    assert peak.added_mb < 30
+    del held

@@ -33,6 +33,7 @@ def _protocol(args):
 def cmd_quantize(args) -> None:
     from channelwise import load_model, load_recipe, quantize, save_quantized
     from channelwise.compress import needs_calibration
+    from channelwise.deploy import pack_model
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out)
@@ -43,8 +44,10 @@ def cmd_quantize(args) -> None:
         _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
     )
     result = quantize(model, recipe, calibration, progress=not args.quiet)
+    packed = pack_model(model) if args.format == "packed" else []
     path = save_quantized(model, tokenizer, out, force=args.force)
-    print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path}")
+    how = f"{len(packed)} linears packed" if packed else "float weights on the quantized grid"
+    print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how})")
 
 
 def cmd_eval(args) -> None:
@@ -154,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="preset name or YAML file")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--format",
+        choices=("packed", "fake"),
+        default="packed",
+        help="packed: integer codes at their bit width (default); fake: float weights on the grid",
+    )
     data_options(p, evaluation=False)
     p.set_defaults(func=cmd_quantize)
 

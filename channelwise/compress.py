@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
+from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, OutputExistsError, RecipeError
 from channelwise.methods import Method, build_method
@@ -199,6 +200,9 @@ def install_block_input_quantizers(ctx: BlockContext, recipe: Recipe) -> None:
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool = False) -> Path:
     """Write the model, tokenizer, recipe and static ranges; never destroys an input.
 
+    A model whose linears were packed (:func:`channelwise.deploy.pack_model`) is written packed:
+    integer codes with their scales, and ``channelwise.json`` lists each packed linear's spec.
+
     The folder is written under a temporary name and renamed into place, so an interrupted run
     leaves nothing half-written at ``out_dir``.
     """
@@ -212,16 +216,22 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    layout = packed_layout(model)
+    if layout:  # our own module types: write the state dict as it is (no key renaming)
+        save_packed_weights(model, tmp)
+    else:
+        model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if recipe is not None:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         marker = {
-            "format": "fake-quant",
+            "format": "packed" if layout else "fake-quant",
             "recipe": recipe.model_dump(mode="json"),
             "input_quantizers": _input_quantizer_specs(model),
         }
+        if layout:
+            marker["packed_linears"] = layout
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
         static = _static_qparams(model)
         if static:

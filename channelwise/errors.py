@@ -39,3 +39,11 @@ class OutputExistsError(ChannelwiseError):
 
 class DeviceError(ChannelwiseError):
     """A requested compute device does not exist or is not available."""
+
+
+class PackingError(ChannelwiseError):
+    """Integer codes or a packed buffer do not fit the bit-packing layout (range, dtype, shape)."""
+
+
+class CheckpointError(ChannelwiseError):
+    """A saved checkpoint is corrupt, incomplete or does not match its config."""

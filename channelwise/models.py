@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from channelwise.errors import DeviceError, ModelNotFoundError
+from channelwise.errors import ChannelwiseError, DeviceError, ModelNotFoundError
 from channelwise.paths import channelwise_home
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,26 @@ def load_model(
     device = resolve_device(device)
     source = resolve_model(spec)
     hf_logging.disable_progress_bar()
+    marker = Path(source) / MARKER_FILE if isinstance(source, Path) else None
+    layout = None
+    if marker is not None and marker.is_file():
+        from channelwise.deploy.checkpoint import read_marker
+
+        layout = read_marker(Path(source)).get("packed_linears")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if layout:
+            from channelwise.deploy.checkpoint import load_packed
+
+            model = load_packed(Path(source), layout, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
+    except ChannelwiseError:
+        raise
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"could not load model '{spec}': {first_line}") from exc
     model = model.to(device).eval()
-    marker = Path(source) / MARKER_FILE if isinstance(source, Path) else None
     if marker is not None and marker.is_file():
         from channelwise.compress import restore_quantized
 

@@ -132,8 +132,7 @@ def calibration_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture
-def tiny_tokenizer():
+def build_tiny_tokenizer():
     """A word-level tokenizer over the tiny vocabulary (``t0`` … ``t127``), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -141,3 +140,9 @@ def tiny_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """:func:`build_tiny_tokenizer`."""
+    return build_tiny_tokenizer()

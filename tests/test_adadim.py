@@ -224,14 +224,14 @@ def test_saved_model_reloads_with_the_same_logits(
 
 def test_gptq_ada_runs_gptq_in_the_chosen_dimension(monkeypatch, make_tiny_model, calibration_ids):
     calls = []
-    gptq = adadim_module.gptq_quantize_weight
+    gptq = adadim_module.gptq_quantize
 
     def spy(W, H, spec, damp, block_size, act_order, static_groups, *, name):
         result = gptq(W, H, spec, damp, block_size, act_order, static_groups, name=name)
-        calls.append((name, spec, act_order, static_groups, result))
+        calls.append((name, spec, act_order, static_groups, result[0]))
         return result
 
-    monkeypatch.setattr(adadim_module, "gptq_quantize_weight", spy)
+    monkeypatch.setattr(adadim_module, "gptq_quantize", spy)
     model = make_tiny_model("qwen2")
     the_recipe = recipe(16, bits=3, quantizer="gptq", act_order=True, static_groups=True)
     method = run_adadim(monkeypatch, model, the_recipe, calibration_ids)

@@ -66,11 +66,12 @@ from torch import Tensor
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError
-from channelwise.methods.gptq import gptq_quantize_weight, is_per_column, observe_hessians
+from channelwise.methods.gptq import gptq_quantize, is_per_column, observe_hessians
 from channelwise.methods.registry import Method, register
 from channelwise.observe import ChannelStats
 from channelwise.quant import QuantSpec, fake_quantize
 from channelwise.quant.granularity import PerColumn, PerGroup, PerRow
+from channelwise.quant.grid import record_grid, round_weight_
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +187,18 @@ class AdaDim(Method):
                 choice, outputs = self._choose(sample, name, weight, original, specs, cached)
                 if use_gptq:
                     a = self.args
-                    quantized = gptq_quantize_weight(
+                    quantized, qparams = gptq_quantize(
                         original, hessian, specs[choice], a.damp, a.block_size, a.act_order,
                         a.static_groups and choice == "per_oc",
                         name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
                     )  # fmt: skip
                     weight.copy_(quantized.to(weight.dtype))
+                    if qparams is not None:
+                        record_grid(module, specs[choice], qparams)
                     cached.clear()  # the GPTQ weights differ from the measured RTN candidate
                 else:
-                    weight.copy_(fake_quantize(original, specs[choice]))
+                    weight.copy_(original)
+                    round_weight_(module, weight, specs[choice])
                     cached.clear()  # only this point's output is known in the new state
                     cached[measure_point(ctx.adapter, name)] = outputs
                 self.choices[(ctx.index, name)] = choice

@@ -61,13 +61,15 @@ from channelwise.engine import BlockContext
 from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
-from channelwise.quant import qparams_from_range
+from channelwise.quant import PerRow, QParams, QuantSpec, qparams_from_range
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
 from channelwise.quant.dual_grained import DualGrainedWeight, dequantize, dgq_quantize
+from channelwise.quant.grid import record_grid
 from channelwise.transforms.smooth import fold_scales_between_linears, fold_scales_into_norm
 
 #: Fraction of channels clipped to the baseline: ``k = int(TOP_FRACTION·C + 1.5)``.
 TOP_FRACTION = 0.005
+INT8_ROWS = QuantSpec(bits=8, symmetric=True, granularity=PerRow())  # W_int8 with scale s1
 #: Below this baseline a subset is left unsmoothed (the official code's guard).
 MIN_BASELINE = 1e-4
 
@@ -236,6 +238,9 @@ class DGQ(Method):
                 label = f"{ctx.adapter.blocks}.{ctx.index}.{name}"
                 dgw = dgq_quantize(weight, H, self.group_size, name=label)
                 weight.copy_(dequantize(dgw).to(weight.dtype))
+                # The A8W4 GEMM runs on W_int8 = S2·(q − z) with per-row scale s1: pack that.
+                s1 = dgw.s1.float()[:, None]
+                record_grid(module, INT8_ROWS, QParams(s1, torch.zeros_like(s1)))
                 self.weights[(ctx.index, name)] = dgw.to("cpu")
                 if act_spec is not None:
                     amax = st.seq_absmax_min.max().reshape(1, 1)

@@ -54,6 +54,7 @@ from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods.registry import Method, register
 from channelwise.quant import QParams, QuantSpec, compute_qparams, fake_quantize
 from channelwise.quant.granularity import PerColumn, PerGroup, PerRow
+from channelwise.quant.grid import record_grid
 
 
 class GPTQArgs(BaseModel):
@@ -92,13 +93,16 @@ class GPTQ(Method):
                     self._quantize_linear(ctx, name, hessians[subset.name], spec)
 
     def _quantize_linear(self, ctx: BlockContext, name: str, hessian: Tensor, spec) -> None:
-        weight = linear_weight(ctx.block.get_submodule(name), ctx.adapter.transposed_weights)
+        module = ctx.block.get_submodule(name)
+        weight = linear_weight(module, ctx.adapter.transposed_weights)
         a = self.args
-        quantized = gptq_quantize_weight(
+        quantized, qparams = gptq_quantize(
             weight, hessian, spec, a.damp, a.block_size, a.act_order, a.static_groups,
             name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
         )  # fmt: skip
         weight.copy_(quantized.to(weight.dtype))
+        if qparams is not None:
+            record_grid(module, spec, qparams)
 
 
 def check_granularity(spec: QuantSpec, where: str = "gptq", static_groups: bool = False) -> None:
@@ -158,6 +162,27 @@ def gptq_quantize_weight(
 ) -> Tensor:
     """GPTQ-quantized copy of ``W`` ``(out, in)`` given the Hessian ``H`` ``(in, in)``; float64.
 
+    :func:`gptq_quantize` without the grid.
+    """
+    return gptq_quantize(W, H, spec, damp, block_size, act_order, static_groups, name=name)[0]
+
+
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    *,
+    name: str = "weight",
+) -> tuple[Tensor, QParams | None]:
+    """GPTQ-quantized copy of ``W`` ``(out, in)`` (float64) and the grid it lies on.
+
+    The grid is ``qparams`` in ``spec``'s block layout on ``(out, in)``; it is ``None`` for
+    ``act_order`` with dynamic groups, whose groups are not contiguous in ``W``.
+
     ``name`` labels the layer in errors. Raises :class:`RecipeError` for settings GPTQ cannot
     honour (``static_groups`` with per-column scales, a group size that does not divide the
     grouped dimension) and :class:`ChannelwiseError` if ``H + λI`` is not positive definite.
@@ -176,7 +201,7 @@ def gptq_quantize_weight(
     grid = _Grid(W, spec, perm, static_groups)
     hinv = inverse_cholesky(H[perm][:, perm], damp, name)
     Q = _quantize_columns(W[:, perm], hinv, grid, block_size)
-    return Q[:, torch.argsort(perm)]
+    return Q[:, torch.argsort(perm)], grid.final_qparams()
 
 
 def inverse_cholesky(H: Tensor, damp: float, name: str) -> Tensor:
@@ -212,21 +237,40 @@ class _Grid:
         fixed = not (self.dynamic or self.per_column)
         self.qparams = compute_qparams(W, spec) if fixed else None
         self.current = self.qparams
+        self.contiguous = self.perm == sorted(self.perm)
+        self.seen: list[QParams] = []  # dynamic groups and per-IC columns, in processing order
 
     def starts_group(self, j: int) -> bool:
         return self.dynamic and j % self.size == 0
 
     def set_group(self, columns: Tensor) -> None:
         self.current = compute_qparams(columns, self.spec)
+        self.seen.append(self.current)
 
     def fake_quantize(self, column: Tensor, j: int) -> Tensor:
         if self.per_column:
-            return fake_quantize(column[:, None], self.spec)[:, 0]
+            qparams = compute_qparams(column[:, None], self.spec)
+            self.seen.append(qparams)
+            return fake_quantize(column[:, None], self.spec, qparams)[:, 0]
         qparams = self.current
         if self.size is not None and not self.dynamic:
             g = slice(self.perm[j] // self.size, self.perm[j] // self.size + 1)
             qparams = QParams(self.qparams.scale[:, g], self.qparams.zero_point[:, g])
         return fake_quantize(column[:, None], self.spec, qparams)[:, 0]
+
+    def final_qparams(self) -> QParams | None:
+        """Every block's qparams in the spec's layout on the unpermuted ``(out, in)`` weight."""
+        if self.qparams is not None:
+            return self.qparams
+        if self.dynamic and not self.contiguous:
+            return None
+        # Per-IC: column perm[j] was the j-th seen; dynamic groups are in column order.
+        order = torch.argsort(torch.tensor(self.perm)) if self.per_column else None
+        scale = torch.cat([q.scale for q in self.seen], dim=1)
+        zero = torch.cat([q.zero_point for q in self.seen], dim=1)
+        if order is not None:
+            scale, zero = scale[:, order.to(scale.device)], zero[:, order.to(zero.device)]
+        return QParams(scale, zero)
 
 
 def _quantize_columns(W: Tensor, hinv: Tensor, grid: _Grid, block_size: int) -> Tensor:

@@ -11,14 +11,14 @@ from torch import nn
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.engine import BlockContext
 from channelwise.methods.registry import Method, register
-from channelwise.quant import QuantSpec, fake_quantize
+from channelwise.quant import QuantSpec
+from channelwise.quant.grid import round_weight_
 
 
 def rtn_block(block: nn.Module, adapter: ModelAdapter, spec: QuantSpec) -> None:
     """Round every linear of ``block`` to ``spec``'s grid, in place."""
     for module in adapter.block_linears(block).values():
-        weight = linear_weight(module, adapter.transposed_weights)
-        weight.copy_(fake_quantize(weight, spec))
+        round_weight_(module, linear_weight(module, adapter.transposed_weights), spec)
 
 
 @register

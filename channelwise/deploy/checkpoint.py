@@ -1,0 +1,131 @@
+"""Packed checkpoints: what ``channelwise.json`` says about the packed linears, and loading them.
+
+A packed folder is a transformers checkpoint whose quantized block linears are stored as
+``<name>.qweight`` (uint8 codes), ``<name>.scale`` and, if asymmetric, ``<name>.zero``, with
+``channelwise.json`` (``"format": "packed"``) listing each packed linear's spec. Loading builds
+the architecture from ``config.json``, puts a :class:`PackedLinear` of that spec at each listed
+name, and reads the safetensors files (never a pickle) with every key, shape and dtype checked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from channelwise.adapters import adapter_for
+from channelwise.deploy.packed import PackedLinear, _set_submodule
+from channelwise.errors import CheckpointError
+from channelwise.quant import spec_from_dict, spec_to_dict
+
+
+def packed_layout(model: nn.Module) -> dict[str, dict]:
+    """``{module name: {"spec", "transposed", "bias"}}`` for every packed linear of ``model``."""
+    return {
+        name: {
+            "spec": spec_to_dict(module.spec),
+            "transposed": module.transposed,
+            "bias": module.bias is not None,
+        }
+        for name, module in model.named_modules()
+        if isinstance(module, PackedLinear)
+    }
+
+
+def save_packed_weights(model: nn.Module, folder: Path) -> None:
+    """``config.json`` (and generation config) plus the state dict in ``model.safetensors``.
+
+    ``save_pretrained`` would rename keys for some families (GPT-NeoX's ``lm_head`` is written
+    as ``embed_out``) and expects its own module types; tensors tied to another are stored once.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn.Module:
+    """The model saved in ``folder`` with its packed linears, on the CPU, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter_for(model)  # refuse an unsupported architecture before reading any tensor
+    for name, entry in layout.items():
+        try:
+            old = model.get_submodule(name)
+            spec = spec_from_dict(entry["spec"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{folder}: packed entry '{name}' does not fit: {exc}") from None
+        out_features, in_features = _linear_shape(old, entry["transposed"])
+        _set_submodule(
+            model,
+            name,
+            PackedLinear(in_features, out_features, spec, entry["bias"], entry["transposed"]),
+        )
+    _load_state(model, folder)
+    return model.eval()
+
+
+def _linear_shape(module: nn.Module, transposed: bool) -> tuple[int, int]:
+    weight = module.weight
+    return tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+
+
+def _load_state(model: nn.Module, folder: Path) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name.startswith("model")]
+    if not files:
+        raise CheckpointError(f"{folder}: no model*.safetensors file")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{folder}: tensors the model does not have: {', '.join(unexpected[:5])}; the "
+            "checkpoint does not match its config.json"
+        )
+    for key, tensor in state.items():
+        want = expected[key]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise CheckpointError(
+                f"{folder}: '{key}' is {tuple(tensor.shape)} {tensor.dtype}, the model expects "
+                f"{tuple(want.shape)} {want.dtype}"
+            )
+    missing = set(expected) - set(state)
+    twins = _shared_storage(model)
+    missing = {key for key in missing if not (twins.get(key, set()) & set(state))}
+    if missing:
+        raise CheckpointError(
+            f"{folder}: missing tensors: {', '.join(sorted(missing)[:5])}; the checkpoint is "
+            "incomplete"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _shared_storage(model: nn.Module) -> dict[str, set[str]]:
+    """For each state-dict key, the other keys sharing its storage (tied embeddings)."""
+    by_storage: dict[tuple, set[str]] = {}
+    for key, tensor in model.state_dict().items():
+        by_storage.setdefault((tensor.untyped_storage().data_ptr(), tensor.device), set()).add(key)
+    return {key: group - {key} for group in by_storage.values() for key in group}
+
+
+def read_marker(folder: Path) -> dict:
+    """``channelwise.json`` of ``folder`` as a dict, with a clear error if unreadable."""
+    from channelwise.models import MARKER_FILE
+
+    try:
+        return json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / MARKER_FILE}: unreadable ({exc})") from None

@@ -1,0 +1,171 @@
+"""Packed checkpoints: integer codes at their bit width, bit-identical to the fake-quant model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
+from helpers import logits
+
+from channelwise import load_model, quantize
+from channelwise.compress import save_quantized
+from channelwise.deploy import PackedLinear, pack_model
+from channelwise.errors import CheckpointError, PackingError
+from channelwise.methods.registry import quantizes_weights
+from channelwise.recipe import Recipe, load_recipe, preset_names
+
+WIDE = dict(hidden_size=128, intermediate_size=256)  # every preset's group sizes fit
+WEIGHT_PRESETS = [
+    p for p in preset_names() if any(quantizes_weights(s.method) for s in load_recipe(p).steps)
+]
+
+
+def compressed(family: str, preset: str | Recipe, calibration_ids: torch.Tensor):
+    model = build_tiny_model(family, **(WIDE if family == "llama" else {}))
+    quantize(model, preset, calibration_ids, progress=False)
+    return model
+
+
+def packed_modules(model) -> list[PackedLinear]:
+    return [m for m in model.modules() if isinstance(m, PackedLinear)]
+
+
+@pytest.mark.parametrize("preset", WEIGHT_PRESETS)
+def test_every_weight_preset_packs_to_identical_logits_and_reloads(
+    preset, calibration_ids, token_ids, tmp_path
+):
+    model = compressed("llama", preset, calibration_ids)
+    expected = logits(model, token_ids)
+    names = pack_model(model)
+    assert len(names) == len(packed_modules(model)) == 2 * 7
+    assert torch.equal(logits(model, token_ids), expected)
+    loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
+    assert len(packed_modules(loaded)) == 14
+    assert torch.equal(logits(loaded, token_ids), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "opt", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("preset", ["gptq-w4a16-g64", "rtn-w8a8"])
+def test_other_families_pack_and_reload_identically(
+    family, preset, calibration_ids, token_ids, tmp_path
+):
+    model = compressed(family, preset, calibration_ids)
+    expected = logits(model, token_ids)
+    pack_model(model)
+    loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
+    assert packed_modules(loaded)
+    assert torch.equal(logits(loaded, token_ids), expected)
+
+
+def test_packed_codes_take_their_bit_width_on_disk(calibration_ids, tmp_path):
+    model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    pack_model(model)
+    for module in packed_modules(model):
+        out, inp = module.out_features, module.in_features
+        assert module.qweight.dtype == torch.uint8 and module.qweight.shape == (out, inp // 2)
+        assert module.scale.shape == module.zero.shape == (out, inp // 64)
+        assert module.zero.dtype == torch.uint8
+    folder = save_quantized(model, build_tiny_tokenizer(), tmp_path / "out")
+    marker = json.loads((folder / "channelwise.json").read_text())
+    assert marker["format"] == "packed" and len(marker["packed_linears"]) == 14
+    float_model = build_tiny_model("llama", **WIDE)
+    float_folder = tmp_path / "float"
+    float_model.save_pretrained(float_folder)
+    assert (folder / "model.safetensors").stat().st_size < 0.6 * (
+        float_folder / "model.safetensors"
+    ).stat().st_size
+
+
+def test_symmetric_codes_store_no_zero_point(calibration_ids):
+    model = compressed("llama", "rtn-w8a8", calibration_ids)
+    pack_model(model)
+    module = packed_modules(model)[0]
+    assert module.zero is None and "zero" not in module.state_dict()
+    codes = module.codes()
+    assert codes.min() >= -128 and codes.max() <= 127
+
+
+def test_online_hadamards_and_input_quantizers_move_to_the_packed_modules(
+    calibration_ids, token_ids
+):
+    model = compressed("llama", "quarot-w4a4", calibration_ids)
+    down = model.model.layers[0].mlp.down_proj
+    hooks = len(down._forward_pre_hooks)
+    assert hooks >= 2  # the online Hadamard and the input quantizer
+    pack_model(model)
+    assert len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == hooks
+
+
+def test_a_weight_changed_after_quantization_is_refused(calibration_ids):
+    model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] += 1e-3
+    with pytest.raises(PackingError, match=r"layers\.1\.mlp\.up_proj.*not on its recorded"):
+        pack_model(model)
+    assert not packed_modules(model)  # nothing was replaced
+
+
+def test_act_order_with_dynamic_groups_is_refused_with_the_fix(calibration_ids):
+    recipe = Recipe.from_dict(
+        {
+            "name": "gptq-dynamic",
+            "weights": {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 64},
+            "steps": [{"method": "gptq", "args": {"act_order": True}}],
+        }
+    )
+    model = compressed("llama", recipe, calibration_ids)
+    with pytest.raises(PackingError, match="static_groups"):
+        pack_model(model)
+
+
+def test_uncompressed_model_cannot_be_packed():
+    with pytest.raises(PackingError, match="not compressed"):
+        pack_model(build_tiny_model("llama"))
+
+
+def test_activation_only_recipe_packs_nothing(calibration_ids):
+    recipe = Recipe.from_dict(
+        {
+            "name": "a8",
+            "activations": {"bits": 8, "symmetric": True, "granularity": "token", "dynamic": True},
+        }
+    )
+    model = compressed("llama", recipe, calibration_ids)
+    assert pack_model(model) == [] and not packed_modules(model)
+
+
+@pytest.fixture
+def packed_folder(calibration_ids, tmp_path) -> Path:
+    model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    pack_model(model)
+    return save_quantized(model, build_tiny_tokenizer(), tmp_path / "out")
+
+
+def test_corrupt_checkpoint_is_refused(packed_folder):
+    weights = packed_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_model(packed_folder)
+
+
+def test_checkpoint_whose_layout_does_not_match_its_tensors_is_refused(packed_folder):
+    marker_file = packed_folder / "channelwise.json"
+    marker = json.loads(marker_file.read_text())
+    entry = marker["packed_linears"]["model.layers.0.self_attn.q_proj"]
+    entry["spec"]["bits"] = 8
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match=r"q_proj\.qweight.*expects"):
+        load_model(packed_folder)
+
+
+def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = packed_folder / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.layers.1.mlp.down_proj.scale"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing.*down_proj.scale"):
+        load_model(packed_folder)

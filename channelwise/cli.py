@@ -31,11 +31,16 @@ def _protocol(args):
 
 
 def cmd_quantize(args) -> None:
+    import torch
+
     from channelwise import load_model, load_recipe, quantize, save_quantized
     from channelwise.compress import needs_calibration
     from channelwise.deploy import pack_model
+    from channelwise.deploy.packed import round_float_tensors_
 
     recipe = load_recipe(args.recipe)
+    if args.float_dtype != "float32" and args.format != "packed":
+        raise ChannelwiseError("--float-dtype needs --format packed")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ChannelwiseError(f"{out} exists; choose another --out or pass --force")
@@ -44,9 +49,23 @@ def cmd_quantize(args) -> None:
         _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
     )
     result = quantize(model, recipe, calibration, progress=not args.quiet)
-    packed = pack_model(model) if args.format == "packed" else []
-    path = save_quantized(model, tokenizer, out, force=args.force)
-    how = f"{len(packed)} linears packed" if packed else "float weights on the quantized grid"
+    packed = pack_model(model) if args.format != "fake" else []
+    if args.float_dtype != "float32":
+        if not packed:
+            raise ChannelwiseError(f"--float-dtype: recipe '{recipe.name}' packs no weights")
+        round_float_tensors_(model, getattr(torch, args.float_dtype))
+    if args.format == "compressed-tensors":
+        from channelwise.deploy.compressed_tensors import (
+            export_compressed_tensors,
+            verify_compressed_tensors,
+        )
+
+        path = export_compressed_tensors(model, tokenizer, out, force=args.force)
+        worst = verify_compressed_tensors(path, model)
+        how = f"compressed-tensors; reloaded by the package, weights differ by at most {worst:g}"
+    else:
+        path = save_quantized(model, tokenizer, out, force=args.force)
+        how = f"{len(packed)} modules packed" if packed else "float weights on the quantized grid"
     print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how})")
 
 
@@ -159,9 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--format",
-        choices=("packed", "fake"),
+        choices=("packed", "fake", "compressed-tensors"),
         default="packed",
-        help="packed: integer codes at their bit width (default); fake: float weights on the grid",
+        help="packed: integer codes at their bit width (default); fake: float weights on the "
+        "grid; compressed-tensors: the format vLLM loads",
+    )
+    p.add_argument(
+        "--float-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage of the tensors left unquantized (embedding, norms): float16 halves them, "
+        "as llama.cpp and the other toolkits store them, at a rounding the eval then includes",
     )
     data_options(p, evaluation=False)
     p.set_defaults(func=cmd_quantize)

@@ -29,6 +29,7 @@ from channelwise.models import MARKER_FILE
 from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import install_attention_quantizers
+from channelwise.quant.grid import round_weight_
 from channelwise.recipe import Recipe, load_recipe
 
 RECIPE_ATTR = "channelwise_recipe"
@@ -108,6 +109,9 @@ def quantize(
                 range(len(blocks)), desc=recipe.name, disable=not progress, leave=False
             ):
                 block_fn(BlockContext(index, blocks[index], adapter, [], [], where))
+        if recipe.embedding is not None:
+            embedding = model.get_input_embeddings()
+            round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
@@ -165,6 +169,15 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
                     f"recipe '{recipe.name}': attention.{name} does not fit "
                     f"head_dim {head_dim}: {exc}"
                 ) from None
+    if recipe.embedding is not None:
+        shape = tuple(model.get_input_embeddings().weight.shape)
+        try:
+            recipe.embedding.spec("weight").granularity.block_shape(*shape)
+        except RecipeError as exc:
+            raise RecipeError(
+                f"recipe '{recipe.name}': embedding does not fit the {shape[0]}×{shape[1]} "
+                f"token embedding: {exc}"
+            ) from None
     acts = recipe.activations
     if acts is not None and not acts.dynamic and acts.granularity == "group":
         raise RecipeError(
@@ -334,5 +347,8 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
             block.get_submodule(adapter.attention_module) for block in adapter.block_list(model)
         ]
         install_attention_quantizers(model, modules, recipe.attention.specs())
+        if recipe.embedding is not None:
+            embedding = model.get_input_embeddings()
+            round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)

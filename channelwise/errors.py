@@ -47,3 +47,7 @@ class PackingError(ChannelwiseError):
 
 class CheckpointError(ChannelwiseError):
     """A saved checkpoint is corrupt, incomplete or does not match its config."""
+
+
+class ExportError(ChannelwiseError):
+    """A model cannot be written in a serving engine's format (the format cannot express it)."""

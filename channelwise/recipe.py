@@ -126,10 +126,19 @@ class Recipe(BaseModel):
     weights: QuantArgs | None = None
     activations: QuantArgs | None = None
     attention: AttentionArgs | None = None
+    embedding: QuantArgs | None = None  # opt-in: the token embedding (and a head tied to it)
     steps: tuple[Step, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        emb = self.embedding
+        if emb is not None and (
+            emb.granularity not in ("channel", "group") or emb.group_along != "input"
+        ):
+            raise ValueError(
+                "embedding: use granularity 'channel' (one scale per token row) or 'group' "
+                "(groups along the row): a lookup dequantizes single rows"
+            )
         acts = self.activations
         if acts is not None:
             if acts.granularity == "token" and not acts.dynamic:
@@ -160,6 +169,7 @@ class Recipe(BaseModel):
             self.weights is None
             and self.activations is None
             and self.attention is None
+            and self.embedding is None
             and not self.steps
         )
 

@@ -169,3 +169,131 @@ def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="missing.*down_proj.scale"):
         load_model(packed_folder)
+
+
+# --- opt-in embedding quantization --------------------------------------------------------------
+
+
+def with_embedding(preset: str, embedding: dict) -> Recipe:
+    data = load_recipe(preset).model_dump(mode="json", exclude_defaults=True)
+    return Recipe.from_dict({**data, "name": f"{preset}+emb", "embedding": embedding})
+
+
+@pytest.mark.parametrize(
+    "embedding",
+    [
+        {"bits": 8, "granularity": "channel"},
+        {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 32},
+    ],
+)
+def test_quantized_embedding_packs_once_with_its_tied_head(
+    embedding, calibration_ids, token_ids, tmp_path
+):
+    model = compressed("llama", with_embedding("rtn-w4a16-g64", embedding), calibration_ids)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    expected = logits(model, token_ids)
+    names = pack_model(model)
+    assert {"model.embed_tokens", "lm_head"} <= set(names)
+    assert torch.equal(logits(model, token_ids), expected)
+    folder = save_quantized(model, build_tiny_tokenizer(), tmp_path / "out")
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.qweight" in keys and not any(k.startswith("lm_head") for k in keys)
+    loaded, _ = load_model(folder)
+    assert torch.equal(logits(loaded, token_ids), expected)
+
+
+def test_embedding_quantization_changes_only_the_embedding(calibration_ids):
+    plain = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    emb = compressed(
+        "llama",
+        with_embedding("rtn-w4a16-g64", {"bits": 8, "granularity": "channel"}),
+        calibration_ids,
+    )
+    before, after = plain.model.embed_tokens.weight, emb.model.embed_tokens.weight
+    assert not torch.equal(before, after)
+    assert all(row.unique().numel() <= 256 for row in after)  # each row on its own 8-bit grid
+    assert torch.equal(
+        plain.model.layers[0].mlp.up_proj.weight, emb.model.layers[0].mlp.up_proj.weight
+    )
+
+
+def test_embedding_granularity_that_a_lookup_cannot_use_is_refused():
+    from channelwise.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="embedding: use granularity"):
+        with_embedding("rtn-w4a16-g64", {"bits": 8, "granularity": "tensor"})
+
+
+def test_embedding_group_that_does_not_fit_fails_before_any_work(calibration_ids):
+    from channelwise.errors import RecipeError
+
+    recipe = with_embedding("rtn-w4a16-g64", {"bits": 4, "granularity": "group", "group_size": 48})
+    model = build_tiny_model("llama", **WIDE)
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    with pytest.raises(RecipeError, match="embedding does not fit"):
+        quantize(model, recipe, calibration_ids, progress=False)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_float16_storage_of_unquantized_tensors_reloads_what_was_rounded(
+    calibration_ids, token_ids, tmp_path
+):
+    from channelwise.deploy.packed import round_float_tensors_
+
+    model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    pack_model(model)
+    full = save_quantized(model, build_tiny_tokenizer(), tmp_path / "fp32")
+    before = logits(model, token_ids)
+    assert round_float_tensors_(model, torch.float16) > 0
+    after = logits(model, token_ids)
+    assert not torch.equal(after, before)  # the embedding really was rounded
+    assert (after - before).abs().max() < 1e-2 * before.abs().max()
+    half = save_quantized(model, build_tiny_tokenizer(), tmp_path / "fp16")
+    assert (half / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
+    loaded, _ = load_model(half)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(logits(loaded, token_ids), after)
+    scales = [m.scale for m in packed_modules(loaded)]
+    assert all(s.dtype == torch.float32 for s in scales)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    folder = tmp_path / "tiny"
+    build_tiny_model("llama", **WIDE).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("fmt", "marker"), [("packed", "packed"), ("fake", "fake-quant"), ("compressed-tensors", None)]
+)
+def test_cli_quantize_writes_each_format(tiny_folder, tmp_path, capsys, fmt, marker):
+    from channelwise.cli import main
+
+    out = tmp_path / fmt
+    args = ["-q", "--device", "cpu", "quantize", str(tiny_folder), "--recipe", "rtn-w4a16-g64"]
+    assert main([*args, "--out", str(out), "--format", fmt]) == 0
+    printed = capsys.readouterr().out
+    if marker is None:
+        config = json.loads((out / "config.json").read_text())
+        assert config["quantization_config"]["format"] == "pack-quantized"
+        assert "differ by at most 0" in printed
+    else:
+        assert json.loads((out / "channelwise.json").read_text())["format"] == marker
+
+
+def test_cli_float16_storage_needs_a_packed_format(tiny_folder, tmp_path, capsys):
+    from channelwise.cli import main
+
+    args = ["-q", "quantize", str(tiny_folder), "--recipe", "rtn-w4a16-g64", "--format", "fake"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--float-dtype", "float16"]) == 2
+    assert "--float-dtype needs --format packed" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

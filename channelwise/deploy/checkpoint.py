@@ -14,39 +14,57 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from channelwise.adapters import adapter_for
-from channelwise.deploy.packed import PackedLinear, _set_submodule
+from channelwise.deploy.packed import (
+    FLOAT_DTYPE_ATTR,
+    PackedCodes,
+    PackedEmbedding,
+    PackedLinear,
+    PackedTiedHead,
+    _set_submodule,
+    grid_keys,
+)
 from channelwise.errors import CheckpointError
 from channelwise.quant import spec_from_dict, spec_to_dict
 
 
 def packed_layout(model: nn.Module) -> dict[str, dict]:
-    """``{module name: {"spec", "transposed", "bias"}}`` for every packed linear of ``model``."""
-    return {
-        name: {
-            "spec": spec_to_dict(module.spec),
-            "transposed": module.transposed,
-            "bias": module.bias is not None,
-        }
-        for name, module in model.named_modules()
-        if isinstance(module, PackedLinear)
-    }
+    """``{module name: {"kind", "spec", …}}`` for every packed module of ``model``."""
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedCodes):
+            layout[name] = {"spec": spec_to_dict(module.spec), **module.layout()}
+        elif isinstance(module, PackedTiedHead):
+            layout[name] = module.layout()
+    return layout
 
 
 def save_packed_weights(model: nn.Module, folder: Path) -> None:
     """``config.json`` (and generation config) plus the state dict in ``model.safetensors``.
 
     ``save_pretrained`` would rename keys for some families (GPT-NeoX's ``lm_head`` is written
-    as ``embed_out``) and expects its own module types; tensors tied to another are stored once.
+    as ``embed_out``) and expects its own module types. Tensors tied to another are stored once;
+    float tensors that :func:`round_float_tensors_` rounded are stored in that dtype.
     """
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    storage_dtype = getattr(model, FLOAT_DTYPE_ATTR, None)
+    grids = grid_keys(model)
+    tensors, stored = {}, set()
+    for key, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.device)
+        if where in stored:
+            continue  # tied to a tensor already written
+        stored.add(where)
+        if storage_dtype is not None and tensor.is_floating_point() and key not in grids:
+            tensor = tensor.to(storage_dtype)
+        tensors[key] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn.Module:
@@ -56,20 +74,29 @@ def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter_for(model)  # refuse an unsupported architecture before reading any tensor
-    for name, entry in layout.items():
+    embeddings: dict[str, PackedEmbedding] = {}
+    for name, entry in sorted(layout.items(), key=lambda item: item[1].get("kind") == "tied_head"):
         try:
             old = model.get_submodule(name)
-            spec = spec_from_dict(entry["spec"])
+            kind = entry.get("kind", "linear")
+            if kind == "tied_head":
+                packed = PackedTiedHead(embeddings[entry["embedding"]], entry["embedding"])
+            elif kind == "embedding":
+                packed = embeddings[name] = PackedEmbedding(*old.weight.shape, _spec(entry))
+            else:
+                out_features, in_features = _linear_shape(old, entry["transposed"])
+                packed = PackedLinear(
+                    in_features, out_features, _spec(entry), entry["bias"], entry["transposed"]
+                )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{folder}: packed entry '{name}' does not fit: {exc}") from None
-        out_features, in_features = _linear_shape(old, entry["transposed"])
-        _set_submodule(
-            model,
-            name,
-            PackedLinear(in_features, out_features, spec, entry["bias"], entry["transposed"]),
-        )
+        _set_submodule(model, name, packed)
     _load_state(model, folder)
     return model.eval()
+
+
+def _spec(entry: dict):
+    return spec_from_dict(entry["spec"])
 
 
 def _linear_shape(module: nn.Module, transposed: bool) -> tuple[int, int]:
@@ -97,6 +124,9 @@ def _load_state(model: nn.Module, folder: Path) -> None:
         )
     for key, tensor in state.items():
         want = expected[key]
+        if tensor.is_floating_point() and want.is_floating_point() and tensor.dtype != want.dtype:
+            if torch.finfo(tensor.dtype).bits < torch.finfo(want.dtype).bits:
+                state[key] = tensor = tensor.to(want.dtype)  # stored narrower: widening is exact
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
             raise CheckpointError(
                 f"{folder}: '{key}' is {tuple(tensor.shape)} {tensor.dtype}, the model expects "

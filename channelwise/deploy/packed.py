@@ -25,7 +25,50 @@ from channelwise.quant.grid import GRID_ATTR, weight_grid
 from channelwise.quant.packing import pack_codes, packed_size, unpack_codes
 
 
-class PackedLinear(nn.Module):
+class PackedCodes(nn.Module):
+    """Codes ``q`` of a ``(rows, cols)`` matrix packed along ``cols``, with their grid."""
+
+    def __init__(self, rows: int, cols: int, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer(
+            "qweight", torch.zeros(rows, packed_size(cols, spec.bits), dtype=torch.uint8)
+        )
+        grid_rows, grid_cols = spec.granularity.scale_shape(rows, cols)
+        self.register_buffer("scale", torch.ones(grid_rows, grid_cols))
+        self.zero: Tensor | None
+        if spec.symmetric:
+            self.zero = None
+        else:
+            self.register_buffer("zero", torch.zeros(grid_rows, grid_cols, dtype=torch.uint8))
+        self._cols = cols
+
+    def load_codes(self, codes: Tensor, qparams: QParams) -> None:
+        """Store integer ``codes`` ``(rows, cols)`` in ``[qmin, qmax]`` and their grid."""
+        self.qweight.copy_(pack_codes(codes.to(torch.int16) - self.spec.qmin, self.spec.bits))
+        self.scale.copy_(qparams.scale)
+        if self.zero is not None:
+            self.zero.copy_(qparams.zero_point.to(torch.uint8))
+
+    def codes(self, rows: Tensor | None = None) -> Tensor:
+        """The integer codes ``(rows, cols)`` (or of the ``rows`` indexed), int16."""
+        packed = self.qweight if rows is None else self.qweight[rows]
+        return unpack_codes(packed, self.spec.bits, self._cols).to(torch.int16) + self.spec.qmin
+
+    def qparams(self, rows: Tensor | None = None) -> QParams:
+        scale = self.scale if rows is None else self.scale[rows]
+        zero = torch.zeros_like(scale) if self.zero is None else self.zero
+        if rows is not None and self.zero is not None:
+            zero = zero[rows]
+        return QParams(scale, zero.float())
+
+    def dequantized(self, rows: Tensor | None = None) -> Tensor:
+        """``(q − z)·s`` float32 (of the ``rows`` indexed, if given): bit-identical to the
+        fake-quantized matrix. Row indexing needs a grid of whole rows (per row or row groups)."""
+        return dequantize(self.codes(rows).float(), self.qparams(rows), self.spec)
+
+
+class PackedLinear(PackedCodes):
     """``y = x Ŵᵀ + b`` with ``Ŵ = (q − z)·s`` stored as packed codes ``q``.
 
     ``transposed`` marks a GPT-2 ``Conv1D`` it replaces: ``weight`` is then returned ``(in, out)``
@@ -40,20 +83,9 @@ class PackedLinear(nn.Module):
         bias: bool,
         transposed: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(out_features, in_features, spec)
         self.in_features, self.out_features = in_features, out_features
-        self.spec, self.transposed = spec, transposed
-        rows, cols = spec.granularity.scale_shape(out_features, in_features)
-        self.register_buffer(
-            "qweight",
-            torch.zeros(out_features, packed_size(in_features, spec.bits), dtype=torch.uint8),
-        )
-        self.register_buffer("scale", torch.ones(rows, cols))
-        self.zero: Tensor | None
-        if spec.symmetric:
-            self.zero = None
-        else:
-            self.register_buffer("zero", torch.zeros(rows, cols, dtype=torch.uint8))
+        self.transposed = transposed
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
@@ -63,42 +95,72 @@ class PackedLinear(nn.Module):
         """Pack integer ``codes`` ``(out, in)`` (``spec.code_dtype`` range) with their grid."""
         out_features, in_features = codes.shape
         packed = cls(in_features, out_features, spec, bias is not None, transposed)
-        packed.qweight.copy_(pack_codes(codes.to(torch.int16) - spec.qmin, spec.bits))
-        packed.scale.copy_(qparams.scale)
-        if packed.zero is not None:
-            packed.zero.copy_(qparams.zero_point.to(torch.uint8))
+        packed.load_codes(codes, qparams)
         if bias is not None:
             packed.bias.data.copy_(bias)
         return packed.to(codes.device)
-
-    def codes(self) -> Tensor:
-        """The integer codes ``(out, in)`` in ``[qmin, qmax]``, int16."""
-        unsigned = unpack_codes(self.qweight, self.spec.bits, self.in_features)
-        return unsigned.to(torch.int16) + self.spec.qmin
-
-    def qparams(self) -> QParams:
-        zero = self.zero.float() if self.zero is not None else torch.zeros_like(self.scale)
-        return QParams(self.scale, zero)
-
-    def dequantized(self) -> Tensor:
-        """``(q − z)·s`` ``(out, in)`` float32: bit-identical to the fake-quantized weight."""
-        return dequantize(self.codes().float(), self.qparams(), self.spec)
 
     @property
     def weight(self) -> Tensor:
         w = self.dequantized()
         return w.t() if self.transposed else w
 
+    def layout(self) -> dict:
+        return {"kind": "linear", "transposed": self.transposed, "bias": self.bias is not None}
+
     def forward(self, x: Tensor) -> Tensor:
         w = self.dequantized().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        g = self.spec.granularity
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, "
-            f"{'symmetric' if self.spec.symmetric else 'asymmetric'}, {g}"
+            f"{'symmetric' if self.spec.symmetric else 'asymmetric'}, {self.spec.granularity}"
         )
+
+
+class PackedEmbedding(PackedCodes):
+    """A token embedding ``(vocab, dim)`` stored as codes; a lookup dequantizes only its rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec) -> None:
+        if spec.granularity.block_shape(2, embedding_dim)[0] != 1:
+            raise PackingError(
+                f"an embedding's grid must be per row or groups along the row, not "
+                f"{spec.granularity}: a lookup dequantizes single rows"
+            )
+        super().__init__(num_embeddings, embedding_dim, spec)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @property
+    def weight(self) -> Tensor:
+        return self.dequantized()
+
+    def layout(self) -> dict:
+        return {"kind": "embedding"}
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.dequantized(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+
+
+class PackedTiedHead(nn.Module):
+    """The LM head tied to a :class:`PackedEmbedding`: ``y = x Eᵀ``, the codes stored once."""
+
+    def __init__(self, embedding: PackedEmbedding, embedding_name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: no second copy
+        self.embedding_name = embedding_name
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+        self.bias = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.embedding.dequantized()
+
+    def layout(self) -> dict:
+        return {"kind": "tied_head", "embedding": self.embedding_name}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.embedding.dequantized().to(x.dtype))
 
 
 def pack_linear(module: nn.Module, transposed: bool, where: str = "linear") -> PackedLinear:
@@ -128,7 +190,8 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
 
     If the model's recipe quantized weights, every block linear must carry a recorded grid (else
     :class:`PackingError`, before anything changes); a recipe without weight quantization packs
-    nothing. Forward hooks (input quantizers, online Hadamards) move to the packed modules.
+    no linear. A token embedding the recipe rounded is packed too, with an LM head tied to it.
+    Forward hooks (input quantizers, online Hadamards) move to the packed modules.
     Returns the names of the packed modules.
     """
     from channelwise.compress import RECIPE_ATTR
@@ -139,7 +202,7 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
     if recipe is None:
         raise PackingError("this model was not compressed by channelwise.quantize; nothing to pack")
     if not any(quantizes_weights(step.method) for step in recipe.steps):
-        return []
+        return _pack_embedding(model)
     todo = [
         (f"{adapter.blocks}.{index}.{name}", block, name, module)
         for index, block in enumerate(adapter.block_list(model))
@@ -157,7 +220,62 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
     for (_where, block, name, module), new in zip(todo, packed, strict=True):
         _move_hooks(module, new)
         _set_submodule(block, name, new)
-    return [where for where, *_ in todo]
+    return [where for where, *_ in todo] + _pack_embedding(model)
+
+
+def _pack_embedding(model: nn.Module) -> list[str]:
+    """Pack the token embedding if a recipe rounded it, and the LM head tied to it."""
+    embedding = model.get_input_embeddings()
+    grid = weight_grid(embedding)
+    if grid is None:
+        return []
+    names = {id(module): name for name, module in model.named_modules()}
+    name = names[id(embedding)]
+    weight = embedding.weight.detach().float()
+    packed = PackedEmbedding(*weight.shape, grid.spec).to(weight.device)
+    packed.load_codes(quantize(weight, grid.qparams, grid.spec), grid.qparams)
+    if not torch.equal(packed.dequantized(), weight):
+        raise PackingError(f"{name}: the embedding is not on its recorded grid; cannot pack it")
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    _move_hooks(embedding, packed)
+    _set_submodule(model, name, packed)
+    if not tied:
+        return [name]
+    _set_submodule(model, names[id(head)], PackedTiedHead(packed, name))
+    return [name, names[id(head)]]
+
+
+FLOAT_DTYPE_ATTR = "_channelwise_float_dtype"
+_GRID_BUFFERS = ("qweight", "scale", "zero")
+
+
+def grid_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the packed grids (codes, scales, zero points)."""
+    return {
+        f"{name}.{buffer}"
+        for name, module in model.named_modules()
+        if isinstance(module, PackedCodes)
+        for buffer in _GRID_BUFFERS
+    }
+
+
+def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Round every saved float tensor that is not a packed grid (embeddings, norms, biases) to
+    ``dtype`` and back, in place, so a checkpoint can store them in ``dtype`` losslessly (as the
+    anchors keep their embeddings in fp16). Scales stay float32. Returns the elements rounded."""
+    if not dtype.is_floating_point:
+        raise PackingError(f"float storage dtype must be a float type, not {dtype}")
+    grids, seen, rounded = grid_keys(model), set(), 0
+    for key, tensor in model.state_dict().items():
+        where = tensor.untyped_storage().data_ptr()
+        if key in grids or not tensor.is_floating_point() or where in seen:
+            continue
+        seen.add(where)
+        tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+        rounded += tensor.numel()
+    setattr(model, FLOAT_DTYPE_ATTR, dtype)
+    return rounded
 
 
 _HOOK_DICTS = (

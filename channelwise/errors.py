@@ -51,3 +51,7 @@ class CheckpointError(ChannelwiseError):
 
 class ExportError(ChannelwiseError):
     """A model cannot be written in a serving engine's format (the format cannot express it)."""
+
+
+class KernelInputError(ChannelwiseError):
+    """A kernel was given tensors of the wrong dtype, shape or layout."""

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
-from helpers import logits
+from helpers import logits, relative_error
 
 from channelwise import load_model, quantize
 from channelwise.compress import save_quantized
 from channelwise.deploy import PackedLinear, pack_model
+from channelwise.deploy.packed import use_kernels
 from channelwise.errors import CheckpointError, PackingError
 from channelwise.methods.registry import quantizes_weights
 from channelwise.recipe import Recipe, load_recipe, preset_names
@@ -21,6 +22,15 @@ WIDE = dict(hidden_size=128, intermediate_size=256)  # every preset's group size
 WEIGHT_PRESETS = [
     p for p in preset_names() if any(quantizes_weights(s.method) for s in load_recipe(p).steps)
 ]
+
+
+@pytest.fixture(autouse=True)
+def reference_path():
+    """Packed modules dequantize and run a float GEMM here (bit-identical to fake-quant); the
+    integer kernels are tested against that path with a tolerance at the end of this file."""
+    before = use_kernels(False)
+    yield
+    use_kernels(before)
 
 
 def compressed(family: str, preset: str | Recipe, calibration_ids: torch.Tensor):
@@ -297,3 +307,40 @@ def test_cli_float16_storage_needs_a_packed_format(tiny_folder, tmp_path, capsys
     assert main([*args, "--out", str(tmp_path / "o"), "--float-dtype", "float16"]) == 2
     assert "--float-dtype needs --format packed" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --- integer kernels ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "int_path"),
+    [("rtn-w8a8", True), ("rtn-w8a16", False), ("rtn-w4a16-g64", False), ("gptq-w4a16-g64", False)],
+)
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_integer_kernels_match_the_fake_quant_model(
+    preset, int_path, tokens, calibration_ids, monkeypatch
+):
+    from channelwise import kernels
+
+    model = compressed("llama", preset, calibration_ids)
+    ids = torch.randint(0, 128, (2, tokens), generator=torch.Generator().manual_seed(3))
+    expected = logits(model, ids)
+    quantization_error = relative_error(expected, logits(build_tiny_model("llama", **WIDE), ids))
+    pack_model(model)
+    use_kernels(True)
+    calls = []
+    for name in ("w8a8_linear", "w8a16_linear", "w4a16_linear"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a)
+        )
+    got = logits(model, ids)
+    assert calls and all(c == calls[0] for c in calls)
+    assert (calls[0] == "w8a8_linear") == int_path
+    # Weight-only kernels sum in another fp32 order (~1e-7 per linear). W8A8 sums exactly in
+    # int32 (each linear agrees to ~2e-7), but the next linear's per-token codes then sit on
+    # rounding boundaries a little differently; the flips compound over the layers, so the two
+    # W8A8 models differ by a fraction of their quantization error. A wrong scale or code
+    # layout would differ by more than the whole quantization error.
+    bound = 0.5 * quantization_error if int_path else 1e-5
+    assert relative_error(got, expected) < bound

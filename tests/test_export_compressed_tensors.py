@@ -32,6 +32,16 @@ from channelwise.recipe import Recipe  # noqa: E402
 WIDE = dict(hidden_size=128, intermediate_size=256)  # every preset's group sizes fit
 
 
+@pytest.fixture(autouse=True)
+def _reference_path():
+    """Our packed modules dequantize + float GEMM here, as the decompressed export does."""
+    from channelwise.deploy.packed import use_kernels
+
+    before = use_kernels(False)
+    yield
+    use_kernels(before)
+
+
 def packed(family: str, recipe, calibration_ids: torch.Tensor, **overrides):
     model = build_tiny_model(family, **(WIDE if family == "llama" else {}), **overrides)
     quantize(model, recipe, calibration_ids, progress=False)

@@ -18,11 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from channelwise import kernels
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.errors import PackingError
-from channelwise.quant import QParams, QuantSpec, dequantize, quantize
+from channelwise.quant import PerGroup, PerRow, QParams, QuantSpec, dequantize, quantize
+from channelwise.quant.activation import InputQuantizer, input_quantizer
 from channelwise.quant.grid import GRID_ATTR, weight_grid
 from channelwise.quant.packing import pack_codes, packed_size, unpack_codes
+
+_KERNELS = {"on": True}
+
+
+def use_kernels(enabled: bool) -> bool:
+    """Route packed linears through the integer CPU kernels (default) or, with ``False``,
+    through the reference path (dequantize, float GEMM: bit-identical to fake-quant). Returns
+    the previous setting. The kernels differ from the reference only in float summation order
+    (W8A16/W4A16) or sum exactly in int32 (W8A8)."""
+    before = _KERNELS["on"]
+    _KERNELS["on"] = bool(enabled)
+    return before
 
 
 class PackedCodes(nn.Module):
@@ -87,6 +101,7 @@ class PackedLinear(PackedCodes):
         self.in_features, self.out_features = in_features, out_features
         self.transposed = transposed
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._kernel_cache: dict[str, tuple] = {}
 
     @classmethod
     def from_codes(
@@ -108,9 +123,68 @@ class PackedLinear(PackedCodes):
     def layout(self) -> dict:
         return {"kind": "linear", "transposed": self.transposed, "bias": self.bias is not None}
 
+    def quantizes_input(self, quantizer: InputQuantizer, x: Tensor) -> bool:
+        """Whether :meth:`forward` quantizes ``x`` itself: dynamic per-token symmetric int8 into
+        ``torch._int_mm`` against int8 per-row weights. Its codes equal the fake quantizer's."""
+        q = quantizer.spec
+        return (
+            self._kernel_ready(x)
+            and self._is_int8_rows()
+            and quantizer.qparams is None
+            and (q.bits, q.symmetric, q.range_method, q.clip_ratio) == (8, True, "minmax", 1.0)
+            and isinstance(q.granularity, PerRow)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._kernel_ready(x):
+            quantizer = input_quantizer(self)
+            if quantizer is not None and self.quantizes_input(quantizer, x):
+                return kernels.w8a8_linear(x, self._int8(), self.scale[:, 0], self.bias)
+            if self._is_int8_rows():
+                return kernels.w8a16_linear(x, self._int8(), self.scale[:, 0], self.bias)
+            group = self._w4_group()
+            if group is not None:
+                return kernels.w4a16_linear(
+                    x, self.qweight, self.scale, self._float_zero(), group, self.bias
+                )
         w = self.dequantized().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    # --- integer kernels (CPU, float32 activations) ---------------------------------------------
+
+    def _kernel_ready(self, x: Tensor) -> bool:
+        return _KERNELS["on"] and x.device.type == "cpu" and x.dtype == torch.float32
+
+    def _is_int8_rows(self) -> bool:
+        s = self.spec
+        return s.bits == 8 and s.symmetric and isinstance(s.granularity, PerRow)
+
+    def _w4_group(self) -> int | None:
+        g = self.spec.granularity
+        if self.spec.bits == 4 and isinstance(g, PerGroup) and g.along == "input":
+            return g.size
+        return None
+
+    def _cached(self, name: str, make) -> Tensor:
+        key = (self.qweight._version, self.scale._version, self.qweight.data_ptr())
+        hit = self._kernel_cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._kernel_cache[name] = (key, make())
+        return hit[1]
+
+    def _int8(self) -> Tensor:
+        """Signed int8 codes ``(out, in)`` from the offset uint8 storage."""
+        return self._cached("int8", lambda: (self.qweight ^ 0x80).view(torch.int8))
+
+    def _float_zero(self) -> Tensor:
+        """Zero points in unsigned code units (a symmetric 4-bit code is stored offset by 8)."""
+
+        def make() -> Tensor:
+            if self.zero is None:
+                return torch.full_like(self.scale, -self.spec.qmin)
+            return self.zero.float()
+
+        return self._cached("zero", make)
 
     def extra_repr(self) -> str:
         return (

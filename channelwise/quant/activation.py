@@ -22,7 +22,10 @@ class InputQuantizer:
         self.spec = spec
         self.qparams = qparams
 
-    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        takes_over = getattr(module, "quantizes_input", None)
+        if takes_over is not None and takes_over(self, args[0]):
+            return None  # the module quantizes its input itself, to these codes (integer GEMM)
         x: Tensor = args[0]
         return (fake_quantize(x, self.spec, self.qparams), *args[1:])
 

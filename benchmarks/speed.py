@@ -1,0 +1,178 @@
+"""Speed and size of packed models against fp32, all measured in one run (not a test).
+
+Prefill: tokens/s of one 512-token forward (no cache). Decode: tokens/s of greedy generation of
+128 new tokens at batch 1 after a 16-token prompt (KV cache on). Each variant runs in its own
+process; packed variants are quantized in another process and loaded from their checkpoint, as
+a user would, so the RSS (resident after the runs) and peak RSS are the loaded model's. Every
+figure is the median of ``--repeats`` runs after a warm-up, and ratios are against the fp32 row
+of the same run. The torchao row needs ``pip install torchao`` (not a dependency: transformers
+imports it at start-up whenever it is installed).
+
+    python benchmarks/speed.py                      # every variant
+    python benchmarks/speed.py --variants fp32,w8a8 --repeats 5 --json results/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "fp32": "float32 weights (the baseline)",
+    "bf16": "bfloat16 weights and activations",
+    "torchao-int8-dyn": "torchao int8 dynamic activations + int8 weights (pip install torchao)",
+    "w8a8": "ours: rtn-w8a8 packed (int8 codes, dynamic per-token int8 activations)",
+    "w8a16": "ours: rtn-w8a16 packed (int8 codes, float activations)",
+    "w4a16": "ours: rtn-w4a16-g64 packed (4-bit codes, two per byte, groups of 64)",
+}
+PRESETS = {"w8a8": "rtn-w8a8", "w8a16": "rtn-w8a16", "w4a16": "rtn-w4a16-g64"}
+
+
+def save(variant: str, folder: str) -> None:
+    """Quantize with the variant's preset, pack, and write the packed checkpoint to ``folder``."""
+    from channelwise import load_model, quantize
+    from channelwise.compress import save_quantized
+    from channelwise.deploy import pack_model
+
+    model, tokenizer = load_model(device="cpu")
+    quantize(model, PRESETS[variant], progress=False)
+    pack_model(model)
+    save_quantized(model, tokenizer, folder)
+
+
+def build(variant: str, folder: str | None):
+    """``(model, tokenizer, checkpoint bytes or None)``; packed variants load from ``folder``."""
+    import torch
+
+    from channelwise import load_model
+
+    if variant in PRESETS:
+        model, tokenizer = load_model(folder, device="cpu")
+        return model, tokenizer, sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    model, tokenizer = load_model(device="cpu", dtype=dtype)
+    if variant == "torchao-int8-dyn":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return model, tokenizer, None
+
+
+def measure(variant: str, repeats: int, folder: str | None) -> dict:
+    import torch
+
+    from channelwise.memory import resident_bytes
+    from channelwise.protocol import Protocol
+
+    model, tokenizer, size = build(variant, folder)
+    windows = Protocol().with_(windows=1).eval_tokens(tokenizer)
+    prompt = windows[:, :512]
+    short = windows[:, :16]
+
+    def prefill() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(prompt, use_cache=False)
+        return prompt.shape[1] / (time.perf_counter() - start)
+
+    def decode() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                short, max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+        return (out.shape[1] - short.shape[1]) / (time.perf_counter() - start)
+
+    prefill(), decode()  # warm-up (first-call allocations, kernel builds)
+    return {
+        "variant": variant,
+        "prefill_tok_s": statistics.median(prefill() for _ in range(repeats)),
+        "decode_tok_s": statistics.median(decode() for _ in range(repeats)),
+        "file_bytes": size,
+        "rss_mb": resident_bytes() / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in every variant (default: torch's)"
+    )
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant, print its JSON row
+    parser.add_argument("--save", help=argparse.SUPPRESS)  # write one variant's checkpoint
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print("ROW " + json.dumps(measure(args.one, args.repeats, args.folder)), flush=True)
+        return
+    if args.save:
+        save(args.save, args.folder)
+        return
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = str(Path(tmp) / "packed")
+            if variant in PRESETS:  # quantize in another process: the measured one loads it
+                cmd = [sys.executable, __file__, "--save", variant, "--folder", folder]
+                subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+            cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(args.repeats)]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            cmd += ["--folder", folder] if variant in PRESETS else []
+            done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
+        if done.returncode != 0 or not line:
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"{variant:<18} skipped: {why}", flush=True)
+            continue
+        rows.append(json.loads(line[0][4:]))
+        print(f"{variant:<18} measured", flush=True)
+    report(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def report(rows: list[dict]) -> None:
+    from channelwise.models import load_model
+
+    base = next((r for r in rows if r["variant"] == "fp32"), None)
+    model, _ = load_model(device="cpu")
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
+    print(f"\nfp16 checkpoint of this model: {fp16_bytes / 1e6:.1f} MB\n")
+    print(
+        "| variant | prefill tok/s | × fp32 | decode tok/s | × fp32 | file × fp16 | RSS MB "
+        "| peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pre = r["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
+        dec = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        size = f"{r['file_bytes'] / fp16_bytes:.3f}" if r["file_bytes"] else "—"
+        print(
+            f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {pre:.2f} | {r['decode_tok_s']:.1f} "
+            f"| {dec:.2f} | {size} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

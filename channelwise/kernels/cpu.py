@@ -1,0 +1,286 @@
+"""CPU linear kernels for packed weights: W8A16 and W4A16 weight-only, W8A8 dynamic.
+
+Layouts (the shared packing layout): ``w`` is ``(out, in)``; W8 codes are signed int8 (symmetric,
+per output channel ``scale (out,)``); W4 codes are unsigned 0…15, two per byte along ``in``
+(byte ``j`` holds code ``2j`` in its low nibble, ``2j+1`` in its high one), with asymmetric
+per-group ``scale``/``zero`` of shape ``(out, in / group)`` and weight ``(code − zero) · scale``.
+
+Dispatch, measured on the 2-core Sapphire Rapids host (``benchmarks/kernels.py``):
+
+* weight-only, ``M ≤ WEIGHT_ONLY_MAX_M`` tokens: the AVX-512 extension in ``csrc/weight_only.cpp``
+  (reads the packed weight once, widens it in registers: decode is memory bound). On the
+  1536×576 gate, 1 thread, it is 2.6–3.6× fp32 for M ≤ 8, ~2× at 16, even at 32–64, and stays
+  faster than de-quantize + ``F.linear`` up to M = 256 (0.67× vs 0.59× fp32 for W8, 0.51× vs
+  0.46× for W4) but not at 512 (0.58× vs 0.89×, 0.42× vs 0.74×): hence the threshold 256;
+* weight-only, more tokens (prefill): de-quantize to fp32 once and call MKL's ``F.linear``;
+* W8A8: per-token symmetric int8 activations, ``torch._int_mm`` (oneDNN), de-quantized by the
+  product of the two scales; quantizing ``x`` and de-quantizing the int32 result are one
+  AVX-512 pass each in the extension (in eager torch they cost as much as the GEMM itself).
+  ``_int_mm`` needs ``M > 16`` and ``in``/``out`` multiples of 8: fewer rows are zero-padded
+  to 17 (the padded rows are dropped), other ``in``/``out`` use the
+  exact integer reference (``int32`` matmul) — the result is the same, only slower.
+
+The extension is compiled on first use (~10 s of CPU; 15–40 s wall on the shared host) into
+``$CHANNELWISE_HOME/kernels`` and reused (the folder name carries a hash of source and flags);
+if it cannot be built or the CPU lacks AVX-512, one warning is logged and the pure-torch
+de-quantize path serves every call. ``CHANNELWISE_KERNELS=0`` disables it.
+
+NaN/inf: not checked (a check would cost a pass over ``x`` per call); they propagate. A
+non-finite activation makes its token's whole output row non-finite in every kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from channelwise.errors import KernelInputError
+from channelwise.paths import channelwise_home
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "weight_only.cpp"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+#: Up to this many tokens the weight-only kernels run; above it, de-quantize + ``F.linear``.
+WEIGHT_ONLY_MAX_M = 256
+#: The C++ W4 kernel reads 32 codes (16 bytes) per step, so it needs group % 32 == 0.
+W4_KERNEL_GROUP_MULTIPLE = 32
+_INT_MM_MIN_M = 17
+_MAX_M = WEIGHT_ONLY_MAX_M
+
+_state: dict[str, object] = {}
+
+
+def kernel_available() -> bool:
+    """Whether the compiled AVX-512 weight-only kernels can be used (builds them on first call)."""
+    return _ops() is not None
+
+
+def _ops():
+    if "ops" in _state:
+        return _state["ops"]
+    ops, why = None, None
+    if os.environ.get("CHANNELWISE_KERNELS", "1") == "0":
+        why = "disabled by CHANNELWISE_KERNELS=0"
+    elif torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        why = (
+            f"CPU capability is {torch.backends.cpu.get_cpu_capability()}, the kernels need AVX512"
+        )
+    else:
+        try:
+            ops = _build()
+        except Exception as error:  # noqa: BLE001 — any build failure must fall back, not crash
+            why = f"compiling {_SOURCE.name} failed: {str(error).strip().splitlines()[-1:]}"
+    if why:
+        log.warning("channelwise CPU kernels unavailable (%s); using de-quantize + F.linear", why)
+    _state["ops"] = ops
+    return ops
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    build = channelwise_home() / "kernels" / f"weight_only-torch{torch.__version__}-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    here = str(Path(sys.executable).parent)  # the venv's bin: the pip-installed ninja lives there
+    if here not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
+    cpp_extension.load(
+        name="channelwise_weight_only",
+        sources=[str(_SOURCE)],
+        extra_cflags=_FLAGS,
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.channelwise_cpu
+
+
+# ----------------------------------------------------------------------------- de-quantization
+def unpack_int4(packed: Tensor) -> Tensor:
+    """``(out, in/2)`` uint8 → ``(out, in)`` uint8 codes (low nibble = even column)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_w8(w: Tensor, scale: Tensor) -> Tensor:
+    """``(out, in)`` int8 codes × ``(out,)`` scales → ``(out, in)`` float32."""
+    return w.float() * scale[:, None]
+
+
+def dequantize_w4(packed: Tensor, scale: Tensor, zero: Tensor, group: int) -> Tensor:
+    """``(out, in/2)`` packed codes, ``(out, in/group)`` scale/zero → ``(out, in)`` float32."""
+    codes = unpack_int4(packed).float().view(packed.shape[0], -1, group)
+    return ((codes - zero[..., None]) * scale[..., None]).view(packed.shape[0], -1)
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: ``(M, in)`` float → codes ``(M, in)`` int8, scales ``(M, 1)``.
+
+    An all-zero row gets scale 1 (codes 0), so it stays exactly zero.
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+# ----------------------------------------------------------------------------- references
+def w8a16_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Pure-torch W8A16: de-quantize, then ``F.linear``. ``(M, in)`` → ``(M, out)``."""
+    return F.linear(x, dequantize_w8(w, scale), bias)
+
+
+def w4a16_reference(
+    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None
+) -> Tensor:
+    """Pure-torch W4A16: unpack + de-quantize, then ``F.linear``. ``(M, in)`` → ``(M, out)``."""
+    return F.linear(x, dequantize_w4(packed, scale, zero, group), bias)
+
+
+def w8a8_reference(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Exact W8A8: per-token int8 ``x``, int32 products summed exactly, then both scales."""
+    xq, x_scale = quantize_per_token(x)
+    acc = xq.to(torch.int32) @ w.to(torch.int32).T
+    return _dequantize_acc(acc, x_scale, w_scale, bias)
+
+
+def _dequantize_acc(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    y = acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
+    return y.add_(bias) if bias is not None else y
+
+
+# ----------------------------------------------------------------------------- public kernels
+def w8a16_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ (w · scale).T + bias``.
+
+    x ``(..., in)`` f32, w ``(out, in)`` int8 codes, scale ``(out,)`` f32. Returns ``(..., out)``.
+    """
+    ops = _state.get("ops")
+    if ops is not None and isinstance(x, Tensor) and x.dim() == 2 and x.shape[0] <= _MAX_M:
+        try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
+            return ops.w8a16_mm(x, w, scale, bias)
+        except (RuntimeError, TypeError):
+            pass  # re-checked below: a readable error, or the general path
+    x2 = _check_x(x, w.shape[-1] if isinstance(w, Tensor) and w.dim() == 2 else -1)
+    _check_weight(w, torch.int8, "w")
+    _check_vector(scale, w.shape[0], "scale")
+    _check_bias(bias, w.shape[0])
+    ops = _ops() if x2.shape[0] <= WEIGHT_ONLY_MAX_M else None
+    if ops is None:
+        y = w8a16_reference(x2, w, scale, bias)
+    else:
+        y = ops.w8a16_mm(x2, w, scale.contiguous(), _contig(bias))
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def w4a16_linear(
+    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None
+) -> Tensor:
+    """W4A16 linear: ``y = x @ W.T + bias`` with ``W = (code − zero) · scale`` per group.
+
+    x ``(..., in)`` f32; packed ``(out, in/2)`` uint8; scale, zero ``(out, in/group)`` f32 (zero
+    in code units). Returns ``(..., out)``. Groups that are not multiples of 32 (and prefill)
+    take the de-quantize path.
+    """
+    ops = _state.get("ops")
+    if (
+        ops is not None
+        and isinstance(x, Tensor)
+        and x.dim() == 2
+        and x.shape[0] <= _MAX_M
+        and type(group) is int
+        and group % W4_KERNEL_GROUP_MULTIPLE == 0
+    ):
+        try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
+            return ops.w4a16_mm(x, packed, scale, zero, group, bias)
+        except (RuntimeError, TypeError):
+            pass  # re-checked below: a readable error, or the general path
+    _check_weight(packed, torch.uint8, "packed")
+    out, in_features = packed.shape[0], packed.shape[1] * 2
+    if not isinstance(group, int) or group < 2 or group % 2 or in_features % group:
+        raise KernelInputError(
+            f"group must be an even integer dividing in={in_features}, got {group!r}"
+        )
+    x2 = _check_x(x, in_features)
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (out, in_features // group):
+            raise KernelInputError(
+                f"{name} must be float32 of shape {(out, in_features // group)}, "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
+    _check_bias(bias, out)
+    use_kernel = x2.shape[0] <= WEIGHT_ONLY_MAX_M and group % W4_KERNEL_GROUP_MULTIPLE == 0
+    ops = _ops() if use_kernel else None
+    if ops is None:
+        y = w4a16_reference(x2, packed, scale, zero, group, bias)
+    else:
+        args = (x2, packed, scale.contiguous(), zero.contiguous(), group, _contig(bias))
+        y = ops.w4a16_mm(*args)
+    return y.view(*x.shape[:-1], out)
+
+
+def w8a8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Dynamic W8A8: per-token symmetric int8 ``x``, ``torch._int_mm``, de-quantize.
+
+    x ``(..., in)`` f32, w ``(out, in)`` int8 (codes in −127…127), w_scale ``(out,)``.
+    Returns ``(..., out)``; bit-identical to :func:`w8a8_reference`.
+    """
+    x2 = _check_x(x, w.shape[-1] if isinstance(w, Tensor) and w.dim() == 2 else -1)
+    _check_weight(w, torch.int8, "w")
+    _check_vector(w_scale, w.shape[0], "w_scale")
+    _check_bias(bias, w.shape[0])
+    m, (out, in_features) = x2.shape[0], w.shape
+    if out % 8 or in_features % 8:
+        return w8a8_reference(x2, w, w_scale, bias).view(*x.shape[:-1], out)
+    ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
+    xq, x_scale = ops.quantize_per_token(x2) if ops else quantize_per_token(x2)
+    if m < _INT_MM_MIN_M:
+        xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_M - m))
+    acc = torch._int_mm(xq, w.T)[:m]
+    w_scale, bias = w_scale.contiguous(), _contig(bias)
+    if ops:
+        y = ops.dequantize_acc(acc, x_scale, w_scale, bias)
+    else:
+        y = _dequantize_acc(acc, x_scale, w_scale, bias)
+    return y.view(*x.shape[:-1], out)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_x(x: Tensor, in_features: int) -> Tensor:
+    if not isinstance(x, Tensor) or x.dtype != torch.float32:
+        raise KernelInputError(f"x must be a float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise KernelInputError(
+            f"x must end in in_features={in_features}, got shape {tuple(x.shape)}"
+        )
+    return x.reshape(-1, in_features).contiguous()
+
+
+def _check_weight(w: Tensor, dtype: torch.dtype, name: str) -> None:
+    if not isinstance(w, Tensor) or w.dtype != dtype or w.dim() != 2:
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+        raise KernelInputError(f"{name} must be a 2-D {dtype} tensor (out, in), got {got}")
+    if not w.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous (pack it row-major)")
+
+
+def _check_vector(t: Tensor, n: int, name: str) -> None:
+    if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.shape != (n,):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise KernelInputError(f"{name} must be float32 of shape ({n},), got {got}")
+
+
+def _check_bias(bias: Tensor | None, n: int) -> None:
+    if bias is not None:
+        _check_vector(bias, n, "bias")
+
+
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()

@@ -1,0 +1,314 @@
+// Weight-only linear kernels for CPU decode (AVX-512, fp32 activations and accumulation).
+//
+//   w8a16_mm(x (M,K) f32, w (N,K) int8, scale (N,) f32, bias (N,)|None)      -> (M,N) f32
+//       y[m,n] = scale[n] * sum_k x[m,k] * w[n,k] + bias[n]
+//   w4a16_mm(x (M,K) f32, packed (N,K/2) uint8, scale (N,K/g), zero (N,K/g), g, bias|None)
+//       y[m,n] = sum_k x[m,k] * (code[n,k] - zero[n,k/g]) * scale[n,k/g] + bias[n]
+//       code[n,2j] = packed[n,j] & 0xF, code[n,2j+1] = packed[n,j] >> 4; g % 32 == 0.
+//
+// Decode is memory bound: the weight is read once per call in its packed form (1 or 0.5 byte a
+// weight instead of 4), widened to fp32 in registers, and used for up to 4 activation rows at
+// once. A tile is NR output rows x MR activation rows; threads (ATen's OpenMP pool) split the
+// output rows. The TORCH_CHECKs below accept exactly what the Python fast path may pass; when one
+// fails, channelwise/kernels/cpu.py re-checks in Python and raises a readable error (or falls
+// back), so a decode call pays for no Python-side validation.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// ---------------------------------------------------------------- W8A16
+template <int MR, int NR>
+inline void w8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
+                    const float* bias, float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + k);
+    for (int r = 0; r < NR; ++r) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
+      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+  if (k < K) {  // masked tail: K % 16 != 0
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
+    for (int r = 0; r < NR; ++r) {
+      __m128i b = _mm_maskz_loadu_epi8(mask, w + r * K + k);
+      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[m * ldy + r] = hsum(acc[m][r]) * scale[r] + (bias ? bias[r] : 0.0f);
+}
+
+// ---------------------------------------------------------------- W4A16
+// xp is x with every 32-block de-interleaved: [x[k], x[k+2], ..., x[k+30], x[k+1], ..., x[k+31]],
+// so the low nibbles (even k) and high nibbles (odd k) of 16 bytes meet contiguous activations.
+template <int MR, int NR>
+inline void w4_tile(const float* xp, int64_t ldx, const uint8_t* p, int64_t K, const float* scale,
+                    const float* zero, int64_t G, int64_t group, const float* bias, float* y,
+                    int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t Kb = K / 2;
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 s[NR], nzs[NR];
+    for (int r = 0; r < NR; ++r) {
+      const float sc = scale[r * G + g];
+      s[r] = _mm512_set1_ps(sc);
+      nzs[r] = _mm512_set1_ps(-zero[r * G + g] * sc);
+    }
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      __m512 xe[MR], xo[MR];
+      for (int m = 0; m < MR; ++m) {
+        xe[m] = _mm512_loadu_ps(xp + m * ldx + k);
+        xo[m] = _mm512_loadu_ps(xp + m * ldx + k + 16);
+      }
+      for (int r = 0; r < NR; ++r) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * Kb + k / 2));
+        __m512i v = _mm512_cvtepu8_epi32(b);
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        // (code - zero) * scale as code * scale + (-zero * scale): one fma, one rounding. (A
+        // 16-entry vpermps lookup table per group was measured slower: port 5 is the limit.)
+        lo = _mm512_fmadd_ps(lo, s[r], nzs[r]);
+        hi = _mm512_fmadd_ps(hi, s[r], nzs[r]);
+        for (int m = 0; m < MR; ++m) {
+          acc[m][r] = _mm512_fmadd_ps(lo, xe[m], acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(hi, xo[m], acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) y[m * ldy + r] = hsum(acc[m][r]) + (bias ? bias[r] : 0.0f);
+}
+
+// Runs fn(n0, nr, m0, mr) over NR-row tiles of the output, threads splitting the tiles.
+template <int NR, typename Fn>
+void for_each_tile(int64_t M, int64_t N, int64_t K, Fn fn) {
+  const int64_t tiles = (N + NR - 1) / NR;
+  // Below ~64k multiply-adds per chunk the OpenMP fork costs more than it saves.
+  const int64_t per_tile = std::max<int64_t>(1, NR * K * std::min<int64_t>(M, 4));
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_tile);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NR;
+      const int nr = static_cast<int>(std::min<int64_t>(NR, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += 4) fn(n0, nr, m0, static_cast<int>(std::min<int64_t>(4, M - m0)));
+    }
+  });
+}
+
+#define DISPATCH_MR(MR_VAL, CALL_NR, CALL_ONE)  \
+  switch (MR_VAL) {                            \
+    case 1: CALL_NR(1); break;                 \
+    case 2: CALL_NR(2); break;                 \
+    case 3: CALL_NR(3); break;                 \
+    default: CALL_NR(4); break;                \
+  }
+
+void check_common(const at::Tensor& x, const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: (M, K) f32");
+  TORCH_CHECK(x.size(1) == K, "x and weight disagree on K");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous matrix");
+}
+
+const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+              bias->is_contiguous(), "bias: (N,) f32 contiguous");
+  return bias->data_ptr<float>();
+}
+
+void check_params(const at::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  const bool shape = cols < 0 ? (t.dim() == 1 && t.size(0) == rows)
+                              : (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols);
+  TORCH_CHECK(shape && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
+              ": wrong shape, dtype or layout");
+}
+
+at::Tensor w8a16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
+  check_common(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kChar, "w: int8");
+  check_params(scale, N, -1, "scale");
+  const float* bp = bias_ptr(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  constexpr int NR = 8;
+  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
+    const float* xm = xp + m0 * K;
+    float* ym = yp + m0 * N + n0;
+    const float* b = bp ? bp + n0 : nullptr;
+    if (nr == NR) {
+#define W8_NR(MRV) w8_tile<MRV, NR>(xm, K, wp + n0 * K, K, sp + n0, b, ym, N)
+      DISPATCH_MR(mr, W8_NR, )
+#undef W8_NR
+    } else {
+      for (int r = 0; r < nr; ++r) {
+#define W8_ONE(MRV) w8_tile<MRV, 1>(xm, K, wp + (n0 + r) * K, K, sp + n0 + r, b ? b + r : nullptr, ym + r, N)
+        DISPATCH_MR(mr, W8_ONE, )
+#undef W8_ONE
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor w4a16_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                    const at::Tensor& zero, int64_t group, const std::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), N = packed.size(0), K = packed.size(1) * 2;
+  check_common(x, packed, K);
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: uint8");
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group must divide K, % 32 == 0");
+  const int64_t G = K / group;
+  check_params(scale, N, G, "scale");
+  check_params(zero, N, G, "zero");
+  const float* bp = bias_ptr(bias, N);
+  // De-interleave x once per call (M*K floats, negligible next to the N*K weights).
+  std::vector<float> xperm(static_cast<size_t>(M * K));
+  const float* xs = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 32)
+      for (int j = 0; j < 16; ++j) {
+        xperm[m * K + k + j] = xs[m * K + k + 2 * j];
+        xperm[m * K + k + 16 + j] = xs[m * K + k + 2 * j + 1];
+      }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xperm.data();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  constexpr int NR = 4;
+  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
+    const float* xm = xp + m0 * K;
+    float* ym = yp + m0 * N + n0;
+    const float* b = bp ? bp + n0 : nullptr;
+    if (nr == NR) {
+#define W4_NR(MRV) w4_tile<MRV, NR>(xm, K, pp + n0 * (K / 2), K, sp + n0 * G, zp + n0 * G, G, group, b, ym, N)
+      DISPATCH_MR(mr, W4_NR, )
+#undef W4_NR
+    } else {
+      for (int r = 0; r < nr; ++r) {
+        const int64_t n = n0 + r;
+#define W4_ONE(MRV) w4_tile<MRV, 1>(xm, K, pp + n * (K / 2), K, sp + n * G, zp + n * G, G, group, b ? b + r : nullptr, ym + r, N)
+        DISPATCH_MR(mr, W4_ONE, )
+#undef W4_ONE
+      }
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------- W8A8 helpers (around _int_mm)
+// Per-token symmetric int8: scale = amax / 127 (1 for an all-zero row, NaN if the row has one),
+// q = clamp(round_half_even(x / scale), -127, 127). Same operations, same order, as the Python
+// reference, so the codes and scales are bit-identical to it for finite rows.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: (M, K) f32");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xp + m * K;
+      __m512 amax = _mm512_setzero_ps();
+      __mmask16 nan = 0;
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + k));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(amax, v);
+      }
+      float s = _mm512_reduce_max_ps(amax) / 127.0f;
+      if (nan) s = std::numeric_limits<float>::quiet_NaN();
+      if (s == 0.0f) s = 1.0f;
+      sp[m] = s;
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), sv);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_mask_storeu_epi8(qp + m * K + k, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+      }
+    }
+  });
+  return {q, scale};
+}
+
+// y[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]), in the reference's order.
+at::Tensor dequantize_acc(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                          const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "acc: (M, N) int32");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(acc.stride(1) == 1, "acc rows must be contiguous");
+  TORCH_CHECK(x_scale.numel() == M && x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous());
+  check_params(w_scale, N, -1, "w_scale");
+  const float* bp = bias_ptr(bias, N);
+  at::Tensor y = at::empty({M, N}, acc.options().dtype(at::kFloat));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const int64_t lda = acc.stride(0);
+  const float* xs = x_scale.data_ptr<float>();
+  const float* ws = w_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m512 xv = _mm512_set1_ps(xs[m]);
+      for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1u);
+        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, ap + m * lda + n));
+        v = _mm512_mul_ps(_mm512_mul_ps(v, xv), _mm512_maskz_loadu_ps(mask, ws + n));
+        if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + n));
+        _mm512_mask_storeu_ps(yp + m * N + n, mask, v);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(channelwise_cpu, m) {
+  m.def("w8a16_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w4a16_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias) -> Tensor");
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("dequantize_acc(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
+  m.impl("w8a16_mm", &w8a16_mm);
+  m.impl("w4a16_mm", &w4a16_mm);
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("dequantize_acc", &dequantize_acc);
+}

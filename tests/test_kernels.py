@@ -1,0 +1,266 @@
+"""Specification of the CPU linear kernels: W8A16, W4A16 (AVX-512 extension) and W8A8 (_int_mm).
+
+Every kernel is checked against a plain float64 reference (codes de-quantized by hand, then
+``x @ W.T + b``). Tolerance: an fp32 dot product of K terms, summed in any order, is within
+``γ_K · Σ_k |x_k w_k|`` of the exact sum, ``γ_K ≈ K · 2⁻²⁴`` (Higham, Accuracy and Stability,
+§3.1); de-quantizing a weight adds one rounding, so we allow ``(K + 2) · 2⁻²⁴ · Σ|x w|`` per
+output, plus 1e-30 for exact zeros. A wrong code, nibble or scale errs by ~|x_k w_k| ≫ that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from channelwise.kernels import (
+    KernelInputError,
+    cpu,
+    kernel_available,
+    unpack_int4,
+    w4a16_linear,
+    w4a16_reference,
+    w8a8_linear,
+    w8a8_reference,
+    w8a16_linear,
+    w8a16_reference,
+)
+
+EPS32 = 2.0**-24
+M_VALUES = [1, 2, 3, 5, 17, 512]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_dot_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None) -> None:
+    """``got`` ≈ ``x @ w.T + bias`` in float64, within the fp32 summation bound above."""
+    x64, w64 = x.double(), w.double()
+    expected = x64 @ w64.T + (0 if bias is None else bias.double())
+    bound = x64.abs() @ w64.abs().T + (0 if bias is None else bias.double().abs())
+    bound = bound * (x.shape[-1] + 2) * EPS32 + 1e-30
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    excess = (got.double() - expected).abs() - bound
+    assert (excess <= 0).all(), f"max excess over the bound: {excess.max().item():.3g}"
+
+
+def w4_dense(codes: torch.Tensor, scale, zero, group: int) -> torch.Tensor:
+    """Loop-free but independent de-quantization: repeat each group's scale/zero over columns."""
+    s = scale.double().repeat_interleave(group, dim=1)
+    z = zero.double().repeat_interleave(group, dim=1)
+    return (codes.double() - z) * s
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """The shared layout, written out: byte j = code 2j | code 2j+1 << 4."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def random_w4(out: int, inp: int, group: int, seed: int):
+    g = gen(seed)
+    codes = torch.randint(0, 16, (out, inp), generator=g, dtype=torch.uint8)
+    scale = torch.rand(out, inp // group, generator=g) * 0.1 + 1e-3
+    zero = torch.rand(out, inp // group, generator=g) * 15
+    return codes, scale, zero
+
+
+# ----------------------------------------------------------------------------- pure-torch parts
+def test_unpack_int4_follows_the_shared_layout():
+    packed = torch.tensor([[0x21, 0xF0]], dtype=torch.uint8)
+    assert unpack_int4(packed).tolist() == [[1, 2, 0, 15]]
+
+
+def test_w4_reference_matches_hand_dequantization():
+    codes, scale, zero = random_w4(9, 128, 64, seed=0)
+    x = torch.randn(4, 128, generator=gen(1))
+    got = w4a16_reference(x, pack_int4(codes), scale, zero, 64)
+    assert_dot_close(got, x, w4_dense(codes, scale, zero, 64))
+
+
+def test_w8a8_reference_is_the_integer_product_of_quantized_operands():
+    x = torch.randn(5, 64, generator=gen(2)) * 3
+    w = torch.randint(-127, 128, (7, 64), generator=gen(3), dtype=torch.int8)
+    w_scale = torch.rand(7, generator=gen(4))
+    x_scale = x.abs().amax(1, keepdim=True).double() / 127
+    xq = torch.round(x.double() / x_scale).clamp(-127, 127)
+    expected = (xq @ w.double().T) * x_scale * w_scale.double()
+    torch.testing.assert_close(w8a8_reference(x, w, w_scale).double(), expected, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------- weight-only
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("out", [64, 37])
+def test_w8a16_matches_float_reference(m, out):
+    g = gen(m * 100 + out)
+    x = torch.randn(m, 576, generator=g)
+    w = torch.randint(-127, 128, (out, 576), generator=g, dtype=torch.int8)
+    scale, bias = torch.rand(out, generator=g) * 0.01, torch.randn(out, generator=g)
+    got = w8a16_linear(x, w, scale, bias)
+    assert_dot_close(got, x, w.double() * scale.double()[:, None], bias)
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize(("out", "group"), [(64, 64), (37, 64), (33, 32), (20, 128), (9, 16)])
+def test_w4a16_matches_float_reference(m, out, group):
+    codes, scale, zero = random_w4(out, 256, group, seed=m + out)
+    x = torch.randn(m, 256, generator=gen(m))
+    bias = torch.randn(out, generator=gen(out))
+    got = w4a16_linear(x, pack_int4(codes), scale, zero, group, bias)
+    assert_dot_close(got, x, w4_dense(codes, scale, zero, group), bias)
+
+
+def test_w8a16_odd_in_features_use_the_masked_tail():
+    x = torch.randn(3, 45, generator=gen(5))
+    w = torch.randint(-128, 128, (19, 45), generator=gen(6), dtype=torch.int8)
+    scale = torch.rand(19, generator=gen(7))
+    assert_dot_close(w8a16_linear(x, w, scale), x, w.double() * scale.double()[:, None])
+
+
+@pytest.mark.parametrize("case", ["zero_x", "codes_min", "codes_max", "outlier"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_weight_only_adversarial_inputs(case, m):
+    x = torch.randn(m, 128, generator=gen(8))
+    codes4, scale4, zero4 = random_w4(13, 128, 64, seed=9)
+    codes8 = torch.randint(-127, 128, (13, 128), generator=gen(10), dtype=torch.int8)
+    if case == "zero_x":
+        x.zero_()
+    elif case == "codes_min":
+        codes4.fill_(0)
+        codes8.fill_(-128)
+    elif case == "codes_max":
+        codes4.fill_(15)
+        codes8.fill_(127)
+    else:
+        x[:, 77] = 1e4  # one channel far above the rest
+    scale8 = torch.rand(13, generator=gen(11))
+    got8 = w8a16_linear(x, codes8, scale8)
+    assert_dot_close(got8, x, codes8.double() * scale8.double()[:, None])
+    got4 = w4a16_linear(x, pack_int4(codes4), scale4, zero4, 64)
+    assert_dot_close(got4, x, w4_dense(codes4, scale4, zero4, 64))
+    if case == "zero_x":
+        assert (got8 == 0).all() and (got4 == 0).all()
+
+
+def test_leading_dims_are_flattened_and_restored():
+    x = torch.randn(2, 3, 64, generator=gen(12))
+    codes, scale, zero = random_w4(8, 64, 32, seed=13)
+    got = w4a16_linear(x, pack_int4(codes), scale, zero, 32)
+    assert got.shape == (2, 3, 8)
+    torch.testing.assert_close(got[1], w4a16_reference(x[1], pack_int4(codes), scale, zero, 32))
+
+
+def test_kernel_is_built_on_an_avx512_host():
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        pytest.skip("no AVX-512 here: the pure-torch path is the design")
+    if os.environ.get("CHANNELWISE_KERNELS") == "0":
+        pytest.skip("kernels disabled by CHANNELWISE_KERNELS=0")
+    assert kernel_available()
+    assert (cpu._ops() is not None) and hasattr(cpu._ops(), "w4a16_mm")
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    def broken_build():
+        raise RuntimeError("no compiler\ng++: not found")
+
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "_build", broken_build)
+    x = torch.randn(1, 64, generator=gen(14))
+    codes, scale, zero = random_w4(8, 64, 64, seed=15)
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        got = [w4a16_linear(x, pack_int4(codes), scale, zero, 64) for _ in range(3)]
+    assert not kernel_available()
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
+    assert_dot_close(got[0], x, w4_dense(codes, scale, zero, 64))
+
+
+# ----------------------------------------------------------------------------- W8A8
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize(("out", "inp"), [(64, 128), (37, 128), (64, 36)])
+def test_w8a8_equals_the_exact_integer_reference(m, out, inp):
+    g = gen(m + out + inp)
+    x = torch.randn(m, inp, generator=g)
+    x[0, 3] = 500.0  # an outlier sets token 0's scale
+    w = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(out, generator=g), torch.randn(out, generator=g)
+    got = w8a8_linear(x, w, w_scale, bias)
+    assert torch.equal(got, w8a8_reference(x, w, w_scale, bias))  # int32 sums are exact
+
+
+def test_w8a8_zero_token_and_extreme_codes():
+    x = torch.randn(17, 64, generator=gen(16))
+    x[5] = 0
+    w = torch.full((16, 64), 127, dtype=torch.int8)
+    w[::2] = -127
+    got = w8a8_linear(x, w, torch.ones(16))
+    assert (got[5] == 0).all()
+    assert torch.equal(got, w8a8_reference(x, w, torch.ones(16)))
+    # and the quantization error is that of 8-bit per-token activations
+    exact = x.double() @ w.double().T
+    err = (got.double() - exact).abs().amax(1)
+    assert (err <= x.abs().amax(1).double() / 127 / 2 * 127 * 64 + 1e-9).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_kernel_input_error():
+    x = torch.randn(2, 64)
+    codes, scale, zero = random_w4(8, 64, 32, seed=17)
+    p = pack_int4(codes)
+    w8 = torch.zeros(8, 64, dtype=torch.int8)
+    cases = [
+        lambda: w8a16_linear(x.double(), w8, torch.ones(8)),  # wrong x dtype
+        lambda: w8a16_linear(x, w8.float(), torch.ones(8)),  # wrong weight dtype
+        lambda: w8a16_linear(x, w8, torch.ones(7)),  # scale shape
+        lambda: w8a16_linear(x, w8, torch.ones(8), torch.ones(3)),  # bias shape
+        lambda: w8a16_linear(torch.randn(2, 63), w8, torch.ones(8)),  # in mismatch
+        lambda: w4a16_linear(x, p, scale, zero, 48),  # group does not divide in
+        lambda: w4a16_linear(x, p, scale, zero, 3),  # odd group
+        lambda: w4a16_linear(x, p, scale[:, :1], zero, 32),  # scale shape
+        lambda: w4a16_linear(x, p, scale, zero.double(), 32),  # zero dtype
+        lambda: w4a16_linear(x, codes.to(torch.int8), scale, zero, 32),  # unpacked int8 codes
+        lambda: w8a8_linear(x, w8, torch.ones(8, 1)),  # w_scale shape
+        lambda: w8a8_linear(x.half(), w8, torch.ones(8)),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(KernelInputError):
+            case()
+            pytest.fail(f"case {i} did not raise")
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_nan_in_a_token_makes_only_that_output_row_nan(m):
+    x = torch.randn(m + 1, 64, generator=gen(18))
+    x[0, 10] = float("nan")
+    codes, scale, zero = random_w4(16, 64, 64, seed=19)
+    w8 = torch.randint(-127, 128, (16, 64), generator=gen(20), dtype=torch.int8)
+    outputs = [
+        w8a16_linear(x, w8, torch.ones(16)),
+        w4a16_linear(x, pack_int4(codes), scale, zero, 64),
+        w8a8_linear(x, w8, torch.ones(16)),
+    ]
+    for y in outputs:
+        assert y[0].isnan().all() and y[1:].isfinite().all()
+
+
+def test_references_agree_with_public_kernels_for_prefill_dispatch():
+    # M above WEIGHT_ONLY_MAX_M takes de-quantize + F.linear: same numbers as the reference.
+    x = torch.randn(cpu.WEIGHT_ONLY_MAX_M + 1, 64, generator=gen(21))
+    w8 = torch.randint(-127, 128, (8, 64), generator=gen(22), dtype=torch.int8)
+    torch.testing.assert_close(
+        w8a16_linear(x, w8, torch.ones(8)), w8a16_reference(x, w8, torch.ones(8))
+    )
+
+
+def test_compiled_token_quantizer_equals_the_torch_one():
+    if not kernel_available():
+        pytest.skip("extension not available: the torch quantizer is the only one")
+    x = torch.randn(7, 45, generator=gen(23))
+    x[1] = 0  # all-zero token: scale 1
+    x[2, 0] = 1e6  # outlier
+    x[3] = torch.arange(45) - 22.5  # ties: k + 0.5 after scaling by amax/127 hit round-half-even
+    x[4] = torch.arange(45) * (127 / 44)
+    q, scale = cpu._ops().quantize_per_token(x)
+    q_ref, scale_ref = cpu.quantize_per_token(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)

@@ -9,7 +9,12 @@ this and refuses a weight that moved off its grid.
 Storage per linear: ``qweight`` ``(out, ceil(in·b/8))`` uint8 (codes offset to unsigned,
 :mod:`channelwise.quant.packing`), ``scale`` float32 in the spec's block layout, ``zero``
 uint8 for asymmetric specs (symmetric ones have none), and the bias. Scales stay float32: fp16
-scales would change the fake-quant result the packed model must reproduce.
+scales would change the fake-quant result the packed model must reproduce. A token embedding a
+recipe rounded packs the same way (:class:`PackedEmbedding`), with a tied LM head reading it.
+
+On CPU float32 inputs, :class:`PackedLinear` runs the integer kernels of
+:mod:`channelwise.kernels` (W8A8, W8A16, W4A16); ``use_kernels(False)`` selects the reference
+path (dequantize, float GEMM), which is bit-identical to the fake-quant model.
 """
 
 from __future__ import annotations

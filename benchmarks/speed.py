@@ -32,8 +32,14 @@ VARIANTS = {
     "w8a8": "ours: rtn-w8a8 packed (int8 codes, dynamic per-token int8 activations)",
     "w8a16": "ours: rtn-w8a16 packed (int8 codes, float activations)",
     "w4a16": "ours: rtn-w4a16-g64 packed (4-bit codes, two per byte, groups of 64)",
+    "w4a16-e8": "ours: rtn-w4a16-g64-e8 (plus the tied embedding/LM head in int8 per row)",
 }
-PRESETS = {"w8a8": "rtn-w8a8", "w8a16": "rtn-w8a16", "w4a16": "rtn-w4a16-g64"}
+PRESETS = {
+    "w8a8": "rtn-w8a8",
+    "w8a16": "rtn-w8a16",
+    "w4a16": "rtn-w4a16-g64",
+    "w4a16-e8": "rtn-w4a16-g64-e8",
+}
 
 
 def save(variant: str, folder: str) -> None:

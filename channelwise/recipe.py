@@ -182,7 +182,8 @@ class Recipe(BaseModel):
         kv = ""
         if self.attention is not None and self.attention.k is not None:
             kv = f"KV{self.attention.k.bits}"
-        return f"{w}{a}{kv}{g}"
+        e = f" E{self.embedding.bits}" if self.embedding is not None else ""
+        return f"{w}{a}{kv}{g}{e}"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

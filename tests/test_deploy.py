@@ -50,7 +50,8 @@ def test_every_weight_preset_packs_to_identical_logits_and_reloads(
     model = compressed("llama", preset, calibration_ids)
     expected = logits(model, token_ids)
     names = pack_model(model)
-    assert len(names) == len(packed_modules(model)) == 2 * 7
+    assert len(packed_modules(model)) == 2 * 7
+    assert len(names) == 2 * 7 + (load_recipe(preset).embedding is not None)
     assert torch.equal(logits(model, token_ids), expected)
     loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
     assert len(packed_modules(loaded)) == 14
@@ -344,3 +345,24 @@ def test_integer_kernels_match_the_fake_quant_model(
     # layout would differ by more than the whole quantization error.
     bound = 0.5 * quantization_error if int_path else 1e-5
     assert relative_error(got, expected) < bound
+
+
+def test_tied_head_of_an_8bit_embedding_runs_the_w8_kernel(calibration_ids, monkeypatch):
+    from channelwise import kernels
+
+    recipe = with_embedding("rtn-w4a16-g64", {"bits": 8, "granularity": "channel"})
+    model = compressed("llama", recipe, calibration_ids)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(4))
+    expected = logits(model, ids)
+    pack_model(model)
+    use_kernels(True)
+    shapes = []
+    kernel = kernels.w8a16_linear
+    monkeypatch.setattr(
+        kernels, "w8a16_linear", lambda x, w, *a: shapes.append(tuple(w.shape)) or kernel(x, w, *a)
+    )
+    got = logits(model, ids)
+    assert shapes == [(128, 128)]  # the vocabulary × hidden head, once
+    assert relative_error(got, expected) < 1e-5

@@ -61,6 +61,7 @@ class PackedCodes(nn.Module):
         else:
             self.register_buffer("zero", torch.zeros(grid_rows, grid_cols, dtype=torch.uint8))
         self._cols = cols
+        self._kernel_cache: dict[str, tuple] = {}
 
     def load_codes(self, codes: Tensor, qparams: QParams) -> None:
         """Store integer ``codes`` ``(rows, cols)`` in ``[qmin, qmax]`` and their grid."""
@@ -86,74 +87,22 @@ class PackedCodes(nn.Module):
         fake-quantized matrix. Row indexing needs a grid of whole rows (per row or row groups)."""
         return dequantize(self.codes(rows).float(), self.qparams(rows), self.spec)
 
-
-class PackedLinear(PackedCodes):
-    """``y = x Ŵᵀ + b`` with ``Ŵ = (q − z)·s`` stored as packed codes ``q``.
-
-    ``transposed`` marks a GPT-2 ``Conv1D`` it replaces: ``weight`` is then returned ``(in, out)``
-    as that module stored it, so code reading weights through the adapter sees the same layout.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        spec: QuantSpec,
-        bias: bool,
-        transposed: bool = False,
-    ) -> None:
-        super().__init__(out_features, in_features, spec)
-        self.in_features, self.out_features = in_features, out_features
-        self.transposed = transposed
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._kernel_cache: dict[str, tuple] = {}
-
-    @classmethod
-    def from_codes(
-        cls, codes: Tensor, qparams: QParams, spec: QuantSpec, bias: Tensor | None, transposed: bool
-    ) -> PackedLinear:
-        """Pack integer ``codes`` ``(out, in)`` (``spec.code_dtype`` range) with their grid."""
-        out_features, in_features = codes.shape
-        packed = cls(in_features, out_features, spec, bias is not None, transposed)
-        packed.load_codes(codes, qparams)
-        if bias is not None:
-            packed.bias.data.copy_(bias)
-        return packed.to(codes.device)
-
-    @property
-    def weight(self) -> Tensor:
-        w = self.dequantized()
-        return w.t() if self.transposed else w
-
-    def layout(self) -> dict:
-        return {"kind": "linear", "transposed": self.transposed, "bias": self.bias is not None}
-
-    def quantizes_input(self, quantizer: InputQuantizer, x: Tensor) -> bool:
-        """Whether :meth:`forward` quantizes ``x`` itself: dynamic per-token symmetric int8 into
-        ``torch._int_mm`` against int8 per-row weights. Its codes equal the fake quantizer's."""
-        q = quantizer.spec
-        return (
-            self._kernel_ready(x)
-            and self._is_int8_rows()
-            and quantizer.qparams is None
-            and (q.bits, q.symmetric, q.range_method, q.clip_ratio) == (8, True, "minmax", 1.0)
-            and isinstance(q.granularity, PerRow)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
+    def matmul(self, x: Tensor, bias: Tensor | None = None, *, int8_input: bool = False) -> Tensor:
+        """``x Ŵᵀ + bias`` ``(..., rows)``: the integer kernels where they apply (CPU, float32
+        ``x``; ``int8_input`` quantizes ``x`` per token into ``torch._int_mm``), else the
+        reference path (dequantize, float GEMM)."""
         if self._kernel_ready(x):
-            quantizer = input_quantizer(self)
-            if quantizer is not None and self.quantizes_input(quantizer, x):
-                return kernels.w8a8_linear(x, self._int8(), self.scale[:, 0], self.bias)
+            if int8_input:
+                return kernels.w8a8_linear(x, self._int8(), self.scale[:, 0], bias)
             if self._is_int8_rows():
-                return kernels.w8a16_linear(x, self._int8(), self.scale[:, 0], self.bias)
+                return kernels.w8a16_linear(x, self._int8(), self.scale[:, 0], bias)
             group = self._w4_group()
             if group is not None:
                 return kernels.w4a16_linear(
-                    x, self.qweight, self.scale, self._float_zero(), group, self.bias
+                    x, self.qweight, self.scale, self._float_zero(), group, bias
                 )
         w = self.dequantized().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     # --- integer kernels (CPU, float32 activations) ---------------------------------------------
 
@@ -190,6 +139,64 @@ class PackedLinear(PackedCodes):
             return self.zero.float()
 
         return self._cached("zero", make)
+
+
+class PackedLinear(PackedCodes):
+    """``y = x Ŵᵀ + b`` with ``Ŵ = (q − z)·s`` stored as packed codes ``q``.
+
+    ``transposed`` marks a GPT-2 ``Conv1D`` it replaces: ``weight`` is then returned ``(in, out)``
+    as that module stored it, so code reading weights through the adapter sees the same layout.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__(out_features, in_features, spec)
+        self.in_features, self.out_features = in_features, out_features
+        self.transposed = transposed
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, qparams: QParams, spec: QuantSpec, bias: Tensor | None, transposed: bool
+    ) -> PackedLinear:
+        """Pack integer ``codes`` ``(out, in)`` (``spec.code_dtype`` range) with their grid."""
+        out_features, in_features = codes.shape
+        packed = cls(in_features, out_features, spec, bias is not None, transposed)
+        packed.load_codes(codes, qparams)
+        if bias is not None:
+            packed.bias.data.copy_(bias)
+        return packed.to(codes.device)
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.dequantized()
+        return w.t() if self.transposed else w
+
+    def layout(self) -> dict:
+        return {"kind": "linear", "transposed": self.transposed, "bias": self.bias is not None}
+
+    def quantizes_input(self, quantizer: InputQuantizer, x: Tensor) -> bool:
+        """Whether :meth:`forward` quantizes ``x`` itself: dynamic per-token symmetric int8 into
+        ``torch._int_mm`` against int8 per-row weights. Its codes equal the fake quantizer's."""
+        q = quantizer.spec
+        return (
+            self._kernel_ready(x)
+            and self._is_int8_rows()
+            and quantizer.qparams is None
+            and (q.bits, q.symmetric, q.range_method, q.clip_ratio) == (8, True, "minmax", 1.0)
+            and isinstance(q.granularity, PerRow)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        quantizer = input_quantizer(self)
+        int8_input = quantizer is not None and self.quantizes_input(quantizer, x)
+        return self.matmul(x, self.bias, int8_input=int8_input)
 
     def extra_repr(self) -> str:
         return (
@@ -239,7 +246,7 @@ class PackedTiedHead(nn.Module):
         return {"kind": "tied_head", "embedding": self.embedding_name}
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.embedding.dequantized().to(x.dtype))
+        return self.embedding.matmul(x)
 
 
 def pack_linear(module: nn.Module, transposed: bool, where: str = "linear") -> PackedLinear:

@@ -9,8 +9,6 @@ and installs the activation quantizers. The model is changed in place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +21,10 @@ from tqdm.auto import tqdm
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
-from channelwise.errors import ChannelwiseError, OutputExistsError, RecipeError
+from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
+from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import install_attention_quantizers
@@ -219,16 +218,14 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
     The folder is written under a temporary name and renamed into place, so an interrupted run
     leaves nothing half-written at ``out_dir``.
     """
-    out = Path(out_dir).expanduser().resolve()
-    source = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
-    if source.exists() and (out == source.resolve() or source.resolve().is_relative_to(out)):
-        raise OutputExistsError(f"refusing to write into {out}: it holds the input model")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; choose another --out or pass --force to replace it")
+    out = output_folder(out_dir, model, force)
     recipe: Recipe | None = getattr(model, RECIPE_ATTR, None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(out) as tmp:
+        _write_checkpoint(model, tokenizer, recipe, tmp)
+    return out
+
+
+def _write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe | None, tmp: Path) -> None:
     layout = packed_layout(model)
     if layout:  # our own module types: write the state dict as it is (no key renaming)
         save_packed_weights(model, tmp)
@@ -236,33 +233,23 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
         model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if recipe is not None:
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        marker = {
-            "format": "packed" if layout else "fake-quant",
-            "recipe": recipe.model_dump(mode="json"),
-            "input_quantizers": _input_quantizer_specs(model),
-        }
-        if layout:
-            marker["packed_linears"] = layout
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
-        static = _static_qparams(model)
-        if static:
-            save_file(static, str(tmp / STATIC_QPARAMS_FILE))
-        state = _step_state(model)
-        if state:
-            save_file(state, str(tmp / STEP_STATE_FILE))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        tmp.rename(out)
-    return out
+    if recipe is None:
+        return
+    (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+    marker = {
+        "format": "packed" if layout else "fake-quant",
+        "recipe": recipe.model_dump(mode="json"),
+        "input_quantizers": _input_quantizer_specs(model),
+    }
+    if layout:
+        marker["packed_linears"] = layout
+    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    static = _static_qparams(model)
+    if static:
+        save_file(static, str(tmp / STATIC_QPARAMS_FILE))
+    state = _step_state(model)
+    if state:
+        save_file(state, str(tmp / STEP_STATE_FILE))
 
 
 def _static_qparams(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from channelwise.deploy.packed import PackedLinear, _set_submodule
-from channelwise.errors import ExportError, OutputExistsError
+from channelwise.errors import ExportError
+from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import PerGroup, PerRow, PerTensor, QuantSpec
 from channelwise.quant.activation import InputQuantizer, input_quantizer
 
@@ -61,12 +60,7 @@ def export_compressed_tensors(
     from compressed_tensors.compressors.model_compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    out = Path(out_dir).expanduser().resolve()
-    source = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
-    if source.exists() and (out == source.resolve() or source.resolve().is_relative_to(out)):
-        raise OutputExistsError(f"refusing to write into {out}: it holds the input model")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; choose another --out or pass --force to replace it")
+    out = output_folder(out_dir, model, force)
     schemes = plan_schemes(model)  # every refusal happens here, before anything is written
 
     export = copy.deepcopy(model)
@@ -99,27 +93,11 @@ def export_compressed_tensors(
         ignore=ignore,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out) as tmp:
         export.save_pretrained(tmp)
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        tmp.rename(out)
     return out
 
 

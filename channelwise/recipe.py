@@ -42,6 +42,8 @@ class QuantArgs(BaseModel):
     range: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = Field(default=99.9, gt=0, le=100)
     clip_ratio: float = Field(default=1.0, gt=0, le=1)
+    scale_dtype: Literal["float32", "float16"] = "float32"
+    zero_point: Literal["integer", "float"] = "integer"
     dynamic: bool = False
 
     @model_validator(mode="after")
@@ -50,6 +52,8 @@ class QuantArgs(BaseModel):
             raise ValueError("granularity 'group' needs group_size (e.g. group_size: 64)")
         if self.clip_ratio != 1.0 and self.range != "minmax":
             raise ValueError(f"clip_ratio shrinks minmax ranges; range '{self.range}' clips itself")
+        if self.zero_point == "float" and self.symmetric:
+            raise ValueError("zero_point 'float' (a float minimum) needs symmetric: false")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(
                 f"group_size is only meaningful with granularity 'group', not '{self.granularity}'"
@@ -68,6 +72,8 @@ class QuantArgs(BaseModel):
             range_method=self.range,
             percentile=self.percentile,
             clip_ratio=self.clip_ratio,
+            scale_dtype=self.scale_dtype,
+            zero_point=self.zero_point,
         )
 
 

@@ -443,3 +443,102 @@ def test_clip_ratio_one_is_plain_minmax_and_nan_is_still_refused():
 def test_bad_clip_ratio_is_rejected(kwargs):
     with pytest.raises(QuantConfigError):
         spec(**kwargs)
+
+
+def reference_float_min_fake_quant(x, bits, block_rows, block_cols, half_scales):
+    """Block loop with a float minimum: ``q = round((x − lo)/s)``, value ``q·s + lo``."""
+    out = torch.empty_like(x)
+    qmax = 2**bits - 1
+    for i in range(0, x.shape[0], block_rows):
+        for j in range(0, x.shape[1], block_cols):
+            block = x[i : i + block_rows, j : j + block_cols]
+            lo, hi = block.min(), block.max()
+            scale = (hi - lo) / qmax
+            if half_scales:
+                scale, lo = scale.half().float(), lo.half().float()
+            if scale == 0:
+                scale = torch.tensor(1.0)
+            q = torch.clamp(torch.round((block - lo) / scale), 0, qmax)
+            out[i : i + block_rows, j : j + block_cols] = q * scale + lo
+    return out
+
+
+def adversarial(case: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 64, generator=gen)
+    if case == "offset":  # a channel far from zero: the float minimum's reason to exist
+        x = x + 40.0
+    elif case == "outliers":
+        x[2, 5], x[6, 17] = 300.0, -150.0
+    elif case == "constant":
+        x[:, :16] = 2.5
+        x[3] = -1.25
+    elif case == "zeros":
+        x = torch.zeros(8, 64)
+    return x
+
+
+@pytest.mark.parametrize("case", ["random", "offset", "outliers", "constant", "zeros"])
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=str)
+@pytest.mark.parametrize("half", [False, True], ids=["f32", "f16"])
+def test_float_minimum_matches_loop_reference(case, granularity, half):
+    x = adversarial(case)
+    s = spec(
+        bits=2 if case == "offset" else 4,
+        symmetric=False,
+        granularity=granularity,
+        zero_point="float",
+        scale_dtype="float16" if half else "float32",
+    )
+    expected = reference_float_min_fake_quant(
+        x, s.bits, *granularity.block_shape(8, 64), half_scales=half
+    )
+    torch.testing.assert_close(fake_quantize(x, s), expected, rtol=0, atol=1e-5)
+    qp = compute_qparams(x, s)
+    codes = quantize(x, qp, s)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**s.bits - 1
+    assert torch.equal(dequantize(codes, qp, s), fake_quantize(x, s))
+
+
+def test_float_minimum_beats_integer_zero_on_an_offset_channel():
+    x = adversarial("offset")
+    integer = spec(bits=2, symmetric=False, granularity=PerColumn())
+    floating = spec(bits=2, symmetric=False, granularity=PerColumn(), zero_point="float")
+    assert quantization_error(x, floating) < 0.5 * quantization_error(x, integer)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_float16_scales_are_float16_values(symmetric):
+    x = gaussian_with_outliers()
+    s = spec(symmetric=symmetric, granularity=PerGroup(32), scale_dtype="float16")
+    qp = compute_qparams(x, s)
+    assert qp.scale.dtype == torch.float32
+    assert torch.equal(qp.scale.half().float(), qp.scale)
+    assert torch.equal(dequantize(quantize(x, qp, s), qp, s), fake_quantize(x, s))
+
+
+def test_float16_scales_reject_ranges_they_cannot_hold():
+    x = torch.full((2, 32), 1e6)
+    x[0, 0] = -1e6
+    with pytest.raises(QuantConfigError, match="float16 scales"):
+        compute_qparams(x, spec(bits=2, granularity=PerRow(), scale_dtype="float16"))
+
+
+def test_float_minimum_rejects_nan():
+    x = adversarial("random")
+    x[1, 1] = float("nan")
+    with pytest.raises(NonFiniteError):
+        fake_quantize(x, spec(symmetric=False, zero_point="float"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"zero_point": "float", "symmetric": True},
+        {"zero_point": "fractional"},
+        {"scale_dtype": "bfloat16"},
+    ],
+)
+def test_bad_zero_point_or_scale_dtype_is_rejected(kwargs):
+    with pytest.raises(QuantConfigError):
+        QuantSpec(**{"bits": 4, "symmetric": False, "granularity": PerRow(), **kwargs})

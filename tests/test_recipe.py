@@ -148,6 +148,12 @@ def test_recipe_constructed_in_code_with_weights_gets_rtn() -> None:
             id="per-token-explicitly-static",
         ),
         pytest.param("weights: {bits: 8, granularity: token}", "token", id="per-token-weights"),
+        pytest.param(
+            "weights: {bits: 4, zero_point: float}", "symmetric: false", id="float-zero-symmetric"
+        ),
+        pytest.param(
+            "weights: {bits: 4, scale_dtype: bfloat16}", "weights.scale_dtype", id="scale-dtype"
+        ),
         pytest.param("weights: {bits: 8}\ncolour: red", "colour", id="unknown-top-level-key"),
         pytest.param("weights: {bits: 8, colour: red}", "weights.colour", id="unknown-weights-key"),
         pytest.param("steps: [{method: rtn, colour: red}]", "colour", id="unknown-step-key"),
@@ -155,6 +161,24 @@ def test_recipe_constructed_in_code_with_weights_gets_rtn() -> None:
 )
 def test_malformed_recipe_names_the_field_on_one_line(text: str, field: str) -> None:
     assert field in one_line_error(text)
+
+
+def test_scale_dtype_and_float_minimum_reach_the_spec() -> None:
+    recipe = Recipe.from_dict(
+        {
+            "weights": {
+                "bits": 4,
+                "symmetric": False,
+                "granularity": "group",
+                "group_size": 32,
+                "zero_point": "float",
+                "scale_dtype": "float16",
+            }
+        }
+    )
+    spec = recipe.weights.spec("weight")
+    assert spec.float_zero and spec.scale_dtype == "float16"
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
 
 
 def test_unknown_granularity_lists_the_valid_ones() -> None:

@@ -49,6 +49,10 @@ class PackedCodes(nn.Module):
 
     def __init__(self, rows: int, cols: int, spec: QuantSpec) -> None:
         super().__init__()
+        if spec.float_zero:
+            raise PackingError(
+                "packing a grid with a float minimum (zero_point: float) is not supported yet"
+            )
         self.spec = spec
         self.register_buffer(
             "qweight", torch.zeros(rows, packed_size(cols, spec.bits), dtype=torch.uint8)

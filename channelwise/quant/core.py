@@ -26,6 +26,9 @@ from channelwise.quant.granularity import (
 
 RangeMethod = Literal["minmax", "percentile", "mse"]
 _RANGE_METHODS = ("minmax", "percentile", "mse")
+ScaleDtype = Literal["float32", "float16"]
+ZeroPoint = Literal["integer", "float"]
+_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class QuantSpec:
 
     ``clip_ratio`` (minmax only) multiplies every block's min and max before the scale is set,
     as QuaRot's activation clipping (0.9) and RotateKV's 2-bit KV clipping (0.8) do.
+
+    ``scale_dtype`` is the precision scales are stored in: ``float16`` rounds every scale (and
+    float minimum) to a float16 value, as GGUF blocks and KV caches store them; the tensors stay
+    float32. ``zero_point`` (asymmetric only): ``integer`` is the usual integer code offset, the
+    range widened to include 0, values ``(q − z)·s``; ``float`` keeps the block's exact range
+    ``[lo, hi]`` and stores its minimum ``m`` as a float in ``QParams.zero_point``, values
+    ``q·s + m`` (KIVI's KV quantizer, GGUF's Q4_1).
     """
 
     bits: int
@@ -44,6 +54,8 @@ class QuantSpec:
     mse_grid: int = 80
     mse_min_ratio: float = 0.2
     clip_ratio: float = 1.0
+    scale_dtype: ScaleDtype = "float32"
+    zero_point: ZeroPoint = "integer"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -77,6 +89,21 @@ class QuantSpec:
                 f"clip_ratio shrinks min-max ranges; it cannot combine with range "
                 f"'{self.range_method}', which chooses its own clipping"
             )
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise QuantConfigError(
+                f"scale_dtype must be one of {', '.join(_SCALE_DTYPES)}, got {self.scale_dtype!r}"
+            )
+        if self.zero_point not in ("integer", "float"):
+            raise QuantConfigError(
+                f"zero_point must be 'integer' or 'float', got {self.zero_point!r}"
+            )
+        if self.zero_point == "float" and self.symmetric:
+            raise QuantConfigError("zero_point 'float' is for asymmetric quantizers only")
+
+    @property
+    def float_zero(self) -> bool:
+        """Whether ``QParams.zero_point`` holds a float minimum (values ``q·s + m``)."""
+        return self.zero_point == "float"
 
     @property
     def qmin(self) -> int:
@@ -109,6 +136,8 @@ def spec_to_dict(spec: QuantSpec) -> dict:
         "mse_grid": spec.mse_grid,
         "mse_min_ratio": spec.mse_min_ratio,
         "clip_ratio": spec.clip_ratio,
+        "scale_dtype": spec.scale_dtype,
+        "zero_point": spec.zero_point,
     }
 
 
@@ -125,7 +154,11 @@ def spec_from_dict(data: dict) -> QuantSpec:
 
 @dataclass
 class QParams:
-    """Per-block ``scale`` (float32) and ``zero_point`` (float32 holding integers), same shape."""
+    """Per-block ``scale`` and ``zero_point``, float32, same shape.
+
+    ``zero_point`` holds integers, or the block's float minimum when the spec's
+    ``zero_point`` is ``float``.
+    """
 
     scale: Tensor
     zero_point: Tensor
@@ -170,10 +203,10 @@ def quantize(x: Tensor, qparams: QParams, spec: QuantSpec) -> Tensor:
 def dequantize(
     codes: Tensor, qparams: QParams, spec: QuantSpec, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Real values ``(codes - zero_point) * scale``, same shape as ``codes``, in ``dtype``."""
+    """Real values ``(codes − z)·s`` (or ``codes·s + m``), same shape as ``codes``, in ``dtype``."""
     cb = _blocks(codes, spec)
     scale, zero = _broadcast(qparams, cb, spec)
-    return ((cb - zero) * scale).reshape(codes.shape).to(dtype)
+    return _values(cb, scale, zero, spec).reshape(codes.shape).to(dtype)
 
 
 def fake_quantize(x: Tensor, spec: QuantSpec, qparams: QParams | None = None) -> Tensor:
@@ -242,11 +275,19 @@ def _broadcast(qparams: QParams, xb: Tensor, spec: QuantSpec) -> tuple[Tensor, T
 
 
 def _codes(xb: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    if spec.float_zero:
+        return torch.clamp(torch.round((xb - zero) / scale), spec.qmin, spec.qmax)
     return torch.clamp(torch.round(xb / scale) + zero, spec.qmin, spec.qmax)
 
 
+def _values(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    if spec.float_zero:
+        return codes * scale + zero
+    return (codes - zero) * scale
+
+
 def _fake_quant(xb: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
-    return (_codes(xb, scale, zero, spec) - zero) * scale
+    return _values(_codes(xb, scale, zero, spec), scale, zero, spec)
 
 
 def _minmax_range(xb: Tensor) -> tuple[Tensor, Tensor]:
@@ -268,15 +309,35 @@ def _percentile_range(xb: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 def _params_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Scale and zero point ``(R, C)`` from a per-block range; zero-width ranges get scale 1."""
     if spec.symmetric:
-        scale = torch.maximum(-lo, hi) / spec.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _stored_scale(torch.maximum(-lo, hi) / spec.qmax, spec)
         return scale, torch.zeros_like(scale)
+    if spec.float_zero:
+        scale = _stored_scale((hi - lo) / (spec.qmax - spec.qmin), spec)
+        return scale, _in_scale_dtype(lo, spec)
     lo = torch.clamp(lo, max=0)
     hi = torch.clamp(hi, min=0)
-    scale = (hi - lo) / (spec.qmax - spec.qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _stored_scale((hi - lo) / (spec.qmax - spec.qmin), spec)
     zero = torch.clamp(torch.round(-lo / scale), spec.qmin, spec.qmax)
     return scale, zero
+
+
+def _in_scale_dtype(t: Tensor, spec: QuantSpec) -> Tensor:
+    """``t`` rounded to the spec's scale dtype (kept float32); overflow is a clear error."""
+    if spec.scale_dtype == "float32":
+        return t
+    rounded = t.to(_SCALE_DTYPES[spec.scale_dtype]).float()
+    if bool(torch.isinf(rounded).any()) and bool(torch.isfinite(t).all()):
+        raise QuantConfigError(
+            f"a range exceeds what {spec.scale_dtype} scales can hold "
+            f"(|value| up to {t.abs().max().item():.3g}); use scale_dtype float32"
+        )
+    return rounded
+
+
+def _stored_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """Positive scales in the spec's scale dtype; zero-width (or underflowing) blocks get 1."""
+    scale = _in_scale_dtype(scale, spec)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _mse_search(xb: Tensor, spec: QuantSpec) -> QParams:

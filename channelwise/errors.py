@@ -55,3 +55,7 @@ class ExportError(ChannelwiseError):
 
 class KernelInputError(ChannelwiseError):
     """A kernel was given tensors of the wrong dtype, shape or layout."""
+
+
+class KVCacheError(ChannelwiseError):
+    """A compressed KV cache cannot be built or used as asked (unsupported model or input)."""

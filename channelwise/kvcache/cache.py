@@ -1,0 +1,294 @@
+"""A compressed KV cache behind transformers' ``Cache`` API.
+
+``make_cache(model, config)`` returns a :class:`CompressedCache`; pass it as
+``past_key_values`` to ``model.generate(...)`` or to a plain forward and the model reads its keys
+and values through it unchanged. Each layer keeps, per sequence of the batch:
+
+* an :class:`~channelwise.kvcache.codecs.Encoded` chunk — the compressed tokens, really packed;
+* a float *residual* of the newest tokens, flushed into the codec once ``residual`` of them have
+  accumulated (KIVI's full-precision window; with ``residual=0`` every token is encoded at once);
+* optionally *sink* tokens kept in float (RotateKV's attention sinks).
+
+``update`` stores the new tokens, then returns what the cache now holds, decoded: every token a
+query attends to has gone through the cache's storage policy (the new tokens too, once flushed).
+
+**Batching and padding.** Every sequence is stored on its own, starting at its first real token,
+so a sequence's codes — and hence its outputs — do not depend on what else is in the batch
+(KIVI groups tokens per channel: with shared storage, pad tokens and other sequences' offsets
+would change the groups). Padding must be on the left, as ``generate`` pads decoder-only models;
+the cache learns it from the ``attention_mask`` of each forward through a pre-hook that
+``make_cache`` installs on the model. Pad positions are never stored; they read back as zeros
+(the mask hides them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from channelwise.errors import KVCacheError
+from channelwise.kvcache.codecs import Encoded, KVCodec
+
+_HOOK_ATTR = "_channelwise_kv_hook"
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """What a compressed cache stores: a codec each for keys and values, and the float window.
+
+    ``residual``: the newest tokens stay in float until this many have accumulated, then they
+    are encoded together (a multiple of both codecs' ``token_multiple``; 0 encodes every token
+    on arrival, which needs per-token codecs).
+    """
+
+    key_codec: KVCodec
+    value_codec: KVCodec
+    residual: int = 0
+
+    def __post_init__(self) -> None:
+        if self.residual < 0:
+            raise KVCacheError(f"residual must be ≥ 0, got {self.residual}")
+        for name, codec in (("key", self.key_codec), ("value", self.value_codec)):
+            unit = codec.token_multiple
+            if self.residual == 0 and unit > 1:
+                raise KVCacheError(
+                    f"the {name} codec groups {unit} tokens; set residual to a multiple of {unit}"
+                )
+            if self.residual % unit:
+                raise KVCacheError(
+                    f"residual {self.residual} is not a multiple of the {name} codec's "
+                    f"{unit}-token groups"
+                )
+
+    @property
+    def flush_unit(self) -> int:
+        return max(self.residual, 1)
+
+
+class _Sequence:
+    """One batch row's storage in one layer."""
+
+    def __init__(self) -> None:
+        self.pads = 0
+        self.keys: Encoded | None = None
+        self.values: Encoded | None = None
+        self.residual_keys: Tensor | None = None
+        self.residual_values: Tensor | None = None
+
+    @property
+    def stored(self) -> int:
+        encoded = 0 if self.keys is None else self.keys.tokens
+        residual = 0 if self.residual_keys is None else self.residual_keys.shape[1]
+        return encoded + residual
+
+    def append(self, keys: Tensor, values: Tensor, config: KVCacheConfig) -> None:
+        """Store real tokens ``(heads, n, head_dim)`` and flush whole units of the residual."""
+        if self.residual_keys is not None:
+            keys = torch.cat([self.residual_keys, keys], dim=1)
+            values = torch.cat([self.residual_values, values], dim=1)
+        unit = config.flush_unit
+        n_flush = (keys.shape[1] // unit) * unit
+        if n_flush:
+            self.keys = _cat(self.keys, config.key_codec.encode(keys[:, :n_flush]))
+            self.values = _cat(self.values, config.value_codec.encode(values[:, :n_flush]))
+        rest = keys.shape[1] - n_flush
+        self.residual_keys = keys[:, n_flush:].clone() if rest else None
+        self.residual_values = values[:, n_flush:].clone() if rest else None
+
+    def read(self, config: KVCacheConfig, shape: tuple[int, int, int], dtype, device):
+        """Keys and values ``(heads, pads + stored, head_dim)``, pads as zeros."""
+        heads, _, head_dim = shape
+        parts_k, parts_v = [], []
+        if self.pads:
+            zeros = torch.zeros(heads, self.pads, head_dim, dtype=dtype, device=device)
+            parts_k.append(zeros)
+            parts_v.append(zeros)
+        if self.keys is not None:
+            parts_k.append(config.key_codec.decode(self.keys, dtype))
+            parts_v.append(config.value_codec.decode(self.values, dtype))
+        if self.residual_keys is not None:
+            parts_k.append(self.residual_keys.to(dtype))
+            parts_v.append(self.residual_values.to(dtype))
+        if not parts_k:
+            empty = torch.zeros(heads, 0, head_dim, dtype=dtype, device=device)
+            return empty, empty
+        return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+
+    def nbytes(self) -> int:
+        total = 0
+        for enc in (self.keys, self.values):
+            total += 0 if enc is None else enc.nbytes
+        for t in (self.residual_keys, self.residual_values):
+            total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
+
+def _cat(a: Encoded | None, b: Encoded) -> Encoded:
+    return b if a is None else a.cat(b)
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's compressed keys and values (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: KVCacheConfig, owner: CompressedCache) -> None:
+        super().__init__()
+        self.config = config
+        self.owner = owner
+        self.columns = 0
+        self.sequences: list[_Sequence] = []
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.sequences = [_Sequence() for _ in range(key_states.shape[0])]
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        """Store ``(batch, kv_heads, new, head_dim)`` keys/values; return all held, decoded."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, new, head_dim = key_states.shape
+        if batch != len(self.sequences):
+            raise KVCacheError(
+                f"this cache holds {len(self.sequences)} sequences; the forward has {batch}"
+            )
+        real = self.owner.real_tokens(self.columns, new, batch, key_states.device)
+        for b, seq in enumerate(self.sequences):
+            keep = real[b]
+            n_real = int(keep.sum())
+            if n_real < new:
+                if seq.stored or not bool((keep[new - n_real :]).all()):
+                    raise KVCacheError(
+                        "compressed caches support left padding only (pads before a sequence's "
+                        "first token); found a pad after real tokens"
+                    )
+                seq.pads += new - n_real
+            if n_real:
+                start = new - n_real
+                seq.append(key_states[b, :, start:], value_states[b, :, start:], self.config)
+        self.columns += new
+        read = [
+            seq.read(self.config, (heads, 0, head_dim), key_states.dtype, key_states.device)
+            for seq in self.sequences
+        ]
+        return torch.stack([k for k, _ in read]), torch.stack([v for _, v in read])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.columns = 0
+        self.sequences = []
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.sequences = [self.sequences[int(i)] for i in indices.tolist()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.sequences = [seq for seq in self.sequences for _ in range(repeats)]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KVCacheError("a compressed cache cannot drop tokens (crop); start a new cache")
+
+    def nbytes(self) -> int:
+        return sum(seq.nbytes() for seq in self.sequences)
+
+    def stored_tokens(self) -> int:
+        return sum(seq.stored for seq in self.sequences)
+
+
+class CompressedCache(Cache):
+    """A transformers ``Cache`` whose layers store keys and values compressed."""
+
+    def __init__(self, config: KVCacheConfig, num_layers: int, kv_heads: int, head_dim: int):
+        super().__init__(layers=[CompressedLayer(config, self) for _ in range(num_layers)])
+        self.config = config
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self._mask: Tensor | None = None
+
+    def begin_forward(self, attention_mask: Tensor | None) -> None:
+        """Record the forward's 2-D ``attention_mask`` ``(batch, past + new)`` (1 = real)."""
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise KVCacheError(
+                "a compressed cache needs the 2-D attention_mask (batch, tokens) to tell pads "
+                f"from tokens, got shape {tuple(attention_mask.shape)}"
+            )
+        self._mask = None if attention_mask is None else attention_mask.bool()
+
+    def real_tokens(self, past: int, new: int, batch: int, device) -> Tensor:
+        """``(batch, new)`` bool: which of the forward's new columns are real tokens."""
+        if self._mask is None:
+            return torch.ones(batch, new, dtype=torch.bool, device=device)
+        if self._mask.shape != (batch, past + new):
+            raise KVCacheError(
+                f"attention_mask has shape {tuple(self._mask.shape)}; a forward of {new} tokens "
+                f"on {past} cached ones needs ({batch}, {past + new})"
+            )
+        return self._mask[:, past:].to(device)
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds: packed codes, their metadata and the float windows."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def float16_nbytes(self) -> int:
+        """What a float16 cache of the same tokens would hold (keys and values)."""
+        tokens = sum(layer.stored_tokens() for layer in self.layers)
+        return 2 * 2 * tokens * self.kv_heads * self.head_dim
+
+
+def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a decoder-only transformers model."""
+    cfg = model.config
+    try:
+        layers = cfg.num_hidden_layers
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    except AttributeError as exc:
+        raise KVCacheError(
+            f"cannot read the attention geometry of {type(model).__name__}: {exc}"
+        ) from None
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if isinstance(cache, CompressedCache):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        cache.begin_forward(mask)
+
+
+def make_cache(model: nn.Module, config: KVCacheConfig | None = None) -> CompressedCache:
+    """A fresh compressed cache for ``model`` (``config`` defaults to the one its recipe set)."""
+    config = config or getattr(model, KV_CONFIG_ATTR, None)
+    if config is None:
+        raise KVCacheError(
+            "no KV-cache configuration: pass one, or quantize with a kv_cache recipe"
+        )
+    if getattr(model, _HOOK_ATTR, None) is None:
+        handle = model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)
+        setattr(model, _HOOK_ATTR, handle)
+    layers, kv_heads, head_dim = kv_geometry(model)
+    return CompressedCache(config, layers, kv_heads, head_dim)
+
+
+KV_CONFIG_ATTR = "_channelwise_kv_config"

@@ -11,6 +11,7 @@ from channelwise.adapters import adapter_for
 from channelwise.compress import CompressionResult, quantize, save_quantized
 from channelwise.errors import ChannelwiseError
 from channelwise.evaluate import perplexity
+from channelwise.kvcache import chunked_perplexity, make_cache
 from channelwise.models import DEFAULT_MODEL, load_model
 from channelwise.protocol import Protocol
 from channelwise.recipe import QuantArgs, Recipe, Step, load_recipe, preset_names
@@ -24,8 +25,10 @@ __all__ = [
     "Recipe",
     "Step",
     "adapter_for",
+    "chunked_perplexity",
     "load_model",
     "load_recipe",
+    "make_cache",
     "perplexity",
     "preset_names",
     "quantize",

@@ -11,6 +11,7 @@ from pathlib import Path
 from channelwise.compress import CompressionResult, needs_calibration, plan, quantize
 from channelwise.engine import model_device
 from channelwise.evaluate import perplexity
+from channelwise.kvcache import chunked_perplexity, kv_bytes
 from channelwise.memory import PeakMemory
 from channelwise.models import load_model
 from channelwise.protocol import Protocol
@@ -30,6 +31,7 @@ class ComparisonRow:
     calib_s: float
     eval_s: float
     calib_peak_mb: float = 0.0  # peak memory calibration added (see channelwise.memory)
+    kv_ratio: float | None = None  # KV-cache bytes held / a float16 cache's (kv_cache recipes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +48,8 @@ def compare(
     progress: bool = True,
     device: str = "auto",
     on_row: OnRow | None = None,
+    kv_chunk: int = 32,
+    kv_tokens: int = 2048,
 ) -> list[ComparisonRow]:
     """Quantize a fresh copy of ``model`` with each recipe and evaluate it on ``protocol``.
 
@@ -53,6 +57,10 @@ def compare(
     ``fp`` is always measured first (added if missing), so every Δ% is within one run.
     ``on_row(row, result)`` is called as each row is measured (``result`` is ``None`` for a float
     recipe), e.g. to print progress or a method's diagnostics from ``result.methods``.
+
+    A recipe with a ``kv_cache`` is evaluated through its compressed cache, prefilled in chunks
+    of ``kv_chunk`` tokens (``channelwise.kvcache.evaluate``), and its ``kv_ratio`` is the bytes
+    its cache holds after the first ``kv_tokens`` evaluation tokens against a float16 cache.
     """
     protocol = protocol or Protocol()
     loaded = [load_recipe(name) for name in recipes]  # validate every recipe before any work
@@ -76,7 +84,15 @@ def compare(
                 result = quantize(fresh, recipe, calibration, progress=progress)
             calib_s, peak_mb = result.calib_seconds, peak.added_mb
         start = time.perf_counter()
-        ppl = perplexity(fresh, windows, batch_size=batch_size, progress=progress)
+        kv_ratio = None
+        if recipe.kv_cache is not None:
+            ppl = chunked_perplexity(
+                fresh, windows, chunk=kv_chunk, batch_size=batch_size, progress=progress
+            )
+            held, fp16 = kv_bytes(fresh, windows.reshape(1, -1)[:, :kv_tokens], chunk=kv_chunk)
+            kv_ratio = held / fp16
+        else:
+            ppl = perplexity(fresh, windows, batch_size=batch_size, progress=progress)
         eval_s = time.perf_counter() - start
         baseline = baseline if baseline is not None else ppl
         row = ComparisonRow(
@@ -87,6 +103,7 @@ def compare(
             calib_s,
             eval_s,
             peak_mb,
+            kv_ratio,
         )
         rows.append(row)
         log.info("%s: ppl %.3f", recipe.name, ppl)

@@ -22,6 +22,7 @@ from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, RecipeError
+from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
 from channelwise.paths import output_folder, staged_folder
@@ -87,8 +88,11 @@ def quantize(
                 model, [ctx.block.get_submodule(adapter.attention_module)], recipe.attention.specs()
             )
 
+    kv_method = build_kv_method(recipe)
     start = time.perf_counter()
     with torch.no_grad():
+        if kv_method is not None:  # exact weight-side changes come before any weight step
+            kv_method.prepare_model(model, adapter, calibration if needs_data else None)
         for method in methods:
             method.prepare_model(model, adapter, calibration if needs_data else None)
         if needs_data:
@@ -111,6 +115,8 @@ def quantize(
         if recipe.embedding is not None:
             embedding = model.get_input_embeddings()
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
+        if kv_method is not None:
+            attach_kv_config(model, kv_method.cache_config(model, adapter))
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
@@ -121,7 +127,12 @@ def needs_calibration(recipe: str | Path | Recipe) -> bool:
     """Whether ``recipe`` observes activations (static ranges or a calibrating method)."""
     recipe = load_recipe(recipe)
     static = recipe.activations is not None and not recipe.activations.dynamic
-    return static or any(build_method(step, recipe).needs_calibration for step in recipe.steps)
+    kv_method = build_kv_method(recipe)
+    return (
+        static
+        or (kv_method is not None and kv_method.needs_calibration)
+        or any(build_method(step, recipe).needs_calibration for step in recipe.steps)
+    )
 
 
 def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
@@ -131,6 +142,9 @@ def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
     methods = [build_method(step, recipe) for step in recipe.steps]
     for method in methods:
         method.check(model, adapter)
+    kv_method = build_kv_method(recipe)
+    if kv_method is not None:
+        kv_method.check(model, adapter)
     return methods
 
 
@@ -337,5 +351,9 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
         if recipe.embedding is not None:
             embedding = model.get_input_embeddings()
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
+    kv_method = build_kv_method(recipe)
+    if kv_method is not None:
+        kv_method.check(model, adapter)
+        attach_kv_config(model, kv_method.cache_config(model, adapter))
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)

@@ -122,6 +122,20 @@ class Step(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class KVCacheArgs(BaseModel):
+    """The KV-cache method (``kivi``, ``kv_bfp``, …) and its arguments, validated by the method
+    (``channelwise.kvcache.methods``) when the recipe is planned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    def label(self) -> str:
+        bits = self.args.get("bits", self.args.get("mantissa_bits", ""))
+        return f"KV{bits}" + ("bfp" if self.method == "kv_bfp" else "")
+
+
 class Recipe(BaseModel):
     """A validated compression recipe."""
 
@@ -133,6 +147,7 @@ class Recipe(BaseModel):
     activations: QuantArgs | None = None
     attention: AttentionArgs | None = None
     embedding: QuantArgs | None = None  # opt-in: the token embedding (and a head tied to it)
+    kv_cache: KVCacheArgs | None = None  # a compressed KV cache (channelwise.kvcache)
     steps: tuple[Step, ...] = ()
 
     @model_validator(mode="after")
@@ -176,6 +191,7 @@ class Recipe(BaseModel):
             and self.activations is None
             and self.attention is None
             and self.embedding is None
+            and self.kv_cache is None
             and not self.steps
         )
 
@@ -188,6 +204,8 @@ class Recipe(BaseModel):
         kv = ""
         if self.attention is not None and self.attention.k is not None:
             kv = f"KV{self.attention.k.bits}"
+        if self.kv_cache is not None:
+            kv = self.kv_cache.label()
         e = f" E{self.embedding.bits}" if self.embedding is not None else ""
         return f"{w}{a}{kv}{g}{e}"
 

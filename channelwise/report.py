@@ -21,13 +21,14 @@ def format_table(rows: list[ComparisonRow]) -> str:
     memory, eval time."""
     header = (
         f"{'recipe':<22} {'bits':<12} {'ppl':>10} {'Δ% vs fp':>10} {'calib s':>9} "
-        f"{'calib MB':>9} {'eval s':>8}"
+        f"{'calib MB':>9} {'eval s':>8} {'KV bytes':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row.recipe:<22} {row.bits:<12} {row.ppl:>10.3f} {row.delta_pct:>+9.1f}% "
-            f"{row.calib_s:>9.1f} {row.calib_peak_mb:>9.0f} {row.eval_s:>8.1f}"
+            f"{row.calib_s:>9.1f} {row.calib_peak_mb:>9.0f} {row.eval_s:>8.1f} "
+            f"{_kv(row):>9}"
         )
     return "\n".join(lines)
 
@@ -36,15 +37,20 @@ def format_markdown(rows: list[ComparisonRow]) -> str:
     """The same rows as a Markdown table (for README and reports): recipe, bits, ppl, Δ%, calib
     time and peak memory."""
     lines = [
-        "| recipe | bits | ppl | Δ% vs fp | calib s | calib peak MB |",
-        "|---|---|---|---|---|---|",
+        "| recipe | bits | ppl | Δ% vs fp | calib s | calib peak MB | KV bytes vs fp16 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.recipe} | {row.bits} | {row.ppl:.3f} | {row.delta_pct:+.2f} | "
-            f"{row.calib_s:.1f} | {row.calib_peak_mb:.0f} |"
+            f"{row.calib_s:.1f} | {row.calib_peak_mb:.0f} | {_kv(row)} |"
         )
     return "\n".join(lines)
+
+
+def _kv(row: ComparisonRow) -> str:
+    """The KV-cache bytes ratio, or a dash for a recipe without a compressed cache."""
+    return "—" if row.kv_ratio is None else f"{row.kv_ratio:.3f}×"
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:

@@ -23,7 +23,8 @@ the cache learns it from the ``attention_mask`` of each forward through a pre-ho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,18 +36,29 @@ from channelwise.kvcache.codecs import Encoded, KVCodec
 _HOOK_ATTR = "_channelwise_kv_hook"
 
 
+class KeyTransform(Protocol):
+    """An exact, invertible change of a layer's keys ``(heads, tokens, head_dim)`` applied
+    before encoding and undone after decoding (e.g. K-sort's channel permutation)."""
+
+    def to_stored(self, keys: Tensor, layer: int) -> Tensor: ...
+
+    def from_stored(self, keys: Tensor, layer: int) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class KVCacheConfig:
     """What a compressed cache stores: a codec each for keys and values, and the float window.
 
     ``residual``: the newest tokens stay in float until this many have accumulated, then they
     are encoded together (a multiple of both codecs' ``token_multiple``; 0 encodes every token
-    on arrival, which needs per-token codecs).
+    on arrival, which needs per-token codecs). ``key_transform``: applied to keys as they are
+    encoded and undone as they are decoded.
     """
 
     key_codec: KVCodec
     value_codec: KVCodec
     residual: int = 0
+    key_transform: KeyTransform | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.residual < 0:
@@ -84,7 +96,7 @@ class _Sequence:
         residual = 0 if self.residual_keys is None else self.residual_keys.shape[1]
         return encoded + residual
 
-    def append(self, keys: Tensor, values: Tensor, config: KVCacheConfig) -> None:
+    def append(self, keys: Tensor, values: Tensor, config: KVCacheConfig, layer: int) -> None:
         """Store real tokens ``(heads, n, head_dim)`` and flush whole units of the residual."""
         if self.residual_keys is not None:
             keys = torch.cat([self.residual_keys, keys], dim=1)
@@ -92,13 +104,16 @@ class _Sequence:
         unit = config.flush_unit
         n_flush = (keys.shape[1] // unit) * unit
         if n_flush:
-            self.keys = _cat(self.keys, config.key_codec.encode(keys[:, :n_flush]))
+            flushed = keys[:, :n_flush]
+            if config.key_transform is not None:
+                flushed = config.key_transform.to_stored(flushed, layer)
+            self.keys = _cat(self.keys, config.key_codec.encode(flushed))
             self.values = _cat(self.values, config.value_codec.encode(values[:, :n_flush]))
         rest = keys.shape[1] - n_flush
         self.residual_keys = keys[:, n_flush:].clone() if rest else None
         self.residual_values = values[:, n_flush:].clone() if rest else None
 
-    def read(self, config: KVCacheConfig, shape: tuple[int, int, int], dtype, device):
+    def read(self, config: KVCacheConfig, shape: tuple[int, int, int], dtype, device, layer: int):
         """Keys and values ``(heads, pads + stored, head_dim)``, pads as zeros."""
         heads, _, head_dim = shape
         parts_k, parts_v = [], []
@@ -107,7 +122,10 @@ class _Sequence:
             parts_k.append(zeros)
             parts_v.append(zeros)
         if self.keys is not None:
-            parts_k.append(config.key_codec.decode(self.keys, dtype))
+            keys = config.key_codec.decode(self.keys, dtype)
+            if config.key_transform is not None:
+                keys = config.key_transform.from_stored(keys, layer)
+            parts_k.append(keys)
             parts_v.append(config.value_codec.decode(self.values, dtype))
         if self.residual_keys is not None:
             parts_k.append(self.residual_keys.to(dtype))
@@ -137,10 +155,11 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: KVCacheConfig, owner: CompressedCache) -> None:
+    def __init__(self, config: KVCacheConfig, owner: CompressedCache, index: int) -> None:
         super().__init__()
         self.config = config
         self.owner = owner
+        self.index = index
         self.columns = 0
         self.sequences: list[_Sequence] = []
 
@@ -174,10 +193,14 @@ class CompressedLayer(CacheLayerMixin):
                 seq.pads += new - n_real
             if n_real:
                 start = new - n_real
-                seq.append(key_states[b, :, start:], value_states[b, :, start:], self.config)
+                seq.append(
+                    key_states[b, :, start:], value_states[b, :, start:], self.config, self.index
+                )
         self.columns += new
         read = [
-            seq.read(self.config, (heads, 0, head_dim), key_states.dtype, key_states.device)
+            seq.read(
+                self.config, (heads, 0, head_dim), key_states.dtype, key_states.device, self.index
+            )
             for seq in self.sequences
         ]
         return torch.stack([k for k, _ in read]), torch.stack([v for _, v in read])
@@ -219,7 +242,7 @@ class CompressedCache(Cache):
     """A transformers ``Cache`` whose layers store keys and values compressed."""
 
     def __init__(self, config: KVCacheConfig, num_layers: int, kv_heads: int, head_dim: int):
-        super().__init__(layers=[CompressedLayer(config, self) for _ in range(num_layers)])
+        super().__init__(layers=[CompressedLayer(config, self, i) for i in range(num_layers)])
         self.config = config
         self.kv_heads = kv_heads
         self.head_dim = head_dim

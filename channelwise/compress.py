@@ -34,6 +34,7 @@ from channelwise.recipe import Recipe, load_recipe
 
 RECIPE_ATTR = "channelwise_recipe"
 METHODS_ATTR = "channelwise_methods"
+KV_METHOD_ATTR = "channelwise_kv_method"
 STATIC_QPARAMS_FILE = "activation_qparams.safetensors"
 STEP_STATE_FILE = "step_state.safetensors"
 
@@ -119,6 +120,7 @@ def quantize(
             attach_kv_config(model, kv_method.cache_config(model, adapter))
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
+    setattr(model, KV_METHOD_ATTR, kv_method)
     n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
     return CompressionResult(recipe, time.perf_counter() - start, n, methods)
 
@@ -285,11 +287,16 @@ def _input_quantizer_specs(model: nn.Module) -> dict[str, dict]:
 
 
 def _step_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every step's ``saved_state()``, keyed ``"<step index>/<key>"``."""
+    """Every step's ``saved_state()``, keyed ``"<step index>/<key>"``, and the KV-cache
+    method's, keyed ``"kv/<key>"``."""
     tensors = {}
     for index, method in enumerate(getattr(model, METHODS_ATTR, None) or ()):
         for key, tensor in method.saved_state().items():
             tensors[f"{index}/{key}"] = tensor.detach().cpu().contiguous()
+    kv_method = getattr(model, KV_METHOD_ATTR, None)
+    if kv_method is not None:
+        for key, tensor in kv_method.saved_state().items():
+            tensors[f"kv/{key}"] = tensor.detach().cpu().contiguous()
     return tensors
 
 
@@ -354,6 +361,10 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
     kv_method = build_kv_method(recipe)
     if kv_method is not None:
         kv_method.check(model, adapter)
+        kv_method.restore(
+            model, adapter, {k[len("kv/") :]: v for k, v in state.items() if k.startswith("kv/")}
+        )
         attach_kv_config(model, kv_method.cache_config(model, adapter))
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
+    setattr(model, KV_METHOD_ATTR, kv_method)

@@ -23,6 +23,7 @@ the cache learns it from the ``attention_mask`` of each forward through a pre-ho
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,32 +38,38 @@ _HOOK_ATTR = "_channelwise_kv_hook"
 
 
 class KeyTransform(Protocol):
-    """An exact, invertible change of a layer's keys ``(heads, tokens, head_dim)`` applied
-    before encoding and undone after decoding (e.g. K-sort's channel permutation)."""
+    """An exact, invertible change of one sequence's keys ``(heads, n, head_dim)`` in one layer,
+    applied before encoding and undone after decoding. ``positions`` ``(n,)`` are the tokens'
+    RoPE positions (a transform that works before RoPE needs them)."""
 
-    def to_stored(self, keys: Tensor, layer: int) -> Tensor: ...
+    def to_stored(self, keys: Tensor, layer: int, positions: Tensor) -> Tensor: ...
 
-    def from_stored(self, keys: Tensor, layer: int) -> Tensor: ...
+    def from_stored(self, keys: Tensor, layer: int, positions: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
 class KVCacheConfig:
-    """What a compressed cache stores: a codec each for keys and values, and the float window.
+    """What a compressed cache stores: a codec each for keys and values, and what stays float.
 
     ``residual``: the newest tokens stay in float until this many have accumulated, then they
     are encoded together (a multiple of both codecs' ``token_multiple``; 0 encodes every token
     on arrival, which needs per-token codecs). ``key_transform``: applied to keys as they are
-    encoded and undone as they are decoded.
+    encoded and undone as they are decoded. ``sinks``: in a sequence's first forward (its
+    prefill), the tokens holding the ``sinks`` largest ``|x|`` of the layer's input (tokens ×
+    channels) stay in float — RotateKV's attention sinks (needs per-token codecs).
     """
 
     key_codec: KVCodec
     value_codec: KVCodec
     residual: int = 0
     key_transform: KeyTransform | None = field(default=None, compare=False)
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.residual < 0:
             raise KVCacheError(f"residual must be ≥ 0, got {self.residual}")
+        if self.sinks < 0:
+            raise KVCacheError(f"sinks must be ≥ 0, got {self.sinks}")
         for name, codec in (("key", self.key_codec), ("value", self.value_codec)):
             unit = codec.token_multiple
             if self.residual == 0 and unit > 1:
@@ -74,30 +81,83 @@ class KVCacheConfig:
                     f"residual {self.residual} is not a multiple of the {name} codec's "
                     f"{unit}-token groups"
                 )
+            if self.sinks and not codec.per_token:
+                raise KVCacheError(
+                    f"attention sinks leave single tokens out of the codec; the {name} codec "
+                    "groups tokens (use a per-token codec, or sinks: 0)"
+                )
 
     @property
     def flush_unit(self) -> int:
         return max(self.residual, 1)
 
 
+def _nbytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 class _Sequence:
-    """One batch row's storage in one layer."""
+    """One batch row's storage in one layer: its tokens in order are the encoded stream and the
+    float residual (newest), with float sink tokens at ``sink_index`` among them."""
 
     def __init__(self) -> None:
         self.pads = 0
+        self.first_position: int | None = None
         self.keys: Encoded | None = None
         self.values: Encoded | None = None
         self.residual_keys: Tensor | None = None
         self.residual_values: Tensor | None = None
+        self.sink_index: Tensor | None = None  # token indices within the sequence, ascending
+        self.sink_keys: Tensor | None = None
+        self.sink_values: Tensor | None = None
+
+    @property
+    def encoded(self) -> int:
+        return 0 if self.keys is None else self.keys.tokens
+
+    @property
+    def n_sinks(self) -> int:
+        return 0 if self.sink_index is None else int(self.sink_index.numel())
 
     @property
     def stored(self) -> int:
-        encoded = 0 if self.keys is None else self.keys.tokens
         residual = 0 if self.residual_keys is None else self.residual_keys.shape[1]
-        return encoded + residual
+        return self.encoded + residual + self.n_sinks
 
-    def append(self, keys: Tensor, values: Tensor, config: KVCacheConfig, layer: int) -> None:
-        """Store real tokens ``(heads, n, head_dim)`` and flush whole units of the residual."""
+    def _stream_positions(self, start: int, n: int, device) -> Tensor:
+        """RoPE positions of stream tokens ``start … start + n − 1`` (sinks skipped)."""
+        total = start + n + self.n_sinks
+        index = torch.arange(total, device=device)
+        if self.sink_index is not None:
+            keep = torch.ones(total, dtype=torch.bool, device=device)
+            keep[self.sink_index.to(device)] = False
+            index = index[keep]
+        return index[start : start + n] + (self.first_position or 0)
+
+    def append(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        config: KVCacheConfig,
+        layer: int,
+        first_position: int,
+        sink_scores: Tensor | None,
+    ) -> None:
+        """Store real tokens ``(heads, n, head_dim)`` and flush whole units of the residual.
+
+        ``first_position``: the RoPE position of the first of them; ``sink_scores``
+        ``(n, channels)``: the layer input of these tokens, to pick sinks from (prefill only).
+        """
+        if self.first_position is None:
+            self.first_position = first_position
+        elif first_position != self.first_position + self.stored:
+            raise KVCacheError(
+                f"a sequence's positions must be contiguous: the cache holds positions "
+                f"{self.first_position}…{self.first_position + self.stored - 1}, the next token "
+                f"came at {first_position}"
+            )
+        if config.sinks and self.stored == 0 and sink_scores is not None:
+            keys, values = self._keep_sinks(keys, values, sink_scores, config.sinks)
         if self.residual_keys is not None:
             keys = torch.cat([self.residual_keys, keys], dim=1)
             values = torch.cat([self.residual_values, values], dim=1)
@@ -106,42 +166,65 @@ class _Sequence:
         if n_flush:
             flushed = keys[:, :n_flush]
             if config.key_transform is not None:
-                flushed = config.key_transform.to_stored(flushed, layer)
+                positions = self._stream_positions(self.encoded, n_flush, keys.device)
+                flushed = config.key_transform.to_stored(flushed, layer, positions)
             self.keys = _cat(self.keys, config.key_codec.encode(flushed))
             self.values = _cat(self.values, config.value_codec.encode(values[:, :n_flush]))
         rest = keys.shape[1] - n_flush
         self.residual_keys = keys[:, n_flush:].clone() if rest else None
         self.residual_values = values[:, n_flush:].clone() if rest else None
 
+    def _keep_sinks(self, keys: Tensor, values: Tensor, scores: Tensor, k: int):
+        """Move the tokens holding the ``k`` largest ``|scores|`` out of the stream."""
+        flat = scores.abs().float().reshape(-1)
+        top = flat.topk(min(k, flat.numel())).indices // scores.shape[-1]
+        index = torch.unique(top)  # sorted
+        keep = torch.ones(keys.shape[1], dtype=torch.bool, device=keys.device)
+        keep[index] = False
+        self.sink_index = index
+        self.sink_keys = keys[:, index].clone()
+        self.sink_values = values[:, index].clone()
+        return keys[:, keep], values[:, keep]
+
     def read(self, config: KVCacheConfig, shape: tuple[int, int, int], dtype, device, layer: int):
         """Keys and values ``(heads, pads + stored, head_dim)``, pads as zeros."""
         heads, _, head_dim = shape
         parts_k, parts_v = [], []
-        if self.pads:
-            zeros = torch.zeros(heads, self.pads, head_dim, dtype=dtype, device=device)
-            parts_k.append(zeros)
-            parts_v.append(zeros)
         if self.keys is not None:
             keys = config.key_codec.decode(self.keys, dtype)
             if config.key_transform is not None:
-                keys = config.key_transform.from_stored(keys, layer)
+                positions = self._stream_positions(0, self.encoded, device)
+                keys = config.key_transform.from_stored(keys, layer, positions)
             parts_k.append(keys)
             parts_v.append(config.value_codec.decode(self.values, dtype))
         if self.residual_keys is not None:
             parts_k.append(self.residual_keys.to(dtype))
             parts_v.append(self.residual_values.to(dtype))
-        if not parts_k:
-            empty = torch.zeros(heads, 0, head_dim, dtype=dtype, device=device)
-            return empty, empty
-        return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+        empty = torch.zeros(heads, 0, head_dim, dtype=dtype, device=device)
+        keys = torch.cat(parts_k, dim=1) if parts_k else empty
+        values = torch.cat(parts_v, dim=1) if parts_v else empty
+        if self.n_sinks:
+            keys = self._with_sinks(keys, self.sink_keys.to(dtype))
+            values = self._with_sinks(values, self.sink_values.to(dtype))
+        if self.pads:
+            zeros = torch.zeros(heads, self.pads, head_dim, dtype=dtype, device=device)
+            keys, values = torch.cat([zeros, keys], dim=1), torch.cat([zeros, values], dim=1)
+        return keys, values
+
+    def _with_sinks(self, stream: Tensor, sinks: Tensor) -> Tensor:
+        total = stream.shape[1] + sinks.shape[1]
+        out = stream.new_empty(stream.shape[0], total, stream.shape[2])
+        is_stream = torch.ones(total, dtype=torch.bool, device=stream.device)
+        is_stream[self.sink_index.to(stream.device)] = False
+        out[:, is_stream] = stream
+        out[:, ~is_stream] = sinks
+        return out
 
     def nbytes(self) -> int:
-        total = 0
-        for enc in (self.keys, self.values):
-            total += 0 if enc is None else enc.nbytes
-        for t in (self.residual_keys, self.residual_values):
-            total += 0 if t is None else t.numel() * t.element_size()
-        return total
+        total = sum(0 if enc is None else enc.nbytes for enc in (self.keys, self.values))
+        for t in (self.residual_keys, self.residual_values, self.sink_keys, self.sink_values):
+            total += _nbytes(t)
+        return total + _nbytes(self.sink_index)
 
 
 def _cat(a: Encoded | None, b: Encoded) -> Encoded:
@@ -181,6 +264,7 @@ class CompressedLayer(CacheLayerMixin):
                 f"this cache holds {len(self.sequences)} sequences; the forward has {batch}"
             )
         real = self.owner.real_tokens(self.columns, new, batch, key_states.device)
+        inputs = self.owner.layer_inputs.get(self.index)
         for b, seq in enumerate(self.sequences):
             keep = real[b]
             n_real = int(keep.sum())
@@ -194,8 +278,14 @@ class CompressedLayer(CacheLayerMixin):
             if n_real:
                 start = new - n_real
                 seq.append(
-                    key_states[b, :, start:], value_states[b, :, start:], self.config, self.index
+                    key_states[b, :, start:],
+                    value_states[b, :, start:],
+                    self.config,
+                    self.index,
+                    self.owner.position(b, self.columns, start),
+                    None if inputs is None else inputs[b, start:],
                 )
+        self.owner.layer_inputs.pop(self.index, None)
         self.columns += new
         read = [
             seq.read(
@@ -223,10 +313,10 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        self.sequences = [self.sequences[int(i)] for i in indices.tolist()]
+        self.sequences = [copy.deepcopy(self.sequences[int(i)]) for i in indices.tolist()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.sequences = [seq for seq in self.sequences for _ in range(repeats)]
+        self.sequences = [copy.deepcopy(seq) for seq in self.sequences for _ in range(repeats)]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise KVCacheError("a compressed cache cannot drop tokens (crop); start a new cache")
@@ -247,15 +337,28 @@ class CompressedCache(Cache):
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self._mask: Tensor | None = None
+        self._positions: Tensor | None = None
+        self.layer_inputs: dict[int, Tensor] = {}  # decoder-layer inputs, for sinks
 
-    def begin_forward(self, attention_mask: Tensor | None) -> None:
-        """Record the forward's 2-D ``attention_mask`` ``(batch, past + new)`` (1 = real)."""
+    def begin_forward(
+        self, attention_mask: Tensor | None, position_ids: Tensor | None = None
+    ) -> None:
+        """Record the forward's 2-D ``attention_mask`` ``(batch, past + new)`` (1 = real) and
+        ``position_ids`` ``(batch or 1, new)`` (``None``: positions count columns)."""
         if attention_mask is not None and attention_mask.ndim != 2:
             raise KVCacheError(
                 "a compressed cache needs the 2-D attention_mask (batch, tokens) to tell pads "
                 f"from tokens, got shape {tuple(attention_mask.shape)}"
             )
         self._mask = None if attention_mask is None else attention_mask.bool()
+        self._positions = position_ids
+        self.layer_inputs = {}
+
+    def position(self, row: int, past: int, column: int) -> int:
+        """RoPE position of the forward's new column ``column`` in batch row ``row``."""
+        if self._positions is None:
+            return past + column
+        return int(self._positions[row if self._positions.shape[0] > 1 else 0, column])
 
     def real_tokens(self, past: int, new: int, batch: int, device) -> Tensor:
         """``(batch, new)`` bool: which of the forward's new columns are real tokens."""
@@ -293,11 +396,38 @@ def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     return int(layers), int(kv_heads), int(head_dim)
 
 
-def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _find_cache(args: tuple, kwargs: dict) -> CompressedCache | None:
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if isinstance(cache, CompressedCache):
+    return cache if isinstance(cache, CompressedCache) else None
+
+
+def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = _find_cache(args, kwargs)
+    if cache is not None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        cache.begin_forward(mask)
+        cache.begin_forward(mask, kwargs.get("position_ids"))
+
+
+def _layer_input_hook(index: int):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = _find_cache(args, kwargs)
+        if cache is not None and cache.config.sinks:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            cache.layer_inputs[index] = hidden.detach()
+
+    return hook
+
+
+def _install_hooks(model: nn.Module) -> None:
+    """Pre-hooks (once per model): the model's mask and positions; each block's input."""
+    if getattr(model, _HOOK_ATTR, None) is not None:
+        return
+    from channelwise.adapters import adapter_for
+
+    handles = [model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)]
+    for index, block in enumerate(adapter_for(model).block_list(model)):
+        handles.append(block.register_forward_pre_hook(_layer_input_hook(index), with_kwargs=True))
+    setattr(model, _HOOK_ATTR, handles)
 
 
 def make_cache(model: nn.Module, config: KVCacheConfig | None = None) -> CompressedCache:
@@ -307,9 +437,7 @@ def make_cache(model: nn.Module, config: KVCacheConfig | None = None) -> Compres
         raise KVCacheError(
             "no KV-cache configuration: pass one, or quantize with a kv_cache recipe"
         )
-    if getattr(model, _HOOK_ATTR, None) is None:
-        handle = model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)
-        setattr(model, _HOOK_ATTR, handle)
+    _install_hooks(model)
     layers, kv_heads, head_dim = kv_geometry(model)
     return CompressedCache(config, layers, kv_heads, head_dim)
 

@@ -56,6 +56,14 @@ class KVMethod:
     def label(self) -> str:
         raise NotImplementedError
 
+    def saved_state(self) -> dict[str, Tensor]:
+        """Tensors a saved checkpoint needs to rebuild the cache configuration. Default: none."""
+        return {}
+
+    def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
+        """Take back ``saved_state`` on a loaded model (whose weights already carry any
+        weight-side change). Default: nothing."""
+
 
 _KV_METHODS: dict[str, type[KVMethod]] = {}
 
@@ -152,10 +160,10 @@ class ChannelOrder:
         index = index.to(keys.device)[:, None, :].expand(-1, keys.shape[1], -1)
         return torch.gather(keys, 2, index)
 
-    def to_stored(self, keys: Tensor, layer: int) -> Tensor:
+    def to_stored(self, keys: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
         return self._gather(keys, self.orders[layer])
 
-    def from_stored(self, keys: Tensor, layer: int) -> Tensor:
+    def from_stored(self, keys: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
         return self._gather(keys, self.inverses[layer])
 
 

@@ -42,6 +42,10 @@ def cmd_quantize(args) -> None:
     if args.float_dtype != "float32" and args.format != "packed":
         raise ChannelwiseError("--float-dtype needs --format packed")
     out = Path(args.out)
+    if args.format == "gguf":
+        from channelwise.deploy.gguf import gguf_path
+
+        out = gguf_path(out, recipe.name)  # a .gguf file, or <recipe>.gguf in a folder
     if out.exists() and not args.force:
         raise ChannelwiseError(f"{out} exists; choose another --out or pass --force")
     model, tokenizer = load_model(args.model, device=args.device)
@@ -63,21 +67,46 @@ def cmd_quantize(args) -> None:
         path = export_compressed_tensors(model, tokenizer, out, force=args.force)
         worst = verify_compressed_tensors(path, model)
         how = f"compressed-tensors; reloaded by the package, weights differ by at most {worst:g}"
+    elif args.format == "gguf":
+        from channelwise.deploy.gguf import export_gguf, verify_gguf
+
+        path = export_gguf(
+            model, out, tokenizer, _source_gguf(args.model), args.gguf_float, force=args.force
+        )
+        worst = verify_gguf(path, model)
+        how = f"GGUF; read back by gguf.GGUFReader, weights differ by at most {worst:g}"
     else:
         path = save_quantized(model, tokenizer, out, force=args.force)
         how = f"{len(packed)} modules packed" if packed else "float weights on the quantized grid"
     print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how})")
 
 
+def _source_gguf(spec: str | None) -> Path | None:
+    """The GGUF file a model spec loads from (embedded name or ``.gguf`` path), else None: its
+    tokenizer section is copied into a GGUF export."""
+    from channelwise.models import _EMBEDDED, DEFAULT_MODEL, embedded_gguf
+
+    if spec is None or spec in _EMBEDDED:
+        return embedded_gguf(spec or DEFAULT_MODEL)
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def cmd_eval(args) -> None:
     from channelwise import load_model, perplexity
+    from channelwise.kvcache import chunked_perplexity
+    from channelwise.kvcache.cache import KV_CONFIG_ATTR
     from channelwise.report import write_atomic
 
     protocol = _protocol(args)
     model, tokenizer = load_model(args.model, device=args.device)
     windows = protocol.eval_tokens(tokenizer)
     start = time.perf_counter()
-    ppl = perplexity(model, windows, progress=not args.quiet)
+    kv = getattr(model, KV_CONFIG_ATTR, None)
+    if kv is None:
+        ppl = perplexity(model, windows, progress=not args.quiet)
+    else:  # a kv_cache recipe: every token reads keys and values through the compressed cache
+        ppl = chunked_perplexity(model, windows, progress=not args.quiet)
     result = {
         "ppl": ppl,
         "model": str(args.model or "smollm2-135m"),
@@ -89,7 +118,8 @@ def cmd_eval(args) -> None:
     }
     print(
         f"perplexity {ppl:.3f} on {protocol.eval_data} "
-        f"({protocol.windows}×{protocol.seqlen} tokens from {protocol.start})"
+        f"({protocol.windows}×{protocol.seqlen} tokens from {protocol.start}"
+        + (", through the compressed KV cache in 32-token chunks)" if kv is not None else ")")
     )
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2))
@@ -174,14 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="compress a model with a recipe and save it")
     p.add_argument("model", nargs="?", help="embedded name, checkpoint dir, .gguf or hub id")
     p.add_argument("--recipe", required=True, help="preset name or YAML file")
-    p.add_argument("--out", required=True, help="output folder (must not exist)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (must not exist); with --format gguf a .gguf file, or a folder "
+        "that gets <recipe>.gguf",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument(
         "--format",
-        choices=("packed", "fake", "compressed-tensors"),
+        choices=("packed", "fake", "compressed-tensors", "gguf"),
         default="packed",
         help="packed: integer codes at their bit width (default); fake: float weights on the "
-        "grid; compressed-tensors: the format vLLM loads",
+        "grid; compressed-tensors: the format vLLM loads; gguf: one llama.cpp file (Llama "
+        "models; weights in groups of 32 with float16 scales, e.g. presets rtn-w4a16-q4_0, "
+        "rtn-w4a16-q4_1, rtn-w8a16-q8_0 → Q4_0, Q4_1, Q8_0)",
+    )
+    p.add_argument(
+        "--gguf-float",
+        choices=("F32", "F16"),
+        default="F32",
+        help="--format gguf: storage of an unquantized embedding / LM head (norms stay F32)",
     )
     p.add_argument(
         "--float-dtype",

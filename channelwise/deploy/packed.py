@@ -8,8 +8,10 @@ this and refuses a weight that moved off its grid.
 
 Storage per linear: ``qweight`` ``(out, ceil(in·b/8))`` uint8 (codes offset to unsigned,
 :mod:`channelwise.quant.packing`), ``scale`` float32 in the spec's block layout, ``zero``
-uint8 for asymmetric specs (symmetric ones have none), and the bias. Scales stay float32: fp16
-scales would change the fake-quant result the packed model must reproduce. A token embedding a
+for asymmetric specs (symmetric ones have none): uint8 integer offsets, or float32 minimums
+``m`` for a ``zero_point: float`` spec (values ``q·s + m``, GGUF's Q4_1), and the bias. Scales
+are stored float32, holding exactly what the quantizer computed (float16 values when the spec's
+``scale_dtype`` is float16), so the packed model reproduces fake-quant. A token embedding a
 recipe rounded packs the same way (:class:`PackedEmbedding`), with a tied LM head reading it.
 
 On CPU float32 inputs, :class:`PackedLinear` runs the integer kernels of
@@ -49,10 +51,6 @@ class PackedCodes(nn.Module):
 
     def __init__(self, rows: int, cols: int, spec: QuantSpec) -> None:
         super().__init__()
-        if spec.float_zero:
-            raise PackingError(
-                "packing a grid with a float minimum (zero_point: float) is not supported yet"
-            )
         self.spec = spec
         self.register_buffer(
             "qweight", torch.zeros(rows, packed_size(cols, spec.bits), dtype=torch.uint8)
@@ -62,8 +60,9 @@ class PackedCodes(nn.Module):
         self.zero: Tensor | None
         if spec.symmetric:
             self.zero = None
-        else:
-            self.register_buffer("zero", torch.zeros(grid_rows, grid_cols, dtype=torch.uint8))
+        else:  # an integer code offset (uint8), or a float minimum ``m`` (float32)
+            zero_dtype = torch.float32 if spec.float_zero else torch.uint8
+            self.register_buffer("zero", torch.zeros(grid_rows, grid_cols, dtype=zero_dtype))
         self._cols = cols
         self._kernel_cache: dict[str, tuple] = {}
 
@@ -72,7 +71,7 @@ class PackedCodes(nn.Module):
         self.qweight.copy_(pack_codes(codes.to(torch.int16) - self.spec.qmin, self.spec.bits))
         self.scale.copy_(qparams.scale)
         if self.zero is not None:
-            self.zero.copy_(qparams.zero_point.to(torch.uint8))
+            self.zero.copy_(qparams.zero_point.to(self.zero.dtype))
 
     def codes(self, rows: Tensor | None = None) -> Tensor:
         """The integer codes ``(rows, cols)`` (or of the ``rows`` indexed), int16."""
@@ -87,8 +86,9 @@ class PackedCodes(nn.Module):
         return QParams(scale, zero.float())
 
     def dequantized(self, rows: Tensor | None = None) -> Tensor:
-        """``(q − z)·s`` float32 (of the ``rows`` indexed, if given): bit-identical to the
-        fake-quantized matrix. Row indexing needs a grid of whole rows (per row or row groups)."""
+        """``(q − z)·s`` (or ``q·s + m`` with a float minimum) float32 (of the ``rows`` indexed,
+        if given): bit-identical to the fake-quantized matrix. Row indexing needs a grid of
+        whole rows (per row or row groups)."""
         return dequantize(self.codes(rows).float(), self.qparams(rows), self.spec)
 
     def matmul(self, x: Tensor, bias: Tensor | None = None, *, int8_input: bool = False) -> Tensor:
@@ -124,7 +124,8 @@ class PackedCodes(nn.Module):
         return None
 
     def _cached(self, name: str, make) -> Tensor:
-        key = (self.qweight._version, self.scale._version, self.qweight.data_ptr())
+        zero_version = None if self.zero is None else self.zero._version
+        key = (self.qweight._version, self.scale._version, zero_version, self.qweight.data_ptr())
         hit = self._kernel_cache.get(name)
         if hit is None or hit[0] != key:
             hit = self._kernel_cache[name] = (key, make())
@@ -135,11 +136,15 @@ class PackedCodes(nn.Module):
         return self._cached("int8", lambda: (self.qweight ^ 0x80).view(torch.int8))
 
     def _float_zero(self) -> Tensor:
-        """Zero points in unsigned code units (a symmetric 4-bit code is stored offset by 8)."""
+        """Zero points in unsigned code units (a symmetric 4-bit code is stored offset by 8). A
+        float minimum ``m`` becomes ``−m/s``: the kernel's ``(q − z)·s`` is then ``q·s + m`` up to
+        one float32 rounding of ``m``, on top of the kernel's own summation-order difference."""
 
         def make() -> Tensor:
             if self.zero is None:
                 return torch.full_like(self.scale, -self.spec.qmin)
+            if self.spec.float_zero:
+                return -self.zero / self.scale
             return self.zero.float()
 
         return self._cached("zero", make)

@@ -1,0 +1,470 @@
+"""Export a packed Llama-family model to one GGUF file, the format llama.cpp loads.
+
+Each quantized linear's codes and scales are written, as they are, into GGUF's 32-element blocks
+(built here byte by byte, :func:`gguf_blocks`); nothing is re-quantized. What maps exactly:
+
+============================================  ===========  ==============================
+our grid (groups of 32 input channels,        GGUF type    GGUF value of code ``u``
+``scale_dtype: float16``)
+============================================  ===========  ==============================
+4-bit symmetric (codes −8…7)                  ``Q4_0``     ``d·(u − 8)``,  u = q + 8
+4-bit asymmetric, ``zero_point: float``       ``Q4_1``     ``d·u + m``
+5-bit symmetric (codes −16…15)                ``Q5_0``     ``d·(u − 16)``, u = q + 16
+5-bit asymmetric, ``zero_point: float``       ``Q5_1``     ``d·u + m``
+8-bit symmetric (codes −128…127)              ``Q8_0``     ``d·u`` (u int8)
+============================================  ===========  ==============================
+
+Everything else is refused with :class:`ExportError` before anything is written: other bit
+widths or group sizes, float32 scales (GGUF stores float16), integer zero points (``(q − z)·s``
+is not ``d·q + m`` bit for bit), activation or attention quantizers (llama.cpp runs float
+activations), online ops such as QuaRot's online Hadamard (GGUF cannot express a runtime
+rotation), non-Llama architectures. Rotations and smoothing folded into the weights need
+nothing at runtime and export as they are.
+
+Tensors use llama.cpp's names (``token_embd``, ``blk.N.attn_q`` …, ``output_norm``, ``output``
+when untied) and its row order for Q and K (``convert_hf_to_gguf.py``'s ``permute``, which
+transformers' GGUF loader undoes). Norms are F32; unquantized embedding/head F32 or F16.
+:func:`verify_gguf` reads the file back with ``gguf.GGUFReader`` and de-quantizes every tensor
+with ``gguf.quants.dequantize``: the values must equal ours exactly (both compute ``d·u`` and
+``d·u + m`` as separately rounded float32 products and sums).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from channelwise.deploy.packed import PackedCodes, PackedLinear, PackedTiedHead
+from channelwise.errors import ExportError, OutputExistsError
+from channelwise.quant import PerGroup, QuantSpec
+
+BLOCK = 32
+FLOAT_TYPES = ("F32", "F16")
+_BLOCK_NAMES = {  # HF module name inside a Llama decoder layer → llama.cpp tensor name
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_type(spec: QuantSpec, where: str = "weight"):
+    """The ``GGMLQuantizationType`` that stores ``spec``'s grid exactly, or :class:`ExportError`."""
+    from gguf import GGMLQuantizationType as T
+
+    g = spec.granularity
+    if not (isinstance(g, PerGroup) and g.along == "input" and g.size == BLOCK):
+        raise ExportError(
+            f"{where}: {g} scales; GGUF's block formats hold one scale per group of {BLOCK} input "
+            "channels (use granularity: group, group_size: 32)"
+        )
+    if spec.scale_dtype != "float16":
+        raise ExportError(
+            f"{where}: float32 scales; GGUF blocks store float16 scales, so the values would "
+            "change (quantize with scale_dtype: float16, e.g. preset rtn-w4a16-q4_0)"
+        )
+    if spec.symmetric:
+        types = {4: T.Q4_0, 5: T.Q5_0, 8: T.Q8_0}
+    elif spec.float_zero:
+        types = {4: T.Q4_1, 5: T.Q5_1}
+    else:
+        raise ExportError(
+            f"{where}: asymmetric grid with an integer zero point, values (q − z)·s; GGUF's "
+            "Q4_1/Q5_1 store d·q + m with a float16 minimum, which that does not equal bit for "
+            "bit (quantize with zero_point: float, e.g. preset rtn-w4a16-q4_1)"
+        )
+    if spec.bits not in types:
+        kind = "symmetric" if spec.symmetric else "asymmetric (float minimum)"
+        raise ExportError(
+            f"{where}: {spec.bits}-bit {kind} weights; GGUF has {kind} block formats for "
+            f"{', '.join(map(str, types))} bits only"
+        )
+    return types[spec.bits]
+
+
+def gguf_blocks(codes: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec) -> np.ndarray:
+    """GGUF block bytes ``(rows, cols/32 · block_bytes)`` uint8 of integer ``codes``
+    ``(rows, cols)`` in ``[qmin, qmax]``, float16-valued ``scale`` ``(rows, cols/32)`` and, for a
+    float-minimum grid, ``zero`` (the minimums, same shape)."""
+    from gguf import GGMLQuantizationType as T
+
+    qtype = gguf_type(spec)
+    rows, cols = codes.shape
+    u = (codes.to(torch.int16) - spec.qmin).to(torch.uint8).reshape(rows, cols // BLOCK, BLOCK)
+    parts = [_half_bytes(scale, "scale")]
+    if spec.float_zero:
+        parts.append(_half_bytes(zero, "minimum"))
+    if qtype == T.Q8_0:
+        parts.append((u.to(torch.int16) + spec.qmin).to(torch.int8).view(torch.uint8))
+    else:  # element j in the low nibble of byte j, element j + 16 in its high nibble
+        low = u & 0x0F
+        if spec.bits == 5:  # the fifth bits: bit j of a little-endian uint32 is element j's
+            weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32)
+            high = (u >> 4).to(torch.int32).reshape(rows, cols // BLOCK, 4, 8)
+            parts.append((high * weights).sum(-1).to(torch.uint8))
+        parts.append(low[..., :16] | (low[..., 16:] << 4))
+    return torch.cat(parts, dim=-1).reshape(rows, -1).numpy()
+
+
+def _half_bytes(values: Tensor, what: str) -> Tensor:
+    half = values.detach().cpu().to(torch.float16)
+    if not torch.equal(half.float(), values.detach().cpu().float()):
+        raise ExportError(f"a {what} is not a float16 value; the grid was not built for GGUF")
+    return half.view(torch.uint8).reshape(*values.shape, 2)
+
+
+def qk_permutation(rows: int, n_head: int) -> Tensor:
+    """Row order llama.cpp expects for a Q or K projection of ``n_head`` heads: within each
+    head, the rotary pairs (i, i + d/2) of the HF layout become neighbours (2i, 2i + 1)."""
+    head_dim = rows // n_head
+    return torch.arange(rows).reshape(n_head, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+
+def export_gguf(
+    model: nn.Module,
+    out: str | os.PathLike,
+    tokenizer=None,
+    tokenizer_gguf: str | os.PathLike | None = None,
+    float_type: str = "F32",
+    force: bool = False,
+) -> Path:
+    """Write packed Llama ``model`` (after :func:`~channelwise.deploy.pack_model`) as one GGUF.
+
+    ``out`` is a ``.gguf`` file, or a folder that gets ``<recipe name>.gguf``. The tokenizer is
+    copied from ``tokenizer_gguf`` (the GGUF the model came from: every ``tokenizer.*`` key) or
+    built from the Hugging Face ``tokenizer`` (its vocabulary, BPE merges, special ids).
+    ``float_type`` (``F32``/``F16``) stores an unquantized embedding or head. The file is written
+    under a temporary name and renamed into place. Returns its path.
+    """
+    import gguf
+
+    from channelwise.compress import RECIPE_ATTR
+
+    if float_type not in FLOAT_TYPES:
+        raise ExportError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, not {float_type!r}")
+    recipe = _check_exportable(model)
+    path = gguf_path(out, recipe.name)
+    for source in (getattr(model, "name_or_path", None), tokenizer_gguf):
+        if source and Path(source).expanduser().resolve() == path:
+            raise OutputExistsError(f"refusing to write over the input file {path}")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; choose another --out or pass --force")
+    tensors = list(_tensors(model, float_type))  # every refusal happens before writing
+    config = model.config
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_name(f"{Path(str(config.name_or_path or 'model')).name} {recipe.name}")
+        writer.add_string("general.quantized_by", "channelwise")
+        writer.add_string("channelwise.recipe", getattr(model, RECIPE_ATTR).to_yaml())
+        _add_llama_metadata(writer, config)
+        writer.add_file_type(_file_type(tensors))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_tokenizer(writer, config, tokenizer, tokenizer_gguf)
+        for name, data, qtype in tensors:
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def gguf_path(out: str | os.PathLike, recipe_name: str) -> Path:
+    """The file ``out`` names: itself if it ends in ``.gguf``, else ``out/<recipe>.gguf``."""
+    out = Path(out).expanduser().resolve()
+    return out if out.suffix == ".gguf" else out / f"{recipe_name}.gguf"
+
+
+def _check_exportable(model: nn.Module):
+    from channelwise.compress import METHODS_ATTR, RECIPE_ATTR
+
+    recipe = getattr(model, RECIPE_ATTR, None)
+    if recipe is None:
+        raise ExportError("the model was not compressed by channelwise.quantize; nothing to export")
+    if getattr(model.config, "model_type", None) != "llama":
+        raise ExportError(
+            f"a {getattr(model.config, 'model_type', type(model).__name__)} model; the GGUF "
+            "exporter writes the llama architecture only"
+        )
+    scaling = getattr(model.config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ExportError(f"rope scaling {scaling}; the GGUF exporter writes plain RoPE only")
+    if not any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise ExportError(
+            f"recipe '{recipe.name}': the model holds no packed linears; run "
+            "channelwise.deploy.pack_model(model) first (a recipe without weight quantization "
+            "has nothing to export)"
+        )
+    if getattr(recipe, "activations", None) is not None or getattr(recipe, "attention", None):
+        raise ExportError(
+            f"recipe '{recipe.name}' quantizes activations or attention inputs; llama.cpp "
+            "multiplies GGUF weights with float activations, so the export would compute a "
+            "different model"
+        )
+    for step, method in zip(recipe.steps, getattr(model, METHODS_ATTR, None) or (), strict=False):
+        if method.saved_state():
+            raise ExportError(
+                f"step '{step.method}' of recipe '{recipe.name}' needs an online op at runtime "
+                "(e.g. QuaRot's online Hadamard rotation or a runtime shift); GGUF cannot "
+                "express it"
+            )
+    for name, module in model.named_modules():
+        hooks = (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs)
+        if any(hooks) or module._forward_hooks or module._forward_hooks_with_kwargs:
+            raise ExportError(
+                f"{name}: a forward hook runs at runtime (an input quantizer or an online op "
+                "such as a Hadamard rotation); GGUF cannot express it"
+            )
+    return recipe
+
+
+def _gguf_name(name: str) -> str | None:
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"blk.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    return _TOP_NAMES.get(name)
+
+
+def _tensors(model: nn.Module, float_type: str):
+    """``(gguf name, numpy data, GGMLQuantizationType)`` for every tensor, in file order."""
+    from gguf import GGMLQuantizationType as T
+
+    mapped: set[int] = set()
+    for name, module in model.named_modules():
+        base = _gguf_name(name)
+        if base is None or isinstance(module, PackedTiedHead):
+            continue
+        if name == "lm_head" and module.weight is model.get_input_embeddings().weight:
+            continue  # tied: llama.cpp reads token_embd when output is absent
+        perm = _row_permutation(model.config, name)
+        if isinstance(module, PackedCodes):
+            qtype = gguf_type(module.spec, name)
+            codes, scale = module.codes(), module.scale
+            zero = module.zero if module.spec.float_zero else None
+            if perm is not None:
+                codes, scale = codes[perm], scale[perm]
+                zero = None if zero is None else zero[perm]
+            yield f"{base}.weight", gguf_blocks(codes, scale, zero, module.spec), qtype
+        else:
+            weight = module.weight.detach().float().cpu()
+            weight = weight if perm is None else weight[perm]
+            f16 = float_type == "F16" and weight.ndim == 2
+            data = weight.half() if f16 else weight
+            yield f"{base}.weight", data.numpy(), T.F16 if f16 else T.F32
+        mapped.update(id(t) for t in module.parameters(recurse=False))
+        mapped.update(id(t) for t in module.buffers(recurse=False))
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            bias = bias.detach().float().cpu()
+            yield f"{base}.bias", (bias if perm is None else bias[perm]).numpy(), T.F32
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in mapped:
+            raise ExportError(f"'{key}' has no place in llama.cpp's llama architecture")
+
+
+def _row_permutation(config, name: str) -> Tensor | None:
+    heads = config.num_attention_heads
+    if name.endswith("self_attn.q_proj"):
+        return qk_permutation(config.hidden_size // heads * heads, heads)
+    if name.endswith("self_attn.k_proj"):
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        return qk_permutation(_head_dim(config) * kv, kv)
+    return None
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_llama_metadata(writer, config) -> None:
+    heads = config.num_attention_heads
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(_head_dim(config))
+    if _head_dim(config) * heads != config.hidden_size:
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
+
+
+def _rope_theta(config) -> float:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:  # newer transformers keep it in rope_parameters
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return theta
+
+
+def _file_type(tensors) -> int:
+    from gguf import GGMLQuantizationType as T
+    from gguf import LlamaFileType as F
+
+    kinds = {T.Q4_0: F.MOSTLY_Q4_0, T.Q4_1: F.MOSTLY_Q4_1, T.Q5_0: F.MOSTLY_Q5_0}
+    kinds.update({T.Q5_1: F.MOSTLY_Q5_1, T.Q8_0: F.MOSTLY_Q8_0})
+    counts: dict = {}
+    for _name, data, qtype in tensors:
+        if qtype in kinds:
+            counts[kinds[qtype]] = counts.get(kinds[qtype], 0) + data.size
+    return int(max(counts, key=counts.get))
+
+
+def _add_tokenizer(writer, config, tokenizer, tokenizer_gguf) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    if tokenizer_gguf is not None:
+        reader = GGUFReader(str(tokenizer_gguf))
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                main = GGUFValueType(field.types[0])
+                sub = GGUFValueType(field.types[-1]) if main == GGUFValueType.ARRAY else None
+                writer.add_key_value(key, field.contents(), main, sub_type=sub)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        n_tokens = 0 if tokens is None else len(tokens.data)
+    elif tokenizer is not None:
+        n_tokens = _add_hf_tokenizer(writer, config, tokenizer)
+    else:
+        raise ExportError("GGUF needs a tokenizer: pass the source .gguf or a tokenizer")
+    if n_tokens != config.vocab_size:
+        raise ExportError(
+            f"the tokenizer has {n_tokens} tokens, the model's vocabulary {config.vocab_size}"
+        )
+
+
+def _add_hf_tokenizer(writer, config, tokenizer) -> int:
+    """A ``gpt2`` (byte-level BPE) tokenizer section from a fast tokenizer; returns its size.
+
+    The pre-tokenizer is written as ``default``: llama.cpp may split raw text differently from
+    the original tokenizer (copy the section from the source GGUF to avoid that); token ids given
+    to llama.cpp directly are unaffected."""
+    import json
+
+    from gguf import TokenType
+
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ExportError(
+            "GGUF export needs a fast (tokenizers) tokenizer, or the source .gguf to copy the "
+            "tokenizer from"
+        )
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(vocab) >= config.vocab_size:
+        raise ExportError(
+            f"the tokenizer has token id {max(vocab)}, beyond the model's vocabulary of "
+            f"{config.vocab_size}"
+        )
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for i in range(config.vocab_size):  # ids the tokenizer lacks become unused padding tokens
+        tokens.append(vocab.get(i, f"[PAD{i}]"))
+        unused = i not in vocab
+        types.append(TokenType.UNUSED if unused else TokenType.CONTROL if i in special else 1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("merges", [])]
+    writer.add_token_merges(merges)
+    for what in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{what}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{what}_token_id")(token_id)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    return len(tokens)
+
+
+def verify_gguf(path: str | os.PathLike, model: nn.Module) -> float:
+    """Read the export at ``path`` back with ``gguf.GGUFReader`` and compare it with ``model``.
+
+    Every tensor is de-quantized by ``gguf.quants.dequantize`` (Q/K rows put back in the HF
+    order) and compared with the model's own weight (:meth:`PackedCodes.dequantized` for packed
+    ones); the llama metadata must match ``model.config``. Returns the largest absolute
+    difference over all tensors: 0.0 for a faithful export (F16 float tensors are compared with
+    the float16 rounding of ours). A missing tensor or wrong metadata raises :class:`ExportError`.
+    """
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    _check_metadata(reader, model.config, path)
+    stored = {t.name: t for t in reader.tensors}
+    expected = {}
+    for name, module in model.named_modules():
+        base = _gguf_name(name)
+        if base is None or isinstance(module, PackedTiedHead):
+            continue
+        if name == "lm_head" and module.weight is model.get_input_embeddings().weight:
+            continue
+        weight = module.dequantized() if isinstance(module, PackedCodes) else module.weight
+        expected[f"{base}.weight"] = (name, weight)
+        if getattr(module, "bias", None) is not None:
+            expected[f"{base}.bias"] = (name, module.bias)
+    if set(stored) != set(expected):
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        raise ExportError(f"{path}: tensors missing {missing[:5]}, unexpected {extra[:5]}")
+    worst = 0.0
+    for key, (name, ours) in expected.items():
+        tensor = stored[key]
+        theirs = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
+        theirs = theirs.float().reshape(ours.shape)
+        perm = _row_permutation(model.config, name)
+        if perm is not None:
+            theirs = theirs[torch.argsort(perm)]
+        ours = ours.detach().float().cpu()
+        if tensor.tensor_type == T.F16:
+            ours = ours.half().float()
+        worst = max(worst, (theirs - ours).abs().max().item())
+    return worst
+
+
+def _check_metadata(reader, config, path) -> None:
+    def value(key: str):
+        field = reader.fields.get(key)
+        if field is None:
+            raise ExportError(f"{path}: metadata '{key}' is missing")
+        return field.contents()
+
+    if value("general.architecture") != "llama":
+        raise ExportError(f"{path}: architecture {value('general.architecture')!r}, not llama")
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    want = {
+        "llama.block_count": config.num_hidden_layers,
+        "llama.context_length": config.max_position_embeddings,
+        "llama.embedding_length": config.hidden_size,
+        "llama.feed_forward_length": config.intermediate_size,
+        "llama.attention.head_count": config.num_attention_heads,
+        "llama.attention.head_count_kv": kv,
+        "llama.rope.dimension_count": _head_dim(config),
+        "llama.vocab_size": config.vocab_size,
+        "llama.rope.freq_base": np.float32(_rope_theta(config)),
+        "llama.attention.layer_norm_rms_epsilon": np.float32(config.rms_norm_eps),
+    }
+    for key, expected in want.items():
+        if value(key) != expected:
+            raise ExportError(f"{path}: {key} is {value(key)}, the model has {expected}")
+    if len(reader.fields["tokenizer.ggml.tokens"].data) != config.vocab_size:
+        raise ExportError(f"{path}: the token list does not have {config.vocab_size} entries")

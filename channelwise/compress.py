@@ -96,7 +96,8 @@ def quantize(
             kv_method.prepare_model(model, adapter, calibration if needs_data else None)
         for method in methods:
             method.prepare_model(model, adapter, calibration if needs_data else None)
-        if needs_data:
+        static = recipe.activations is not None and not recipe.activations.dynamic
+        if static or any(method.needs_calibration for method in methods):  # block inputs needed
             run_blockwise(
                 model,
                 adapter,

@@ -358,3 +358,16 @@ def test_dynamic_cache_is_untouched_by_the_hook(make_tiny_model, token_ids):
             1,
         )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float16_codec_stores_half_precision(case):
+    from channelwise.kvcache.codecs import Float16Codec
+
+    x = kv_chunk(case)
+    enc = Float16Codec().encode(x)
+    assert enc.nbytes == x.numel() * 2
+    assert torch.equal(Float16Codec().decode(enc), x.half().float())
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        Float16Codec().encode(x)

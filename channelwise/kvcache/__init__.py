@@ -1,6 +1,6 @@
 """Compressed KV caches: codecs, the transformers ``Cache`` they live in, and their evaluation."""
 
-from channelwise.kvcache import rotatekv  # noqa: F401  (registers the method)
+from channelwise.kvcache import cskv, rotatekv  # noqa: F401  (register the methods)
 from channelwise.kvcache.cache import (
     CompressedCache,
     CompressedLayer,

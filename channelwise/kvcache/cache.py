@@ -47,6 +47,23 @@ class KeyTransform(Protocol):
     def from_stored(self, keys: Tensor, layer: int, positions: Tensor) -> Tensor: ...
 
 
+class Shrink(Protocol):
+    """Channel shrinking (CSKV): the cache stores low-rank features of the attention input
+    instead of the keys and values, and rebuilds them on reading."""
+
+    def features(self, inputs: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """Attention inputs ``(n, hidden)`` → key and value features, each ``(1, n, r)``."""
+        ...
+
+    def keys(self, features: Tensor, layer: int, positions: Tensor) -> Tensor:
+        """Key features ``(1, n, r)`` → post-RoPE keys ``(heads, n, head_dim)``."""
+        ...
+
+    def values(self, features: Tensor, layer: int) -> Tensor:
+        """Value features ``(1, n, r)`` → values ``(heads, n, head_dim)``."""
+        ...
+
+
 @dataclass(frozen=True)
 class KVCacheConfig:
     """What a compressed cache stores: a codec each for keys and values, and what stays float.
@@ -56,7 +73,9 @@ class KVCacheConfig:
     on arrival, which needs per-token codecs). ``key_transform``: applied to keys as they are
     encoded and undone as they are decoded. ``sinks``: in a sequence's first forward (its
     prefill), the tokens holding the ``sinks`` largest ``|x|`` of the layer's input (tokens ×
-    channels) stay in float — RotateKV's attention sinks (needs per-token codecs).
+    channels) stay in float — RotateKV's attention sinks (needs per-token codecs). ``shrink``:
+    the codecs store low-rank features of the attention input instead of the keys and values
+    (CSKV); the residual window keeps both until it flushes.
     """
 
     key_codec: KVCodec
@@ -64,8 +83,11 @@ class KVCacheConfig:
     residual: int = 0
     key_transform: KeyTransform | None = field(default=None, compare=False)
     sinks: int = 0
+    shrink: Shrink | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.shrink is not None and (self.key_transform is not None or self.sinks):
+            raise KVCacheError("channel shrinking does not combine with a key transform or sinks")
         if self.residual < 0:
             raise KVCacheError(f"residual must be ≥ 0, got {self.residual}")
         if self.sinks < 0:
@@ -110,6 +132,7 @@ class _Sequence:
         self.sink_index: Tensor | None = None  # token indices within the sequence, ascending
         self.sink_keys: Tensor | None = None
         self.sink_values: Tensor | None = None
+        self.residual_features: tuple[Tensor, Tensor] | None = None
 
     @property
     def encoded(self) -> int:
@@ -142,11 +165,13 @@ class _Sequence:
         layer: int,
         first_position: int,
         sink_scores: Tensor | None,
+        features: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Store real tokens ``(heads, n, head_dim)`` and flush whole units of the residual.
 
         ``first_position``: the RoPE position of the first of them; ``sink_scores``
-        ``(n, channels)``: the layer input of these tokens, to pick sinks from (prefill only).
+        ``(n, channels)``: the layer input of these tokens, to pick sinks from (prefill only);
+        ``features``: their key and value features ``(1, n, r)`` when the cache shrinks.
         """
         if self.first_position is None:
             self.first_position = first_position
@@ -161,9 +186,23 @@ class _Sequence:
         if self.residual_keys is not None:
             keys = torch.cat([self.residual_keys, keys], dim=1)
             values = torch.cat([self.residual_values, values], dim=1)
+        if config.shrink is not None:
+            if features is None:
+                raise KVCacheError(
+                    "a shrinking cache needs the attention inputs; create it with make_cache"
+                )
+            if self.residual_features is not None:
+                features = tuple(
+                    torch.cat([old, new], dim=1)
+                    for old, new in zip(self.residual_features, features, strict=True)
+                )
         unit = config.flush_unit
         n_flush = (keys.shape[1] // unit) * unit
-        if n_flush:
+        if n_flush and config.shrink is not None:
+            fk, fv = features
+            self.keys = _cat(self.keys, config.key_codec.encode(fk[:, :n_flush]))
+            self.values = _cat(self.values, config.value_codec.encode(fv[:, :n_flush]))
+        elif n_flush:
             flushed = keys[:, :n_flush]
             if config.key_transform is not None:
                 positions = self._stream_positions(self.encoded, n_flush, keys.device)
@@ -173,6 +212,10 @@ class _Sequence:
         rest = keys.shape[1] - n_flush
         self.residual_keys = keys[:, n_flush:].clone() if rest else None
         self.residual_values = values[:, n_flush:].clone() if rest else None
+        if config.shrink is not None:
+            self.residual_features = (
+                tuple(f[:, n_flush:].clone() for f in features) if rest else None
+            )
 
     def _keep_sinks(self, keys: Tensor, values: Tensor, scores: Tensor, k: int):
         """Move the tokens holding the ``k`` largest ``|scores|`` out of the stream."""
@@ -192,11 +235,15 @@ class _Sequence:
         parts_k, parts_v = [], []
         if self.keys is not None:
             keys = config.key_codec.decode(self.keys, dtype)
-            if config.key_transform is not None:
-                positions = self._stream_positions(0, self.encoded, device)
+            values = config.value_codec.decode(self.values, dtype)
+            positions = self._stream_positions(0, self.encoded, device)
+            if config.shrink is not None:
+                keys = config.shrink.keys(keys, layer, positions).to(dtype)
+                values = config.shrink.values(values, layer).to(dtype)
+            elif config.key_transform is not None:
                 keys = config.key_transform.from_stored(keys, layer, positions)
             parts_k.append(keys)
-            parts_v.append(config.value_codec.decode(self.values, dtype))
+            parts_v.append(values)
         if self.residual_keys is not None:
             parts_k.append(self.residual_keys.to(dtype))
             parts_v.append(self.residual_values.to(dtype))
@@ -223,6 +270,8 @@ class _Sequence:
     def nbytes(self) -> int:
         total = sum(0 if enc is None else enc.nbytes for enc in (self.keys, self.values))
         for t in (self.residual_keys, self.residual_values, self.sink_keys, self.sink_values):
+            total += _nbytes(t)
+        for t in self.residual_features or ():
             total += _nbytes(t)
         return total + _nbytes(self.sink_index)
 
@@ -265,6 +314,13 @@ class CompressedLayer(CacheLayerMixin):
             )
         real = self.owner.real_tokens(self.columns, new, batch, key_states.device)
         inputs = self.owner.layer_inputs.get(self.index)
+        shrink = self.config.shrink
+        attn_inputs = self.owner.attention_inputs.get(self.index) if shrink is not None else None
+        if shrink is not None and attn_inputs is None:
+            raise KVCacheError(
+                "a shrinking cache reads the attention inputs through hooks; create it with "
+                "make_cache(model)"
+            )
         for b, seq in enumerate(self.sequences):
             keep = real[b]
             n_real = int(keep.sum())
@@ -284,8 +340,10 @@ class CompressedLayer(CacheLayerMixin):
                     self.index,
                     self.owner.position(b, self.columns, start),
                     None if inputs is None else inputs[b, start:],
+                    None if shrink is None else shrink.features(attn_inputs[b, start:], self.index),
                 )
         self.owner.layer_inputs.pop(self.index, None)
+        self.owner.attention_inputs.pop(self.index, None)
         self.columns += new
         read = [
             seq.read(
@@ -339,6 +397,7 @@ class CompressedCache(Cache):
         self._mask: Tensor | None = None
         self._positions: Tensor | None = None
         self.layer_inputs: dict[int, Tensor] = {}  # decoder-layer inputs, for sinks
+        self.attention_inputs: dict[int, Tensor] = {}  # attention inputs, for shrinking
 
     def begin_forward(
         self, attention_mask: Tensor | None, position_ids: Tensor | None = None
@@ -353,6 +412,7 @@ class CompressedCache(Cache):
         self._mask = None if attention_mask is None else attention_mask.bool()
         self._positions = position_ids
         self.layer_inputs = {}
+        self.attention_inputs = {}
 
     def position(self, row: int, past: int, column: int) -> int:
         """RoPE position of the forward's new column ``column`` in batch row ``row``."""
@@ -418,15 +478,31 @@ def _layer_input_hook(index: int):
     return hook
 
 
+def _attention_input_hook(index: int):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = _find_cache(args, kwargs)
+        if cache is not None and cache.config.shrink is not None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            cache.attention_inputs[index] = hidden.detach()
+
+    return hook
+
+
 def _install_hooks(model: nn.Module) -> None:
-    """Pre-hooks (once per model): the model's mask and positions; each block's input."""
+    """Pre-hooks (once per model): the model's mask and positions; each block's input and its
+    attention's input."""
     if getattr(model, _HOOK_ATTR, None) is not None:
         return
     from channelwise.adapters import adapter_for
 
+    adapter = adapter_for(model)
     handles = [model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)]
-    for index, block in enumerate(adapter_for(model).block_list(model)):
+    for index, block in enumerate(adapter.block_list(model)):
         handles.append(block.register_forward_pre_hook(_layer_input_hook(index), with_kwargs=True))
+        attention = block.get_submodule(adapter.attention_module)
+        handles.append(
+            attention.register_forward_pre_hook(_attention_input_hook(index), with_kwargs=True)
+        )
     setattr(model, _HOOK_ATTR, handles)
 
 

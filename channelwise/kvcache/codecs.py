@@ -164,6 +164,25 @@ class GroupQuantCodec(KVCodec):
         return _from_rows(rows, enc.heads, enc.head_dim)
 
 
+class Float16Codec(KVCodec):
+    """Stores the chunk in float16 (e.g. CSKV's shrunk features without quantization)."""
+
+    def encode(self, x: Tensor) -> Encoded:
+        heads, tokens, head_dim = x.shape
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError("KV cache input contains NaN/inf values")
+        return Encoded({"x": _as_rows(x).half()}, heads, tokens, head_dim)
+
+    def decode(self, enc: Encoded, dtype: torch.dtype = torch.float32) -> Tensor:
+        return _from_rows(enc.tensors["x"].to(dtype), enc.heads, enc.head_dim)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Float16Codec)
+
+    def __hash__(self) -> int:
+        return hash(Float16Codec)
+
+
 EXPONENT_BIAS = 127
 ZERO_EXPONENT = -EXPONENT_BIAS  # stored byte 0: an all-zero block
 

@@ -93,7 +93,9 @@ def quantize(
     start = time.perf_counter()
     with torch.no_grad():
         if kv_method is not None:  # exact weight-side changes come before any weight step
-            kv_method.prepare_model(model, adapter, calibration if needs_data else None)
+            kv_method.prepare_model(
+                model, adapter, calibration if needs_data else None, progress=progress
+            )
         for method in methods:
             method.prepare_model(model, adapter, calibration if needs_data else None)
         static = recipe.activations is not None and not recipe.activations.dynamic

@@ -12,7 +12,10 @@ from conftest import build_tiny_model
 from helpers import logits, relative_error
 
 from channelwise import quantize
-from channelwise.recipe import preset_names
+from channelwise.evaluate import perplexity
+from channelwise.kvcache import chunked_perplexity, make_cache
+from channelwise.kvcache.evaluate import cache_kwarg
+from channelwise.recipe import load_recipe, preset_names
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -52,4 +55,38 @@ def test_preset_gives_the_same_model_on_cuda_as_on_cpu(
     gpu_error = relative_error(got, reference)
     assert abs(gpu_error - cpu_error) <= SAME_QUALITY * cpu_error + 1e-4, (
         f"{preset}: error vs float {gpu_error:.4f} on CUDA, {cpu_error:.4f} on the CPU"
+    )
+
+
+KV_PRESETS = [name for name in preset_names() if load_recipe(name).kv_cache is not None]
+
+
+@pytest.mark.parametrize("preset", KV_PRESETS)
+def test_kv_cache_preset_gives_the_same_quality_on_cuda(
+    preset: str, calibration_ids: torch.Tensor
+) -> None:
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(4))
+    fp = perplexity(build_tiny_model("llama", **WIDE), ids, progress=False)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = build_tiny_model("llama", **WIDE).to(device)
+        quantize(model, preset, calibration_ids.to(device), progress=False)
+        results[device] = chunked_perplexity(model, ids, progress=False)
+        if device == "cuda":
+            cache = make_cache(model)
+            with torch.no_grad():
+                model(ids.cuda(), **{cache_kwarg(model): cache}, use_cache=True)
+            held = [
+                t
+                for layer in cache.layers
+                for seq in layer.sequences
+                for enc in (seq.keys, seq.values)
+                if enc is not None
+                for t in enc.tensors.values()
+            ]
+            assert held and all(t.is_cuda for t in held), f"{preset}: cache left the GPU"
+    cpu_cost, gpu_cost = results["cpu"] - fp, results["cuda"] - fp
+    assert abs(gpu_cost - cpu_cost) <= SAME_QUALITY * abs(cpu_cost) + 1e-3 * fp, (
+        f"{preset}: ppl {results['cuda']:.4f} on CUDA, {results['cpu']:.4f} on the CPU "
+        f"(fp {fp:.4f})"
     )

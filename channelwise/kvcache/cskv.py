@@ -114,7 +114,9 @@ class Cskv(KVMethod):
             GroupQuantCodec(self.args.bits, rank_v // kv_heads, "channel"),
         )
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+    def prepare_model(
+        self, model: nn.Module, adapter, calibration: Tensor | None, progress: bool = True
+    ) -> None:
         if calibration is None:
             raise RecipeError(f"{self._where()}: the factors need calibration data")
         rank_k, rank_v, kv_heads = self._ranks(model)
@@ -123,7 +125,9 @@ class Cskv(KVMethod):
         inputs = record_attention_inputs(model, adapter, calibration, self.args.calib_tokens)
         self.factors, self.reports = [], []
         blocks = adapter.block_list(model)
-        for index in tqdm(range(len(blocks)), desc="cskv factors", leave=False):
+        for index in tqdm(
+            range(len(blocks)), desc="cskv factors", leave=False, disable=not progress
+        ):
             x = inputs[index]
             scale = act_scale(x)
             layer: dict[str, Tensor] = {}

@@ -19,6 +19,7 @@ with a real 2,048-token ``generate``).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -29,6 +30,13 @@ from tqdm.auto import tqdm
 from channelwise.engine import model_device
 from channelwise.errors import KVCacheError, NonFiniteError
 from channelwise.kvcache.cache import KVCacheConfig, make_cache
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the cache argument: ``cache`` (transformers ≥ 5.20-ish renamed
+    it) or the older ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def chunked_window_nll(
@@ -53,9 +61,10 @@ def chunked_window_nll(
         ):
             batch = windows[start : start + batch_size].to(device)
             cache = make_cache(model, config)
+            name = cache_kwarg(model)
             logits = []
             for c in range(0, batch.shape[1], chunk):
-                out = model(batch[:, c : c + chunk], cache=cache, use_cache=True)
+                out = model(batch[:, c : c + chunk], **{name: cache}, use_cache=True)
                 logits.append(out.logits.float())
             logits = torch.cat(logits, dim=1)[:, :-1]
             nll = F.cross_entropy(
@@ -90,7 +99,8 @@ def kv_bytes(
     and what a float16 cache of the same tokens holds."""
     device = model_device(model)
     cache = make_cache(model, config)
+    name = cache_kwarg(model)
     with torch.no_grad():
         for c in range(0, tokens.shape[1], chunk):
-            model(tokens[:, c : c + chunk].to(device), cache=cache, use_cache=True)
+            model(tokens[:, c : c + chunk].to(device), **{name: cache}, use_cache=True)
     return cache.nbytes(), cache.float16_nbytes()

@@ -47,8 +47,11 @@ class KVMethod:
     def check(self, model: nn.Module, adapter) -> None:
         kv_geometry(model)
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
-        """Weight-side changes, once, before the recipe's steps. Default: none."""
+    def prepare_model(
+        self, model: nn.Module, adapter, calibration: Tensor | None, progress: bool = True
+    ) -> None:
+        """Weight-side changes (and calibration), once, before the recipe's steps. Default:
+        none."""
 
     def cache_config(self, model: nn.Module, adapter) -> KVCacheConfig:
         raise NotImplementedError

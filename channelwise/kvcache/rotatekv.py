@@ -145,7 +145,9 @@ class RotateKV(KVMethod):
                 f"{kv_heads * head_dim} KV channels of a token"
             )
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+    def prepare_model(
+        self, model: nn.Module, adapter, calibration: Tensor | None, progress: bool = True
+    ) -> None:
         layers, kv_heads, head_dim, g, _ = self._geometry(model)
         h_d = hadamard_matrix(head_dim)
         for block in adapter.block_list(model):

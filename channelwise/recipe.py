@@ -132,7 +132,7 @@ class KVCacheArgs(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
     def label(self) -> str:
-        bits = self.args.get("bits", self.args.get("mantissa_bits", ""))
+        bits = self.args.get("bits", self.args.get("mantissa_bits", 16))
         return f"KV{bits}" + ("bfp" if self.method == "kv_bfp" else "")
 
 

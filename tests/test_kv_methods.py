@@ -23,7 +23,15 @@ from channelwise.report import format_markdown, format_table
 
 @pytest.mark.parametrize(
     ("name", "label"),
-    [("kivi-kv4", "W16A16KV4"), ("kivi-kv2", "W16A16KV2"), ("kv_bfp", "W16A16KV4bfp")],
+    [
+        ("kivi-kv4", "W16A16KV4"),
+        ("kivi-kv2", "W16A16KV2"),
+        ("kv_bfp", "W16A16KV4bfp"),
+        ("rotatekv-kv4", "W16A16KV4"),
+        ("rotatekv-kv2", "W16A16KV2"),
+        ("cskv-50", "W16A16KV16"),
+        ("cskv-50-kv4", "W16A16KV4"),
+    ],
 )
 def test_kv_preset_labels_and_round_trip(name, label):
     recipe = load_recipe(name)

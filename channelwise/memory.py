@@ -38,6 +38,12 @@ class PeakMemory:
     def added_mb(self) -> float:
         return self.added_bytes / 2**20
 
+    def sampled_mb(self) -> float:
+        """The peak above the start seen so far (CPU: by the sampler thread), while running."""
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+        return max(0, self._peak - self._start) / 2**20
+
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

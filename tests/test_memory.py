@@ -14,7 +14,11 @@ def test_resident_bytes_is_the_process_size() -> None:
 def test_peak_memory_sees_a_short_lived_allocation() -> None:
     with PeakMemory("cpu", interval_s=0.001) as peak:
         block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-        time.sleep(0.05)  # the sampler thread runs while it is held, however busy the machine
+        # hold it until the sampler thread has run (on a loaded runner it may wait its turn);
+        # a sampler that never sees the allocation fails the assertion below after 10 s
+        deadline = time.monotonic() + 10
+        while peak.sampled_mb() < 40 and time.monotonic() < deadline:
+            time.sleep(0.005)
         del block
     assert 40 <= peak.added_mb <= 200
 

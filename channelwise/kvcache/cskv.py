@@ -27,7 +27,7 @@ from channelwise.kvcache.cache import KVCacheConfig, kv_geometry
 from channelwise.kvcache.codecs import Float16Codec, GroupQuantCodec, KVCodec
 from channelwise.kvcache.lowrank import act_scale, asvd_factors, finetune_factors, rank_for
 from channelwise.kvcache.methods import KVMethod, register_kv
-from channelwise.kvcache.rotatekv import _rotary, rotate_half
+from channelwise.kvcache.rotatekv import rotary_embedding, rotate_half
 
 KEY_WINDOW = 32  # tokens per key-feature quantization group (KIVI-style)
 
@@ -99,7 +99,7 @@ class Cskv(KVMethod):
         )
 
     def check(self, model: nn.Module, adapter) -> None:
-        if adapter.family != "llama" or _rotary(model) is None:
+        if adapter.family != "llama" or rotary_embedding(model) is None:
             raise RecipeError(
                 f"{self._where()}: rebuilding keys re-applies RoPE; only the Llama family is "
                 f"supported, not {adapter.family}"
@@ -152,7 +152,7 @@ class Cskv(KVMethod):
             raise RecipeError(f"{self._where()}: not prepared (no factors)")
         _, rank_v, kv_heads = self._ranks(model)
         key_codec, value_codec = self._codecs(rank_v, kv_heads)
-        shrink = LowRankShrink(self.factors, _rotary(model), kv_heads)
+        shrink = LowRankShrink(self.factors, rotary_embedding(model), kv_heads)
         return KVCacheConfig(key_codec, value_codec, residual=self.args.window, shrink=shrink)
 
     def saved_state(self) -> dict[str, Tensor]:

@@ -122,7 +122,7 @@ class RotateKV(KVMethod):
 
     def check(self, model: nn.Module, adapter) -> None:
         _, kv_heads, head_dim, g, group = self._geometry(model)
-        if adapter.family != "llama" or _rotary(model) is None:
+        if adapter.family != "llama" or rotary_embedding(model) is None:
             raise RecipeError(
                 f"{self._where()}: the pre-RoPE key rotation needs a Llama-family model with "
                 f"rotary embeddings; {adapter.family} is not supported"
@@ -166,7 +166,9 @@ class RotateKV(KVMethod):
         a = self.args
         clip = a.clip_ratio if a.clip_ratio is not None else (0.8 if a.bits == 2 else 1.0)
         codec = GroupQuantCodec(a.bits, group, "channel", clip_ratio=clip)
-        transform = PreRopeRotation(_rotary(model), hadamard_matrix(g * head_dim), g, self.orders)
+        transform = PreRopeRotation(
+            rotary_embedding(model), hadamard_matrix(g * head_dim), g, self.orders
+        )
         return KVCacheConfig(codec, codec, residual=0, key_transform=transform, sinks=a.sinks)
 
     def saved_state(self) -> dict[str, Tensor]:
@@ -185,7 +187,8 @@ class RotateKV(KVMethod):
         return f"KV{self.args.bits}"
 
 
-def _rotary(model: nn.Module) -> nn.Module | None:
+def rotary_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's rotary-embedding module (Llama family: ``model.model.rotary_emb``), or None."""
     inner = getattr(model, "model", None)
     return getattr(inner, "rotary_emb", None)
 

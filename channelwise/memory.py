@@ -2,7 +2,8 @@
 
 On CUDA this is the allocator's own peak (``torch.cuda.max_memory_allocated``); on the CPU a
 background thread samples the resident set size (``/proc/self/statm``) every few milliseconds, so
-a spike shorter than the interval can be missed: the figure is a lower bound, good to a few MB.
+a spike shorter than the interval can be missed, and memory the allocator reuses from earlier frees
+(still resident) does not raise RSS: on the CPU the figure is a lower bound.
 """
 
 from __future__ import annotations

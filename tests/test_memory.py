@@ -1,5 +1,6 @@
 """The peak-memory tracker sees a step's allocation and nothing from before it."""
 
+import mmap
 import time
 
 import torch
@@ -13,13 +14,17 @@ def test_resident_bytes_is_the_process_size() -> None:
 
 def test_peak_memory_sees_a_short_lived_allocation() -> None:
     with PeakMemory("cpu", interval_s=0.001) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        # a fresh anonymous mapping, every page written: new resident memory whatever the
+        # allocator holds (a torch tensor may reuse freed, still-resident heap pages, which
+        # RSS cannot see — that made this test flaky in full-suite runs)
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\1" * (64 * 2**20))
         # hold it until the sampler thread has run (on a loaded runner it may wait its turn);
         # a sampler that never sees the allocation fails the assertion below after 10 s
         deadline = time.monotonic() + 10
         while peak.sampled_mb() < 40 and time.monotonic() < deadline:
             time.sleep(0.005)
-        del block
+        block.close()
     assert 40 <= peak.added_mb <= 200
 
 

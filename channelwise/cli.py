@@ -84,9 +84,9 @@ def cmd_quantize(args) -> None:
 def _source_gguf(spec: str | None) -> Path | None:
     """The GGUF file a model spec loads from (embedded name or ``.gguf`` path), else None: its
     tokenizer section is copied into a GGUF export."""
-    from channelwise.models import _EMBEDDED, DEFAULT_MODEL, embedded_gguf
+    from channelwise.models import DEFAULT_MODEL, embedded_gguf, embedded_names
 
-    if spec is None or spec in _EMBEDDED:
+    if spec is None or spec in embedded_names():
         return embedded_gguf(spec or DEFAULT_MODEL)
     path = Path(spec).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None

@@ -32,6 +32,11 @@ _EMBEDDED = {
 MARKER_FILE = "channelwise.json"
 
 
+def embedded_names() -> tuple[str, ...]:
+    """The names of the models shipped by PyPI packages (``smollm2-135m``)."""
+    return tuple(_EMBEDDED)
+
+
 def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     """Path of an embedded GGUF file, located without importing its package."""
     package, filename = _EMBEDDED[name]

@@ -77,7 +77,13 @@ def cmd_quantize(args) -> None:
         how = f"GGUF; read back by gguf.GGUFReader, weights differ by at most {worst:g}"
     else:
         path = save_quantized(model, tokenizer, out, force=args.force)
-        how = f"{len(packed)} modules packed" if packed else "float weights on the quantized grid"
+        how = (
+            f"{len(packed)} modules packed"
+            if packed
+            else "float weights on the quantized grid"
+            if recipe.weights is not None
+            else "float weights: the recipe quantizes none"
+        )
     print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how})")
 
 

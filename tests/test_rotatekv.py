@@ -27,7 +27,7 @@ def rotatekv(**args) -> Recipe:
 def test_pre_rope_rotation_round_trips(make_tiny_model):
     model = make_tiny_model("llama")
     orders = [torch.randperm(32), torch.randperm(32)]
-    t = PreRopeRotation(model.model.rotary_emb, hadamard_matrix(32), 2, orders)
+    t = PreRopeRotation(model.model.rotary_emb, hadamard_matrix(32), orders)
     keys = torch.randn(2, 7, 16)
     positions = torch.arange(3, 10)
     stored = t.to_stored(keys, 1, positions)
@@ -39,7 +39,7 @@ def test_stored_key_is_the_rotated_reordered_pre_rope_key(make_tiny_model, token
     """k′ = P·H·k_pre, with k_pre taken straight from k_proj."""
     model = make_tiny_model("llama")
     order = torch.randperm(32)
-    t = PreRopeRotation(model.model.rotary_emb, hadamard_matrix(32), 2, [order, order])
+    t = PreRopeRotation(model.model.rotary_emb, hadamard_matrix(32), [order, order])
     attn = model.model.layers[0].self_attn
     grabbed = {}
     attn.k_proj.register_forward_hook(lambda m, a, out: grabbed.setdefault("pre", out))

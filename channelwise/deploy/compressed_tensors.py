@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
 from channelwise.deploy.packed import PackedLinear, _set_submodule
 from channelwise.errors import ExportError
 from channelwise.paths import output_folder, staged_folder
@@ -116,33 +117,17 @@ def plan_schemes(model: nn.Module) -> dict:
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationScheme
 
-    from channelwise.compress import METHODS_ATTR, RECIPE_ATTR
-
-    recipe = getattr(model, RECIPE_ATTR, None)
-    if recipe is None:
-        raise ExportError(
-            "this model was not compressed by channelwise.quantize; nothing to export"
-        )
-    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-    if not packed:
-        raise ExportError(
-            f"recipe '{recipe.name}': the model holds no packed linears; run "
-            "channelwise.deploy.pack_model(model) first (a recipe without weight quantization "
-            "has nothing to export to compressed-tensors)"
-        )
+    recipe = exported_recipe(model)
+    packed = packed_linears(model, recipe)
     for field, what in (("attention", "attention / KV-cache"), ("embedding", "embedding")):
         if getattr(recipe, field, None) is not None:
             raise ExportError(
                 f"recipe '{recipe.name}' quantizes the {what}; this exporter writes quantized "
                 "block linears only, and would silently drop it"
             )
-    for step, method in zip(recipe.steps, getattr(model, METHODS_ATTR, None) or (), strict=False):
-        if method.saved_state():
-            raise ExportError(
-                f"step '{step.method}' of recipe '{recipe.name}' needs an online op at runtime "
-                "(e.g. an online Hadamard rotation or a runtime shift); compressed-tensors "
-                "cannot express it, so the export would compute a different model"
-            )
+    refuse_online_steps(
+        model, recipe, "compressed-tensors", "an online Hadamard rotation or a runtime shift"
+    )
     schemes = {}
     for name, module in packed.items():
         quantizer = input_quantizer(module)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from channelwise.deploy.packed import PackedCodes, PackedLinear, PackedTiedHead
+from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
+from channelwise.deploy.packed import PackedCodes, PackedTiedHead
 from channelwise.errors import ExportError, OutputExistsError
 from channelwise.quant import PerGroup, QuantSpec
 
@@ -194,11 +195,7 @@ def gguf_path(out: str | os.PathLike, recipe_name: str) -> Path:
 
 
 def _check_exportable(model: nn.Module):
-    from channelwise.compress import METHODS_ATTR, RECIPE_ATTR
-
-    recipe = getattr(model, RECIPE_ATTR, None)
-    if recipe is None:
-        raise ExportError("the model was not compressed by channelwise.quantize; nothing to export")
+    recipe = exported_recipe(model)
     if getattr(model.config, "model_type", None) != "llama":
         raise ExportError(
             f"a {getattr(model.config, 'model_type', type(model).__name__)} model; the GGUF "
@@ -207,25 +204,16 @@ def _check_exportable(model: nn.Module):
     scaling = getattr(model.config, "rope_scaling", None) or {}
     if scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise ExportError(f"rope scaling {scaling}; the GGUF exporter writes plain RoPE only")
-    if not any(isinstance(m, PackedLinear) for m in model.modules()):
-        raise ExportError(
-            f"recipe '{recipe.name}': the model holds no packed linears; run "
-            "channelwise.deploy.pack_model(model) first (a recipe without weight quantization "
-            "has nothing to export)"
-        )
+    packed_linears(model, recipe)
     if getattr(recipe, "activations", None) is not None or getattr(recipe, "attention", None):
         raise ExportError(
             f"recipe '{recipe.name}' quantizes activations or attention inputs; llama.cpp "
             "multiplies GGUF weights with float activations, so the export would compute a "
             "different model"
         )
-    for step, method in zip(recipe.steps, getattr(model, METHODS_ATTR, None) or (), strict=False):
-        if method.saved_state():
-            raise ExportError(
-                f"step '{step.method}' of recipe '{recipe.name}' needs an online op at runtime "
-                "(e.g. QuaRot's online Hadamard rotation or a runtime shift); GGUF cannot "
-                "express it"
-            )
+    refuse_online_steps(
+        model, recipe, "GGUF", "QuaRot's online Hadamard rotation or a runtime shift"
+    )
     for name, module in model.named_modules():
         hooks = (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs)
         if any(hooks) or module._forward_hooks or module._forward_hooks_with_kwargs:

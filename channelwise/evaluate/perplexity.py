@@ -31,12 +31,24 @@ def window_nll(
             leave=False,
         ):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(batch, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-            ).view(batch.shape[0], -1)
-            totals.append(nll.double().sum(dim=1).cpu())
+            totals.append(next_token_nll(model(batch, use_cache=False).logits, batch))
     return torch.cat(totals)
+
+
+def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of each row's tokens 1… given ``logits`` ``(rows, seq, vocab)`` → float64 CPU."""
+    logits = logits[:, :-1].float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+    ).view(batch.shape[0], -1)
+    return nll.double().sum(dim=1).cpu()
+
+
+def perplexity_from_nll(nll: torch.Tensor, windows: torch.Tensor, what: str) -> float:
+    """``exp(mean NLL)`` over the predicted tokens of ``windows``; NaN/inf names ``what``."""
+    if not torch.isfinite(nll).all():
+        raise NonFiniteError(f"the model produced NaN/inf logits {what}")
+    return math.exp(nll.sum().item() / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def perplexity(
@@ -44,9 +56,8 @@ def perplexity(
 ) -> float:
     """Perplexity over all predicted tokens of ``windows`` ``(n_windows, seq)``."""
     nll = window_nll(model, windows, batch_size, progress)
-    if not torch.isfinite(nll).all():
-        raise NonFiniteError(
-            "the model produced NaN/inf logits on the evaluation windows; "
-            "the recipe overflows (try wider bits or an outlier method)"
-        )
-    return math.exp(nll.sum().item() / (windows.shape[0] * (windows.shape[1] - 1)))
+    return perplexity_from_nll(
+        nll,
+        windows,
+        "on the evaluation windows; the recipe overflows (try wider bits or an outlier method)",
+    )

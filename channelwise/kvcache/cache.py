@@ -236,11 +236,12 @@ class _Sequence:
         if self.keys is not None:
             keys = config.key_codec.decode(self.keys, dtype)
             values = config.value_codec.decode(self.values, dtype)
-            positions = self._stream_positions(0, self.encoded, device)
             if config.shrink is not None:
+                positions = self._stream_positions(0, self.encoded, device)
                 keys = config.shrink.keys(keys, layer, positions).to(dtype)
                 values = config.shrink.values(values, layer).to(dtype)
             elif config.key_transform is not None:
+                positions = self._stream_positions(0, self.encoded, device)
                 keys = config.key_transform.from_stored(keys, layer, positions)
             parts_k.append(keys)
             parts_v.append(values)

@@ -27,7 +27,7 @@ from channelwise.kvcache.cache import KVCacheConfig, kv_geometry
 from channelwise.kvcache.codecs import Float16Codec, GroupQuantCodec, KVCodec
 from channelwise.kvcache.lowrank import act_scale, asvd_factors, finetune_factors, rank_for
 from channelwise.kvcache.methods import KVMethod, register_kv
-from channelwise.kvcache.rotatekv import rotary_embedding, rotate_half
+from channelwise.kvcache.rotatekv import apply_rope, rotary_embedding
 
 KEY_WINDOW = 32  # tokens per key-feature quantization group (KIVI-style)
 
@@ -53,10 +53,9 @@ class LowRankShrink:
 
     def keys(self, features: Tensor, layer: int, positions: Tensor) -> Tensor:
         f = self.factors[layer]
-        pre = self._rebuild(features, f["b_k"], f.get("bias_k"))
-        probe = torch.zeros(1, device=pre.device)
-        cos, sin = self.rotary(probe, positions.to(pre.device)[None])
-        return pre * cos[0].float() + rotate_half(pre) * sin[0].float()
+        return apply_rope(
+            self._rebuild(features, f["b_k"], f.get("bias_k")), self.rotary, positions
+        )
 
     def values(self, features: Tensor, layer: int) -> Tensor:
         f = self.factors[layer]
@@ -84,9 +83,6 @@ class Cskv(KVMethod):
         super().__init__(recipe_name, args)
         self.factors: list[dict[str, Tensor]] | None = None
         self.reports: list[dict] = []
-
-    def _where(self) -> str:
-        return f"recipe '{self.recipe_name}', kv_cache cskv"
 
     def _ranks(self, model: nn.Module) -> tuple[int, int, int]:
         """Key rank, value rank, KV heads."""

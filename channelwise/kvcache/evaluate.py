@@ -20,15 +20,14 @@ with a real 2,048-token ``generate``).
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.engine import model_device
-from channelwise.errors import KVCacheError, NonFiniteError
+from channelwise.errors import KVCacheError
+from channelwise.evaluate.perplexity import next_token_nll, perplexity_from_nll
 from channelwise.kvcache.cache import KVCacheConfig, make_cache
 
 
@@ -62,15 +61,11 @@ def chunked_window_nll(
             batch = windows[start : start + batch_size].to(device)
             cache = make_cache(model, config)
             name = cache_kwarg(model)
-            logits = []
-            for c in range(0, batch.shape[1], chunk):
-                out = model(batch[:, c : c + chunk], **{name: cache}, use_cache=True)
-                logits.append(out.logits.float())
-            logits = torch.cat(logits, dim=1)[:, :-1]
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-            ).view(batch.shape[0], -1)
-            totals.append(nll.double().sum(dim=1).cpu())
+            logits = [
+                model(batch[:, c : c + chunk], **{name: cache}, use_cache=True).logits
+                for c in range(0, batch.shape[1], chunk)
+            ]
+            totals.append(next_token_nll(torch.cat(logits, dim=1), batch))
     return torch.cat(totals)
 
 
@@ -84,9 +79,7 @@ def chunked_perplexity(
 ) -> float:
     """Perplexity of ``windows`` ``(n, seq)`` with every token read through the cache."""
     nll = chunked_window_nll(model, windows, config, chunk, batch_size, progress)
-    if not torch.isfinite(nll).all():
-        raise NonFiniteError("the model produced NaN/inf logits through the compressed cache")
-    return math.exp(nll.sum().item() / (windows.shape[0] * (windows.shape[1] - 1)))
+    return perplexity_from_nll(nll, windows, "through the compressed cache")
 
 
 def kv_bytes(

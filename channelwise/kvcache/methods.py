@@ -23,13 +23,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from channelwise.adapters import linear_weight
 from channelwise.errors import KVCacheError, RecipeError
 from channelwise.kvcache.cache import KVCacheConfig, kv_geometry
 from channelwise.kvcache.codecs import BFPCodec, GroupQuantCodec
+from channelwise.methods.registry import validated_args
 
 
 class KVMethod:
@@ -43,6 +44,9 @@ class KVMethod:
     def __init__(self, recipe_name: str, args: BaseModel) -> None:
         self.recipe_name = recipe_name
         self.args = args
+
+    def _where(self) -> str:
+        return f"recipe '{self.recipe_name}', kv_cache {self.name}"
 
     def check(self, model: nn.Module, adapter) -> None:
         kv_geometry(model)
@@ -91,12 +95,8 @@ def build_kv_method(recipe) -> KVMethod | None:
             f"registered: {', '.join(kv_method_names())}"
         )
     cls = _KV_METHODS[spec.method]
-    try:
-        args = cls.Args.model_validate(spec.args)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RecipeError(f"recipe '{recipe.name}', kv_cache '{spec.method}': {problems}") from None
-    return cls(recipe.name, args)
+    where = f"recipe '{recipe.name}', kv_cache '{spec.method}'"
+    return cls(recipe.name, validated_args(cls.Args, spec.args, where))
 
 
 class KiviArgs(BaseModel):
@@ -126,7 +126,7 @@ class Kivi(KVMethod):
         channels = kv_heads * head_dim
         if channels % self.args.group_size:
             raise RecipeError(
-                f"recipe '{self.recipe_name}', kv_cache kivi: value groups of "
+                f"{self._where()}: value groups of "
                 f"{self.args.group_size} channels do not divide the {channels} KV channels "
                 f"of a token ({kv_heads} heads × {head_dim})"
             )
@@ -194,14 +194,14 @@ class KvBfp(KVMethod):
         _, kv_heads, head_dim = kv_geometry(model)
         if head_dim % self.args.block:
             raise RecipeError(
-                f"recipe '{self.recipe_name}', kv_cache kv_bfp: blocks of {self.args.block} "
+                f"{self._where()}: blocks of {self.args.block} "
                 f"channels do not divide the head dimension {head_dim}"
             )
         if self.args.sort and (
             adapter.family not in ("llama", "opt") or "k" not in adapter.attention
         ):
             raise RecipeError(
-                f"recipe '{self.recipe_name}', kv_cache kv_bfp: K-sort reads a separate k_proj "
+                f"{self._where()}: K-sort reads a separate k_proj "
                 f"(Llama family, OPT); {adapter.family} is not supported (use sort: false)"
             )
 

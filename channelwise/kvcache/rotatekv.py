@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.kvcache.cache import KVCacheConfig, kv_geometry
@@ -41,25 +42,25 @@ from channelwise.transforms.hadamard import hadamard_matrix
 from channelwise.transforms.rotate import rotate_heads_vo
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def apply_rope(x: Tensor, rotary: nn.Module, positions: Tensor, inverse: bool = False) -> Tensor:
+    """RoPE (or its inverse) at ``positions`` ``(n,)`` on ``x`` ``(heads, n, head_dim)``, in
+    float32, with the model's own rotary module (so its scaling and frequencies)."""
+    probe = torch.zeros(1, device=x.device, dtype=torch.float32)
+    cos, sin = rotary(probe, positions.to(x.device)[None])
+    cos, sin = cos[0].float(), sin[0].float()
+    x = x.float()
+    return x * cos - rotate_half(x) * sin if inverse else x * cos + rotate_half(x) * sin
 
 
 class PreRopeRotation:
-    """Key transform ``k′ = P·H·RoPE⁻¹(k)`` per layer (a ``KeyTransform``)."""
+    """Key transform ``k′ = P·H·RoPE⁻¹(k)`` per layer (a ``KeyTransform``); ``hadamard`` spans
+    the grouped heads' channels."""
 
-    def __init__(self, rotary: nn.Module, hadamard: Tensor, group_heads: int, orders: list[Tensor]):
+    def __init__(self, rotary: nn.Module, hadamard: Tensor, orders: list[Tensor]):
         self.rotary = rotary
         self.hadamard = hadamard.float()
-        self.group_heads = group_heads
         self.orders = orders  # each (kv_heads·head_dim,), long
         self.inverses = [o.argsort() for o in orders]
-
-    def _cos_sin(self, positions: Tensor, device) -> tuple[Tensor, Tensor]:
-        probe = torch.zeros(1, device=device, dtype=torch.float32)
-        cos, sin = self.rotary(probe, positions.to(device)[None])
-        return cos[0].float(), sin[0].float()
 
     def _rotate(self, rows: Tensor, inverse: bool) -> Tensor:
         n, width = rows.shape
@@ -69,9 +70,7 @@ class PreRopeRotation:
 
     def to_stored(self, keys: Tensor, layer: int, positions: Tensor) -> Tensor:
         heads, n, d = keys.shape
-        cos, sin = self._cos_sin(positions, keys.device)
-        k = keys.float()
-        pre = k * cos - rotate_half(k) * sin
+        pre = apply_rope(keys, self.rotary, positions, inverse=True)
         rows = self._rotate(pre.transpose(0, 1).reshape(n, heads * d), inverse=False)
         rows = rows[:, self.orders[layer].to(keys.device)]
         return rows.reshape(n, heads, d).transpose(0, 1).to(keys.dtype)
@@ -81,8 +80,7 @@ class PreRopeRotation:
         rows = keys.float().transpose(0, 1).reshape(n, heads * d)
         rows = self._rotate(rows[:, self.inverses[layer].to(keys.device)], inverse=True)
         pre = rows.reshape(n, heads, d).transpose(0, 1)
-        cos, sin = self._cos_sin(positions, keys.device)
-        return (pre * cos + rotate_half(pre) * sin).to(keys.dtype)
+        return apply_rope(pre, self.rotary, positions).to(keys.dtype)
 
 
 def default_group_size(width: int, limit: int = 128) -> int:
@@ -110,9 +108,6 @@ class RotateKV(KVMethod):
     def __init__(self, recipe_name: str, args: RotateKVArgs) -> None:
         super().__init__(recipe_name, args)
         self.orders: list[Tensor] | None = None
-
-    def _where(self) -> str:
-        return f"recipe '{self.recipe_name}', kv_cache rotatekv"
 
     def _geometry(self, model: nn.Module) -> tuple[int, int, int, int, int]:
         layers, kv_heads, head_dim = kv_geometry(model)
@@ -167,7 +162,7 @@ class RotateKV(KVMethod):
         clip = a.clip_ratio if a.clip_ratio is not None else (0.8 if a.bits == 2 else 1.0)
         codec = GroupQuantCodec(a.bits, group, "channel", clip_ratio=clip)
         transform = PreRopeRotation(
-            rotary_embedding(model), hadamard_matrix(g * head_dim), g, self.orders
+            rotary_embedding(model), hadamard_matrix(g * head_dim), self.orders
         )
         return KVCacheConfig(codec, codec, residual=0, key_transform=transform, sinks=a.sinks)
 

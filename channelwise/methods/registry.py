@@ -80,6 +80,16 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
+def validated_args(model: type[BaseModel], args: dict, where: str) -> BaseModel:
+    """``args`` validated by the pydantic ``model``; problems as one RecipeError naming
+    ``where`` (e.g. "recipe 'x', step 'gptq'") and every offending field."""
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise RecipeError(f"{where}: {problems}") from None
+
+
 def build_method(step: Step, recipe: Recipe) -> Method:
     if step.method not in _METHODS:
         raise RecipeError(
@@ -87,12 +97,8 @@ def build_method(step: Step, recipe: Recipe) -> Method:
             f"registered methods: {', '.join(method_names())}"
         )
     cls = _METHODS[step.method]
-    try:
-        args = cls.Args.model_validate(step.args)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RecipeError(f"recipe '{recipe.name}', step '{step.method}': {problems}") from None
-    return cls(recipe, args)
+    where = f"recipe '{recipe.name}', step '{step.method}'"
+    return cls(recipe, validated_args(cls.Args, step.args, where))
 
 
 def quantizes_weights(method: str) -> bool:

@@ -64,7 +64,14 @@ class PackedCodes(nn.Module):
             zero_dtype = torch.float32 if spec.float_zero else torch.uint8
             self.register_buffer("zero", torch.zeros(grid_rows, grid_cols, dtype=zero_dtype))
         self._cols = cols
-        self._kernel_cache: dict[str, tuple] = {}
+        g = spec.granularity
+        #: int8 per-row symmetric codes: the W8A16 / W8A8 kernels
+        self.int8_rows = spec.bits == 8 and spec.symmetric and isinstance(g, PerRow)
+        #: the group size of 4-bit codes grouped along the input: the W4A16 kernel
+        self.w4_group = (
+            g.size if spec.bits == 4 and isinstance(g, PerGroup) and g.along == "input" else None
+        )
+        self._kernel_calls: dict[bool, _KernelCall] = {}
 
     def load_codes(self, codes: Tensor, qparams: QParams) -> None:
         """Store integer ``codes`` ``(rows, cols)`` in ``[qmin, qmax]`` and their grid."""
@@ -96,58 +103,73 @@ class PackedCodes(nn.Module):
         ``x``; ``int8_input`` quantizes ``x`` per token into ``torch._int_mm``), else the
         reference path (dequantize, float GEMM)."""
         if self._kernel_ready(x):
-            if int8_input:
-                return kernels.w8a8_linear(x, self._int8(), self.scale[:, 0], bias)
-            if self._is_int8_rows():
-                return kernels.w8a16_linear(x, self._int8(), self.scale[:, 0], bias)
-            group = self._w4_group()
-            if group is not None:
-                return kernels.w4a16_linear(
-                    x, self.qweight, self.scale, self._float_zero(), group, bias
-                )
+            call = self._kernel_call(int8_input)
+            if call is not None:
+                return call.run(x, bias)
         w = self.dequantized().to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     # --- integer kernels (CPU, float32 activations) ---------------------------------------------
 
     def _kernel_ready(self, x: Tensor) -> bool:
-        return _KERNELS["on"] and x.device.type == "cpu" and x.dtype == torch.float32
+        return _KERNELS["on"] and x.dtype is torch.float32 and x.device.type == "cpu"
 
-    def _is_int8_rows(self) -> bool:
-        s = self.spec
-        return s.bits == 8 and s.symmetric and isinstance(s.granularity, PerRow)
+    def _kernel_call(self, int8_input: bool) -> _KernelCall | None:
+        """The kernel and its weight operands, built once and reused while the buffers they were
+        made from are unchanged (same tensors, same version): a decode step makes ~200 calls,
+        and re-deriving the operands cost more than a small kernel itself."""
+        call = self._kernel_calls.get(int8_input)
+        if call is None or not call.current(self._buffers):
+            call = self._kernel_calls[int8_input] = self._make_kernel_call(int8_input)
+        return call if call.kernel is not None else None
 
-    def _w4_group(self) -> int | None:
-        g = self.spec.granularity
-        if self.spec.bits == 4 and isinstance(g, PerGroup) and g.along == "input":
-            return g.size
-        return None
+    def _make_kernel_call(self, int8_input: bool) -> _KernelCall:
+        buffers = self._buffers
+        watched = tuple(
+            (name, t, t._version)
+            for name, t in buffers.items()
+            if name in _WATCHED and t is not None
+        )
+        qweight, scale = buffers["qweight"], buffers["scale"]
+        if self.int8_rows:
+            int8 = (qweight ^ 0x80).view(torch.int8)
+            kernel = kernels.w8a8_linear if int8_input else kernels.w8a16_linear
+            return _KernelCall(kernel, (int8, scale[:, 0]), watched)
+        if self.w4_group is not None and not int8_input:
+            operands = (qweight, scale, self._code_zero(), self.w4_group)
+            return _KernelCall(kernels.w4a16_linear, operands, watched)
+        return _KernelCall(None, (), watched)
 
-    def _cached(self, name: str, make) -> Tensor:
-        zero_version = None if self.zero is None else self.zero._version
-        key = (self.qweight._version, self.scale._version, zero_version, self.qweight.data_ptr())
-        hit = self._kernel_cache.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._kernel_cache[name] = (key, make())
-        return hit[1]
-
-    def _int8(self) -> Tensor:
-        """Signed int8 codes ``(out, in)`` from the offset uint8 storage."""
-        return self._cached("int8", lambda: (self.qweight ^ 0x80).view(torch.int8))
-
-    def _float_zero(self) -> Tensor:
+    def _code_zero(self) -> Tensor:
         """Zero points in unsigned code units (a symmetric 4-bit code is stored offset by 8). A
         float minimum ``m`` becomes ``−m/s``: the kernel's ``(q − z)·s`` is then ``q·s + m`` up to
         one float32 rounding of ``m``, on top of the kernel's own summation-order difference."""
+        if self.zero is None:
+            return torch.full_like(self.scale, -self.spec.qmin)
+        if self.spec.float_zero:
+            return -self.zero / self.scale
+        return self.zero.float()
 
-        def make() -> Tensor:
-            if self.zero is None:
-                return torch.full_like(self.scale, -self.spec.qmin)
-            if self.spec.float_zero:
-                return -self.zero / self.scale
-            return self.zero.float()
 
-        return self._cached("zero", make)
+_WATCHED = ("qweight", "scale", "zero")
+
+
+class _KernelCall:
+    """``kernel(x, *operands, bias)``, with the buffers (and versions) the operands came from."""
+
+    __slots__ = ("kernel", "operands", "watched")
+
+    def __init__(self, kernel, operands: tuple, watched: tuple) -> None:
+        self.kernel, self.operands, self.watched = kernel, operands, watched
+
+    def current(self, buffers: dict) -> bool:
+        for name, tensor, version in self.watched:
+            if buffers.get(name) is not tensor or tensor._version != version:
+                return False
+        return True
+
+    def run(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return self.kernel(x, *self.operands, bias)
 
 
 class PackedLinear(PackedCodes):
@@ -195,8 +217,8 @@ class PackedLinear(PackedCodes):
         ``torch._int_mm`` against int8 per-row weights. Its codes equal the fake quantizer's."""
         q = quantizer.spec
         return (
-            self._kernel_ready(x)
-            and self._is_int8_rows()
+            self.int8_rows
+            and self._kernel_ready(x)
             and quantizer.qparams is None
             and (q.bits, q.symmetric, q.range_method, q.clip_ratio) == (8, True, "minmax", 1.0)
             and isinstance(q.granularity, PerRow)

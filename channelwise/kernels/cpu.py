@@ -163,10 +163,11 @@ def w8a16_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None
     x ``(..., in)`` f32, w ``(out, in)`` int8 codes, scale ``(out,)`` f32. Returns ``(..., out)``.
     """
     ops = _state.get("ops")
-    if ops is not None and isinstance(x, Tensor) and x.dim() == 2 and x.shape[0] <= _MAX_M:
+    if ops is not None:
         try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
-            return ops.w8a16_mm(x, w, scale, bias)
-        except (RuntimeError, TypeError):
+            if x.numel() <= _MAX_M * x.shape[-1]:
+                return ops.w8a16_mm(x, w, scale, bias)
+        except (RuntimeError, TypeError, IndexError, AttributeError):
             pass  # re-checked below: a readable error, or the general path
     x2 = _check_x(x, w.shape[-1] if isinstance(w, Tensor) and w.dim() == 2 else -1)
     _check_weight(w, torch.int8, "w")
@@ -190,17 +191,11 @@ def w4a16_linear(
     take the de-quantize path.
     """
     ops = _state.get("ops")
-    if (
-        ops is not None
-        and isinstance(x, Tensor)
-        and x.dim() == 2
-        and x.shape[0] <= _MAX_M
-        and type(group) is int
-        and group % W4_KERNEL_GROUP_MULTIPLE == 0
-    ):
+    if ops is not None and type(group) is int and group % W4_KERNEL_GROUP_MULTIPLE == 0:
         try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
-            return ops.w4a16_mm(x, packed, scale, zero, group, bias)
-        except (RuntimeError, TypeError):
+            if x.numel() <= _MAX_M * x.shape[-1]:
+                return ops.w4a16_mm(x, packed, scale, zero, group, bias)
+        except (RuntimeError, TypeError, IndexError, AttributeError):
             pass  # re-checked below: a readable error, or the general path
     _check_weight(packed, torch.uint8, "packed")
     out, in_features = packed.shape[0], packed.shape[1] * 2

@@ -49,5 +49,5 @@ def remove_input_quantizer(module: nn.Module) -> None:
 
 
 def input_quantizer(module: nn.Module) -> InputQuantizer | None:
-    installed = getattr(module, _HOOK_ATTR, None)
+    installed = module.__dict__.get(_HOOK_ATTR)  # not getattr: a miss costs a raised error
     return installed[0] if installed is not None else None

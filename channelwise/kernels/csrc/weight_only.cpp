@@ -1,10 +1,11 @@
 // Weight-only linear kernels for CPU decode (AVX-512, fp32 activations and accumulation).
 //
-//   w8a16_mm(x (M,K) f32, w (N,K) int8, scale (N,) f32, bias (N,)|None)      -> (M,N) f32
+//   w8a16_mm(x (...,K) f32, w (N,K) int8, scale (N,) f32, bias (N,)|None)    -> (...,N) f32
 //       y[m,n] = scale[n] * sum_k x[m,k] * w[n,k] + bias[n]
-//   w4a16_mm(x (M,K) f32, packed (N,K/2) uint8, scale (N,K/g), zero (N,K/g), g, bias|None)
+//   w4a16_mm(x (...,K) f32, packed (N,K/2) uint8, scale (N,K/g), zero (N,K/g), g, bias|None)
 //       y[m,n] = sum_k x[m,k] * (code[n,k] - zero[n,k/g]) * scale[n,k/g] + bias[n]
 //       code[n,2j] = packed[n,j] & 0xF, code[n,2j+1] = packed[n,j] >> 4; g % 32 == 0.
+//   x's leading dims are flattened to M rows (x must be contiguous) and restored on y.
 //
 // Decode is memory bound: the weight is read once per call in its packed form (1 or 0.5 byte a
 // weight instead of 4), widened to fp32 in registers, and used for up to 4 activation rows at
@@ -27,6 +28,15 @@ namespace {
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// Software prefetch of the weight bytes PREFETCH_TILES output tiles ahead, one cache line per
+// call site visit. Rows are short (288-768 bytes for SmolLM2), too short for the hardware
+// streamer to ramp up: with it the W4 decode pass over a whole model's linears went from 14.8 to
+// 9.3 ms on 1 thread (1, 2, 4, 8 tiles ahead: 10.3, 9.3, 9.6, 10.0 ms), W8 likewise.
+constexpr int64_t PREFETCH_TILES = 2;
+inline void prefetch_ahead(const void* at, int64_t distance) {
+  _mm_prefetch(static_cast<const char*>(at) + distance, _MM_HINT_T0);
+}
+
 // ---------------------------------------------------------------- W8A16
 template <int MR, int NR>
 inline void w8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
@@ -39,6 +49,7 @@ inline void w8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, con
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + k);
     for (int r = 0; r < NR; ++r) {
+      if ((k & 63) == 0) prefetch_ahead(w + r * K + k, PREFETCH_TILES * NR * K);
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
       __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
       for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
@@ -85,6 +96,7 @@ inline void w4_tile(const float* xp, int64_t ldx, const uint8_t* p, int64_t K, c
         xo[m] = _mm512_loadu_ps(xp + m * ldx + k + 16);
       }
       for (int r = 0; r < NR; ++r) {
+        if ((k & 127) == 0) prefetch_ahead(p + r * Kb + k / 2, PREFETCH_TILES * NR * Kb);
         __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * Kb + k / 2));
         __m512i v = _mm512_cvtepu8_epi32(b);
         __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
@@ -128,9 +140,22 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, Fn fn) {
     default: CALL_NR(4); break;                \
   }
 
-void check_common(const at::Tensor& x, const at::Tensor& w, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: (M, K) f32");
-  TORCH_CHECK(x.size(1) == K, "x and weight disagree on K");
+// x may have any leading dims (..., K), contiguous; kernels see it as (M, K).
+at::Tensor as_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: (..., K) f32");
+  TORCH_CHECK(x.size(-1) == K, "x and weight disagree on K");
+  return x.dim() == 2 ? x : x.view({-1, K});
+}
+
+// (M, N) result shaped as x's leading dims + (N,).
+at::Tensor like_rows(const at::Tensor& y, const at::Tensor& x) {
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.view(shape);
+}
+
+void check_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous matrix");
 }
 
@@ -148,10 +173,12 @@ void check_params(const at::Tensor& t, int64_t rows, int64_t cols, const char* w
               ": wrong shape, dtype or layout");
 }
 
-at::Tensor w8a16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+at::Tensor w8a16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                     const std::optional<at::Tensor>& bias) {
-  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
-  check_common(x, w, K);
+  check_weight(w);
+  const int64_t K = w.size(1), N = w.size(0);
+  const at::Tensor x = as_rows(x_in, K);
+  const int64_t M = x.size(0);
   TORCH_CHECK(w.scalar_type() == at::kChar, "w: int8");
   check_params(scale, N, -1, "scale");
   const float* bp = bias_ptr(bias, N);
@@ -177,13 +204,15 @@ at::Tensor w8a16_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
       }
     }
   });
-  return y;
+  return like_rows(y, x_in);
 }
 
-at::Tensor w4a16_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+at::Tensor w4a16_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
                     const at::Tensor& zero, int64_t group, const std::optional<at::Tensor>& bias) {
-  const int64_t M = x.size(0), N = packed.size(0), K = packed.size(1) * 2;
-  check_common(x, packed, K);
+  check_weight(packed);
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  const at::Tensor x = as_rows(x_in, K);
+  const int64_t M = x.size(0);
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: uint8");
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group must divide K, % 32 == 0");
   const int64_t G = K / group;
@@ -223,7 +252,7 @@ at::Tensor w4a16_mm(const at::Tensor& x, const at::Tensor& packed, const at::Ten
       }
     }
   });
-  return y;
+  return like_rows(y, x_in);
 }
 
 // ---------------------------------------------------------------- W8A8 helpers (around _int_mm)

@@ -47,7 +47,9 @@ from channelwise.paths import channelwise_home
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "weight_only.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+# -fopenmp: ATen's parallel_for is a header template; without the flag its ``omp parallel``
+# compiles away and every kernel runs on one thread (measured: no gain from 2 threads until it).
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
 #: Up to this many tokens the weight-only kernels run; above it, de-quantize + ``F.linear``.
 WEIGHT_ONLY_MAX_M = 256
 #: The C++ W4 kernel reads 32 codes (16 bytes) per step, so it needs group % 32 == 0.
@@ -97,6 +99,7 @@ def _build():
         name="channelwise_weight_only",
         sources=[str(_SOURCE)],
         extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
         build_directory=str(build),
         is_python_module=False,
         verbose=False,

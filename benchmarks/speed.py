@@ -1,6 +1,9 @@
 """Speed and size of packed models against fp32, all measured in one run (not a test).
 
-Prefill: tokens/s of one 512-token forward (no cache). Decode: tokens/s of greedy generation of
+Prefill: tokens/s of one 512-token forward as ``generate`` runs it (time to first token): the KV
+cache filled, logits of the last position only (``logits_to_keep=1``); until 2026-11-26 it
+computed all 512 positions' logits, which adds a float 512 × 49152 LM-head GEMM to every row.
+Decode: tokens/s of greedy generation of
 128 new tokens at batch 1 after a 16-token prompt (KV cache on). Each variant runs in its own
 process; packed variants are quantized in another process and loaded from their checkpoint, as
 a user would, so the RSS (resident after the runs) and peak RSS are the loaded model's. Every
@@ -83,10 +86,10 @@ def measure(variant: str, repeats: int, folder: str | None) -> dict:
     prompt = windows[:, :512]
     short = windows[:, :16]
 
-    def prefill() -> float:
+    def prefill() -> float:  # as generate() runs it: fill the KV cache, logits of the last token
         start = time.perf_counter()
         with torch.no_grad():
-            model(prompt, use_cache=False)
+            model(prompt, use_cache=True, logits_to_keep=1)
         return prompt.shape[1] / (time.perf_counter() - start)
 
     def decode() -> float:

@@ -347,6 +347,39 @@ def test_integer_kernels_match_the_fake_quant_model(
     assert relative_error(got, expected) < bound
 
 
+@pytest.mark.parametrize("preset", ["rtn-w8a16", "rtn-w4a16-g64", "rtn-w8a8"])
+def test_kernel_operands_follow_buffer_changes(preset, calibration_ids):
+    # A packed linear reuses its kernel operands between calls; writing its buffers in place,
+    # replacing them (load_state_dict, .to) must be seen by the next call.
+    model = compressed("llama", preset, calibration_ids)
+    pack_model(model)
+    use_kernels(True)
+    linear = next(m for m in model.modules() if isinstance(m, PackedLinear))
+    x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(4))
+
+    def reference() -> torch.Tensor:
+        use_kernels(False)
+        try:
+            return linear(x)
+        finally:
+            use_kernels(True)
+
+    before = linear(x)
+    with torch.no_grad():
+        linear.scale.mul_(2.0)
+        if linear.zero is not None:  # the kernel reads zero points converted to float
+            linear.zero.sub_(1)
+    torch.testing.assert_close(linear(x), reference(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(linear(x), before)
+    state = {k: v.clone() for k, v in linear.state_dict().items()}
+    state["qweight"] = torch.flip(state["qweight"], dims=[0]).contiguous()
+    linear.load_state_dict(state)
+    torch.testing.assert_close(linear(x), reference(), rtol=1e-5, atol=1e-6)
+    linear.qweight = linear.qweight.clone()  # a new tensor, same version number
+    linear.qweight[0] = 0
+    torch.testing.assert_close(linear(x), reference(), rtol=1e-5, atol=1e-6)
+
+
 def test_tied_head_of_an_8bit_embedding_runs_the_w8_kernel(calibration_ids, monkeypatch):
     from channelwise import kernels
 

@@ -207,6 +207,23 @@ def test_w8a8_zero_token_and_extreme_codes():
     assert (err <= x.abs().amax(1).double() / 127 / 2 * 127 * 64 + 1e-9).all()
 
 
+def test_w8a8_reuses_the_codes_of_one_unchanged_input_only():
+    # q/k/v read one tensor: its codes are computed once; an in-place write or another tensor
+    # with the same values must not be served stale codes.
+    x = torch.randn(20, 64, generator=gen(30))
+    w = torch.randint(-127, 128, (16, 64), generator=gen(31), dtype=torch.int8)
+    first = w8a8_linear(x, w, torch.ones(16))
+    assert torch.equal(w8a8_linear(x, w, torch.ones(16)), first)
+    x.mul_(3.0)  # same object, new version
+    assert torch.equal(w8a8_linear(x, w, torch.ones(16)), w8a8_reference(x, w, torch.ones(16)))
+    x[:, :32] = 0  # a view write: same version counter
+    assert torch.equal(w8a8_linear(x, w, torch.ones(16)), w8a8_reference(x, w, torch.ones(16)))
+    other = torch.randn(20, 64, generator=gen(32))
+    assert torch.equal(
+        w8a8_linear(other, w, torch.ones(16)), w8a8_reference(other, w, torch.ones(16))
+    )
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_kernel_input_error():
     x = torch.randn(2, 64)

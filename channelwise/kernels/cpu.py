@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -238,16 +239,32 @@ def w8a8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = Non
     if out % 8 or in_features % 8:
         return w8a8_reference(x2, w, w_scale, bias).view(*x.shape[:-1], out)
     ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
-    xq, x_scale = ops.quantize_per_token(x2) if ops else quantize_per_token(x2)
+    xq, x_scale = _tokens_quantized(x, x2, ops)
     if m < _INT_MM_MIN_M:
         xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_M - m))
     acc = torch._int_mm(xq, w.T)[:m]
     w_scale, bias = w_scale.contiguous(), _contig(bias)
     if ops:
-        y = ops.dequantize_acc(acc, x_scale, w_scale, bias)
+        y = ops.dequantize_acc_(acc, x_scale, w_scale, bias)
     else:
         y = _dequantize_acc(acc, x_scale, w_scale, bias)
     return y.view(*x.shape[:-1], out)
+
+
+_last_quantized: list = [None]
+
+
+def _tokens_quantized(x: Tensor, x2: Tensor, ops) -> tuple[Tensor, Tensor]:
+    """Per-token int8 codes of ``x``, reused when the same tensor, unchanged, comes again: a
+    block's q/k/v (and gate/up) projections read one input, which was quantized 3 (2) times.
+    The entry holds ``x`` weakly and is keyed by its identity and version (in-place writes
+    bump it), so a reuse always sees the same numbers."""
+    last = _last_quantized[0]
+    if last is not None and last[0]() is x and last[1] == x._version:
+        return last[2]
+    codes = ops.quantize_per_token(x2) if ops else quantize_per_token(x2)
+    _last_quantized[0] = (weakref.ref(x), x._version, codes)
+    return codes
 
 
 # ----------------------------------------------------------------------------- validation

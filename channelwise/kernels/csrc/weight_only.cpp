@@ -296,34 +296,34 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   return {q, scale};
 }
 
-// y[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]), in the reference's order.
-at::Tensor dequantize_acc(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
-                          const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "acc: (M, N) int32");
+// y[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]), in the reference's order,
+// written over acc (same element size): no second (M, N) buffer to allocate, fault in and stream
+// (a 512 x 1536 W8A8 linear: quantize + GEMM + de-quantize 1.60 ms with a fresh output).
+at::Tensor dequantize_acc_(at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(),
+              "acc: contiguous (M, N) int32");
   const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(acc.stride(1) == 1, "acc rows must be contiguous");
   TORCH_CHECK(x_scale.numel() == M && x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous());
   check_params(w_scale, N, -1, "w_scale");
   const float* bp = bias_ptr(bias, N);
-  at::Tensor y = at::empty({M, N}, acc.options().dtype(at::kFloat));
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const int64_t lda = acc.stride(0);
+  int32_t* ap = acc.data_ptr<int32_t>();
+  float* yp = reinterpret_cast<float*>(ap);
   const float* xs = x_scale.data_ptr<float>();
   const float* ws = w_scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const __m512 xv = _mm512_set1_ps(xs[m]);
       for (int64_t n = 0; n < N; n += 16) {
         const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1u);
-        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, ap + m * lda + n));
+        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, ap + m * N + n));
         v = _mm512_mul_ps(_mm512_mul_ps(v, xv), _mm512_maskz_loadu_ps(mask, ws + n));
         if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + n));
         _mm512_mask_storeu_ps(yp + m * N + n, mask, v);
       }
     }
   });
-  return y;
+  return acc.view(at::kFloat);
 }
 
 }  // namespace
@@ -332,12 +332,12 @@ TORCH_LIBRARY(channelwise_cpu, m) {
   m.def("w8a16_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w4a16_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
-  m.def("dequantize_acc(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def("dequantize_acc_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("w8a16_mm", &w8a16_mm);
   m.impl("w4a16_mm", &w4a16_mm);
   m.impl("quantize_per_token", &quantize_per_token);
-  m.impl("dequantize_acc", &dequantize_acc);
+  m.impl("dequantize_acc_", &dequantize_acc_);
 }

@@ -315,7 +315,14 @@ def test_cli_float16_storage_needs_a_packed_format(tiny_folder, tmp_path, capsys
 
 @pytest.mark.parametrize(
     ("preset", "int_path"),
-    [("rtn-w8a8", True), ("rtn-w8a16", False), ("rtn-w4a16-g64", False), ("gptq-w4a16-g64", False)],
+    [
+        ("rtn-w8a8", True),
+        ("outliertune-w8a8", True),  # static scale-1 integers (q/k/v, gate/up) + per token
+        ("dgq-w4a8", True),  # static per-tensor int8 into int8 rows S2·(q − z)
+        ("rtn-w8a16", False),
+        ("rtn-w4a16-g64", False),
+        ("gptq-w4a16-g64", False),
+    ],
 )
 @pytest.mark.parametrize("tokens", [1, 16, 300])
 def test_integer_kernels_match_the_fake_quant_model(
@@ -333,7 +340,7 @@ def test_integer_kernels_match_the_fake_quant_model(
     for name in ("w8a8_linear", "w8a16_linear", "w4a16_linear"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(
-            kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a)
+            kernels, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
         )
     got = logits(model, ids)
     assert calls and all(c == calls[0] for c in calls)

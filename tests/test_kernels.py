@@ -224,6 +224,69 @@ def test_w8a8_reuses_the_codes_of_one_unchanged_input_only():
     )
 
 
+@pytest.mark.parametrize("m", [1, 5, 17, 300])
+def test_static_int8_input_equals_the_fake_quantizer_codes(m):
+    # OutlierTune / DGQ: one calibrated scale; values beyond its range clamp to −128…127.
+    from channelwise.quant import PerTensor, QParams, QuantSpec, quantize
+
+    x = torch.randn(m, 96, generator=gen(40)) * 2
+    x[0, 5], x[-1, 7] = 1e3, -1e3  # saturate both ends
+    spec = QuantSpec(bits=8, symmetric=True, granularity=PerTensor())
+    scale = 0.0173
+    expected = quantize(x, QParams(torch.tensor([[scale]]), torch.zeros(1, 1)), spec)
+    torch_codes, column = cpu.quantize_static(x, scale)
+    assert torch.equal(torch_codes, expected) and (column == scale).all()
+    if cpu.kernel_available():
+        codes, column = cpu._ops().quantize_static(x, scale)
+        assert torch.equal(codes, expected) and (column == scale).all()
+    w = torch.randint(-127, 128, (24, 96), generator=gen(41), dtype=torch.int8)
+    w_scale, bias = torch.rand(24, generator=gen(42)), torch.randn(24, generator=gen(43))
+    got = w8a8_linear(x, w, w_scale, bias, x_scale=scale)
+    assert torch.equal(got, w8a8_reference(x, w, w_scale, bias, x_scale=scale))
+    exact = (expected.double() * scale) @ (w.double() * w_scale.double()[:, None]).T
+    torch.testing.assert_close(got.double(), exact + bias.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 17, 64])
+@pytest.mark.parametrize("x_scale", [None, 0.02])
+def test_w8a8_with_weight_zero_points_is_exact(m, x_scale):
+    # Asymmetric 8-bit weights (OutlierTune's): codes q ∈ 0…255 stored as q − 128, zero z − 128.
+    g = gen(50 + m)
+    x = torch.randn(m, 64, generator=g)
+    q = torch.randint(0, 256, (32, 64), generator=g)
+    q[0] = 255  # extreme codes and zero points
+    z = torch.randint(0, 256, (32,), generator=g)
+    z[1] = 0
+    w, w_zero = (q - 128).to(torch.int8), (z - 128).to(torch.int32)
+    w_scale, bias = torch.rand(32, generator=g), torch.randn(32, generator=g)
+    got = w8a8_linear(x, w, w_scale, bias, x_scale=x_scale, w_zero=w_zero)
+    assert torch.equal(got, w8a8_reference(x, w, w_scale, bias, x_scale, w_zero))
+    xq, column = cpu.quantize_per_token(x) if x_scale is None else cpu.quantize_static(x, x_scale)
+    exact = (xq.double() * column.double()) @ (
+        (q - z[:, None]).double() * w_scale.double()[:, None]
+    ).T
+    torch.testing.assert_close(got.double(), exact + bias.double(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(KernelInputError, match="w_zero"):
+        w8a8_linear(x, w, w_scale, w_zero=w_zero.to(torch.int64))
+
+
+def test_static_int8_input_makes_a_non_finite_token_row_nan():
+    x = torch.randn(20, 64, generator=gen(44))
+    x[3, 1], x[7, 2] = float("inf"), float("nan")
+    w = torch.randint(-127, 128, (16, 64), generator=gen(45), dtype=torch.int8)
+    y = w8a8_linear(x, w, torch.ones(16), x_scale=0.05)
+    bad = torch.zeros(20, dtype=torch.bool)
+    bad[[3, 7]] = True
+    assert y[bad].isnan().all() and y[~bad].isfinite().all()
+
+
+@pytest.mark.parametrize("x_scale", [0.0, -1.0, float("inf"), float("nan"), 1])
+def test_static_int8_input_rejects_a_bad_scale(x_scale):
+    x, w = torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(KernelInputError, match="x_scale"):
+        w8a8_linear(x, w, torch.ones(8), x_scale=x_scale)
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_kernel_input_error():
     x = torch.randn(2, 64)

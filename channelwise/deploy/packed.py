@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from channelwise import kernels
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.errors import PackingError
-from channelwise.quant import PerGroup, PerRow, QParams, QuantSpec, dequantize, quantize
+from channelwise.quant import (
+    PerGroup,
+    PerRow,
+    PerTensor,
+    QParams,
+    QuantSpec,
+    dequantize,
+    quantize,
+)
 from channelwise.quant.activation import InputQuantizer, input_quantizer
 from channelwise.quant.grid import GRID_ATTR, weight_grid
 from channelwise.quant.packing import pack_codes, packed_size, unpack_codes
@@ -67,6 +75,10 @@ class PackedCodes(nn.Module):
         g = spec.granularity
         #: int8 per-row symmetric codes: the W8A16 / W8A8 kernels
         self.int8_rows = spec.bits == 8 and spec.symmetric and isinstance(g, PerRow)
+        #: 8-bit per-row codes with integer zero points: the W8A8 kernel only (zero in int32)
+        self.uint8_rows = (
+            spec.bits == 8 and not spec.symmetric and not spec.float_zero and isinstance(g, PerRow)
+        )
         #: the group size of 4-bit codes grouped along the input: the W4A16 kernel
         self.w4_group = (
             g.size if spec.bits == 4 and isinstance(g, PerGroup) and g.along == "input" else None
@@ -98,13 +110,23 @@ class PackedCodes(nn.Module):
         whole rows (per row or row groups)."""
         return dequantize(self.codes(rows).float(), self.qparams(rows), self.spec)
 
-    def matmul(self, x: Tensor, bias: Tensor | None = None, *, int8_input: bool = False) -> Tensor:
+    def matmul(
+        self,
+        x: Tensor,
+        bias: Tensor | None = None,
+        *,
+        int8_input: bool = False,
+        input_scale: float | None = None,
+    ) -> Tensor:
         """``x Ŵᵀ + bias`` ``(..., rows)``: the integer kernels where they apply (CPU, float32
-        ``x``; ``int8_input`` quantizes ``x`` per token into ``torch._int_mm``), else the
-        reference path (dequantize, float GEMM)."""
+        ``x``; ``int8_input`` quantizes ``x`` to int8 into ``torch._int_mm``, per token or, given
+        ``input_scale``, with that static scale), else the reference path (dequantize, float
+        GEMM)."""
         if self._kernel_ready(x):
             call = self._kernel_call(int8_input)
             if call is not None:
+                if int8_input:
+                    return call.run(x, bias, input_scale)
                 return call.run(x, bias)
         w = self.dequantized().to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -135,6 +157,10 @@ class PackedCodes(nn.Module):
             int8 = (qweight ^ 0x80).view(torch.int8)
             kernel = kernels.w8a8_linear if int8_input else kernels.w8a16_linear
             return _KernelCall(kernel, (int8, scale[:, 0]), watched)
+        if self.uint8_rows and int8_input:  # codes q − 128 in int8, zero z − 128 in int32
+            int8 = (qweight ^ 0x80).view(torch.int8)
+            zero = buffers["zero"][:, 0].to(torch.int32) - 128
+            return _KernelCall(kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_zero=zero)
         if self.w4_group is not None and not int8_input:
             operands = (qweight, scale, self._code_zero(), self.w4_group)
             return _KernelCall(kernels.w4a16_linear, operands, watched)
@@ -152,15 +178,36 @@ class PackedCodes(nn.Module):
 
 
 _WATCHED = ("qweight", "scale", "zero")
+DYNAMIC = "dynamic"
+
+
+def int8_input_scale(quantizer: InputQuantizer) -> float | str | None:
+    """How the int8 GEMM can take over ``quantizer``'s rounding: :data:`DYNAMIC` (symmetric int8
+    per token, min-max, no clipping: scales computed per call), a float (symmetric int8 per
+    tensor with that calibrated scale and zero point 0: OutlierTune, DGQ), or None (it cannot;
+    the input is fake-quantized and the product runs in float)."""
+    spec, qparams = quantizer.spec, quantizer.qparams
+    if (spec.bits, spec.symmetric) != (8, True):
+        return None
+    if qparams is None:
+        plain = spec.range_method == "minmax" and spec.clip_ratio == 1.0
+        return DYNAMIC if plain and isinstance(spec.granularity, PerRow) else None
+    if not isinstance(spec.granularity, PerTensor) or qparams.scale.numel() != 1:
+        return None
+    scale = float(qparams.scale)
+    if not 0 < scale < float("inf") or bool(qparams.zero_point.ne(0).any()):
+        return None
+    return scale
 
 
 class _KernelCall:
     """``kernel(x, *operands, bias)``, with the buffers (and versions) the operands came from."""
 
-    __slots__ = ("kernel", "operands", "watched")
+    __slots__ = ("kernel", "operands", "watched", "keywords")
 
-    def __init__(self, kernel, operands: tuple, watched: tuple) -> None:
+    def __init__(self, kernel, operands: tuple, watched: tuple, **keywords) -> None:
         self.kernel, self.operands, self.watched = kernel, operands, watched
+        self.keywords = keywords
 
     def current(self, buffers: dict) -> bool:
         for name, tensor, version in self.watched:
@@ -168,8 +215,8 @@ class _KernelCall:
                 return False
         return True
 
-    def run(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return self.kernel(x, *self.operands, bias)
+    def run(self, x: Tensor, bias: Tensor | None, *extra) -> Tensor:
+        return self.kernel(x, *self.operands, bias, *extra, **self.keywords)
 
 
 class PackedLinear(PackedCodes):
@@ -213,21 +260,20 @@ class PackedLinear(PackedCodes):
         return {"kind": "linear", "transposed": self.transposed, "bias": self.bias is not None}
 
     def quantizes_input(self, quantizer: InputQuantizer, x: Tensor) -> bool:
-        """Whether :meth:`forward` quantizes ``x`` itself: dynamic per-token symmetric int8 into
-        ``torch._int_mm`` against int8 per-row weights. Its codes equal the fake quantizer's."""
-        q = quantizer.spec
-        return (
-            self.int8_rows
-            and self._kernel_ready(x)
-            and quantizer.qparams is None
-            and (q.bits, q.symmetric, q.range_method, q.clip_ratio) == (8, True, "minmax", 1.0)
-            and isinstance(q.granularity, PerRow)
-        )
+        """Whether :meth:`forward` quantizes ``x`` itself, into ``torch._int_mm`` against 8-bit
+        per-row weights (symmetric, or with integer zero points): symmetric int8, dynamic per
+        token or static per tensor
+        (:func:`int8_input_scale`). Its codes equal the fake quantizer's."""
+        return self.int8_rows and self._kernel_ready(x) and int8_input_scale(quantizer) is not None
 
     def forward(self, x: Tensor) -> Tensor:
         quantizer = input_quantizer(self)
-        int8_input = quantizer is not None and self.quantizes_input(quantizer, x)
-        return self.matmul(x, self.bias, int8_input=int8_input)
+        if quantizer is not None and (self.int8_rows or self.uint8_rows) and self._kernel_ready(x):
+            mode = int8_input_scale(quantizer)
+            if mode is not None:
+                scale = None if mode == DYNAMIC else mode
+                return self.matmul(x, self.bias, int8_input=True, input_scale=scale)
+        return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         return (

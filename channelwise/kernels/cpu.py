@@ -125,6 +125,16 @@ def dequantize_w4(packed: Tensor, scale: Tensor, zero: Tensor, group: int) -> Te
     return ((codes - zero[..., None]) * scale[..., None]).view(packed.shape[0], -1)
 
 
+def quantize_static(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one calibrated ``scale``: codes ``clamp(round(x / scale), −128, 127)``
+    ``(M, in)`` int8 (the fake quantizer's), and the scale per row ``(M, 1)``, NaN for a row
+    holding a non-finite value (its output row is then NaN, not that of clamped codes)."""
+    codes = torch.round(x / torch.tensor(scale, dtype=torch.float32)).clamp_(-128, 127)
+    column = torch.full((x.shape[0], 1), scale, dtype=torch.float32)
+    column.masked_fill_(~torch.isfinite(x).all(dim=-1, keepdim=True), float("nan"))
+    return codes.nan_to_num_(0).to(torch.int8), column
+
+
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per row: ``(M, in)`` float → codes ``(M, in)`` int8, scales ``(M, 1)``.
 
@@ -148,10 +158,21 @@ def w4a16_reference(
     return F.linear(x, dequantize_w4(packed, scale, zero, group), bias)
 
 
-def w8a8_reference(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Exact W8A8: per-token int8 ``x``, int32 products summed exactly, then both scales."""
-    xq, x_scale = quantize_per_token(x)
-    acc = xq.to(torch.int32) @ w.to(torch.int32).T
+def w8a8_reference(
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    x_scale: float | None = None,
+    w_zero: Tensor | None = None,
+) -> Tensor:
+    """Exact W8A8: int8 ``x`` (per token, or with the static ``x_scale``), int32 products with
+    ``w − w_zero`` summed exactly, then both scales."""
+    xq, x_scale = quantize_per_token(x) if x_scale is None else quantize_static(x, x_scale)
+    w32 = (
+        w.to(torch.int32) if w_zero is None else w.to(torch.int32) - w_zero.to(torch.int32)[:, None]
+    )
+    acc = xq.to(torch.int32) @ w32.T
     return _dequantize_acc(acc, x_scale, w_scale, bias)
 
 
@@ -225,28 +246,50 @@ def w4a16_linear(
     return y.view(*x.shape[:-1], out)
 
 
-def w8a8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Dynamic W8A8: per-token symmetric int8 ``x``, ``torch._int_mm``, de-quantize.
+def w8a8_linear(
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    x_scale: float | None = None,
+    w_zero: Tensor | None = None,
+) -> Tensor:
+    """W8A8: symmetric int8 ``x`` — per token (dynamic), or with one calibrated ``x_scale``
+    (static; OutlierTune's scale-1 integers, DGQ's per-tensor scale) — ``torch._int_mm``,
+    de-quantize.
 
-    x ``(..., in)`` f32, w ``(out, in)`` int8 (codes in −127…127), w_scale ``(out,)``.
-    Returns ``(..., out)``; bit-identical to :func:`w8a8_reference`.
+    x ``(..., in)`` f32, w ``(out, in)`` int8 codes, w_scale ``(out,)``, weight
+    ``(w − w_zero)·w_scale``: ``w_zero`` ``(out,)`` int32 for asymmetric weights (stored offset
+    by −128 into int8), else symmetric codes in −127…127. The zero point is applied exactly in
+    int32 (``acc − rowsum(x_q)·w_zero``). Returns ``(..., out)``; bit-identical to
+    :func:`w8a8_reference`.
     """
+    if x_scale is not None and not (isinstance(x_scale, float) and 0 < x_scale < float("inf")):
+        raise KernelInputError(f"x_scale must be a positive finite float, got {x_scale!r}")
     x2 = _check_x(x, w.shape[-1] if isinstance(w, Tensor) and w.dim() == 2 else -1)
     _check_weight(w, torch.int8, "w")
     _check_vector(w_scale, w.shape[0], "w_scale")
     _check_bias(bias, w.shape[0])
     m, (out, in_features) = x2.shape[0], w.shape
+    if w_zero is not None and (
+        not isinstance(w_zero, Tensor) or w_zero.dtype != torch.int32 or w_zero.shape != (out,)
+    ):
+        got = f"{w_zero.dtype} {tuple(w_zero.shape)}" if isinstance(w_zero, Tensor) else w_zero
+        raise KernelInputError(f"w_zero must be int32 of shape ({out},), got {got}")
     if out % 8 or in_features % 8:
-        return w8a8_reference(x2, w, w_scale, bias).view(*x.shape[:-1], out)
+        return w8a8_reference(x2, w, w_scale, bias, x_scale, w_zero).view(*x.shape[:-1], out)
     ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
-    xq, x_scale = _tokens_quantized(x, x2, ops)
+    xq, x_scale = _tokens_quantized(x, x2, ops, x_scale)
     if m < _INT_MM_MIN_M:
         xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_M - m))
     acc = torch._int_mm(xq, w.T)[:m]
+    rowsum = None if w_zero is None else xq[:m].sum(dim=1, dtype=torch.int32)
     w_scale, bias = w_scale.contiguous(), _contig(bias)
     if ops:
-        y = ops.dequantize_acc_(acc, x_scale, w_scale, bias)
+        y = ops.dequantize_acc_(acc, x_scale, w_scale, bias, rowsum, _contig(w_zero))
     else:
+        if w_zero is not None:
+            acc = acc - rowsum[:, None] * w_zero[None, :]
         y = _dequantize_acc(acc, x_scale, w_scale, bias)
     return y.view(*x.shape[:-1], out)
 
@@ -254,16 +297,20 @@ def w8a8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = Non
 _last_quantized: list = [None]
 
 
-def _tokens_quantized(x: Tensor, x2: Tensor, ops) -> tuple[Tensor, Tensor]:
-    """Per-token int8 codes of ``x``, reused when the same tensor, unchanged, comes again: a
-    block's q/k/v (and gate/up) projections read one input, which was quantized 3 (2) times.
-    The entry holds ``x`` weakly and is keyed by its identity and version (in-place writes
-    bump it), so a reuse always sees the same numbers."""
+def _tokens_quantized(x: Tensor, x2: Tensor, ops, scale: float | None) -> tuple[Tensor, Tensor]:
+    """Int8 codes of ``x`` and their per-token scales, reused when the same tensor, unchanged,
+    comes again with the same quantizer: a block's q/k/v (and gate/up) projections read one
+    input, which was quantized 3 (2) times. The entry holds ``x`` weakly and is keyed by its
+    identity, its version (in-place writes bump it) and the static scale, so a reuse always sees
+    the same numbers."""
     last = _last_quantized[0]
-    if last is not None and last[0]() is x and last[1] == x._version:
-        return last[2]
-    codes = ops.quantize_per_token(x2) if ops else quantize_per_token(x2)
-    _last_quantized[0] = (weakref.ref(x), x._version, codes)
+    if last is not None and last[0]() is x and last[1] == x._version and last[2] == scale:
+        return last[3]
+    if scale is None:
+        codes = ops.quantize_per_token(x2) if ops else quantize_per_token(x2)
+    else:
+        codes = ops.quantize_static(x2, scale) if ops else quantize_static(x2, scale)
+    _last_quantized[0] = (weakref.ref(x), x._version, scale, codes)
     return codes
 
 

@@ -296,17 +296,62 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   return {q, scale};
 }
 
-// y[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]), in the reference's order,
+// Static symmetric int8 with one calibrated scale: q = clamp(round_half_even(x / scale), -128,
+// 127), as the fake quantizer computes it. Returns the codes and a per-token scale column (the
+// scale, or NaN for a token with a non-finite value, so that its output row is NaN, as with the
+// dynamic quantizer, instead of the clamped codes of an infinity).
+std::tuple<at::Tensor, at::Tensor> quantize_static(const at::Tensor& x, double scale_d) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: (M, K) f32");
+  const int64_t M = x.size(0), K = x.size(1);
+  const float scale = static_cast<float>(scale_d);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor col = at::empty({M, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* cp = col.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-128.0f), sv = _mm512_set1_ps(scale);
+    const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    for (int64_t m = m0; m < m1; ++m) {
+      __mmask16 bad = 0;
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        const __m512 x16 = _mm512_maskz_loadu_ps(mask, xp + m * K + k);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(x16), inf, _CMP_NLT_UQ);  // inf or NaN
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x16, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_mask_storeu_epi8(qp + m * K + k, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+      }
+      cp[m] = bad ? std::numeric_limits<float>::quiet_NaN() : scale;
+    }
+  });
+  return {q, col};
+}
+
+// y[m, n] = float(acc[m, n] - x_rowsum[m] * w_zero[n]) * x_scale[m] * w_scale[n] (+ bias[n]), in
+// the reference's order (the zero-point term, exact in int32, only for asymmetric int8 weights),
 // written over acc (same element size): no second (M, N) buffer to allocate, fault in and stream
 // (a 512 x 1536 W8A8 linear: quantize + GEMM + de-quantize 1.60 ms with a fresh output).
 at::Tensor dequantize_acc_(at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias) {
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& x_rowsum,
+                           const std::optional<at::Tensor>& w_zero) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(),
               "acc: contiguous (M, N) int32");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(x_scale.numel() == M && x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous());
   check_params(w_scale, N, -1, "w_scale");
   const float* bp = bias_ptr(bias, N);
+  const bool zp = w_zero.has_value() && w_zero->defined();
+  TORCH_CHECK(zp == (x_rowsum.has_value() && x_rowsum->defined()), "x_rowsum and w_zero go together");
+  if (zp) {
+    TORCH_CHECK(w_zero->dim() == 1 && w_zero->size(0) == N && w_zero->scalar_type() == at::kInt &&
+                w_zero->is_contiguous(), "w_zero: (N,) int32");
+    TORCH_CHECK(x_rowsum->numel() == M && x_rowsum->scalar_type() == at::kInt &&
+                x_rowsum->is_contiguous(), "x_rowsum: (M,) int32");
+  }
+  const int32_t* wz = zp ? w_zero->data_ptr<int32_t>() : nullptr;
+  const int32_t* rs = zp ? x_rowsum->data_ptr<int32_t>() : nullptr;
   int32_t* ap = acc.data_ptr<int32_t>();
   float* yp = reinterpret_cast<float*>(ap);
   const float* xs = x_scale.data_ptr<float>();
@@ -314,9 +359,12 @@ at::Tensor dequantize_acc_(at::Tensor& acc, const at::Tensor& x_scale, const at:
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const __m512 xv = _mm512_set1_ps(xs[m]);
+      const __m512i rv = _mm512_set1_epi32(zp ? rs[m] : 0);
       for (int64_t n = 0; n < N; n += 16) {
         const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1u);
-        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, ap + m * N + n));
+        __m512i a = _mm512_maskz_loadu_epi32(mask, ap + m * N + n);
+        if (zp) a = _mm512_sub_epi32(a, _mm512_mullo_epi32(rv, _mm512_maskz_loadu_epi32(mask, wz + n)));
+        __m512 v = _mm512_cvtepi32_ps(a);
         v = _mm512_mul_ps(_mm512_mul_ps(v, xv), _mm512_maskz_loadu_ps(mask, ws + n));
         if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + n));
         _mm512_mask_storeu_ps(yp + m * N + n, mask, v);
@@ -332,12 +380,14 @@ TORCH_LIBRARY(channelwise_cpu, m) {
   m.def("w8a16_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w4a16_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
-  m.def("dequantize_acc_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor(a!)");
+  m.def("quantize_static(Tensor x, float scale) -> (Tensor, Tensor)");
+  m.def("dequantize_acc_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias, Tensor? x_rowsum, Tensor? w_zero) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("w8a16_mm", &w8a16_mm);
   m.impl("w4a16_mm", &w4a16_mm);
   m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("quantize_static", &quantize_static);
   m.impl("dequantize_acc_", &dequantize_acc_);
 }

@@ -270,6 +270,24 @@ def test_w8a8_with_weight_zero_points_is_exact(m, x_scale):
         w8a8_linear(x, w, w_scale, w_zero=w_zero.to(torch.int64))
 
 
+@pytest.mark.parametrize("m", [1, 5, 17, 300])
+@pytest.mark.parametrize("x_scale", [None, 0.03])
+def test_w8a8_on_the_prepacked_onednn_weight_equals_the_reference(m, x_scale):
+    from channelwise.kernels import prepack_int8
+
+    g = gen(60 + m)
+    x = torch.randn(m, 96, generator=g)
+    x[0, 1] = 40.0
+    w = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(40, generator=g), torch.randn(40, generator=g)
+    packed = prepack_int8(w)
+    if packed is None:
+        pytest.skip("this torch has no oneDNN int8 linear")
+    for b in (None, bias):
+        got = w8a8_linear(x, w, w_scale, b, x_scale=x_scale, w_packed=packed)
+        assert torch.equal(got, w8a8_reference(x, w, w_scale, b, x_scale))
+
+
 def test_static_int8_input_makes_a_non_finite_token_row_nan():
     x = torch.randn(20, 64, generator=gen(44))
     x[3, 1], x[7, 2] = float("inf"), float("nan")

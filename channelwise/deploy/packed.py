@@ -155,8 +155,12 @@ class PackedCodes(nn.Module):
         qweight, scale = buffers["qweight"], buffers["scale"]
         if self.int8_rows:
             int8 = (qweight ^ 0x80).view(torch.int8)
-            kernel = kernels.w8a8_linear if int8_input else kernels.w8a16_linear
-            return _KernelCall(kernel, (int8, scale[:, 0]), watched)
+            if int8_input:
+                packed = kernels.prepack_int8(int8)
+                return _KernelCall(
+                    kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_packed=packed
+                )
+            return _KernelCall(kernels.w8a16_linear, (int8, scale[:, 0]), watched)
         if self.uint8_rows and int8_input:  # codes q − 128 in int8, zero z − 128 in int32
             int8 = (qweight ^ 0x80).view(torch.int8)
             zero = buffers["zero"][:, 0].to(torch.int32) - 128

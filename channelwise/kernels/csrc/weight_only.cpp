@@ -328,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_static(const at::Tensor& x, double s
   return {q, col};
 }
 
-// y[m, n] = float(acc[m, n] - x_rowsum[m] * w_zero[n]) * x_scale[m] * w_scale[n] (+ bias[n]), in
-// the reference's order (the zero-point term, exact in int32, only for asymmetric int8 weights),
+// y[m, n] = float(acc[m, n] - x_rowsum[m] * w_zero[n]) * w_scale[n] * x_scale[m] (+ bias[n]), in
+// the reference's order (oneDNN's int8 linear applies w_scale first, see scale_rows_) (the zero-point term, exact in int32, only for asymmetric int8 weights),
 // written over acc (same element size): no second (M, N) buffer to allocate, fault in and stream
 // (a 512 x 1536 W8A8 linear: quantize + GEMM + de-quantize 1.60 ms with a fresh output).
 at::Tensor dequantize_acc_(at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
@@ -365,13 +365,37 @@ at::Tensor dequantize_acc_(at::Tensor& acc, const at::Tensor& x_scale, const at:
         __m512i a = _mm512_maskz_loadu_epi32(mask, ap + m * N + n);
         if (zp) a = _mm512_sub_epi32(a, _mm512_mullo_epi32(rv, _mm512_maskz_loadu_epi32(mask, wz + n)));
         __m512 v = _mm512_cvtepi32_ps(a);
-        v = _mm512_mul_ps(_mm512_mul_ps(v, xv), _mm512_maskz_loadu_ps(mask, ws + n));
+        v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, ws + n)), xv);
         if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + n));
         _mm512_mask_storeu_ps(yp + m * N + n, mask, v);
       }
     }
   });
   return acc.view(at::kFloat);
+}
+
+// y[m, n] = y[m, n] * x_scale[m] (+ bias[n]) in place: the per-token half of the de-quantization
+// after oneDNN's int8 linear, which computed float(acc) * w_scale (its activation scale is one
+// number, a per-token one cannot go in).
+at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& x_scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat && y.is_contiguous(), "y: contiguous (M, N) f32");
+  const int64_t M = y.size(0), N = y.size(1);
+  TORCH_CHECK(x_scale.numel() == M && x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous());
+  const float* bp = bias_ptr(bias, N);
+  float* yp = y.data_ptr<float>();
+  const float* xs = x_scale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m512 xv = _mm512_set1_ps(xs[m]);
+      for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1u);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, yp + m * N + n), xv);
+        if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + n));
+        _mm512_mask_storeu_ps(yp + m * N + n, mask, v);
+      }
+    }
+  });
+  return y;
 }
 
 }  // namespace
@@ -381,6 +405,7 @@ TORCH_LIBRARY(channelwise_cpu, m) {
   m.def("w4a16_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_static(Tensor x, float scale) -> (Tensor, Tensor)");
+  m.def("scale_rows_(Tensor(a!) y, Tensor x_scale, Tensor? bias) -> Tensor(a!)");
   m.def("dequantize_acc_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias, Tensor? x_rowsum, Tensor? w_zero) -> Tensor(a!)");
 }
 
@@ -389,5 +414,6 @@ TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("w4a16_mm", &w4a16_mm);
   m.impl("quantize_per_token", &quantize_per_token);
   m.impl("quantize_static", &quantize_static);
+  m.impl("scale_rows_", &scale_rows_);
   m.impl("dequantize_acc_", &dequantize_acc_);
 }

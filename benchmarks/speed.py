@@ -13,6 +13,7 @@ imports it at start-up whenever it is installed).
 
     python benchmarks/speed.py                      # every variant
     python benchmarks/speed.py --variants fp32,w8a8 --repeats 5 --json results/speed.json
+    python benchmarks/speed.py --rounds 3   # each variant 3 times, interleaved; medians
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads in every variant (default: torch's)"
     )
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every variant this many times, interleaved"
+    )
+    parser.add_argument("--json", help="write the rows (and every round) here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant, print its JSON row
     parser.add_argument("--save", help=argparse.SUPPRESS)  # write one variant's checkpoint
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -135,30 +139,44 @@ def main() -> None:
     if args.save:
         save(args.save, args.folder)
         return
-    rows = []
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    for variant in variants:
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = str(Path(tmp) / "packed")
-            if variant in PRESETS:  # quantize in another process: the measured one loads it
-                cmd = [sys.executable, __file__, "--save", variant, "--folder", folder]
-                subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
-            cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(args.repeats)]
-            cmd += ["--threads", str(args.threads)] if args.threads else []
-            cmd += ["--folder", folder] if variant in PRESETS else []
-            done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
-        if done.returncode != 0 or not line:
-            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"{variant:<18} skipped: {why}", flush=True)
-            continue
-        rows.append(json.loads(line[0][4:]))
-        print(f"{variant:<18} measured", flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {v: str(Path(tmp) / v) for v in variants if v in PRESETS}
+        for variant, folder in folders.items():  # quantize in another process, once
+            cmd = [sys.executable, __file__, "--save", variant, "--folder", folder]
+            subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+        for round_ in range(args.rounds):  # variants interleaved: drift hits them all alike
+            for variant in variants:
+                cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(args.repeats)]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                cmd += ["--folder", folders[variant]] if variant in folders else []
+                done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
+                if done.returncode != 0 or not line:
+                    why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"{variant:<18} round {round_ + 1}: skipped: {why}", flush=True)
+                    continue
+                runs[variant].append(json.loads(line[0][4:]))
+                print(f"{variant:<18} round {round_ + 1}: measured", flush=True)
+    rows = [merge(r) for r in runs.values() if r]
     report(rows)
+    report_spread(runs)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))
+
+
+def merge(runs: list[dict]) -> dict:
+    """One row per variant: the median over rounds of each figure, the rounds kept beside."""
+    row = dict(runs[0])
+    for key in ("prefill_tok_s", "decode_tok_s", "rss_mb", "peak_rss_mb"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["rounds"] = len(runs)
+    return row
 
 
 def report(rows: list[dict]) -> None:
@@ -181,6 +199,19 @@ def report(rows: list[dict]) -> None:
             f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {pre:.2f} | {r['decode_tok_s']:.1f} "
             f"| {dec:.2f} | {size} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
+
+
+def report_spread(runs: dict[str, list[dict]]) -> None:
+    """Each round's ratio against the fp32 of the same round, min–max: how much to trust one."""
+    base = runs.get("fp32", [])
+    if len(base) < 2:
+        return
+    print("\nper-round ratios against that round's fp32 (min–max):")
+    for variant, rs in runs.items():
+        pairs = list(zip(rs, base, strict=False))
+        for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
+            ratios = [r[key] / b[key] for r, b in pairs]
+            print(f"  {variant:<18} {label:<8} {min(ratios):.2f}–{max(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,10 @@ class PackedCodes(nn.Module):
             return _KernelCall(kernels.w4a16_linear, operands, watched)
         return _KernelCall(None, (), watched)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_calls.clear()  # .to()/.cuda() replace the buffers: drop the CPU operands now
+        return super()._apply(fn, *args, **kwargs)
+
     def _code_zero(self) -> Tensor:
         """Zero points in unsigned code units (a symmetric 4-bit code is stored offset by 8). A
         float minimum ``m`` becomes ``−m/s``: the kernel's ``(q − z)·s`` is then ``q·s + m`` up to

@@ -286,6 +286,8 @@ def test_w8a8_on_the_prepacked_onednn_weight_equals_the_reference(m, x_scale):
     for b in (None, bias):
         got = w8a8_linear(x, w, w_scale, b, x_scale=x_scale, w_packed=packed)
         assert torch.equal(got, w8a8_reference(x, w, w_scale, b, x_scale))
+    with pytest.raises(KernelInputError, match="w_packed"):  # another weight's packing
+        w8a8_linear(x, w[:32], w_scale[:32], w_packed=packed)
 
 
 def test_static_int8_input_makes_a_non_finite_token_row_nan():

@@ -279,6 +279,11 @@ def w8a8_linear(
     ):
         got = f"{w_zero.dtype} {tuple(w_zero.shape)}" if isinstance(w_zero, Tensor) else w_zero
         raise KernelInputError(f"w_zero must be int32 of shape ({out},), got {got}")
+    if w_packed is not None and tuple(getattr(w_packed, "shape", ())) != (in_features, out):
+        got = tuple(w_packed.shape) if isinstance(w_packed, Tensor) else type(w_packed).__name__
+        raise KernelInputError(
+            f"w_packed must be prepack_int8(w), shape ({in_features}, {out}), got {got}"
+        )
     if out % 8 or in_features % 8:
         return w8a8_reference(x2, w, w_scale, bias, x_scale, w_zero).view(*x.shape[:-1], out)
     ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes

@@ -79,6 +79,8 @@ class PackedCodes(nn.Module):
         self.uint8_rows = (
             spec.bits == 8 and not spec.symmetric and not spec.float_zero and isinstance(g, PerRow)
         )
+        #: 8-bit per-row codes of either kind: an int8 input can go through the int8 GEMM
+        self.int8_gemm = self.int8_rows or self.uint8_rows
         #: the group size of 4-bit codes grouped along the input: the W4A16 kernel
         self.w4_group = (
             g.size if spec.bits == 4 and isinstance(g, PerGroup) and g.along == "input" else None
@@ -153,16 +155,15 @@ class PackedCodes(nn.Module):
             if name in _WATCHED and t is not None
         )
         qweight, scale = buffers["qweight"], buffers["scale"]
+        int8 = (qweight ^ 0x80).view(torch.int8) if self.int8_gemm else None  # q − 128 stored
         if self.int8_rows:
-            int8 = (qweight ^ 0x80).view(torch.int8)
             if int8_input:
                 packed = kernels.prepack_int8(int8)
                 return _KernelCall(
                     kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_packed=packed
                 )
             return _KernelCall(kernels.w8a16_linear, (int8, scale[:, 0]), watched)
-        if self.uint8_rows and int8_input:  # codes q − 128 in int8, zero z − 128 in int32
-            int8 = (qweight ^ 0x80).view(torch.int8)
+        if self.uint8_rows and int8_input:  # zero z − 128 in int32, as the codes
             zero = buffers["zero"][:, 0].to(torch.int32) - 128
             return _KernelCall(kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_zero=zero)
         if self.w4_group is not None and not int8_input:
@@ -276,7 +277,7 @@ class PackedLinear(PackedCodes):
 
     def forward(self, x: Tensor) -> Tensor:
         quantizer = input_quantizer(self)
-        if quantizer is not None and (self.int8_rows or self.uint8_rows) and self._kernel_ready(x):
+        if quantizer is not None and self.int8_gemm and self._kernel_ready(x):
             mode = int8_input_scale(quantizer)
             if mode is not None:
                 scale = None if mode == DYNAMIC else mode

@@ -14,6 +14,11 @@ imports it at start-up whenever it is installed).
     python benchmarks/speed.py                      # every variant
     python benchmarks/speed.py --variants fp32,w8a8 --repeats 5 --json results/speed.json
     python benchmarks/speed.py --rounds 3   # each variant 3 times, interleaved; medians
+    python benchmarks/speed.py --compile    # decode through channelwise.deploy.compile_decode
+
+``--compile`` runs every variant's decode (fp32's included) through the compiled static-cache loop
+of :func:`channelwise.deploy.decode.compile_decode`; its compilation happens in the warm-up.
+Prefill stays eager, as ``generate`` runs it.
 """
 
 from __future__ import annotations
@@ -76,13 +81,16 @@ def build(variant: str, folder: str | None):
     return model, tokenizer, None
 
 
-def measure(variant: str, repeats: int, folder: str | None) -> dict:
+def measure(variant: str, repeats: int, folder: str | None, compiled: bool = False) -> dict:
     import torch
 
+    from channelwise.deploy.decode import compile_decode
     from channelwise.memory import resident_bytes
     from channelwise.protocol import Protocol
 
     model, tokenizer, size = build(variant, folder)
+    if compiled:
+        compile_decode(model)
     windows = Protocol().with_(windows=1).eval_tokens(tokenizer)
     prompt = windows[:, :512]
     short = windows[:, :16]
@@ -102,7 +110,7 @@ def measure(variant: str, repeats: int, folder: str | None) -> dict:
             )  # fmt: skip
         return (out.shape[1] - short.shape[1]) / (time.perf_counter() - start)
 
-    prefill(), decode()  # warm-up (first-call allocations, kernel builds)
+    prefill(), decode()  # warm-up (first-call allocations, kernel builds, compilation)
     return {
         "variant": variant,
         "prefill_tok_s": statistics.median(prefill() for _ in range(repeats)),
@@ -111,6 +119,7 @@ def measure(variant: str, repeats: int, folder: str | None) -> dict:
         "rss_mb": resident_bytes() / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "compiled_decode": compiled,
     }
 
 
@@ -124,6 +133,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="measure every variant this many times, interleaved"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="decode through the compiled static-cache loop"
+    )
     parser.add_argument("--json", help="write the rows (and every round) here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant, print its JSON row
     parser.add_argument("--save", help=argparse.SUPPRESS)  # write one variant's checkpoint
@@ -134,7 +146,8 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print("ROW " + json.dumps(measure(args.one, args.repeats, args.folder)), flush=True)
+        row = measure(args.one, args.repeats, args.folder, args.compile)
+        print("ROW " + json.dumps(row), flush=True)
         return
     if args.save:
         save(args.save, args.folder)
@@ -153,6 +166,7 @@ def main() -> None:
             for variant in variants:
                 cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(args.repeats)]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
+                cmd += ["--compile"] if args.compile else []
                 cmd += ["--folder", folders[variant]] if variant in folders else []
                 done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
                 line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
@@ -185,7 +199,10 @@ def report(rows: list[dict]) -> None:
     base = next((r for r in rows if r["variant"] == "fp32"), None)
     model, _ = load_model(device="cpu")
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
-    print(f"\nfp16 checkpoint of this model: {fp16_bytes / 1e6:.1f} MB\n")
+    print(f"\nfp16 checkpoint of this model: {fp16_bytes / 1e6:.1f} MB")
+    if any(r.get("compiled_decode") for r in rows):
+        print("decode: static KV cache, compiled forward (deploy.decode.compile_decode)")
+    print()
     print(
         "| variant | prefill tok/s | × fp32 | decode tok/s | × fp32 | file × fp16 | RSS MB "
         "| peak RSS MB |"

@@ -165,6 +165,19 @@ def test_kernel_is_built_on_an_avx512_host():
     assert (cpu._ops() is not None) and hasattr(cpu._ops(), "w4a16_mm")
 
 
+def test_building_again_in_the_same_process_still_serves(monkeypatch):
+    # the ops' shape functions (for torch.compile) can be registered once per process only
+    if not kernel_available():
+        pytest.skip("no kernels here")
+    monkeypatch.setattr(cpu, "_state", {})
+    assert cpu._ops() is not None
+    x = torch.randn(2, 64, generator=gen(16))
+    codes, scale, zero = random_w4(8, 64, 64, seed=17)
+    assert_dot_close(
+        w4a16_linear(x, pack_int4(codes), scale, zero, 64), x, w4_dense(codes, scale, zero, 64)
+    )
+
+
 def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     def broken_build():
         raise RuntimeError("no compiler\ng++: not found")

@@ -141,11 +141,22 @@ class PackedCodes(nn.Module):
     def _kernel_call(self, int8_input: bool) -> _KernelCall | None:
         """The kernel and its weight operands, built once and reused while the buffers they were
         made from are unchanged (same tensors, same version): a decode step makes ~200 calls,
-        and re-deriving the operands cost more than a small kernel itself."""
+        and re-deriving the operands cost more than a small kernel itself. Under
+        ``torch.compile`` the operands built eagerly (:meth:`build_kernel_operands`) are used
+        unchecked: a compiled graph cannot read tensor versions."""
         call = self._kernel_calls.get(int8_input)
-        if call is None or not call.current(self._buffers):
+        if torch.compiler.is_compiling():
+            if call is None:  # built in the graph: right, but re-derived at every call
+                call = self._make_kernel_call(int8_input)
+        elif call is None or not call.current(self._buffers):
             call = self._kernel_calls[int8_input] = self._make_kernel_call(int8_input)
         return call if call.kernel is not None else None
+
+    def build_kernel_operands(self) -> None:
+        """Derive the weight-only kernel's operands (the int8 view of the codes, zero points in
+        code units) now, outside any compiled graph, for :func:`channelwise.deploy.decode.
+        compile_decode`; call it again after writing this module's buffers."""
+        self._kernel_calls[False] = self._make_kernel_call(False)
 
     def _make_kernel_call(self, int8_input: bool) -> _KernelCall:
         buffers = self._buffers
@@ -273,11 +284,17 @@ class PackedLinear(PackedCodes):
         per-row weights (symmetric, or with integer zero points): symmetric int8, dynamic per
         token or static per tensor
         (:func:`int8_input_scale`). Its codes equal the fake quantizer's."""
-        return self.int8_rows and self._kernel_ready(x) and int8_input_scale(quantizer) is not None
+        return self._int8_gemm_ready(x) and int8_input_scale(quantizer) is not None
+
+    def _int8_gemm_ready(self, x: Tensor) -> bool:
+        """Eager only: the int8 GEMM's operands (per-token codes, oneDNN's packed weight) are
+        not traceable, so a compiled forward fake-quantizes ``x`` (the input-quantizer hook) and
+        runs the weight-only kernel: the same products, summed in float instead of int32."""
+        return self.int8_gemm and self._kernel_ready(x) and not torch.compiler.is_compiling()
 
     def forward(self, x: Tensor) -> Tensor:
         quantizer = input_quantizer(self)
-        if quantizer is not None and self.int8_gemm and self._kernel_ready(x):
+        if quantizer is not None and self._int8_gemm_ready(x):
             mode = int8_input_scale(quantizer)
             if mode is not None:
                 scale = None if mode == DYNAMIC else mode

@@ -105,7 +105,26 @@ def _build():
         is_python_module=False,
         verbose=False,
     )
+    _register_fakes()
     return torch.ops.channelwise_cpu
+
+
+def _register_fakes() -> None:
+    """Shape functions of the weight-only ops, so ``torch.compile`` traces through them (the
+    compiled decode loop, :mod:`channelwise.deploy.decode`) instead of breaking the graph at
+    every packed linear. The W8A8 helpers are not registered: a compiled forward takes the
+    weight-only kernel on a fake-quantized input instead (:meth:`PackedLinear.forward`)."""
+
+    def weight_only(x: Tensor, w: Tensor, *_) -> Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    for name in ("w8a16_mm", "w4a16_mm"):
+        if name not in _FAKES:  # once per process: torch refuses a second registration
+            torch.library.register_fake(f"channelwise_cpu::{name}")(weight_only)
+            _FAKES.add(name)
+
+
+_FAKES: set[str] = set()
 
 
 # ----------------------------------------------------------------------------- de-quantization

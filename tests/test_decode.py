@@ -1,0 +1,73 @@
+"""The compiled decode loop (channelwise.deploy.decode): same tokens and scores as the eager
+fake-quant model, one graph per step with the packed kernels inside it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from channelwise import kernels, quantize
+from channelwise.deploy import pack_model
+from channelwise.deploy.decode import compile_decode
+from channelwise.deploy.packed import use_kernels
+from channelwise.errors import ChannelwiseError
+
+WIDE = dict(hidden_size=128, intermediate_size=256)  # groups of 64 fit; the W4 kernel runs
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def greedy(model, ids: torch.Tensor, steps: int = 6):
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize(
+    "preset, kernel",
+    [
+        ("rtn-w4a16-g64", "channelwise_cpu::w4a16_mm"),
+        # W8A8 in the graph: fake-quantized input into the weight-only W8 kernel
+        ("rtn-w8a8", "channelwise_cpu::w8a16_mm"),
+    ],
+)
+def test_compiled_decode_matches_the_fake_quant_model(
+    preset, kernel, calibration_ids, fresh_dynamo
+):
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, preset, calibration_ids, progress=False)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(7))
+    expected_ids, expected_scores = greedy(model, ids)
+    pack_model(model)
+    before = use_kernels(True)
+    try:
+        compile_decode(model)
+        with torch.profiler.profile() as profile:
+            got_ids, got_scores = greedy(model, ids)
+    finally:
+        use_kernels(before)
+    assert model.generation_config.cache_implementation == "static"
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    assert fresh_dynamo["stats"]["unique_graphs"] == 1  # one decode step graph, reused
+    if kernels.kernel_available():
+        ran = {event.key for event in profile.key_averages()}
+        assert kernel in ran
+
+
+def test_compile_decode_refuses_a_model_that_cannot_generate():
+    with pytest.raises(ChannelwiseError, match="generative transformers model"):
+        compile_decode(torch.nn.Linear(4, 4))

@@ -89,11 +89,10 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
     from channelwise.protocol import Protocol
 
     model, tokenizer, size = build(variant, folder)
-    if compiled:
-        compile_decode(model)
     windows = Protocol().with_(windows=1).eval_tokens(tokenizer)
     prompt = windows[:, :512]
     short = windows[:, :16]
+    generated: list = [None]
 
     def prefill() -> float:  # as generate() runs it: fill the KV cache, logits of the last token
         start = time.perf_counter()
@@ -108,10 +107,17 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
                 short, max_new_tokens=128, min_new_tokens=128, do_sample=False,
                 pad_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
-        return (out.shape[1] - short.shape[1]) / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        generated[0] = out[0, short.shape[1] :]
+        return (out.shape[1] - short.shape[1]) / seconds
 
+    eager_tokens = None
+    if compiled:  # the compiled loop must generate what the eager one does (a broken one did)
+        decode()
+        eager_tokens = generated[0]
+        compile_decode(model)
     prefill(), decode()  # warm-up (first-call allocations, kernel builds, compilation)
-    return {
+    row = {
         "variant": variant,
         "prefill_tok_s": statistics.median(prefill() for _ in range(repeats)),
         "decode_tok_s": statistics.median(decode() for _ in range(repeats)),
@@ -121,6 +127,25 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
         "threads": torch.get_num_threads(),
         "compiled_decode": compiled,
     }
+    if eager_tokens is not None:
+        # Greedy decoding under other float rounding may part from eager at a near-tie and stay
+        # sensible; a broken compiled loop emits text its own eager model finds unlikely.
+        row["compiled_same_tokens"] = int((generated[0] == eager_tokens).int().cumprod(0).sum())
+        row["eager_nll_of_compiled"] = continuation_nll(model, short, generated[0])
+        row["eager_nll_of_eager"] = continuation_nll(model, short, eager_tokens)
+    return row
+
+
+def continuation_nll(model, prompt, tokens) -> float:
+    """Mean negative log-likelihood per token of ``tokens`` after ``prompt``, by the eager
+    forward of ``model`` (one teacher-forced pass)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = torch.cat([prompt[0], tokens])[None]
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits[0, prompt.shape[1] - 1 : -1].float()
+    return float(F.cross_entropy(logits, tokens))
 
 
 def main() -> None:
@@ -178,6 +203,7 @@ def main() -> None:
                 print(f"{variant:<18} round {round_ + 1}: measured", flush=True)
     rows = [merge(r) for r in runs.values() if r]
     report(rows)
+    report_agreement(rows)
     report_spread(runs)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +215,9 @@ def merge(runs: list[dict]) -> dict:
     row = dict(runs[0])
     for key in ("prefill_tok_s", "decode_tok_s", "rss_mb", "peak_rss_mb"):
         row[key] = statistics.median(r[key] for r in runs)
+    if "compiled_same_tokens" in row:
+        row["compiled_same_tokens"] = min(r["compiled_same_tokens"] for r in runs)
+        row["eager_nll_of_compiled"] = max(r["eager_nll_of_compiled"] for r in runs)
     row["rounds"] = len(runs)
     return row
 
@@ -215,6 +244,24 @@ def report(rows: list[dict]) -> None:
         print(
             f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {pre:.2f} | {r['decode_tok_s']:.1f} "
             f"| {dec:.2f} | {size} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+
+
+def report_agreement(rows: list[dict]) -> None:
+    """With ``--compile``: whether the compiled loop computes the model. Greedy tokens may part
+    from eager ones at a near-tie under other float rounding and stay sensible, so the check is
+    the eager model's mean NLL per token of the compiled continuation against that of its own
+    greedy one; more than 1 nat above means the compiled loop computes something else."""
+    checked = [r for r in rows if "compiled_same_tokens" in r]
+    if not checked:
+        return
+    print("\ncompiled decode against eager (128 greedy tokens; eager-model NLL per token):")
+    for r in checked:
+        gap = r["eager_nll_of_compiled"] - r["eager_nll_of_eager"]
+        verdict = "  <- compiled loop is wrong: figure invalid" if gap > 1.0 else ""
+        print(
+            f"  {r['variant']:<18} same first {r['compiled_same_tokens']:>3}; NLL compiled "
+            f"{r['eager_nll_of_compiled']:.2f} vs eager {r['eager_nll_of_eager']:.2f}{verdict}"
         )
 
 

@@ -182,6 +182,51 @@ def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
         load_model(packed_folder)
 
 
+def test_dgq_stores_its_4bit_codes_and_widens_them_to_the_same_int8_rows(
+    calibration_ids, token_ids, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from channelwise.deploy.dual_grained import PackedDualGrained
+    from channelwise.quant.dual_grained import int8_weight, recorded_dual_grained
+
+    model = compressed("llama", "dgq-w4a8", calibration_ids)
+    formats = {n: recorded_dual_grained(m) for n, m in model.named_modules()}
+    formats = {n: f for n, f in formats.items() if f is not None}
+    assert len(formats) == 14
+    expected = logits(model, token_ids)
+    pack_model(model)
+    modules = dict(model.named_modules())
+    weights = 0
+    for name, dgw in formats.items():
+        module = modules[name]
+        assert isinstance(module, PackedDualGrained)
+        assert module.qweight.shape == (module.out_features, module.in_features // 2)
+        assert torch.equal(module.codes(), int8_weight(dgw).to(torch.int16))
+        weights += module.out_features * module.in_features
+    folder = save_quantized(model, build_tiny_tokenizer(), tmp_path / "out")
+    stored = load_file(str(folder / "model.safetensors"))
+    linear_bytes = sum(
+        t.numel() * t.element_size()
+        for key, t in stored.items()
+        if key.rpartition(".")[0] in formats and not key.endswith(".bias")
+    )
+    assert linear_bytes < 0.6 * weights  # int8 rows would take >= 1 byte a weight
+    loaded, _ = load_model(folder)
+    assert sum(isinstance(m, PackedDualGrained) for m in loaded.modules()) == 14
+    assert torch.equal(logits(loaded, token_ids), expected)
+    marker_file = folder / "channelwise.json"
+    marker = json.loads(marker_file.read_text())
+    marker["packed_linears"]["model.layers.0.mlp.up_proj"]["group_size"] = 32
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match=r"up_proj\.group_scale.*expects"):
+        load_model(folder)
+    marker["packed_linears"]["model.layers.0.mlp.up_proj"]["group_size"] = 7
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="up_proj.*does not fit.*group"):
+        load_model(folder)
+
+
 # --- opt-in embedding quantization --------------------------------------------------------------
 
 

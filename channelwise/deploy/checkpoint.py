@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from channelwise.adapters import adapter_for
+from channelwise.deploy.dual_grained import PackedDualGrained
 from channelwise.deploy.packed import (
     FLOAT_DTYPE_ATTR,
     PackedCodes,
@@ -27,7 +28,7 @@ from channelwise.deploy.packed import (
     _set_submodule,
     grid_keys,
 )
-from channelwise.errors import CheckpointError
+from channelwise.errors import CheckpointError, PackingError
 from channelwise.quant import spec_from_dict, spec_to_dict
 
 
@@ -83,12 +84,18 @@ def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn
                 packed = PackedTiedHead(embeddings[entry["embedding"]], entry["embedding"])
             elif kind == "embedding":
                 packed = embeddings[name] = PackedEmbedding(*old.weight.shape, _spec(entry))
+            elif kind == "dual_grained":
+                out_features, in_features = _linear_shape(old, entry["transposed"])
+                packed = PackedDualGrained(
+                    in_features, out_features, entry["group_size"], entry["bias"],
+                    entry["transposed"],
+                )  # fmt: skip
             else:
                 out_features, in_features = _linear_shape(old, entry["transposed"])
                 packed = PackedLinear(
                     in_features, out_features, _spec(entry), entry["bias"], entry["transposed"]
                 )
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, PackingError) as exc:
             raise CheckpointError(f"{folder}: packed entry '{name}' does not fit: {exc}") from None
         _set_submodule(model, name, packed)
     _load_state(model, folder)

@@ -38,6 +38,7 @@ from channelwise.quant import (
     quantize,
 )
 from channelwise.quant.activation import InputQuantizer, input_quantizer
+from channelwise.quant.dual_grained import DUAL_GRAINED_ATTR, recorded_dual_grained
 from channelwise.quant.grid import GRID_ATTR, weight_grid
 from channelwise.quant.packing import pack_codes, packed_size, unpack_codes
 
@@ -166,7 +167,7 @@ class PackedCodes(nn.Module):
             if name in _WATCHED and t is not None
         )
         qweight, scale = buffers["qweight"], buffers["scale"]
-        int8 = (qweight ^ 0x80).view(torch.int8) if self.int8_gemm else None  # q − 128 stored
+        int8 = self._int8_codes() if self.int8_gemm else None
         if self.int8_rows:
             if int8_input:
                 packed = kernels.prepack_int8(int8)
@@ -181,6 +182,10 @@ class PackedCodes(nn.Module):
             operands = (qweight, scale, self._code_zero(), self.w4_group)
             return _KernelCall(kernels.w4a16_linear, operands, watched)
         return _KernelCall(None, (), watched)
+
+    def _int8_codes(self) -> Tensor:
+        """8-bit codes as the int8 kernels take them (stored offset by 128 as uint8)."""
+        return (self._buffers["qweight"] ^ 0x80).view(torch.int8)
 
     def _apply(self, fn, *args, **kwargs):
         self._kernel_calls.clear()  # .to()/.cuda() replace the buffers: drop the CPU operands now
@@ -197,7 +202,7 @@ class PackedCodes(nn.Module):
         return self.zero.float()
 
 
-_WATCHED = ("qweight", "scale", "zero")
+_WATCHED = ("qweight", "scale", "zero", "group_scale", "group_zero")
 DYNAMIC = "dynamic"
 
 
@@ -360,11 +365,16 @@ def pack_linear(module: nn.Module, transposed: bool, where: str = "linear") -> P
             f"{where}: no recorded grid for its weight (it was not rounded by a weight "
             "quantizer, or by one that does not record its grid); nothing to pack"
         )
+    from channelwise.deploy.dual_grained import PackedDualGrained
+
     weight = linear_weight(module, transposed).detach().float()
-    codes = quantize(weight, grid.qparams, grid.spec)
-    packed = PackedLinear.from_codes(
-        codes, grid.qparams, grid.spec, getattr(module, "bias", None), transposed
-    )
+    bias = getattr(module, "bias", None)
+    dual_grained = recorded_dual_grained(module)
+    if dual_grained is not None:  # DGQ: its 4-bit codes, not the int8 rows they widen to
+        packed = PackedDualGrained.from_dual_grained(dual_grained, bias, transposed)
+    else:
+        codes = quantize(weight, grid.qparams, grid.spec)
+        packed = PackedLinear.from_codes(codes, grid.qparams, grid.spec, bias, transposed)
     if not torch.equal(packed.dequantized(), weight):
         worst = (packed.dequantized() - weight).abs().max().item()
         raise PackingError(
@@ -436,7 +446,7 @@ def _pack_embedding(model: nn.Module) -> list[str]:
 
 
 FLOAT_DTYPE_ATTR = "_channelwise_float_dtype"
-_GRID_BUFFERS = ("qweight", "scale", "zero")
+_GRID_BUFFERS = ("qweight", "scale", "zero", "group_scale", "group_zero")
 
 
 def grid_keys(model: nn.Module) -> set[str]:
@@ -482,7 +492,7 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
     for attr in _HOOK_DICTS:
         setattr(new, attr, getattr(old, attr))
     for attr, value in vars(old).items():
-        if attr.startswith("_channelwise_") and attr != GRID_ATTR:
+        if attr.startswith("_channelwise_") and attr not in (GRID_ATTR, DUAL_GRAINED_ATTR):
             setattr(new, attr, value)
 
 

@@ -63,7 +63,12 @@ from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
 from channelwise.quant import PerRow, QParams, QuantSpec, qparams_from_range
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
-from channelwise.quant.dual_grained import DualGrainedWeight, dequantize, dgq_quantize
+from channelwise.quant.dual_grained import (
+    DualGrainedWeight,
+    dequantize,
+    dgq_quantize,
+    record_dual_grained,
+)
 from channelwise.quant.grid import record_grid
 from channelwise.transforms.smooth import fold_scales_between_linears, fold_scales_into_norm
 
@@ -241,6 +246,7 @@ class DGQ(Method):
                 # The A8W4 GEMM runs on W_int8 = S2·(q − z) with per-row scale s1: pack that.
                 s1 = dgw.s1.float()[:, None]
                 record_grid(module, INT8_ROWS, QParams(s1, torch.zeros_like(s1)))
+                record_dual_grained(module, dgw)  # packing stores the 4-bit codes
                 self.weights[(ctx.index, name)] = dgw.to("cpu")
                 if act_spec is not None:
                     amax = st.seq_absmax_min.max().reshape(1, 1)

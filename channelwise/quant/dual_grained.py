@@ -273,3 +273,17 @@ __all__ = [
     "search_channel_scales",
     "search_group_scales",
 ]
+
+
+DUAL_GRAINED_ATTR = "_channelwise_dual_grained"
+
+
+def record_dual_grained(module: torch.nn.Module, dgw: DualGrainedWeight) -> None:
+    """Remember the dual-grained format ``module``'s weight was written from, so packing can
+    store its 4-bit codes and integer group scales instead of the widened int8 rows."""
+    setattr(module, DUAL_GRAINED_ATTR, dgw)
+
+
+def recorded_dual_grained(module: torch.nn.Module) -> DualGrainedWeight | None:
+    """The format :func:`record_dual_grained` left on ``module``, or None."""
+    return getattr(module, DUAL_GRAINED_ATTR, None)

@@ -27,6 +27,7 @@ from channelwise.deploy.packed import (
     PackedTiedHead,
     _set_submodule,
     grid_keys,
+    storage_key,
 )
 from channelwise.errors import CheckpointError, PackingError
 from channelwise.quant import spec_from_dict, spec_to_dict
@@ -58,7 +59,7 @@ def save_packed_weights(model: nn.Module, folder: Path) -> None:
     grids = grid_keys(model)
     tensors, stored = {}, set()
     for key, tensor in model.state_dict().items():
-        where = (tensor.untyped_storage().data_ptr(), tensor.device)
+        where = storage_key(tensor)
         if where in stored:
             continue  # tied to a tensor already written
         stored.add(where)
@@ -154,7 +155,7 @@ def _shared_storage(model: nn.Module) -> dict[str, set[str]]:
     """For each state-dict key, the other keys sharing its storage (tied embeddings)."""
     by_storage: dict[tuple, set[str]] = {}
     for key, tensor in model.state_dict().items():
-        by_storage.setdefault((tensor.untyped_storage().data_ptr(), tensor.device), set()).add(key)
+        by_storage.setdefault(storage_key(tensor), set()).add(key)
     return {key: group - {key} for group in by_storage.values() for key in group}
 
 

@@ -459,6 +459,11 @@ def grid_keys(model: nn.Module) -> set[str]:
     }
 
 
+def storage_key(tensor: Tensor) -> tuple[int, torch.device]:
+    """The memory ``tensor`` views: tied tensors (an LM head and its embedding) share it."""
+    return tensor.untyped_storage().data_ptr(), tensor.device
+
+
 def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
     """Round every saved float tensor that is not a packed grid (embeddings, norms, biases) to
     ``dtype`` and back, in place, so a checkpoint can store them in ``dtype`` losslessly (as the
@@ -467,7 +472,7 @@ def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
         raise PackingError(f"float storage dtype must be a float type, not {dtype}")
     grids, seen, rounded = grid_keys(model), set(), 0
     for key, tensor in model.state_dict().items():
-        where = tensor.untyped_storage().data_ptr()
+        where = storage_key(tensor)
         if key in grids or not tensor.is_floating_point() or where in seen:
             continue
         seen.add(where)

@@ -41,6 +41,7 @@ def greedy(model, ids: torch.Tensor, steps: int = 6):
         ("rtn-w4a16-g64", "channelwise_cpu::w4a16_mm"),
         # W8A8 in the graph: fake-quantized input into the weight-only W8 kernel
         ("rtn-w8a8", "channelwise_cpu::w8a16_mm"),
+        ("dgq-w4a8", "channelwise_cpu::w8a16_mm"),  # 4-bit codes widened to int8 rows
     ],
 )
 def test_compiled_decode_matches_the_fake_quant_model(

@@ -10,7 +10,8 @@ registered, so the whole decode step is one graph with the packed linears inside
 
 The prompt (prefill) still runs eagerly, as transformers runs it: W8A8's int8 GEMM serves it.
 Inside the compiled graph a W8A8 linear fake-quantizes its input and runs the weight-only
-kernel (the same products, summed in float instead of int32).
+kernel (the same products, summed in float instead of int32); 8-bit weights with zero points
+(OutlierTune's) have no weight-only kernel and take the reference path there.
 
 The first ``generate`` after it compiles (~30 s for SmolLM2 on 2 CPU cores); a different
 ``max_new_tokens`` or prompt length compiles again (static shapes). By default the compiled

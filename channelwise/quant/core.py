@@ -175,7 +175,9 @@ def compute_qparams(x: Tensor, spec: QuantSpec) -> QParams:
         return qparams_from_range(*_percentile_range(xb, spec), spec)
     lo, hi = _minmax_range(xb)
     # amin/amax propagate NaN and inf, so checking the (much smaller) ranges is enough.
-    if not _compiling() and not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    if not torch.compiler.is_compiling() and not (
+        torch.isfinite(lo).all() and torch.isfinite(hi).all()
+    ):
         _check_finite(x)
     if spec.clip_ratio != 1.0:
         lo, hi = lo * spec.clip_ratio, hi * spec.clip_ratio
@@ -232,15 +234,11 @@ def quantization_error(x: Tensor, spec: QuantSpec) -> float:
     return torch.linalg.vector_norm(fake_quantize(x32, spec) - x32).item() / norm
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _check_finite(x: Tensor) -> None:
     """Refuse NaN/inf with a readable error. Skipped inside a ``torch.compile`` graph (the
     compiled decode loop): a data-dependent check breaks the graph; there non-finite values
     propagate into NaN outputs instead, as in the integer kernels."""
-    if not x.is_floating_point() or _compiling():
+    if not x.is_floating_point() or torch.compiler.is_compiling():
         return
     finite = torch.isfinite(x)
     if bool(finite.all()):

@@ -432,6 +432,21 @@ def test_kernel_operands_follow_buffer_changes(preset, calibration_ids):
     torch.testing.assert_close(linear(x), reference(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["rtn-w8a8", "rtn-w4a16-g64", "dgq-w4a8"])
+def test_kernels_run_under_inference_mode(preset, calibration_ids, token_ids):
+    # Inference-mode tensors have no version counter; the operand and input-code reuse must
+    # not read one (it raised), whether the inputs or the packed buffers were made there.
+    model = compressed("llama", preset, calibration_ids)
+    pack_model(model)
+    use_kernels(True)
+    expected = logits(model, token_ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(token_ids).logits, expected, rtol=0, atol=0)
+        inference_built = compressed("llama", preset, calibration_ids)
+        pack_model(inference_built)
+        torch.testing.assert_close(inference_built(token_ids).logits, expected, rtol=0, atol=0)
+
+
 def test_tied_head_of_an_8bit_embedding_runs_the_w8_kernel(calibration_ids, monkeypatch):
     from channelwise import kernels
 

@@ -162,7 +162,7 @@ class PackedCodes(nn.Module):
     def _make_kernel_call(self, int8_input: bool) -> _KernelCall:
         buffers = self._buffers
         watched = tuple(
-            (name, t, t._version)
+            (name, t, kernels.tensor_version(t))
             for name, t in buffers.items()
             if name in _WATCHED and t is not None
         )
@@ -236,7 +236,8 @@ class _KernelCall:
 
     def current(self, buffers: dict) -> bool:
         for name, tensor, version in self.watched:
-            if buffers.get(name) is not tensor or tensor._version != version:
+            # an inference-mode buffer has no version: only its replacement is seen
+            if buffers.get(name) is not tensor or kernels.tensor_version(tensor) != version:
                 return False
         return True
 

@@ -367,15 +367,24 @@ def _tokens_quantized(x: Tensor, x2: Tensor, ops, scale: float | None) -> tuple[
     input, which was quantized 3 (2) times. The entry holds ``x`` weakly and is keyed by its
     identity, its version (in-place writes bump it) and the static scale, so a reuse always sees
     the same numbers."""
+    version = tensor_version(x)
     last = _last_quantized[0]
-    if last is not None and last[0]() is x and last[1] == x._version and last[2] == scale:
-        return last[3]
+    if version is not None and last is not None:
+        if last[0]() is x and last[1] == version and last[2] == scale:
+            return last[3]
     if scale is None:
         codes = ops.quantize_per_token(x2) if ops else quantize_per_token(x2)
     else:
         codes = ops.quantize_static(x2, scale) if ops else quantize_static(x2, scale)
-    _last_quantized[0] = (weakref.ref(x), x._version, scale, codes)
+    if version is not None:  # an inference-mode tensor has no version: no safe reuse
+        _last_quantized[0] = (weakref.ref(x), version, scale, codes)
     return codes
+
+
+def tensor_version(t: Tensor) -> int | None:
+    """``t``'s in-place write counter, or None for a tensor made under ``torch.inference_mode``
+    (it has none, and reading ``_version`` raises)."""
+    return None if t.is_inference() else t._version
 
 
 # ----------------------------------------------------------------------------- validation

@@ -11,7 +11,7 @@ from channelwise.adapters import adapter_for, linear_weight
 from channelwise.compress import quantize
 from channelwise.engine import run_blockwise
 from channelwise.errors import ChannelwiseError, RecipeError
-from channelwise.methods.gptq import gptq_quantize_weight, observe_hessians
+from channelwise.methods.gptq import gptq_quantize, observe_hessians
 from channelwise.quant import QParams, QuantSpec, compute_qparams, fake_quantize
 from channelwise.quant.granularity import PerColumn, PerGroup, PerRow, PerTensor
 from channelwise.recipe import QuantArgs, Recipe, Step, load_recipe
@@ -89,7 +89,7 @@ def test_lazy_blocks_match_plain_column_by_column_gptq(spec_name, act_order, blo
         if seed == 2:  # dead inputs
             H[[5, 20]] = 0
             H[:, [5, 20]] = 0
-        ours = gptq_quantize_weight(W, H, spec, block_size=block_size, act_order=act_order)
+        ours = gptq_quantize(W, H, spec, block_size=block_size, act_order=act_order)[0]
         torch.testing.assert_close(ours, reference_gptq(W, H, spec, act_order=act_order),
                                    rtol=0, atol=1e-5)  # fmt: skip
         assert not torch.equal(ours, fake_quantize(W.double(), spec))  # feedback did something
@@ -99,7 +99,7 @@ def test_lazy_blocks_match_plain_column_by_column_gptq(spec_name, act_order, blo
 @pytest.mark.parametrize("block_size", [4, 128])
 def test_static_groups_match_plain_gptq_and_keep_the_original_groups(act_order, block_size):
     W, H = random_problem(7)
-    ours = gptq_quantize_weight(W, H, PER_GROUP, 0.01, block_size, act_order, static_groups=True)
+    ours = gptq_quantize(W, H, PER_GROUP, 0.01, block_size, act_order, static_groups=True)[0]
     expected = reference_gptq(W, H, PER_GROUP, act_order=act_order, static_groups=True)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
     # On the grid of the original weight's contiguous groups:
@@ -110,17 +110,17 @@ def test_static_groups_match_plain_gptq_and_keep_the_original_groups(act_order, 
 def test_identity_hessian_reduces_to_round_to_nearest():
     W = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     for spec in (PER_CHANNEL, PER_GROUP, SPECS["tensor-sym3"]):
-        ours = gptq_quantize_weight(W, torch.eye(64) * 0.37, spec, block_size=16)
+        ours = gptq_quantize(W, torch.eye(64) * 0.37, spec, block_size=16)[0]
         assert torch.equal(ours.float(), fake_quantize(W, spec))
-    ours = gptq_quantize_weight(W, torch.eye(64), PER_CHANNEL, act_order=True)
+    ours = gptq_quantize(W, torch.eye(64), PER_CHANNEL, act_order=True)[0]
     assert torch.equal(ours.float(), fake_quantize(W, PER_CHANNEL))
 
 
 def test_result_does_not_depend_on_the_hessian_scale():
     W, H = random_problem(4)
     torch.testing.assert_close(
-        gptq_quantize_weight(W, H, PER_GROUP),
-        gptq_quantize_weight(W, 1000 * H, PER_GROUP),
+        gptq_quantize(W, H, PER_GROUP)[0],
+        gptq_quantize(W, 1000 * H, PER_GROUP)[0],
         rtol=0,
         atol=1e-5,
     )
@@ -135,7 +135,7 @@ def test_output_error_is_well_below_rtn_on_correlated_inputs(spec, act_order):
     X = correlated_inputs(0)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)).double()
     H = 2 / X.shape[0] * X.T @ X
-    ours = gptq_quantize_weight(W, H, spec, act_order=act_order)
+    ours = gptq_quantize(W, H, spec, act_order=act_order)[0]
 
     def output_error(Wq):
         return (X @ W.T - X @ Wq.T).square().sum().item()
@@ -158,11 +158,11 @@ def test_dead_inputs_are_zeroed_without_nans():
     H[[3, 17]] = 0
     H[:, [3, 17]] = 0
     for act_order in (False, True):
-        ours = gptq_quantize_weight(W, H, PER_GROUP, act_order=act_order, block_size=5)
+        ours = gptq_quantize(W, H, PER_GROUP, act_order=act_order, block_size=5)[0]
         assert torch.isfinite(ours).all()
         assert (ours[:, [3, 17]] == 0).all()
         assert (ours[:, [0, 1, 2, 4]] != 0).any()
-    all_dead = gptq_quantize_weight(W, torch.zeros(32, 32), PER_CHANNEL)
+    all_dead = gptq_quantize(W, torch.zeros(32, 32), PER_CHANNEL)[0]
     assert torch.equal(all_dead, torch.zeros_like(all_dead))
 
 
@@ -189,7 +189,7 @@ def test_per_input_channel_matches_plain_gptq_with_scales_from_the_updated_colum
         if seed == 2:
             H[[5, 20]] = 0
             H[:, [5, 20]] = 0
-        ours = gptq_quantize_weight(W, H, spec, block_size=block_size, act_order=act_order)
+        ours = gptq_quantize(W, H, spec, block_size=block_size, act_order=act_order)[0]
         expected = reference_gptq(W, H, spec, act_order=act_order)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
         assert not torch.equal(ours, fake_quantize(W.double(), spec))  # feedback did something
@@ -204,7 +204,7 @@ def test_identity_hessian_reduces_to_per_input_channel_round_to_nearest(spec_nam
     spec = PER_IC[spec_name]
     W = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     for act_order in (False, True):
-        ours = gptq_quantize_weight(W, torch.eye(64) * 0.37, spec, act_order=act_order)
+        ours = gptq_quantize(W, torch.eye(64) * 0.37, spec, act_order=act_order)[0]
         assert torch.equal(ours.float(), fake_quantize(W, spec))
 
 
@@ -213,7 +213,7 @@ def test_per_input_channel_beats_its_rtn_on_correlated_inputs():
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6)).double()
     H = 2 / X.shape[0] * X.T @ X
     spec = QuantSpec(3, False, PerGroup(16, "output"))
-    ours = gptq_quantize_weight(W, H, spec, act_order=True)
+    ours = gptq_quantize(W, H, spec, act_order=True)[0]
 
     def output_error(Wq):
         return (X @ W.T - X @ Wq.T).square().sum().item()
@@ -225,13 +225,13 @@ def test_per_input_channel_beats_its_rtn_on_correlated_inputs():
 def test_static_groups_with_scales_inside_a_column_are_refused(granularity):
     W, H = random_problem(0)
     with pytest.raises(RecipeError, match="static_groups.*AdaDim"):
-        gptq_quantize_weight(W, H, QuantSpec(4, False, granularity), static_groups=True)
+        gptq_quantize(W, H, QuantSpec(4, False, granularity), static_groups=True)[0]
 
 
 def test_groups_of_outputs_must_divide_the_output_channels():
     W, H = random_problem(0)  # 12 outputs
     with pytest.raises(RecipeError, match="group size 8 does not divide 12 output channels"):
-        gptq_quantize_weight(W, H, QuantSpec(4, False, PerGroup(8, "output")))
+        gptq_quantize(W, H, QuantSpec(4, False, PerGroup(8, "output")))
 
 
 def test_input_channel_recipe_with_static_groups_is_refused_before_any_change(
@@ -275,7 +275,7 @@ def test_unknown_or_invalid_args_are_recipe_errors(make_tiny_model, calibration_
 def test_indefinite_hessian_names_the_layer_and_suggests_damp():
     H = torch.tensor([[1.0, 10.0], [10.0, 1.0]])
     with pytest.raises(ChannelwiseError, match=r"model\.layers\.3\.mlp\.up_proj.*larger damp"):
-        gptq_quantize_weight(torch.ones(2, 2), H, PER_CHANNEL, name="model.layers.3.mlp.up_proj")
+        gptq_quantize(torch.ones(2, 2), H, PER_CHANNEL, name="model.layers.3.mlp.up_proj")[0]
 
 
 def test_cholesky_failure_in_a_model_is_a_clear_error(

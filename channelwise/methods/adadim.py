@@ -20,7 +20,7 @@ Per-IC is not always better (weights have their own sensitivities), so AdaDim ch
 - ``quantizer: gptq`` (GPTQ-ada): the dimension is chosen with the RTN error as above, then the
   linear is GPTQ-quantized in that dimension (act-order by default); per-IC GPTQ quantizes each
   processed input column as a vector with groups along the outputs
-  (:func:`channelwise.methods.gptq.gptq_quantize_weight`). Hessians are observed per subset
+  (:func:`channelwise.methods.gptq.gptq_quantize`). Hessians are observed per subset
   (true-sequential) after the earlier subsets are quantized.
 
 Args: ``quantizer`` (``rtn`` | ``gptq``), ``error_samples`` (8); with ``gptq`` also ``damp``

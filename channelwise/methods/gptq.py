@@ -149,24 +149,6 @@ def observe_hessians(ctx: BlockContext, subsets: tuple[Subset, ...]) -> dict[str
     return {key: sums[key] * (2 / counts[key]) for key in sums}
 
 
-def gptq_quantize_weight(
-    W: Tensor,
-    H: Tensor,
-    spec: QuantSpec,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    static_groups: bool = False,
-    *,
-    name: str = "weight",
-) -> Tensor:
-    """GPTQ-quantized copy of ``W`` ``(out, in)`` given the Hessian ``H`` ``(in, in)``; float64.
-
-    :func:`gptq_quantize` without the grid.
-    """
-    return gptq_quantize(W, H, spec, damp, block_size, act_order, static_groups, name=name)[0]
-
-
 def gptq_quantize(
     W: Tensor,
     H: Tensor,

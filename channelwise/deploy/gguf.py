@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
+from channelwise.deploy.gguf_tokenizer import add_tokenizer
 from channelwise.deploy.packed import PackedCodes, PackedTiedHead
 from channelwise.errors import ExportError, OutputExistsError
 from channelwise.quant import PerGroup, QuantSpec
@@ -174,7 +175,7 @@ def export_gguf(
         _add_llama_metadata(writer, config)
         writer.add_file_type(_file_type(tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, config, tokenizer, tokenizer_gguf)
+        add_tokenizer(writer, config, tokenizer, tokenizer_gguf)
         for name, data, qtype in tensors:
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
@@ -317,71 +318,6 @@ def _file_type(tensors) -> int:
         if qtype in kinds:
             counts[kinds[qtype]] = counts.get(kinds[qtype], 0) + data.size
     return int(max(counts, key=counts.get))
-
-
-def _add_tokenizer(writer, config, tokenizer, tokenizer_gguf) -> None:
-    from gguf import GGUFReader, GGUFValueType
-
-    if tokenizer_gguf is not None:
-        reader = GGUFReader(str(tokenizer_gguf))
-        for key, field in reader.fields.items():
-            if key.startswith("tokenizer."):
-                main = GGUFValueType(field.types[0])
-                sub = GGUFValueType(field.types[-1]) if main == GGUFValueType.ARRAY else None
-                writer.add_key_value(key, field.contents(), main, sub_type=sub)
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        n_tokens = 0 if tokens is None else len(tokens.data)
-    elif tokenizer is not None:
-        n_tokens = _add_hf_tokenizer(writer, config, tokenizer)
-    else:
-        raise ExportError("GGUF needs a tokenizer: pass the source .gguf or a tokenizer")
-    if n_tokens != config.vocab_size:
-        raise ExportError(
-            f"the tokenizer has {n_tokens} tokens, the model's vocabulary {config.vocab_size}"
-        )
-
-
-def _add_hf_tokenizer(writer, config, tokenizer) -> int:
-    """A ``gpt2`` (byte-level BPE) tokenizer section from a fast tokenizer; returns its size.
-
-    The pre-tokenizer is written as ``default``: llama.cpp may split raw text differently from
-    the original tokenizer (copy the section from the source GGUF to avoid that); token ids given
-    to llama.cpp directly are unaffected."""
-    import json
-
-    from gguf import TokenType
-
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise ExportError(
-            "GGUF export needs a fast (tokenizers) tokenizer, or the source .gguf to copy the "
-            "tokenizer from"
-        )
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
-    if max(vocab) >= config.vocab_size:
-        raise ExportError(
-            f"the tokenizer has token id {max(vocab)}, beyond the model's vocabulary of "
-            f"{config.vocab_size}"
-        )
-    special = set(tokenizer.all_special_ids)
-    tokens, types = [], []
-    for i in range(config.vocab_size):  # ids the tokenizer lacks become unused padding tokens
-        tokens.append(vocab.get(i, f"[PAD{i}]"))
-        unused = i not in vocab
-        types.append(TokenType.UNUSED if unused else TokenType.CONTROL if i in special else 1)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("merges", [])]
-    writer.add_token_merges(merges)
-    for what in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{what}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{what}_token_id")(token_id)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-    return len(tokens)
 
 
 def verify_gguf(path: str | os.PathLike, model: nn.Module) -> float:

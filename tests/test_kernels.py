@@ -303,6 +303,67 @@ def test_w8a8_on_the_prepacked_onednn_weight_equals_the_reference(m, x_scale):
         w8a8_linear(x, w[:32], w_scale[:32], w_packed=packed)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize(("out", "inp"), [(40, 96), (37, 130), (5, 64), (576, 1536)])
+@pytest.mark.parametrize("x_scale", [None, 0.03])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_w8a8_small_m_kernel_on_the_stored_codes_equals_the_reference(
+    m, out, inp, x_scale, asymmetric
+):
+    # Decode: up to SMALL_M tokens multiply the codes as packed modules store them (unsigned,
+    # w + zero) by the int8 activations with VNNI; the int32 sums and float steps are the
+    # reference's, so the result is bit-identical (K tails, odd row counts, both zero kinds).
+    from channelwise.kernels import unsigned_codes
+
+    g = gen(70 + m + out + inp)
+    x = torch.randn(m, inp, generator=g) * 3
+    x[0, 1] = 40.0
+    q = torch.randint(0, 256, (out, inp), generator=g)
+    q[0] = 255
+    if asymmetric:
+        z = torch.randint(0, 256, (out,), generator=g)
+        w, w_zero = (q - 128).to(torch.int8), (z - 128).to(torch.int32)
+        unsigned = unsigned_codes(q.to(torch.uint8), z.to(torch.uint8))
+    else:
+        q = q.clamp(1, 255)  # symmetric codes −127…127, stored + 128
+        w, w_zero = (q - 128).to(torch.int8), None
+        unsigned = unsigned_codes(q.to(torch.uint8))
+    w_scale, bias = torch.rand(out, generator=g), torch.randn(out, generator=g)
+    for b in (None, bias):
+        got = w8a8_linear(x, w, w_scale, b, x_scale, w_zero, w_unsigned=unsigned)
+        assert torch.equal(got, w8a8_reference(x, w, w_scale, b, x_scale, w_zero))
+    x[m // 2, 0] = float("nan")  # a non-finite token makes its own row NaN, no other
+    got = w8a8_linear(x, w, w_scale, bias, x_scale, w_zero, w_unsigned=unsigned)
+    assert got[m // 2].isnan().all()
+    assert torch.equal(
+        got[: m // 2], w8a8_reference(x, w, w_scale, bias, x_scale, w_zero)[: m // 2]
+    )
+
+
+def test_w8a8_small_m_kernel_runs_where_vnni_is():
+    from channelwise.kernels import unsigned_codes
+
+    if not (kernel_available() and cpu._vnni()):
+        pytest.skip("no AVX-512 VNNI kernels here: oneDNN / _int_mm serve, by design")
+    x, w = torch.randn(1, 64, generator=gen(80)), torch.ones(8, 64, dtype=torch.int8)
+    unsigned = unsigned_codes((w.view(torch.uint8) ^ 0x80).contiguous())
+    with torch.profiler.profile() as profile:
+        w8a8_linear(x, w, torch.ones(8), w_unsigned=unsigned)
+    assert "channelwise_cpu::w8a8_small_mm" in {e.key for e in profile.key_averages()}
+
+
+def test_w8a8_small_m_kernel_refuses_codes_of_another_weight():
+    from channelwise.kernels import unsigned_codes
+
+    x, w = torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8)
+    for bad in (
+        unsigned_codes(torch.zeros(8, 32, dtype=torch.uint8)),
+        (torch.zeros(8, 64, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64)),
+    ):
+        with pytest.raises(KernelInputError, match="w_unsigned"):
+            w8a8_linear(x, w, torch.ones(8), w_unsigned=bad)
+
+
 def test_static_int8_input_makes_a_non_finite_token_row_nan():
     x = torch.randn(20, 64, generator=gen(44))
     x[3, 1], x[7, 2] = float("inf"), float("nan")

@@ -85,6 +85,9 @@ class PackedDualGrained(PackedLinear):
     def _int8_codes(self) -> Tensor:
         return int8_weight(self.dual_grained())
 
+    def _uint8_codes(self) -> Tensor:
+        return self._int8_codes().view(torch.uint8) ^ 0x80  # W_int8 + 128
+
     def layout(self) -> dict:
         return {**super().layout(), "kind": "dual_grained", "group_size": self.group_size}
 

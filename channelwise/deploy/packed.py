@@ -171,13 +171,19 @@ class PackedCodes(nn.Module):
         if self.int8_rows:
             if int8_input:
                 packed = kernels.prepack_int8(int8)
+                unsigned = kernels.unsigned_codes(self._uint8_codes())
                 return _KernelCall(
-                    kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_packed=packed
-                )
+                    kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_packed=packed,
+                    w_unsigned=unsigned,
+                )  # fmt: skip
             return _KernelCall(kernels.w8a16_linear, (int8, scale[:, 0]), watched)
         if self.uint8_rows and int8_input:  # zero z − 128 in int32, as the codes
-            zero = buffers["zero"][:, 0].to(torch.int32) - 128
-            return _KernelCall(kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_zero=zero)
+            zero = buffers["zero"][:, 0].to(torch.int32)
+            unsigned = kernels.unsigned_codes(qweight, zero)
+            return _KernelCall(
+                kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_zero=zero - 128,
+                w_unsigned=unsigned,
+            )  # fmt: skip
         if self.w4_group is not None and not int8_input:
             operands = (qweight, scale, self._code_zero(), self.w4_group)
             return _KernelCall(kernels.w4a16_linear, operands, watched)
@@ -186,6 +192,10 @@ class PackedCodes(nn.Module):
     def _int8_codes(self) -> Tensor:
         """8-bit codes as the int8 kernels take them (stored offset by 128 as uint8)."""
         return (self._buffers["qweight"] ^ 0x80).view(torch.int8)
+
+    def _uint8_codes(self) -> Tensor:
+        """Symmetric 8-bit codes offset by 128, as stored: the small-M W8A8 kernel's weight."""
+        return self._buffers["qweight"]
 
     def _apply(self, fn, *args, **kwargs):
         self._kernel_calls.clear()  # .to()/.cuda() replace the buffers: drop the CPU operands now

@@ -50,7 +50,10 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "weight_only.cpp"
 # -fopenmp: ATen's parallel_for is a header template; without the flag its ``omp parallel``
 # compiles away and every kernel runs on one thread (measured: no gain from 2 threads until it).
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
+_FLAGS = [
+    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma",
+    "-fopenmp",
+]  # fmt: skip
 #: Up to this many tokens the weight-only kernels run; above it, de-quantize + ``F.linear``.
 WEIGHT_ONLY_MAX_M = 256
 #: The C++ W4 kernel reads 32 codes (16 bytes) per step, so it needs group % 32 == 0.
@@ -273,6 +276,7 @@ def w8a8_linear(
     x_scale: float | None = None,
     w_zero: Tensor | None = None,
     w_packed: Tensor | None = None,
+    w_unsigned: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """W8A8: symmetric int8 ``x`` — per token (dynamic), or with one calibrated ``x_scale``
     (static; OutlierTune's scale-1 integers, DGQ's per-tensor scale) — ``torch._int_mm``,
@@ -284,6 +288,9 @@ def w8a8_linear(
     int32 (``acc − rowsum(x_q)·w_zero``). ``w_packed`` (:func:`prepack_int8` of ``w``, symmetric
     weights) runs oneDNN's int8 linear on the pre-packed weight instead of ``torch._int_mm``,
     which re-lays ``w`` out on every call (512-token SmolLM2 gate: 0.51 vs 0.79 ms, 1 thread).
+    ``w_unsigned`` (:func:`unsigned_codes`: the codes as packed modules store them, unsigned, and
+    their zero per row) lets up to :data:`SMALL_M` tokens (decode) take the extension's VNNI
+    kernel, which reads each weight byte once (oneDNN and ``_int_mm`` are slow for a few rows).
     Returns ``(..., out)``; bit-identical to :func:`w8a8_reference`.
     """
     if x_scale is not None and not (isinstance(x_scale, float) and 0 < x_scale < float("inf")):
@@ -303,9 +310,15 @@ def w8a8_linear(
         raise KernelInputError(
             f"w_packed must be prepack_int8(w), shape ({in_features}, {out}), got {got}"
         )
+    if w_unsigned is not None:
+        _check_unsigned(w_unsigned, out, in_features)
+    ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
+    if ops is not None and w_unsigned is not None and m <= SMALL_M and _vnni():
+        xq, x_scale = _tokens_quantized(x, x2, ops, x_scale)
+        y = ops.w8a8_small_mm(xq, x_scale, *w_unsigned, w_scale.contiguous(), _contig(bias))
+        return y.view(*x.shape[:-1], out)
     if out % 8 or in_features % 8:
         return w8a8_reference(x2, w, w_scale, bias, x_scale, w_zero).view(*x.shape[:-1], out)
-    ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
     xq, x_scale = _tokens_quantized(x, x2, ops, x_scale)
     w_scale, bias = w_scale.contiguous(), _contig(bias)
     # oneDNN picks a kernel ~100x slower for one row into <= 256 outputs (2-4 ms against 0.03
@@ -332,6 +345,38 @@ def w8a8_linear(
             acc = acc - rowsum[:, None] * w_zero[None, :]
         y = _dequantize_acc(acc, x_scale, w_scale, bias)
     return y.view(*x.shape[:-1], out)
+
+
+#: Up to this many tokens W8A8 with ``w_unsigned`` runs the extension's VNNI kernel.
+SMALL_M = 16
+
+
+def unsigned_codes(u: Tensor, zero: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(u, zero)`` for :func:`w8a8_linear`'s ``w_unsigned``: the weight ``u − zero`` as uint8
+    codes ``(out, in)`` and an int32 zero per row; without ``zero``, 128 (symmetric int8 codes
+    stored offset by 128, as packed modules store them)."""
+    _check_weight(u, torch.uint8, "u")
+    if zero is None:
+        return u, torch.full((u.shape[0],), 128, dtype=torch.int32)
+    return u, zero.to(torch.int32).contiguous()
+
+
+def _check_unsigned(w_unsigned, out: int, in_features: int) -> None:
+    u, zero = w_unsigned
+    ok = isinstance(u, Tensor) and u.dtype == torch.uint8 and tuple(u.shape) == (out, in_features)
+    ok = ok and isinstance(zero, Tensor) and zero.dtype == torch.int32 and zero.shape == (out,)
+    if not ok:
+        raise KernelInputError(
+            f"w_unsigned must be unsigned_codes(...) of this weight: uint8 ({out}, {in_features}) "
+            f"and int32 ({out},)"
+        )
+
+
+def _vnni() -> bool:
+    if "vnni" not in _state:
+        check = getattr(torch.cpu, "_is_vnni_supported", None)
+        _state["vnni"] = bool(check and check())
+    return bool(_state["vnni"])
 
 
 def prepack_int8(w: Tensor) -> Tensor | None:

@@ -398,6 +398,88 @@ at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& x_scale, const std::opti
   return y;
 }
 
+// ---------------------------------------------------------------- W8A8 for a few tokens (decode)
+// y[m, n] = float(sum_k u[n, k] * q[m, k] - zero[n] * sum_k q[m, k]) * w_scale[n] * x_scale[m]
+//           (+ bias[n])
+// with u the weight codes as stored, unsigned (w + zero: 128 for symmetric int8 rows), q the int8
+// activation codes. VNNI's vpdpbusd multiplies unsigned by signed bytes, four per int32 lane, so
+// the stored codes go in as they are. The int32 sum equals the reference's sum of (u - zero) * q
+// exactly, and the float steps are the reference's, in its order (weight scale first): the result
+// is bit-identical to it. oneDNN and _int_mm are slow for one to a few rows (oneDNN ~100x for one
+// row into <= 256 outputs; _int_mm pads to 17 rows); this reads each weight byte once per call.
+template <int MR, int NR>
+inline void w8a8_tile(const int8_t* q, int64_t K, const int32_t* qsum, const float* xs,
+                      const uint8_t* u, const int32_t* zero, const float* ws, const float* bias,
+                      float* y, int64_t ldy) {
+  __m512i acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~0ULL : ((1ULL << (K - k)) - 1ULL);
+    __m512i qv[MR];
+    for (int m = 0; m < MR; ++m) qv[m] = _mm512_maskz_loadu_epi8(mask, q + m * K + k);
+    for (int r = 0; r < NR; ++r) {
+      if ((k & 255) == 0) prefetch_ahead(u + r * K + k, PREFETCH_TILES * NR * K);
+      const __m512i uv = _mm512_maskz_loadu_epi8(mask, u + r * K + k);
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], uv, qv[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int32_t total = _mm512_reduce_add_epi32(acc[m][r]) - zero[r] * qsum[m];
+      __m128 v = _mm_set_ss(static_cast<float>(total));
+      v = _mm_mul_ss(_mm_mul_ss(v, _mm_set_ss(ws[r])), _mm_set_ss(xs[m]));
+      if (bias) v = _mm_add_ss(v, _mm_set_ss(bias[r]));
+      y[m * ldy + r] = _mm_cvtss_f32(v);
+    }
+}
+
+at::Tensor w8a8_small_mm(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor& u,
+                         const at::Tensor& zero, const at::Tensor& w_scale,
+                         const std::optional<at::Tensor>& bias) {
+  check_weight(u);
+  TORCH_CHECK(u.scalar_type() == at::kByte, "u: uint8 codes");
+  const int64_t N = u.size(0), K = u.size(1);
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == K && q.scalar_type() == at::kChar && q.is_contiguous(),
+              "q: contiguous (M, K) int8");
+  const int64_t M = q.size(0);
+  TORCH_CHECK(x_scale.numel() == M && x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous(),
+              "x_scale: (M, 1) f32");
+  TORCH_CHECK(zero.dim() == 1 && zero.size(0) == N && zero.scalar_type() == at::kInt &&
+              zero.is_contiguous(), "zero: (N,) int32");
+  check_params(w_scale, N, -1, "w_scale");
+  const float* bp = bias_ptr(bias, N);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  std::vector<int32_t> qsum(static_cast<size_t>(M), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) qsum[m] += qp[m * K + k];
+  at::Tensor y = at::empty({M, N}, x_scale.options());
+  const uint8_t* up = u.data_ptr<uint8_t>();
+  const int32_t* zp = zero.data_ptr<int32_t>();
+  const float* xs = x_scale.data_ptr<float>();
+  const float* wsp = w_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  constexpr int NR = 4;
+  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
+    const int8_t* qm = qp + m0 * K;
+    float* ym = yp + m0 * N + n0;
+    const float* b = bp ? bp + n0 : nullptr;
+    if (nr == NR) {
+#define W8A8_NR(MRV) w8a8_tile<MRV, NR>(qm, K, qsum.data() + m0, xs + m0, up + n0 * K, zp + n0, wsp + n0, b, ym, N)
+      DISPATCH_MR(mr, W8A8_NR, )
+#undef W8A8_NR
+    } else {
+      for (int r = 0; r < nr; ++r) {
+        const int64_t n = n0 + r;
+#define W8A8_ONE(MRV) w8a8_tile<MRV, 1>(qm, K, qsum.data() + m0, xs + m0, up + n * K, zp + n, wsp + n, b ? b + r : nullptr, ym + r, N)
+        DISPATCH_MR(mr, W8A8_ONE, )
+#undef W8A8_ONE
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(channelwise_cpu, m) {
@@ -406,6 +488,7 @@ TORCH_LIBRARY(channelwise_cpu, m) {
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_static(Tensor x, float scale) -> (Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) y, Tensor x_scale, Tensor? bias) -> Tensor(a!)");
+  m.def("w8a8_small_mm(Tensor q, Tensor x_scale, Tensor u, Tensor zero, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("dequantize_acc_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias, Tensor? x_rowsum, Tensor? w_zero) -> Tensor(a!)");
 }
 
@@ -416,4 +499,5 @@ TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("quantize_static", &quantize_static);
   m.impl("scale_rows_", &scale_rows_);
   m.impl("dequantize_acc_", &dequantize_acc_);
+  m.impl("w8a8_small_mm", &w8a8_small_mm);
 }

@@ -12,6 +12,7 @@ from channelwise.deploy import pack_model
 from channelwise.deploy.decode import compile_decode
 from channelwise.deploy.packed import use_kernels
 from channelwise.errors import ChannelwiseError
+from channelwise.kernels import cpu
 
 WIDE = dict(hidden_size=128, intermediate_size=256)  # groups of 64 fit; the W4 kernel runs
 
@@ -39,9 +40,11 @@ def greedy(model, ids: torch.Tensor, steps: int = 6):
     "preset, kernel",
     [
         ("rtn-w4a16-g64", "channelwise_cpu::w4a16_mm"),
-        # W8A8 in the graph: fake-quantized input into the weight-only W8 kernel
-        ("rtn-w8a8", "channelwise_cpu::w8a16_mm"),
-        ("dgq-w4a8", "channelwise_cpu::w8a16_mm"),  # 4-bit codes widened to int8 rows
+        # W8A8 in the graph: dynamic int8 tokens on the small-M VNNI kernel
+        ("rtn-w8a8", "channelwise_cpu::w8a8_small_mm"),
+        # static per-tensor input (the scale is not read in the graph): fake-quantized input
+        # into the weight-only W8 kernel on the int8 rows its 4-bit codes widen to
+        ("dgq-w4a8", "channelwise_cpu::w8a16_mm"),
     ],
 )
 def test_compiled_decode_matches_the_fake_quant_model(
@@ -64,7 +67,7 @@ def test_compiled_decode_matches_the_fake_quant_model(
     torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
     assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
     assert fresh_dynamo["stats"]["unique_graphs"] == 1  # one decode step graph, reused
-    if kernels.kernel_available():
+    if kernels.kernel_available() and (kernel != "channelwise_cpu::w8a8_small_mm" or cpu._vnni()):
         ran = {event.key for event in profile.key_averages()}
         assert kernel in ran
 

@@ -154,10 +154,11 @@ class PackedCodes(nn.Module):
         return call if call.kernel is not None else None
 
     def build_kernel_operands(self) -> None:
-        """Derive the weight-only kernel's operands (the int8 view of the codes, zero points in
-        code units) now, outside any compiled graph, for :func:`channelwise.deploy.decode.
-        compile_decode`; call it again after writing this module's buffers."""
-        self._kernel_calls[False] = self._make_kernel_call(False)
+        """Derive the kernels' operands (the int8 view of the codes, zero points in code units,
+        oneDNN's packed weight) now, outside any compiled graph, for :func:`channelwise.deploy.
+        decode.compile_decode`; call it again after writing this module's buffers."""
+        for int8_input in (False, True) if self.int8_gemm else (False,):
+            self._kernel_calls[int8_input] = self._make_kernel_call(int8_input)
 
     def _make_kernel_call(self, int8_input: bool) -> _KernelCall:
         buffers = self._buffers
@@ -227,6 +228,8 @@ def int8_input_scale(quantizer: InputQuantizer) -> float | str | None:
     if qparams is None:
         plain = spec.range_method == "minmax" and spec.clip_ratio == 1.0
         return DYNAMIC if plain and isinstance(spec.granularity, PerRow) else None
+    if torch.compiler.is_compiling():  # reading the calibrated scale would break the graph
+        return None
     if not isinstance(spec.granularity, PerTensor) or qparams.scale.numel() != 1:
         return None
     scale = float(qparams.scale)
@@ -303,10 +306,15 @@ class PackedLinear(PackedCodes):
         return self._int8_gemm_ready(x) and int8_input_scale(quantizer) is not None
 
     def _int8_gemm_ready(self, x: Tensor) -> bool:
-        """Eager only: the int8 GEMM's operands (per-token codes, oneDNN's packed weight) are
-        not traceable, so a compiled forward fake-quantizes ``x`` (the input-quantizer hook) and
-        runs the weight-only kernel: the same products, summed in float instead of int32."""
-        return self.int8_gemm and self._kernel_ready(x) and not torch.compiler.is_compiling()
+        """Whether the int8 GEMM can take ``x``. Inside a compiled graph only the small-M VNNI
+        kernel can (decode; oneDNN's int8 linear is not traceable); elsewhere the module
+        fake-quantizes ``x`` (the input-quantizer hook) into the weight-only kernel: the same
+        products, summed in float instead of int32."""
+        if not (self.int8_gemm and self._kernel_ready(x)):
+            return False
+        if torch.compiler.is_compiling():
+            return kernels.small_m_kernel(x.numel() // x.shape[-1])
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
         quantizer = input_quantizer(self)

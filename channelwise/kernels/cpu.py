@@ -113,17 +113,25 @@ def _build():
 
 
 def _register_fakes() -> None:
-    """Shape functions of the weight-only ops, so ``torch.compile`` traces through them (the
-    compiled decode loop, :mod:`channelwise.deploy.decode`) instead of breaking the graph at
-    every packed linear. The W8A8 helpers are not registered: a compiled forward takes the
-    weight-only kernel on a fake-quantized input instead (:meth:`PackedLinear.forward`)."""
+    """Shape functions of the ops a decode step calls, so ``torch.compile`` traces through
+    them (the compiled decode loop, :mod:`channelwise.deploy.decode`) instead of breaking the
+    graph at every packed linear: the weight-only kernels, the int8 quantizers and the small-M
+    W8A8 kernel (oneDNN's int8 linear and ``dequantize_acc_``, for more tokens, stay eager)."""
 
     def weight_only(x: Tensor, w: Tensor, *_) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
-    for name in ("w8a16_mm", "w4a16_mm"):
+    def codes(x: Tensor, *_) -> tuple[Tensor, Tensor]:
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
+
+    def small_w8a8(q: Tensor, x_scale: Tensor, u: Tensor, *_) -> Tensor:
+        return x_scale.new_empty((q.shape[0], u.shape[0]))
+
+    shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "quantize_per_token": codes}
+    shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
+    for name, shape in shapes.items():
         if name not in _FAKES:  # once per process: torch refuses a second registration
-            torch.library.register_fake(f"channelwise_cpu::{name}")(weight_only)
+            torch.library.register_fake(f"channelwise_cpu::{name}")(shape)
             _FAKES.add(name)
 
 
@@ -313,7 +321,7 @@ def w8a8_linear(
     if w_unsigned is not None:
         _check_unsigned(w_unsigned, out, in_features)
     ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
-    if ops is not None and w_unsigned is not None and m <= SMALL_M and _vnni():
+    if small_m_kernel(m, w_unsigned is not None):
         xq, x_scale = _tokens_quantized(x, x2, ops, x_scale)
         y = ops.w8a8_small_mm(xq, x_scale, *w_unsigned, w_scale.contiguous(), _contig(bias))
         return y.view(*x.shape[:-1], out)
@@ -372,6 +380,11 @@ def _check_unsigned(w_unsigned, out: int, in_features: int) -> None:
         )
 
 
+def small_m_kernel(m: int, have_codes: bool = True) -> bool:
+    """Whether :func:`w8a8_linear` runs ``m`` tokens on the extension's VNNI kernel."""
+    return have_codes and m <= SMALL_M and _vnni() and _ops() is not None
+
+
 def _vnni() -> bool:
     if "vnni" not in _state:
         check = getattr(torch.cpu, "_is_vnni_supported", None)
@@ -412,7 +425,7 @@ def _tokens_quantized(x: Tensor, x2: Tensor, ops, scale: float | None) -> tuple[
     input, which was quantized 3 (2) times. The entry holds ``x`` weakly and is keyed by its
     identity, its version (in-place writes bump it) and the static scale, so a reuse always sees
     the same numbers."""
-    version = tensor_version(x)
+    version = None if torch.compiler.is_compiling() else tensor_version(x)
     last = _last_quantized[0]
     if version is not None and last is not None:
         if last[0]() is x and last[1] == version and last[2] == scale:

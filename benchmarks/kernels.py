@@ -57,6 +57,9 @@ def make_weights(out: int, inp: int, gen: torch.Generator) -> dict[str, torch.Te
         "w8": w8,
         "w8_t": w8.T.contiguous().T,  # (out, in) view of an (in, out) buffer: _int_mm's B
         "w8_scale": w8_scale,
+        # what a packed W8A8 module passes: oneDNN's packed weight, the stored (unsigned) codes
+        "w8_onednn": cpu.prepack_int8(w8),
+        "w8_unsigned": cpu.unsigned_codes((w8.view(torch.uint8) ^ 0x80).contiguous()),
         "packed": packed,
         "s4": s4,
         "z4": z4,
@@ -76,6 +79,9 @@ def candidates(compiled: dict) -> dict[str, Callable]:
         "bf16": lambda x, L: F.linear(L["x_bf16"], L["bf16"]),
         "w8a8 _int_mm bare": int_mm_bare,
         "w8a8 e2e (ours)": lambda x, L: cpu.w8a8_linear(x, L["w8"], L["w8_scale"]),
+        "w8a8 e2e packed (ours)": lambda x, L: cpu.w8a8_linear(
+            x, L["w8"], L["w8_scale"], w_packed=L["w8_onednn"], w_unsigned=L["w8_unsigned"]
+        ),
         "w8 _weight_int8pack_mm": lambda x, L: torch._weight_int8pack_mm(x, L["w8"], L["w8_scale"]),
         "w8 deq+linear": lambda x, L: cpu.w8a16_reference(x, L["w8"], L["w8_scale"]),
         "w8 deq+linear compiled": lambda x, L: compiled["w8"](x, L["w8"], L["w8_scale"]),

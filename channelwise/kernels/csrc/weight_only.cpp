@@ -22,6 +22,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -132,13 +133,27 @@ void for_each_tile(int64_t M, int64_t N, int64_t K, Fn fn) {
   });
 }
 
-#define DISPATCH_MR(MR_VAL, CALL_NR, CALL_ONE)  \
-  switch (MR_VAL) {                            \
-    case 1: CALL_NR(1); break;                 \
-    case 2: CALL_NR(2); break;                 \
-    case 3: CALL_NR(3); break;                 \
-    default: CALL_NR(4); break;                \
-  }
+// Runs tile(MR, R, n, m0) over the output: MR (1-4 activation rows) and R (NR output rows, or 1
+// for the last partial tile, row by row) as compile-time constants (std::integral_constant),
+// so every kernel instantiates its tile templates from one place.
+template <int NR, typename Tile>
+void run_tiles(int64_t M, int64_t N, int64_t K, Tile tile) {
+  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
+    auto rows = [&](auto mrc) {
+      if (nr == NR) {
+        tile(mrc, std::integral_constant<int, NR>{}, n0, m0);
+      } else {
+        for (int r = 0; r < nr; ++r) tile(mrc, std::integral_constant<int, 1>{}, n0 + r, m0);
+      }
+    };
+    switch (mr) {
+      case 1: rows(std::integral_constant<int, 1>{}); break;
+      case 2: rows(std::integral_constant<int, 2>{}); break;
+      case 3: rows(std::integral_constant<int, 3>{}); break;
+      default: rows(std::integral_constant<int, 4>{}); break;
+    }
+  });
+}
 
 // x may have any leading dims (..., K), contiguous; kernels see it as (M, K).
 at::Tensor as_rows(const at::Tensor& x, int64_t K) {
@@ -188,21 +203,9 @@ at::Tensor w8a16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   constexpr int NR = 8;
-  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
-    const float* xm = xp + m0 * K;
-    float* ym = yp + m0 * N + n0;
-    const float* b = bp ? bp + n0 : nullptr;
-    if (nr == NR) {
-#define W8_NR(MRV) w8_tile<MRV, NR>(xm, K, wp + n0 * K, K, sp + n0, b, ym, N)
-      DISPATCH_MR(mr, W8_NR, )
-#undef W8_NR
-    } else {
-      for (int r = 0; r < nr; ++r) {
-#define W8_ONE(MRV) w8_tile<MRV, 1>(xm, K, wp + (n0 + r) * K, K, sp + n0 + r, b ? b + r : nullptr, ym + r, N)
-        DISPATCH_MR(mr, W8_ONE, )
-#undef W8_ONE
-      }
-    }
+  run_tiles<NR>(M, N, K, [&](auto mr, auto nr, int64_t n, int64_t m0) {
+    w8_tile<decltype(mr)::value, decltype(nr)::value>(xp + m0 * K, K, wp + n * K, K, sp + n,
+                                                      bp ? bp + n : nullptr, yp + m0 * N + n, N);
   });
   return like_rows(y, x_in);
 }
@@ -235,22 +238,10 @@ at::Tensor w4a16_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::
   const float* zp = zero.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   constexpr int NR = 4;
-  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
-    const float* xm = xp + m0 * K;
-    float* ym = yp + m0 * N + n0;
-    const float* b = bp ? bp + n0 : nullptr;
-    if (nr == NR) {
-#define W4_NR(MRV) w4_tile<MRV, NR>(xm, K, pp + n0 * (K / 2), K, sp + n0 * G, zp + n0 * G, G, group, b, ym, N)
-      DISPATCH_MR(mr, W4_NR, )
-#undef W4_NR
-    } else {
-      for (int r = 0; r < nr; ++r) {
-        const int64_t n = n0 + r;
-#define W4_ONE(MRV) w4_tile<MRV, 1>(xm, K, pp + n * (K / 2), K, sp + n * G, zp + n * G, G, group, b ? b + r : nullptr, ym + r, N)
-        DISPATCH_MR(mr, W4_ONE, )
-#undef W4_ONE
-      }
-    }
+  run_tiles<NR>(M, N, K, [&](auto mr, auto nr, int64_t n, int64_t m0) {
+    w4_tile<decltype(mr)::value, decltype(nr)::value>(xp + m0 * K, K, pp + n * (K / 2), K,
+                                                      sp + n * G, zp + n * G, G, group,
+                                                      bp ? bp + n : nullptr, yp + m0 * N + n, N);
   });
   return like_rows(y, x_in);
 }
@@ -460,22 +451,10 @@ at::Tensor w8a8_small_mm(const at::Tensor& q, const at::Tensor& x_scale, const a
   const float* wsp = w_scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   constexpr int NR = 4;
-  for_each_tile<NR>(M, N, K, [&](int64_t n0, int nr, int64_t m0, int mr) {
-    const int8_t* qm = qp + m0 * K;
-    float* ym = yp + m0 * N + n0;
-    const float* b = bp ? bp + n0 : nullptr;
-    if (nr == NR) {
-#define W8A8_NR(MRV) w8a8_tile<MRV, NR>(qm, K, qsum.data() + m0, xs + m0, up + n0 * K, zp + n0, wsp + n0, b, ym, N)
-      DISPATCH_MR(mr, W8A8_NR, )
-#undef W8A8_NR
-    } else {
-      for (int r = 0; r < nr; ++r) {
-        const int64_t n = n0 + r;
-#define W8A8_ONE(MRV) w8a8_tile<MRV, 1>(qm, K, qsum.data() + m0, xs + m0, up + n * K, zp + n, wsp + n, b ? b + r : nullptr, ym + r, N)
-        DISPATCH_MR(mr, W8A8_ONE, )
-#undef W8A8_ONE
-      }
-    }
+  run_tiles<NR>(M, N, K, [&](auto mr, auto nr, int64_t n, int64_t m0) {
+    w8a8_tile<decltype(mr)::value, decltype(nr)::value>(qp + m0 * K, K, qsum.data() + m0, xs + m0,
+                                                        up + n * K, zp + n, wsp + n,
+                                                        bp ? bp + n : nullptr, yp + m0 * N + n, N);
   });
   return y;
 }

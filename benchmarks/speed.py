@@ -41,25 +41,33 @@ VARIANTS = {
     "w8a8": "ours: rtn-w8a8 packed (int8 codes, dynamic per-token int8 activations)",
     "w8a16": "ours: rtn-w8a16 packed (int8 codes, float activations)",
     "w4a16": "ours: rtn-w4a16-g64 packed (4-bit codes, two per byte, groups of 64)",
+    "w4a16-f16": "ours: rtn-w4a16-g64, float tensors stored in fp16 (as the anchors ship "
+    "them) and the tied embedding/LM head kept in fp16 in memory",
     "w4a16-e8": "ours: rtn-w4a16-g64-e8 (plus the tied embedding/LM head in int8 per row)",
 }
 PRESETS = {
     "w8a8": "rtn-w8a8",
     "w8a16": "rtn-w8a16",
     "w4a16": "rtn-w4a16-g64",
+    "w4a16-f16": "rtn-w4a16-g64",
     "w4a16-e8": "rtn-w4a16-g64-e8",
 }
 
 
 def save(variant: str, folder: str) -> None:
     """Quantize with the variant's preset, pack, and write the packed checkpoint to ``folder``."""
+    import torch
+
     from channelwise import load_model, quantize
     from channelwise.compress import save_quantized
     from channelwise.deploy import pack_model
+    from channelwise.deploy.packed import round_float_tensors_
 
     model, tokenizer = load_model(device="cpu")
     quantize(model, PRESETS[variant], progress=False)
     pack_model(model)
+    if variant.endswith("-f16"):  # what `channelwise quantize --float-dtype float16` saves
+        round_float_tensors_(model, torch.float16)
     save_quantized(model, tokenizer, folder)
 
 

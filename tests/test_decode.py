@@ -75,3 +75,36 @@ def test_compiled_decode_matches_the_fake_quant_model(
 def test_compile_decode_refuses_a_model_that_cannot_generate():
     with pytest.raises(ChannelwiseError, match="generative transformers model"):
         compile_decode(torch.nn.Linear(4, 4))
+
+
+def test_compiled_decode_runs_the_16_bit_head_of_a_float16_checkpoint(
+    calibration_ids, fresh_dynamo, tmp_path
+):
+    from conftest import build_tiny_tokenizer
+
+    from channelwise import load_model
+    from channelwise.compress import save_quantized
+    from channelwise.deploy.half import HalfLinear
+    from channelwise.deploy.packed import round_float_tensors_
+
+    model = build_tiny_model("llama", tie_word_embeddings=True, **WIDE)
+    quantize(model, "rtn-w4a16-g64", calibration_ids, progress=False)
+    pack_model(model)
+    round_float_tensors_(model, torch.float16)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(8))
+    expected_ids, expected_scores = greedy(model, ids)
+    loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
+    assert isinstance(loaded.lm_head, HalfLinear)
+    before = use_kernels(True)
+    try:
+        compile_decode(loaded)
+        with torch.profiler.profile() as profile:
+            got_ids, got_scores = greedy(loaded, ids)
+    finally:
+        use_kernels(before)
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    assert fresh_dynamo["stats"]["unique_graphs"] == 1
+    if kernels.kernel_available():
+        assert "channelwise_cpu::half_mm" in {event.key for event in profile.key_averages()}

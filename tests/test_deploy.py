@@ -311,10 +311,49 @@ def test_float16_storage_of_unquantized_tensors_reloads_what_was_rounded(
     half = save_quantized(model, build_tiny_tokenizer(), tmp_path / "fp16")
     assert (half / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
     loaded, _ = load_model(half)
-    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    assert loaded.model.embed_tokens.weight.dtype == torch.float16  # kept as stored
+    assert loaded.dtype == torch.float32  # the activations' dtype, for transformers
     assert torch.equal(logits(loaded, token_ids), after)
     scales = [m.scale for m in packed_modules(loaded)]
     assert all(s.dtype == torch.float32 for s in scales)
+
+
+@pytest.mark.parametrize(("dtype", "tied"), [(torch.float16, True), (torch.bfloat16, False)])
+def test_16_bit_float_embedding_and_head_stay_16_bit_after_loading(
+    dtype, tied, calibration_ids, token_ids, tmp_path
+):
+    from channelwise.deploy.half import HalfEmbedding, HalfLinear
+    from channelwise.deploy.packed import round_float_tensors_
+
+    model = build_tiny_model("llama", tie_word_embeddings=tied, **WIDE)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    quantize(model, "rtn-w4a16-g64", calibration_ids, progress=False)
+    pack_model(model)
+    round_float_tensors_(model, dtype)
+    expected = logits(model, token_ids)
+    loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
+    embedding, head = loaded.model.embed_tokens, loaded.lm_head
+    assert isinstance(embedding, HalfEmbedding) and isinstance(head, HalfLinear)
+    assert embedding.weight.dtype == head.weight.dtype == dtype
+    assert (head.weight.data_ptr() == embedding.weight.data_ptr()) == tied  # tied: one copy
+    assert torch.equal(embedding.weight.float(), model.model.embed_tokens.weight)
+    assert torch.equal(head.weight.float(), model.lm_head.weight)
+    assert torch.equal(logits(loaded, token_ids), expected)  # reference path: the same sums
+    use_kernels(True)
+    with torch.no_grad():  # decode-sized calls take the 16-bit kernel: float32 rounding apart
+        step = loaded(token_ids[:, :4]).logits
+    assert relative_error(step, expected[:, :4]) < 1e-5
+    use_kernels(False)
+    resaved = save_quantized(loaded, build_tiny_tokenizer(), tmp_path / "again")
+    assert torch.equal(logits(load_model(resaved)[0], token_ids), expected)
+
+
+def test_float32_checkpoint_keeps_a_float32_embedding(calibration_ids, tmp_path):
+    model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    pack_model(model)
+    loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
+    assert type(loaded.model.embed_tokens) is torch.nn.Embedding
+    assert type(loaded.lm_head) is torch.nn.Linear
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from channelwise.kernels import (
     KernelInputError,
     cpu,
+    half_weight_linear,
     kernel_available,
     unpack_int4,
     w4a16_linear,
@@ -111,6 +112,42 @@ def test_w4a16_matches_float_reference(m, out, group):
     bias = torch.randn(out, generator=gen(out))
     got = w4a16_linear(x, pack_int4(codes), scale, zero, group, bias)
     assert_dot_close(got, x, w4_dense(codes, scale, zero, group), bias)
+
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize(("out", "inp"), [(64, 576), (37, 45), (9, 16)])
+def test_half_weight_matches_float_reference(dtype, m, out, inp):
+    g = gen(m * 1000 + out + inp)
+    x = torch.randn(m, inp, generator=g)
+    w = torch.randn(out, inp, generator=g).to(dtype)
+    bias = torch.randn(out, generator=g)
+    assert_dot_close(half_weight_linear(x, w, bias), x, w.double(), bias)
+    assert_dot_close(half_weight_linear(x, w), x, w.double())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_weight_extreme_values_widen_exactly(dtype):
+    info = torch.finfo(dtype)
+    values = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, -0.0, 0.0, 1.0])
+    w = values.repeat(5, 5)[:, :33].to(dtype).contiguous()  # subnormals, signed zeros, the max
+    x = torch.zeros(2, 33)
+    for column in range(33):
+        x.zero_()
+        x[:, column] = 1.0  # y picks one weight column: exact whatever the summation order
+        assert torch.equal(half_weight_linear(x, w), w.float()[:, column].expand(2, -1))
+
+
+def test_half_weight_kernel_runs():
+    if not kernel_available():
+        pytest.skip("no AVX-512 kernels here: widen + F.linear serves, by design")
+    x, w = torch.randn(1, 64, generator=gen(81)), torch.ones(8, 64, dtype=torch.float16)
+    with torch.profiler.profile() as profile:
+        half_weight_linear(x, w)
+    assert "channelwise_cpu::half_mm" in {e.key for e in profile.key_averages()}
 
 
 def test_w8a16_odd_in_features_use_the_masked_tail():
@@ -400,6 +437,11 @@ def test_bad_inputs_raise_kernel_input_error():
         lambda: w4a16_linear(x, codes.to(torch.int8), scale, zero, 32),  # unpacked int8 codes
         lambda: w8a8_linear(x, w8, torch.ones(8, 1)),  # w_scale shape
         lambda: w8a8_linear(x.half(), w8, torch.ones(8)),
+        lambda: half_weight_linear(x, torch.zeros(8, 64)),  # a float32 weight
+        lambda: half_weight_linear(x, torch.zeros(8, 63, dtype=torch.float16)),  # in mismatch
+        lambda: half_weight_linear(x, torch.zeros(64, 8, dtype=torch.float16).T),  # strided
+        lambda: half_weight_linear(x.half(), torch.zeros(8, 64, dtype=torch.float16)),
+        lambda: half_weight_linear(x, torch.zeros(8, 64, dtype=torch.bfloat16), torch.ones(3)),
     ]
     for i, case in enumerate(cases):
         with pytest.raises(KernelInputError):
@@ -417,6 +459,7 @@ def test_nan_in_a_token_makes_only_that_output_row_nan(m):
         w8a16_linear(x, w8, torch.ones(16)),
         w4a16_linear(x, pack_int4(codes), scale, zero, 64),
         w8a8_linear(x, w8, torch.ones(16)),
+        half_weight_linear(x, torch.randn(16, 64, generator=gen(21)).half()),
     ]
     for y in outputs:
         assert y[0].isnan().all() and y[1:].isfinite().all()

@@ -19,6 +19,7 @@ from torch import nn
 
 from channelwise.adapters import adapter_for
 from channelwise.deploy.dual_grained import PackedDualGrained
+from channelwise.deploy.half import keep_half_floats
 from channelwise.deploy.packed import (
     FLOAT_DTYPE_ATTR,
     PackedCodes,
@@ -99,7 +100,9 @@ def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn
         except (AttributeError, KeyError, TypeError, ValueError, PackingError) as exc:
             raise CheckpointError(f"{folder}: packed entry '{name}' does not fit: {exc}") from None
         _set_submodule(model, name, packed)
-    _load_state(model, folder)
+    stored = _load_state(model, folder)
+    if dtype == torch.float32:
+        keep_half_floats(model, stored)
     return model.eval()
 
 
@@ -112,7 +115,8 @@ def _linear_shape(module: nn.Module, transposed: bool) -> tuple[int, int]:
     return tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
 
 
-def _load_state(model: nn.Module, folder: Path) -> None:
+def _load_state(model: nn.Module, folder: Path) -> dict[str, torch.dtype]:
+    """Load ``folder``'s tensors into ``model``; returns the dtype each key was stored in."""
     files = sorted(folder.glob("*.safetensors"))
     files = [f for f in files if f.name.startswith("model")]
     if not files:
@@ -130,6 +134,7 @@ def _load_state(model: nn.Module, folder: Path) -> None:
             f"{folder}: tensors the model does not have: {', '.join(unexpected[:5])}; the "
             "checkpoint does not match its config.json"
         )
+    stored = {key: tensor.dtype for key, tensor in state.items()}
     for key, tensor in state.items():
         want = expected[key]
         if tensor.is_floating_point() and want.is_floating_point() and tensor.dtype != want.dtype:
@@ -149,6 +154,7 @@ def _load_state(model: nn.Module, folder: Path) -> None:
             "incomplete"
         )
     model.load_state_dict(state, strict=False)
+    return stored
 
 
 def _shared_storage(model: nn.Module) -> dict[str, set[str]]:

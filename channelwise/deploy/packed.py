@@ -55,6 +55,11 @@ def use_kernels(enabled: bool) -> bool:
     return before
 
 
+def kernels_enabled() -> bool:
+    """Whether packed (and 16-bit float) modules route through the CPU kernels now."""
+    return _KERNELS["on"]
+
+
 class PackedCodes(nn.Module):
     """Codes ``q`` of a ``(rows, cols)`` matrix packed along ``cols``, with their grid."""
 

@@ -1,9 +1,12 @@
 """Real integer kernels behind packed linears (CPU: :mod:`channelwise.kernels.cpu`)."""
 
 from channelwise.kernels.cpu import (
+    HALF_DTYPES,
     KernelInputError,
     dequantize_w4,
     dequantize_w8,
+    half_weight_linear,
+    half_weight_reference,
     kernel_available,
     prepack_int8,
     quantize_per_token,
@@ -21,9 +24,12 @@ from channelwise.kernels.cpu import (
 )
 
 __all__ = [
+    "HALF_DTYPES",
     "KernelInputError",
     "dequantize_w4",
     "dequantize_w8",
+    "half_weight_linear",
+    "half_weight_reference",
     "kernel_available",
     "prepack_int8",
     "quantize_per_token",

@@ -1,4 +1,5 @@
-"""CPU linear kernels for packed weights: W8A16 and W4A16 weight-only, W8A8 dynamic.
+"""CPU linear kernels for packed weights: W8A16 and W4A16 weight-only, W8A8 dynamic, and float
+weights kept at 16 bits (fp16/bf16 widened in registers).
 
 Layouts (the shared packing layout): ``w`` is ``(out, in)``; W8 codes are signed int8 (symmetric,
 per output channel ``scale (out,)``); W4 codes are unsigned 0…15, two per byte along ``in``
@@ -130,7 +131,8 @@ def _register_fakes() -> None:
     def small_w8a8(q: Tensor, x_scale: Tensor, u: Tensor, *_) -> Tensor:
         return x_scale.new_empty((q.shape[0], u.shape[0]))
 
-    shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "quantize_per_token": codes}
+    shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
+    shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
     for name, shape in shapes.items():
         if name not in _FAKES:  # once per process: torch refuses a second registration
@@ -182,6 +184,11 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
 def w8a16_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """Pure-torch W8A16: de-quantize, then ``F.linear``. ``(M, in)`` → ``(M, out)``."""
     return F.linear(x, dequantize_w8(w, scale), bias)
+
+
+def half_weight_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Pure-torch 16-bit float weight: widen to float32 (exact), then ``F.linear``."""
+    return F.linear(x, w.float(), bias)
 
 
 def w4a16_reference(
@@ -277,6 +284,40 @@ def w4a16_linear(
         args = (x2, packed, scale.contiguous(), zero.contiguous(), group, _contig(bias))
         y = ops.w4a16_mm(*args)
     return y.view(*x.shape[:-1], out)
+
+
+#: Float weight storage the half-weight kernel reads.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def half_weight_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ w.T + bias`` for a float weight kept at 16 bits (fp16 or bf16): a weight a
+    checkpoint stores at 16 bits (``--float-dtype``) keeps them in memory, read at half the bytes.
+
+    x ``(..., in)`` f32, w ``(out, in)`` float16 or bfloat16. Returns ``(..., out)`` f32: the
+    same values as widening ``w`` (exact) and ``F.linear`` in float32, summed in another order.
+    Up to :data:`WEIGHT_ONLY_MAX_M` tokens the extension widens in registers; more take the
+    widen + ``F.linear`` path (MKL).
+    """
+    ops = _state.get("ops")
+    if ops is not None:
+        try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
+            if x.numel() <= _MAX_M * x.shape[-1]:
+                return ops.half_mm(x, w, bias)
+        except (RuntimeError, TypeError, IndexError, AttributeError):
+            pass  # re-checked below: a readable error, or the general path
+    if not isinstance(w, Tensor) or w.dtype not in HALF_DTYPES or w.dim() != 2:
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+        raise KernelInputError(f"w must be a 2-D float16 or bfloat16 tensor (out, in), got {got}")
+    _check_weight(w, w.dtype, "w")
+    x2 = _check_x(x, w.shape[1])
+    _check_bias(bias, w.shape[0])
+    ops = _ops() if x2.shape[0] <= WEIGHT_ONLY_MAX_M else None
+    if ops is None:
+        y = half_weight_reference(x2, w, bias)
+    else:
+        y = ops.half_mm(x2, w, _contig(bias))
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def w8a8_linear(

@@ -5,6 +5,7 @@
 //   w4a16_mm(x (...,K) f32, packed (N,K/2) uint8, scale (N,K/g), zero (N,K/g), g, bias|None)
 //       y[m,n] = sum_k x[m,k] * (code[n,k] - zero[n,k/g]) * scale[n,k/g] + bias[n]
 //       code[n,2j] = packed[n,j] & 0xF, code[n,2j+1] = packed[n,j] >> 4; g % 32 == 0.
+//   half_mm(x (...,K) f32, w (N,K) fp16|bf16, bias (N,)|None)                 -> (...,N) f32
 //   x's leading dims are flattened to M rows (x must be contiguous) and restored on y.
 //
 // Decode is memory bound: the weight is read once per call in its packed form (1 or 0.5 byte a
@@ -38,10 +39,41 @@ inline void prefetch_ahead(const void* at, int64_t distance) {
   _mm_prefetch(static_cast<const char*>(at) + distance, _MM_HINT_T0);
 }
 
-// ---------------------------------------------------------------- W8A16
-template <int MR, int NR>
-inline void w8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
-                    const float* bias, float* y, int64_t ldy) {
+// ---------------------------------------------------------------- W8A16, 16-bit float weights
+// One tile serves every weight stored one element per byte or two: Widen turns 16 stored
+// elements into 16 floats (int8 codes, fp16 or bf16 values), exactly.
+struct WidenInt8 {
+  using T = int8_t;
+  static __m512 load(const T* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static __m512 load(__mmask16 mask, const T* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+  }
+};
+struct WidenHalf {
+  using T = at::Half;
+  static __m512 load(const T* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m512 load(__mmask16 mask, const T* p) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+  }
+};
+struct WidenBFloat16 {  // bf16 is the top half of an fp32: shift it into place
+  using T = at::BFloat16;
+  static __m512 widen(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+  static __m512 load(const T* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static __m512 load(__mmask16 mask, const T* p) { return widen(_mm256_maskz_loadu_epi16(mask, p)); }
+};
+
+// y[m, r] = (sum_k x[m, k] * w[r, k]) * scale[r] + bias[r]; scale == nullptr: no scaling.
+template <typename Widen, int MR, int NR>
+inline void widen_tile(const float* x, int64_t ldx, const typename Widen::T* w, int64_t K,
+                       const float* scale, const float* bias, float* y, int64_t ldy) {
+  constexpr int64_t PREFETCH_EVERY = 64 / sizeof(typename Widen::T);  // elements per cache line
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -50,9 +82,8 @@ inline void w8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, con
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + k);
     for (int r = 0; r < NR; ++r) {
-      if ((k & 63) == 0) prefetch_ahead(w + r * K + k, PREFETCH_TILES * NR * K);
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
-      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      if ((k & (PREFETCH_EVERY - 1)) == 0) prefetch_ahead(w + r * K + k, PREFETCH_TILES * NR * K * sizeof(typename Widen::T));
+      const __m512 wv = Widen::load(w + r * K + k);
       for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
     }
   }
@@ -61,14 +92,15 @@ inline void w8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, con
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
     for (int r = 0; r < NR; ++r) {
-      __m128i b = _mm_maskz_loadu_epi8(mask, w + r * K + k);
-      __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      const __m512 wv = Widen::load(mask, w + r * K + k);
       for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wv, xv[m], acc[m][r]);
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r)
-      y[m * ldy + r] = hsum(acc[m][r]) * scale[r] + (bias ? bias[r] : 0.0f);
+    for (int r = 0; r < NR; ++r) {
+      const float sum = hsum(acc[m][r]);
+      y[m * ldy + r] = (scale ? sum * scale[r] : sum) + (bias ? bias[r] : 0.0f);
+    }
 }
 
 // ---------------------------------------------------------------- W4A16
@@ -204,9 +236,39 @@ at::Tensor w8a16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
   float* yp = y.data_ptr<float>();
   constexpr int NR = 8;
   run_tiles<NR>(M, N, K, [&](auto mr, auto nr, int64_t n, int64_t m0) {
-    w8_tile<decltype(mr)::value, decltype(nr)::value>(xp + m0 * K, K, wp + n * K, K, sp + n,
-                                                      bp ? bp + n : nullptr, yp + m0 * N + n, N);
+    widen_tile<WidenInt8, decltype(mr)::value, decltype(nr)::value>(
+        xp + m0 * K, K, wp + n * K, K, sp + n, bp ? bp + n : nullptr, yp + m0 * N + n, N);
   });
+  return like_rows(y, x_in);
+}
+
+template <typename Widen>
+void run_widened(const at::Tensor& x, const at::Tensor& w, const float* bp, at::Tensor& y) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const float* xp = x.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const typename Widen::T*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  constexpr int NR = 8;
+  run_tiles<NR>(M, N, K, [&](auto mr, auto nr, int64_t n, int64_t m0) {
+    widen_tile<Widen, decltype(mr)::value, decltype(nr)::value>(
+        xp + m0 * K, K, wp + n * K, K, nullptr, bp ? bp + n : nullptr, yp + m0 * N + n, N);
+  });
+}
+
+// y = x @ w.T + bias with w stored in fp16 or bf16, widened exactly in registers, f32 sums: a
+// float weight kept at its checkpoint's 16-bit precision reads half the bytes of its fp32 copy.
+at::Tensor half_mm(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_weight(w);
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor x = as_rows(x_in, K);
+  TORCH_CHECK(w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16, "w: fp16 or bf16");
+  const float* bp = bias_ptr(bias, N);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  if (w.scalar_type() == at::kHalf) {
+    run_widened<WidenHalf>(x, w, bp, y);
+  } else {
+    run_widened<WidenBFloat16>(x, w, bp, y);
+  }
   return like_rows(y, x_in);
 }
 
@@ -463,6 +525,7 @@ at::Tensor w8a8_small_mm(const at::Tensor& q, const at::Tensor& x_scale, const a
 
 TORCH_LIBRARY(channelwise_cpu, m) {
   m.def("w8a16_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("half_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("w4a16_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_static(Tensor x, float scale) -> (Tensor, Tensor)");
@@ -473,6 +536,7 @@ TORCH_LIBRARY(channelwise_cpu, m) {
 
 TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("w8a16_mm", &w8a16_mm);
+  m.impl("half_mm", &half_mm);
   m.impl("w4a16_mm", &w4a16_mm);
   m.impl("quantize_per_token", &quantize_per_token);
   m.impl("quantize_static", &quantize_static);

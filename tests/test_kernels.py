@@ -132,7 +132,9 @@ def test_half_weight_matches_float_reference(dtype, m, out, inp):
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_weight_extreme_values_widen_exactly(dtype):
     info = torch.finfo(dtype)
-    values = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, -0.0, 0.0, 1.0])
+    values = torch.tensor(
+        [info.max, -info.max, info.tiny, info.smallest_normal / 4, -0.0, 0.0, 1.0]
+    )
     w = values.repeat(5, 5)[:, :33].to(dtype).contiguous()  # subnormals, signed zeros, the max
     x = torch.zeros(2, 33)
     for column in range(33):

@@ -42,9 +42,9 @@ def greedy(model, ids: torch.Tensor, steps: int = 6):
         ("rtn-w4a16-g64", "channelwise_cpu::w4a16_mm"),
         # W8A8 in the graph: dynamic int8 tokens on the small-M VNNI kernel
         ("rtn-w8a8", "channelwise_cpu::w8a8_small_mm"),
-        # static per-tensor input (the scale is not read in the graph): fake-quantized input
-        # into the weight-only W8 kernel on the int8 rows its 4-bit codes widen to
-        ("dgq-w4a8", "channelwise_cpu::w8a16_mm"),
+        # static per-tensor input scales, read eagerly by compile_decode: graph constants
+        ("dgq-w4a8", "channelwise_cpu::w8a8_small_mm"),
+        ("outliertune-w8a8", "channelwise_cpu::w8a8_small_mm"),
     ],
 )
 def test_compiled_decode_matches_the_fake_quant_model(

@@ -92,6 +92,7 @@ class PackedCodes(nn.Module):
             g.size if spec.bits == 4 and isinstance(g, PerGroup) and g.along == "input" else None
         )
         self._kernel_calls: dict[bool, _KernelCall] = {}
+        self._input_mode: float | str | None = None  # see build_kernel_operands
 
     def load_codes(self, codes: Tensor, qparams: QParams) -> None:
         """Store integer ``codes`` ``(rows, cols)`` in ``[qmin, qmax]`` and their grid."""
@@ -160,10 +161,13 @@ class PackedCodes(nn.Module):
 
     def build_kernel_operands(self) -> None:
         """Derive the kernels' operands (the int8 view of the codes, zero points in code units,
-        oneDNN's packed weight) now, outside any compiled graph, for :func:`channelwise.deploy.
-        decode.compile_decode`; call it again after writing this module's buffers."""
+        oneDNN's packed weight, a calibrated input scale as a number) now, outside any compiled
+        graph, for :func:`channelwise.deploy.decode.compile_decode`; call it again after writing
+        this module's buffers or its input quantizer's scale."""
         for int8_input in (False, True) if self.int8_gemm else (False,):
             self._kernel_calls[int8_input] = self._make_kernel_call(int8_input)
+        quantizer = input_quantizer(self)
+        self._input_mode = None if quantizer is None else int8_input_scale(quantizer)
 
     def _make_kernel_call(self, int8_input: bool) -> _KernelCall:
         buffers = self._buffers
@@ -233,8 +237,8 @@ def int8_input_scale(quantizer: InputQuantizer) -> float | str | None:
     if qparams is None:
         plain = spec.range_method == "minmax" and spec.clip_ratio == 1.0
         return DYNAMIC if plain and isinstance(spec.granularity, PerRow) else None
-    if torch.compiler.is_compiling():  # reading the calibrated scale would break the graph
-        return None
+    if torch.compiler.is_compiling():  # reading the calibrated scale would break the graph:
+        return None  # PackedLinear uses the number build_kernel_operands read eagerly
     if not isinstance(spec.granularity, PerTensor) or qparams.scale.numel() != 1:
         return None
     scale = float(qparams.scale)
@@ -304,11 +308,20 @@ class PackedLinear(PackedCodes):
         return {"kind": "linear", "transposed": self.transposed, "bias": self.bias is not None}
 
     def quantizes_input(self, quantizer: InputQuantizer, x: Tensor) -> bool:
-        """Whether :meth:`forward` quantizes ``x`` itself, into ``torch._int_mm`` against 8-bit
+        """Whether :meth:`forward` quantizes ``x`` itself, into the int8 GEMM against 8-bit
         per-row weights (symmetric, or with integer zero points): symmetric int8, dynamic per
-        token or static per tensor
-        (:func:`int8_input_scale`). Its codes equal the fake quantizer's."""
-        return self._int8_gemm_ready(x) and int8_input_scale(quantizer) is not None
+        token or static per tensor (:func:`int8_input_scale`). Its codes equal the fake
+        quantizer's."""
+        return self._int8_input_mode(quantizer, x) is not None
+
+    def _int8_input_mode(self, quantizer: InputQuantizer, x: Tensor) -> float | str | None:
+        """:func:`int8_input_scale` where the int8 GEMM can take ``x``, else None. In a compiled
+        graph a static scale is the number :meth:`build_kernel_operands` read eagerly."""
+        if not self._int8_gemm_ready(x):
+            return None
+        if torch.compiler.is_compiling() and self._input_mode is not None:
+            return self._input_mode
+        return int8_input_scale(quantizer)
 
     def _int8_gemm_ready(self, x: Tensor) -> bool:
         """Whether the int8 GEMM can take ``x``. Inside a compiled graph only the small-M VNNI
@@ -323,11 +336,10 @@ class PackedLinear(PackedCodes):
 
     def forward(self, x: Tensor) -> Tensor:
         quantizer = input_quantizer(self)
-        if quantizer is not None and self._int8_gemm_ready(x):
-            mode = int8_input_scale(quantizer)
-            if mode is not None:
-                scale = None if mode == DYNAMIC else mode
-                return self.matmul(x, self.bias, int8_input=True, input_scale=scale)
+        mode = None if quantizer is None else self._int8_input_mode(quantizer, x)
+        if mode is not None:
+            scale = None if mode == DYNAMIC else mode
+            return self.matmul(x, self.bias, int8_input=True, input_scale=scale)
         return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:

@@ -106,7 +106,7 @@ inline void widen_tile(const float* x, int64_t ldx, const typename Widen::T* w, 
 // ---------------------------------------------------------------- W4A16
 // xp is x with every 32-block de-interleaved: [x[k], x[k+2], ..., x[k+30], x[k+1], ..., x[k+31]],
 // so the low nibbles (even k) and high nibbles (odd k) of 16 bytes meet contiguous activations.
-template <int MR, int NR>
+template <int MR, int NR, int STEPS>  // STEPS: group / 32 if known at compile time, else 0
 inline void w4_tile(const float* xp, int64_t ldx, const uint8_t* p, int64_t K, const float* scale,
                     const float* zero, int64_t G, int64_t group, const float* bias, float* y,
                     int64_t ldy) {
@@ -114,15 +114,19 @@ inline void w4_tile(const float* xp, int64_t ldx, const uint8_t* p, int64_t K, c
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   const int64_t Kb = K / 2;
-  const __m512i low4 = _mm512_set1_epi32(0xF);
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < G; ++g) {
-    __m512 s[NR], nzs[NR];
+    // The group's 16 weights (code - zero) * scale, as code * scale + (-zero * scale): one fma,
+    // one rounding. vpermps then reads a weight by its code from the low 4 bits of each index
+    // lane, ignoring the rest: a byte's low nibble as it is, its high one after a shift.
+    __m512 table[NR];
     for (int r = 0; r < NR; ++r) {
       const float sc = scale[r * G + g];
-      s[r] = _mm512_set1_ps(sc);
-      nzs[r] = _mm512_set1_ps(-zero[r * G + g] * sc);
+      table[r] = _mm512_fmadd_ps(codes, _mm512_set1_ps(sc), _mm512_set1_ps(-zero[r * G + g] * sc));
     }
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+    const int64_t steps = STEPS ? STEPS : group / 32;
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t k = g * group + 32 * j;
       __m512 xe[MR], xo[MR];
       for (int m = 0; m < MR; ++m) {
         xe[m] = _mm512_loadu_ps(xp + m * ldx + k);
@@ -132,12 +136,8 @@ inline void w4_tile(const float* xp, int64_t ldx, const uint8_t* p, int64_t K, c
         if ((k & 127) == 0) prefetch_ahead(p + r * Kb + k / 2, PREFETCH_TILES * NR * Kb);
         __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * Kb + k / 2));
         __m512i v = _mm512_cvtepu8_epi32(b);
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        // (code - zero) * scale as code * scale + (-zero * scale): one fma, one rounding. (A
-        // 16-entry vpermps lookup table per group was measured slower: port 5 is the limit.)
-        lo = _mm512_fmadd_ps(lo, s[r], nzs[r]);
-        hi = _mm512_fmadd_ps(hi, s[r], nzs[r]);
+        const __m512 lo = _mm512_permutexvar_ps(v, table[r]);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[r]);
         for (int m = 0; m < MR; ++m) {
           acc[m][r] = _mm512_fmadd_ps(lo, xe[m], acc[m][r]);
           acc[m][r] = _mm512_fmadd_ps(hi, xo[m], acc[m][r]);
@@ -301,9 +301,18 @@ at::Tensor w4a16_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::
   float* yp = y.data_ptr<float>();
   constexpr int NR = 4;
   run_tiles<NR>(M, N, K, [&](auto mr, auto nr, int64_t n, int64_t m0) {
-    w4_tile<decltype(mr)::value, decltype(nr)::value>(xp + m0 * K, K, pp + n * (K / 2), K,
-                                                      sp + n * G, zp + n * G, G, group,
-                                                      bp ? bp + n : nullptr, yp + m0 * N + n, N);
+    auto tile = [&](auto steps) {
+      w4_tile<decltype(mr)::value, decltype(nr)::value, decltype(steps)::value>(
+          xp + m0 * K, K, pp + n * (K / 2), K, sp + n * G, zp + n * G, G, group,
+          bp ? bp + n : nullptr, yp + m0 * N + n, N);
+    };
+    if (group == 64) {
+      tile(std::integral_constant<int, 2>{});
+    } else if (group == 128) {
+      tile(std::integral_constant<int, 4>{});
+    } else {
+      tile(std::integral_constant<int, 0>{});
+    }
   });
   return like_rows(y, x_in);
 }

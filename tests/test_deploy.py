@@ -348,6 +348,19 @@ def test_16_bit_float_embedding_and_head_stay_16_bit_after_loading(
     assert torch.equal(logits(load_model(resaved)[0], token_ids), expected)
 
 
+def test_float16_storage_refuses_a_value_it_cannot_hold(calibration_ids):
+    from channelwise.deploy.packed import round_float_tensors_
+
+    model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
+    pack_model(model)
+    model.model.norm.weight.data[3] = 1e5  # above float16's 65504
+    embedding = model.model.embed_tokens.weight.clone()
+    with pytest.raises(PackingError, match=r"model\.norm\.weight: 1e\+05 does not fit"):
+        round_float_tensors_(model, torch.float16)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # nothing rounded
+    assert round_float_tensors_(model, torch.bfloat16) > 0
+
+
 def test_float32_checkpoint_keeps_a_float32_embedding(calibration_ids, tmp_path):
     model = compressed("llama", "rtn-w4a16-g64", calibration_ids)
     pack_model(model)

@@ -506,14 +506,24 @@ def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
     anchors keep their embeddings in fp16). Scales stay float32. Returns the elements rounded."""
     if not dtype.is_floating_point:
         raise PackingError(f"float storage dtype must be a float type, not {dtype}")
-    grids, seen, rounded = grid_keys(model), set(), 0
+    grids, seen, todo = grid_keys(model), set(), []
     for key, tensor in model.state_dict().items():
         where = storage_key(tensor)
         if key in grids or not tensor.is_floating_point() or where in seen:
             continue
         seen.add(where)
-        tensor.copy_(tensor.to(dtype).to(tensor.dtype))
-        rounded += tensor.numel()
+        narrow = tensor.to(dtype)
+        overflow = torch.isfinite(tensor) & ~torch.isfinite(narrow)
+        if bool(overflow.any()):  # checked for all before any is written
+            worst = tensor[overflow].abs().max().item()
+            raise PackingError(
+                f"{key}: {worst:.4g} does not fit in {dtype} (max {torch.finfo(dtype).max:.4g}); "
+                "store the float tensors in bfloat16 or float32"
+            )
+        todo.append((tensor, narrow))
+    for tensor, narrow in todo:
+        tensor.copy_(narrow.to(tensor.dtype))
+    rounded = sum(tensor.numel() for tensor, _ in todo)
     setattr(model, FLOAT_DTYPE_ATTR, dtype)
     return rounded
 

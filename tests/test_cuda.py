@@ -90,3 +90,43 @@ def test_kv_cache_preset_gives_the_same_quality_on_cuda(
         f"{preset}: ppl {results['cuda']:.4f} on CUDA, {results['cpu']:.4f} on the CPU "
         f"(fp {fp:.4f})"
     )
+
+
+@pytest.mark.parametrize(
+    ("preset", "kernel"),
+    [("rtn-w8a8", "aten::_int_mm"), ("rtn-w8a16", None), ("rtn-w4a16-g64", None)],
+)
+def test_packed_checkpoint_runs_on_cuda(preset, kernel, token_ids, calibration_ids, tmp_path):
+    """A packed checkpoint loads onto the GPU and gives the fake-quant model's logits: W8A8
+    through torch._int_mm (cuBLASLt int8), the weight-only ones through their de-quantized
+    weights (no CUDA weight-only kernel here)."""
+    from conftest import build_tiny_tokenizer
+
+    from channelwise import load_model
+    from channelwise.compress import save_quantized
+    from channelwise.deploy import pack_model
+    from channelwise.deploy.packed import use_kernels
+
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, preset, calibration_ids, progress=False)
+    expected = logits(model, token_ids)
+    quantization_error = relative_error(
+        expected, logits(build_tiny_model("llama", **WIDE), token_ids)
+    )
+    pack_model(model)
+    loaded, _ = load_model(
+        save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"), device="cuda"
+    )
+    before = use_kernels(True)
+    try:
+        with torch.profiler.profile() as profile:
+            got = logits(loaded, token_ids.cuda()).cpu()
+    finally:
+        use_kernels(before)
+    assert torch.isfinite(got).all()
+    # W8A8 sums exactly in int32; per-token codes may round differently after a float sum in
+    # another order (see test_deploy's kernel test): a fraction of the quantization error.
+    bound = 0.5 * quantization_error if kernel else 1e-4
+    assert relative_error(got, expected) < bound
+    if kernel is not None:
+        assert kernel in {event.key for event in profile.key_averages()}

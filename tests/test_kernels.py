@@ -245,6 +245,39 @@ def test_w8a8_equals_the_exact_integer_reference(m, out, inp):
     assert torch.equal(got, w8a8_reference(x, w, w_scale, bias))  # int32 sums are exact
 
 
+def test_exact_int_matmul_without_integer_matmul_is_exact():
+    # CUDA has no integer matmul: the W8A8 reference sums in float64 there. Worst-case
+    # magnitudes (|x| = 128, |w − z| = 255) over a long row stay exact.
+    a = torch.full((3, 8192), -128, dtype=torch.int8)
+    a[1] = torch.randint(-128, 128, (8192,), generator=gen(90), dtype=torch.int8)
+    b = torch.full((8192, 5), 255, dtype=torch.int32)
+    b[:, 1] = -255
+    b[:, 2] = torch.randint(-255, 256, (8192,), generator=gen(91), dtype=torch.int32)
+    expected = a.to(torch.int32) @ b
+    assert torch.equal(cpu._int_matmul_in_float64(a, b), expected)
+    assert torch.equal(cpu.exact_int_matmul(a, b), expected)
+
+
+@pytest.mark.parametrize("m", [1, 17, 300])
+@pytest.mark.parametrize(("x_scale", "asymmetric"), [(None, False), (0.03, True)])
+def test_w8a8_without_the_extension_is_the_torch_path_cuda_runs(
+    m, x_scale, asymmetric, monkeypatch
+):
+    # On CUDA w8a8_linear runs torch's quantizers, torch._int_mm and a torch de-quantize: the
+    # same code as on a CPU without the extension, checked here bit for bit.
+    monkeypatch.setattr(cpu, "_ops", lambda: None)
+    g = gen(92 + m)
+    x = torch.randn(m, 96, generator=g)
+    if asymmetric:
+        w = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
+        zero = torch.randint(-20, 20, (40,), generator=g, dtype=torch.int32)
+    else:
+        w, zero = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8), None
+    scale, bias = torch.rand(40, generator=g) * 0.01, torch.randn(40, generator=g)
+    got = w8a8_linear(x, w, scale, bias, x_scale, zero)
+    assert torch.equal(got, w8a8_reference(x, w, scale, bias, x_scale, zero))
+
+
 def test_w8a8_zero_token_and_extreme_codes():
     x = torch.randn(17, 64, generator=gen(16))
     x[5] = 0

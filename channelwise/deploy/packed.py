@@ -140,10 +140,10 @@ class PackedCodes(nn.Module):
         w = self.dequantized().to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
-    # --- integer kernels (CPU, float32 activations) ---------------------------------------------
+    # --- integer kernels (float32 activations; CPU, and W8A8 on CUDA) --------------------------
 
     def _kernel_ready(self, x: Tensor) -> bool:
-        return _KERNELS["on"] and x.dtype is torch.float32 and x.device.type == "cpu"
+        return _KERNELS["on"] and x.dtype is torch.float32 and x.device.type in ("cpu", "cuda")
 
     def _kernel_call(self, int8_input: bool) -> _KernelCall | None:
         """The kernel and its weight operands, built once and reused while the buffers they were
@@ -177,11 +177,14 @@ class PackedCodes(nn.Module):
             if name in _WATCHED and t is not None
         )
         qweight, scale = buffers["qweight"], buffers["scale"]
+        if qweight.device.type != "cpu" and not (int8_input and self.int8_gemm):
+            return _KernelCall(None, (), watched)  # CUDA: only W8A8 (torch._int_mm) is real
+        on_cpu = qweight.device.type == "cpu"  # oneDNN's packed weight, the VNNI kernel: CPU
         int8 = self._int8_codes() if self.int8_gemm else None
         if self.int8_rows:
             if int8_input:
-                packed = kernels.prepack_int8(int8)
-                unsigned = kernels.unsigned_codes(self._uint8_codes())
+                packed = kernels.prepack_int8(int8) if on_cpu else None
+                unsigned = kernels.unsigned_codes(self._uint8_codes()) if on_cpu else None
                 return _KernelCall(
                     kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_packed=packed,
                     w_unsigned=unsigned,
@@ -189,7 +192,7 @@ class PackedCodes(nn.Module):
             return _KernelCall(kernels.w8a16_linear, (int8, scale[:, 0]), watched)
         if self.uint8_rows and int8_input:  # zero z − 128 in int32, as the codes
             zero = buffers["zero"][:, 0].to(torch.int32)
-            unsigned = kernels.unsigned_codes(qweight, zero)
+            unsigned = kernels.unsigned_codes(qweight, zero) if on_cpu else None
             return _KernelCall(
                 kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_zero=zero - 128,
                 w_unsigned=unsigned,
@@ -331,7 +334,7 @@ class PackedLinear(PackedCodes):
         if not (self.int8_gemm and self._kernel_ready(x)):
             return False
         if torch.compiler.is_compiling():
-            return kernels.small_m_kernel(x.numel() // x.shape[-1])
+            return x.device.type == "cpu" and kernels.small_m_kernel(x.numel() // x.shape[-1])
         return True
 
     def forward(self, x: Tensor) -> Tensor:

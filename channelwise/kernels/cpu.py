@@ -165,7 +165,7 @@ def quantize_static(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     ``(M, in)`` int8 (the fake quantizer's), and the scale per row ``(M, 1)``, NaN for a row
     holding a non-finite value (its output row is then NaN, not that of clamped codes)."""
     codes = torch.round(x / torch.tensor(scale, dtype=torch.float32)).clamp_(-128, 127)
-    column = torch.full((x.shape[0], 1), scale, dtype=torch.float32)
+    column = torch.full((x.shape[0], 1), scale, dtype=torch.float32, device=x.device)
     column.masked_fill_(~torch.isfinite(x).all(dim=-1, keepdim=True), float("nan"))
     return codes.nan_to_num_(0).to(torch.int8), column
 
@@ -212,8 +212,20 @@ def w8a8_reference(
     w32 = (
         w.to(torch.int32) if w_zero is None else w.to(torch.int32) - w_zero.to(torch.int32)[:, None]
     )
-    acc = xq.to(torch.int32) @ w32.T
-    return _dequantize_acc(acc, x_scale, w_scale, bias)
+    return _dequantize_acc(exact_int_matmul(xq, w32.T), x_scale, w_scale, bias)
+
+
+def exact_int_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of integer tensors, exactly, as int32: an int32 matmul on the CPU; elsewhere
+    (CUDA has no integer matmul) in float64, whose sums of these products are exact: int8
+    activations times weights within ±255 stay below 2⁵³ for any ``in`` under 10¹¹."""
+    if a.device.type == "cpu":
+        return a.to(torch.int32) @ b.to(torch.int32)
+    return _int_matmul_in_float64(a, b)
+
+
+def _int_matmul_in_float64(a: Tensor, b: Tensor) -> Tensor:
+    return (a.double() @ b.double()).to(torch.int32)
 
 
 def _dequantize_acc(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -343,7 +355,8 @@ def w8a8_linear(
     ``w_unsigned`` (:func:`unsigned_codes`: the codes as packed modules store them, unsigned, and
     their zero per row) lets up to :data:`SMALL_M` tokens (decode) take the extension's VNNI
     kernel, which reads each weight byte once (oneDNN and ``_int_mm`` are slow for a few rows).
-    Returns ``(..., out)``; bit-identical to :func:`w8a8_reference`.
+    Returns ``(..., out)``; bit-identical to :func:`w8a8_reference`. On CUDA tensors the
+    quantizers are torch's and the GEMM is ``torch._int_mm`` (cuBLASLt), with the same rules.
     """
     if x_scale is not None and not (isinstance(x_scale, float) and 0 < x_scale < float("inf")):
         raise KernelInputError(f"x_scale must be a positive finite float, got {x_scale!r}")
@@ -364,8 +377,9 @@ def w8a8_linear(
         )
     if w_unsigned is not None:
         _check_unsigned(w_unsigned, out, in_features)
-    ops = _ops()  # one-pass AVX-512 quantize / de-quantize: eager torch needs ~8 passes
-    if small_m_kernel(m, w_unsigned is not None):
+    on_cpu = x2.device.type == "cpu"  # elsewhere (CUDA): torch's quantizers and _int_mm
+    ops = _ops() if on_cpu else None  # one-pass AVX-512 quantize / de-quantize (eager: ~8)
+    if on_cpu and small_m_kernel(m, w_unsigned is not None):
         xq, x_scale = _tokens_quantized(x, x2, ops, x_scale)
         y = ops.w8a8_small_mm(xq, x_scale, *w_unsigned, w_scale.contiguous(), _contig(bias))
         return y.view(*x.shape[:-1], out)
@@ -375,7 +389,9 @@ def w8a8_linear(
     w_scale, bias = w_scale.contiguous(), _contig(bias)
     # oneDNN picks a kernel ~100x slower for one row into <= 256 outputs (2-4 ms against 0.03
     # for _int_mm: SmolLM2's k/v projections at decode, torch 2.13): _int_mm takes those.
-    onednn = w_packed is not None and w_zero is None and (m > _INT_MM_MIN_M - 1 or out > 256)
+    onednn = (
+        w_packed is not None and on_cpu and w_zero is None and (m >= _INT_MM_MIN_M or out > 256)
+    )
     if onednn:  # y = float(acc)·w_scale, then per token
         zeros = _int64_zeros(out)
         y = torch.ops.onednn.qlinear_pointwise(

@@ -500,13 +500,46 @@ def test_nan_in_a_token_makes_only_that_output_row_nan(m):
         assert y[0].isnan().all() and y[1:].isfinite().all()
 
 
-def test_references_agree_with_public_kernels_for_prefill_dispatch():
-    # M above WEIGHT_ONLY_MAX_M takes de-quantize + F.linear: same numbers as the reference.
-    x = torch.randn(cpu.WEIGHT_ONLY_MAX_M + 1, 64, generator=gen(21))
-    w8 = torch.randint(-127, 128, (8, 64), generator=gen(22), dtype=torch.int8)
-    torch.testing.assert_close(
-        w8a16_linear(x, w8, torch.ones(8)), w8a16_reference(x, w8, torch.ones(8))
-    )
+@pytest.mark.parametrize(("out", "group"), [(8, 64), (37, 32), (5, 128)])
+def test_prefill_dispatch_is_bit_identical_to_the_references(out, group):
+    # Above WEIGHT_ONLY_MAX_M tokens: de-quantize (the extension writes the reference's floats
+    # in one pass) + F.linear, so the same numbers as the reference, bit for bit.
+    x = torch.randn(cpu.WEIGHT_ONLY_MAX_M + 1, 256, generator=gen(21))
+    w8 = torch.randint(-127, 128, (out, 256), generator=gen(22), dtype=torch.int8)
+    scale8, bias = torch.rand(out, generator=gen(23)), torch.randn(out, generator=gen(24))
+    assert torch.equal(w8a16_linear(x, w8, scale8, bias), w8a16_reference(x, w8, scale8, bias))
+    codes, scale, zero = random_w4(out, 256, group, seed=25)
+    args = (pack_int4(codes), scale, zero, group, bias)
+    assert torch.equal(w4a16_linear(x, *args), w4a16_reference(x, *args))
+
+
+@pytest.mark.parametrize("case", ["random", "integer_zero", "extreme", "non_finite"])
+def test_extension_dequantization_writes_the_reference_floats(case):
+    if not kernel_available():
+        pytest.skip("no AVX-512 kernels here: the torch de-quantization serves, by design")
+    from channelwise.kernels import dequantize_w4, dequantize_w8
+
+    ops = cpu._ops()
+    codes, scale, zero = random_w4(19, 192, 64, seed=26)
+    w8 = torch.randint(-128, 128, (19, 45), generator=gen(27), dtype=torch.int8)  # masked tail
+    scale8 = torch.rand(19, generator=gen(28))
+    if case == "integer_zero":
+        zero = zero.round()
+    elif case == "extreme":
+        codes[:3] = 15
+        codes[3:6] = 0
+        scale[0], zero[1] = 3e38, -1e30  # products overflow to inf in both
+        scale8[0] = 3e38
+    elif case == "non_finite":
+        scale[0, 1], zero[2, 0], scale[4, 2] = float("nan"), float("inf"), 0.0
+        scale8[1] = float("nan")
+    got4 = ops.dequantize_w4(pack_int4(codes), scale, zero, 64)
+    want4 = dequantize_w4(pack_int4(codes), scale, zero, 64)
+    assert torch.equal(got4.nan_to_num(), want4.nan_to_num())
+    assert torch.equal(got4.isnan(), want4.isnan())
+    got8, want8 = ops.dequantize_w8(w8, scale8), dequantize_w8(w8, scale8)
+    assert torch.equal(got8.nan_to_num(), want8.nan_to_num())
+    assert torch.equal(got8.isnan(), want8.isnan())
 
 
 def test_compiled_token_quantizer_equals_the_torch_one():

@@ -13,7 +13,8 @@ Dispatch, measured on the 2-core Sapphire Rapids host (``benchmarks/kernels.py``
   1536×576 gate, 1 thread, it is 2.6–3.6× fp32 for M ≤ 8, ~2× at 16, even at 32–64, and stays
   faster than de-quantize + ``F.linear`` up to M = 256 (0.67× vs 0.59× fp32 for W8, 0.51× vs
   0.46× for W4) but not at 512 (0.58× vs 0.89×, 0.42× vs 0.74×): hence the threshold 256;
-* weight-only, more tokens (prefill): de-quantize to fp32 once and call MKL's ``F.linear``;
+* weight-only, more tokens (prefill): de-quantize to fp32 once — the extension writes the
+  references' floats in one pass (SmolLM2 block: 11.2 ms in torch) — and call MKL's ``F.linear``;
 * W8A8: per-token symmetric int8 activations, ``torch._int_mm`` (oneDNN), de-quantized by the
   product of the two scales; quantizing ``x`` and de-quantizing the int32 result are one
   AVX-512 pass each in the extension (in eager torch they cost as much as the GEMM itself).
@@ -250,11 +251,13 @@ def w8a16_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None
     _check_weight(w, torch.int8, "w")
     _check_vector(scale, w.shape[0], "scale")
     _check_bias(bias, w.shape[0])
-    ops = _ops() if x2.shape[0] <= WEIGHT_ONLY_MAX_M else None
+    ops = _ops()
     if ops is None:
         y = w8a16_reference(x2, w, scale, bias)
-    else:
+    elif x2.shape[0] <= WEIGHT_ONLY_MAX_M:
         y = ops.w8a16_mm(x2, w, scale.contiguous(), _contig(bias))
+    else:  # prefill: the reference's weight, de-quantized in one pass, then MKL
+        y = F.linear(x2, ops.dequantize_w8(w, scale.contiguous()), bias)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
@@ -288,13 +291,15 @@ def w4a16_linear(
                 f"got {t.dtype} {tuple(t.shape)}"
             )
     _check_bias(bias, out)
-    use_kernel = x2.shape[0] <= WEIGHT_ONLY_MAX_M and group % W4_KERNEL_GROUP_MULTIPLE == 0
-    ops = _ops() if use_kernel else None
+    ops = _ops() if group % W4_KERNEL_GROUP_MULTIPLE == 0 else None
     if ops is None:
         y = w4a16_reference(x2, packed, scale, zero, group, bias)
-    else:
+    elif x2.shape[0] <= WEIGHT_ONLY_MAX_M:
         args = (x2, packed, scale.contiguous(), zero.contiguous(), group, _contig(bias))
         y = ops.w4a16_mm(*args)
+    else:  # prefill: the reference's weight, de-quantized in one pass, then MKL
+        w = ops.dequantize_w4(packed, scale.contiguous(), zero.contiguous(), group)
+        y = F.linear(x2, w, bias)
     return y.view(*x.shape[:-1], out)
 
 

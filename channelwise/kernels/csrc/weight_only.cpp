@@ -317,6 +317,70 @@ at::Tensor w4a16_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::
   return like_rows(y, x_in);
 }
 
+// ---------------------------------------------------------------- de-quantization (prefill)
+// For many tokens the weight is de-quantized once and multiplied by MKL. These write the same
+// floats as the Python references (torch's (code - zero) * scale, code * scale), in one pass.
+//   dequantize_w4(packed (N,K/2) uint8, scale (N,K/g), zero (N,K/g), g) -> (N,K) f32
+//   dequantize_w8(w (N,K) int8, scale (N,))                              -> (N,K) f32
+at::Tensor dequantize_w4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                         int64_t group) {
+  check_weight(packed);
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: uint8");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group must divide K, % 32 == 0");
+  const int64_t G = K / group;
+  check_params(scale, N, G, "scale");
+  check_params(zero, N, G, "zero");
+  at::Tensor w = at::empty({N, K}, scale.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // lanes of (lo, hi) in weight order: low nibble of byte j is weight 2j, its high one 2j + 1
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        // the group's 16 weights, rounded as torch rounds them: a subtraction, then a product
+        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zp[n * G + g])),
+                                           _mm512_set1_ps(sp[n * G + g]));
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          const __m512i v = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(pp + n * (K / 2) + k / 2)));
+          const __m512 lo = _mm512_permutexvar_ps(v, table);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+          _mm512_storeu_ps(wp + n * K + k, _mm512_permutex2var_ps(lo, first, hi));
+          _mm512_storeu_ps(wp + n * K + k + 16, _mm512_permutex2var_ps(lo, second, hi));
+        }
+      }
+    }
+  });
+  return w;
+}
+
+at::Tensor dequantize_w8(const at::Tensor& q, const at::Tensor& scale) {
+  check_weight(q);
+  TORCH_CHECK(q.scalar_type() == at::kChar, "w: int8");
+  const int64_t N = q.size(0), K = q.size(1);
+  check_params(scale, N, -1, "scale");
+  at::Tensor w = at::empty({N, K}, scale.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m512 s = _mm512_set1_ps(sp[n]);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        _mm512_mask_storeu_ps(wp + n * K + k, mask, _mm512_mul_ps(WidenInt8::load(mask, qp + n * K + k), s));
+      }
+    }
+  });
+  return w;
+}
+
 // ---------------------------------------------------------------- W8A8 helpers (around _int_mm)
 // Per-token symmetric int8: scale = amax / 127 (1 for an all-zero row, NaN if the row has one),
 // q = clamp(round_half_even(x / scale), -127, 127). Same operations, same order, as the Python
@@ -536,6 +600,8 @@ TORCH_LIBRARY(channelwise_cpu, m) {
   m.def("w8a16_mm(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("half_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("w4a16_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group, Tensor? bias) -> Tensor");
+  m.def("dequantize_w4(Tensor packed, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("dequantize_w8(Tensor w, Tensor scale) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_static(Tensor x, float scale) -> (Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) y, Tensor x_scale, Tensor? bias) -> Tensor(a!)");
@@ -547,6 +613,8 @@ TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("w8a16_mm", &w8a16_mm);
   m.impl("half_mm", &half_mm);
   m.impl("w4a16_mm", &w4a16_mm);
+  m.impl("dequantize_w4", &dequantize_w4);
+  m.impl("dequantize_w8", &dequantize_w8);
   m.impl("quantize_per_token", &quantize_per_token);
   m.impl("quantize_static", &quantize_static);
   m.impl("scale_rows_", &scale_rows_);

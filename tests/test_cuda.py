@@ -130,3 +130,30 @@ def test_packed_checkpoint_runs_on_cuda(preset, kernel, token_ids, calibration_i
     assert relative_error(got, expected) < bound
     if kernel is not None:
         assert kernel in {event.key for event in profile.key_averages()}
+
+
+@pytest.mark.parametrize("m", [1, 300])
+def test_public_kernels_take_cuda_tensors(m):
+    """The kernel API on CUDA tensors: the references' torch path (the extension is CPU code),
+    W8A8 through torch._int_mm; no error from the CPU-only extension."""
+    from channelwise import kernels
+
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 128, generator=g).cuda()
+    w8 = torch.randint(-127, 128, (64, 128), generator=g, dtype=torch.int8).cuda()
+    scale = (torch.rand(64, generator=g) * 0.01).cuda()
+    packed = torch.randint(0, 256, (64, 64), generator=g, dtype=torch.uint8).cuda()
+    s4, z4 = torch.rand(64, 2, generator=g).cuda(), (torch.rand(64, 2, generator=g) * 15).cuda()
+    w16 = torch.randn(64, 128, generator=g).half().cuda()
+    pairs = [
+        (kernels.w8a16_linear(x, w8, scale), kernels.w8a16_reference(x, w8, scale)),
+        (
+            kernels.w4a16_linear(x, packed, s4, z4, 64),
+            kernels.w4a16_reference(x, packed, s4, z4, 64),
+        ),
+        (kernels.half_weight_linear(x, w16), kernels.half_weight_reference(x, w16)),
+        (kernels.w8a8_linear(x, w8, scale), kernels.w8a8_reference(x, w8, scale)),
+    ]
+    for got, want in pairs:
+        assert got.is_cuda
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

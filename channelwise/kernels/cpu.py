@@ -251,7 +251,7 @@ def w8a16_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None
     _check_weight(w, torch.int8, "w")
     _check_vector(scale, w.shape[0], "scale")
     _check_bias(bias, w.shape[0])
-    ops = _ops()
+    ops = _ops() if x2.device.type == "cpu" else None  # the extension is CPU code
     if ops is None:
         y = w8a16_reference(x2, w, scale, bias)
     elif x2.shape[0] <= WEIGHT_ONLY_MAX_M:
@@ -291,7 +291,8 @@ def w4a16_linear(
                 f"got {t.dtype} {tuple(t.shape)}"
             )
     _check_bias(bias, out)
-    ops = _ops() if group % W4_KERNEL_GROUP_MULTIPLE == 0 else None
+    on_cpu = x2.device.type == "cpu"  # the extension is CPU code
+    ops = _ops() if on_cpu and group % W4_KERNEL_GROUP_MULTIPLE == 0 else None
     if ops is None:
         y = w4a16_reference(x2, packed, scale, zero, group, bias)
     elif x2.shape[0] <= WEIGHT_ONLY_MAX_M:
@@ -329,7 +330,8 @@ def half_weight_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tens
     _check_weight(w, w.dtype, "w")
     x2 = _check_x(x, w.shape[1])
     _check_bias(bias, w.shape[0])
-    ops = _ops() if x2.shape[0] <= WEIGHT_ONLY_MAX_M else None
+    cpu_rows = x2.device.type == "cpu" and x2.shape[0] <= WEIGHT_ONLY_MAX_M
+    ops = _ops() if cpu_rows else None
     if ops is None:
         y = half_weight_reference(x2, w, bias)
     else:

@@ -309,8 +309,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def half_weight_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``y = x @ w.T + bias`` for a float weight kept at 16 bits (fp16 or bf16): a weight a
-    checkpoint stores at 16 bits (``--float-dtype``) keeps them in memory, read at half the bytes.
+    """``y = x @ w.T + bias`` for a float weight kept in memory at the 16 bits (fp16 or bf16)
+    its checkpoint stores (``--float-dtype``): it reads half the bytes of its fp32 copy.
 
     x ``(..., in)`` f32, w ``(out, in)`` float16 or bfloat16. Returns ``(..., out)`` f32: the
     same values as widening ``w`` (exact) and ``F.linear`` in float32, summed in another order.

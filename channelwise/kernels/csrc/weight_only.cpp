@@ -6,6 +6,7 @@
 //       y[m,n] = sum_k x[m,k] * (code[n,k] - zero[n,k/g]) * scale[n,k/g] + bias[n]
 //       code[n,2j] = packed[n,j] & 0xF, code[n,2j+1] = packed[n,j] >> 4; g % 32 == 0.
 //   half_mm(x (...,K) f32, w (N,K) fp16|bf16, bias (N,)|None)                 -> (...,N) f32
+//   dequantize_w4 / dequantize_w8: the weight as float32, for prefill (MKL multiplies it).
 //   x's leading dims are flattened to M rows (x must be contiguous) and restored on y.
 //
 // Decode is memory bound: the weight is read once per call in its packed form (1 or 0.5 byte a

@@ -84,7 +84,17 @@ def cmd_quantize(args) -> None:
             if recipe.weights is not None
             else "float weights: the recipe quantizes none"
         )
-    print(f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how})")
+    print(
+        f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how}; "
+        f"{_written_bytes(Path(path)) / 1e6:.1f} MB)"
+    )
+
+
+def _written_bytes(path: Path) -> int:
+    """Bytes of a written file, or of every file in a written folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _source_gguf(spec: str | None) -> Path | None:

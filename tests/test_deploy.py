@@ -390,6 +390,8 @@ def test_cli_quantize_writes_each_format(tiny_folder, tmp_path, capsys, fmt, mar
     args = ["-q", "--device", "cpu", "quantize", str(tiny_folder), "--recipe", "rtn-w4a16-g64"]
     assert main([*args, "--out", str(out), "--format", fmt]) == 0
     printed = capsys.readouterr().out
+    files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert f"; {files / 1e6:.1f} MB)" in printed  # what was written, measured
     if marker is None:
         config = json.loads((out / "config.json").read_text())
         assert config["quantization_config"]["format"] == "pack-quantized"

@@ -36,6 +36,23 @@ def greedy(model, ids: torch.Tensor, steps: int = 6):
     return out.sequences, torch.stack(out.scores)
 
 
+def assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, counters) -> set:
+    """Compile ``model``'s decode loop, generate with the kernels on, and check: the expected
+    tokens, scores within 1e-4, no graph break, one graph. Returns the ops that ran."""
+    before = use_kernels(True)
+    try:
+        compile_decode(model)
+        with torch.profiler.profile() as profile:
+            got_ids, got_scores = greedy(model, ids)
+    finally:
+        use_kernels(before)
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # one decode step graph, reused
+    return {event.key for event in profile.key_averages()}
+
+
 @pytest.mark.parametrize(
     "preset, kernel",
     [
@@ -55,20 +72,9 @@ def test_compiled_decode_matches_the_fake_quant_model(
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(7))
     expected_ids, expected_scores = greedy(model, ids)
     pack_model(model)
-    before = use_kernels(True)
-    try:
-        compile_decode(model)
-        with torch.profiler.profile() as profile:
-            got_ids, got_scores = greedy(model, ids)
-    finally:
-        use_kernels(before)
+    ran = assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, fresh_dynamo)
     assert model.generation_config.cache_implementation == "static"
-    assert torch.equal(got_ids, expected_ids)
-    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
-    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
-    assert fresh_dynamo["stats"]["unique_graphs"] == 1  # one decode step graph, reused
     if kernels.kernel_available() and (kernel != "channelwise_cpu::w8a8_small_mm" or cpu._vnni()):
-        ran = {event.key for event in profile.key_averages()}
         assert kernel in ran
 
 
@@ -95,16 +101,6 @@ def test_compiled_decode_runs_the_16_bit_head_of_a_float16_checkpoint(
     expected_ids, expected_scores = greedy(model, ids)
     loaded, _ = load_model(save_quantized(model, build_tiny_tokenizer(), tmp_path / "out"))
     assert isinstance(loaded.lm_head, HalfLinear)
-    before = use_kernels(True)
-    try:
-        compile_decode(loaded)
-        with torch.profiler.profile() as profile:
-            got_ids, got_scores = greedy(loaded, ids)
-    finally:
-        use_kernels(before)
-    assert torch.equal(got_ids, expected_ids)
-    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
-    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
-    assert fresh_dynamo["stats"]["unique_graphs"] == 1
+    ran = assert_compiled_decode_matches(loaded, ids, expected_ids, expected_scores, fresh_dynamo)
     if kernels.kernel_available():
-        assert "channelwise_cpu::half_mm" in {event.key for event in profile.key_averages()}
+        assert "channelwise_cpu::half_mm" in ran

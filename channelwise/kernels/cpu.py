@@ -235,18 +235,30 @@ def _dequantize_acc(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor 
 
 
 # ----------------------------------------------------------------------------- public kernels
+def _decode_fast_path(kernel: str, x: Tensor, *args) -> Tensor | None:
+    """The extension's weight-only ``kernel`` on up to :data:`WEIGHT_ONLY_MAX_M` tokens, with no
+    Python-side checks (the extension checks everything, see csrc/weight_only.cpp); None where
+    it is not built or refuses the input: the caller then re-checks (a readable error) or takes
+    the general path."""
+    ops = _state.get("ops")
+    if ops is None:
+        return None
+    try:
+        if x.numel() <= _MAX_M * x.shape[-1]:
+            return getattr(ops, kernel)(x, *args)
+    except (RuntimeError, TypeError, IndexError, AttributeError):
+        pass
+    return None
+
+
 def w8a16_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = x @ (w · scale).T + bias``.
 
     x ``(..., in)`` f32, w ``(out, in)`` int8 codes, scale ``(out,)`` f32. Returns ``(..., out)``.
     """
-    ops = _state.get("ops")
-    if ops is not None:
-        try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
-            if x.numel() <= _MAX_M * x.shape[-1]:
-                return ops.w8a16_mm(x, w, scale, bias)
-        except (RuntimeError, TypeError, IndexError, AttributeError):
-            pass  # re-checked below: a readable error, or the general path
+    y = _decode_fast_path("w8a16_mm", x, w, scale, bias)
+    if y is not None:
+        return y
     x2 = _check_x(x, w.shape[-1] if isinstance(w, Tensor) and w.dim() == 2 else -1)
     _check_weight(w, torch.int8, "w")
     _check_vector(scale, w.shape[0], "scale")
@@ -270,13 +282,10 @@ def w4a16_linear(
     in code units). Returns ``(..., out)``. Groups that are not multiples of 32 (and prefill)
     take the de-quantize path.
     """
-    ops = _state.get("ops")
-    if ops is not None and type(group) is int and group % W4_KERNEL_GROUP_MULTIPLE == 0:
-        try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
-            if x.numel() <= _MAX_M * x.shape[-1]:
-                return ops.w4a16_mm(x, packed, scale, zero, group, bias)
-        except (RuntimeError, TypeError, IndexError, AttributeError):
-            pass  # re-checked below: a readable error, or the general path
+    if type(group) is int and group % W4_KERNEL_GROUP_MULTIPLE == 0:
+        y = _decode_fast_path("w4a16_mm", x, packed, scale, zero, group, bias)
+        if y is not None:
+            return y
     _check_weight(packed, torch.uint8, "packed")
     out, in_features = packed.shape[0], packed.shape[1] * 2
     if not isinstance(group, int) or group < 2 or group % 2 or in_features % group:
@@ -317,13 +326,9 @@ def half_weight_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tens
     Up to :data:`WEIGHT_ONLY_MAX_M` tokens the extension widens in registers; more take the
     widen + ``F.linear`` path (MKL).
     """
-    ops = _state.get("ops")
-    if ops is not None:
-        try:  # decode fast path: the extension checks everything (see csrc/weight_only.cpp)
-            if x.numel() <= _MAX_M * x.shape[-1]:
-                return ops.half_mm(x, w, bias)
-        except (RuntimeError, TypeError, IndexError, AttributeError):
-            pass  # re-checked below: a readable error, or the general path
+    y = _decode_fast_path("half_mm", x, w, bias)
+    if y is not None:
+        return y
     if not isinstance(w, Tensor) or w.dtype not in HALF_DTYPES or w.dim() != 2:
         got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
         raise KernelInputError(f"w must be a 2-D float16 or bfloat16 tensor (out, in), got {got}")

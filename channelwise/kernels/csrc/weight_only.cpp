@@ -31,6 +31,11 @@ namespace {
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// The first min(left, 16) of 16 lanes: the mask of a row's last, partial chunk.
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
 // Software prefetch of the weight bytes PREFETCH_TILES output tiles ahead, one cache line per
 // call site visit. Rows are short (288-768 bytes for SmolLM2), too short for the hardware
 // streamer to ramp up: with it the W4 decode pass over a whole model's linears went from 14.8 to
@@ -89,7 +94,7 @@ inline void widen_tile(const float* x, int64_t ldx, const typename Widen::T* w, 
     }
   }
   if (k < K) {  // masked tail: K % 16 != 0
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __mmask16 mask = lanes(K - k);
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
     for (int r = 0; r < NR; ++r) {
@@ -374,7 +379,7 @@ at::Tensor dequantize_w8(const at::Tensor& q, const at::Tensor& scale) {
     for (int64_t n = n0; n < n1; ++n) {
       const __m512 s = _mm512_set1_ps(sp[n]);
       for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        const __mmask16 mask = lanes(K - k);
         _mm512_mask_storeu_ps(wp + n * K + k, mask, _mm512_mul_ps(WidenInt8::load(mask, qp + n * K + k), s));
       }
     }
@@ -401,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
       __m512 amax = _mm512_setzero_ps();
       __mmask16 nan = 0;
       for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        const __mmask16 mask = lanes(K - k);
         __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + k));
         nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         amax = _mm512_max_ps(amax, v);
@@ -412,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
       sp[m] = s;
       const __m512 sv = _mm512_set1_ps(s);
       for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        const __mmask16 mask = lanes(K - k);
         __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), sv);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
@@ -442,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_static(const at::Tensor& x, double s
     for (int64_t m = m0; m < m1; ++m) {
       __mmask16 bad = 0;
       for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+        const __mmask16 mask = lanes(K - k);
         const __m512 x16 = _mm512_maskz_loadu_ps(mask, xp + m * K + k);
         bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(x16), inf, _CMP_NLT_UQ);  // inf or NaN
         __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x16, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -488,7 +493,7 @@ at::Tensor dequantize_acc_(at::Tensor& acc, const at::Tensor& x_scale, const at:
       const __m512 xv = _mm512_set1_ps(xs[m]);
       const __m512i rv = _mm512_set1_epi32(zp ? rs[m] : 0);
       for (int64_t n = 0; n < N; n += 16) {
-        const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1u);
+        const __mmask16 mask = lanes(N - n);
         __m512i a = _mm512_maskz_loadu_epi32(mask, ap + m * N + n);
         if (zp) a = _mm512_sub_epi32(a, _mm512_mullo_epi32(rv, _mm512_maskz_loadu_epi32(mask, wz + n)));
         __m512 v = _mm512_cvtepi32_ps(a);
@@ -515,7 +520,7 @@ at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& x_scale, const std::opti
     for (int64_t m = m0; m < m1; ++m) {
       const __m512 xv = _mm512_set1_ps(xs[m]);
       for (int64_t n = 0; n < N; n += 16) {
-        const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1u);
+        const __mmask16 mask = lanes(N - n);
         __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, yp + m * N + n), xv);
         if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + n));
         _mm512_mask_storeu_ps(yp + m * N + n, mask, v);

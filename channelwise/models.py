@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from channelwise.errors import ChannelwiseError, DeviceError, ModelNotFoundError
-from channelwise.paths import channelwise_home
+from channelwise.paths import channelwise_home, permit_as_umask
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def cached_gguf_checkpoint(gguf_path: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    permit_as_umask(tmp)
     tmp.rename(out)
     return out
 

@@ -29,6 +29,17 @@ def output_folder(out_dir: str | os.PathLike, model: object, force: bool) -> Pat
     return out
 
 
+def permit_as_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open`` would (``0o666`` less the
+    umask): safetensors writes through a private temporary file, which leaves mode 0600, so a
+    server running as another user could not read an exported model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` (an old
@@ -41,6 +52,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    permit_as_umask(tmp)
     if not out.exists():
         tmp.rename(out)
         return

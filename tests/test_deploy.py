@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -388,7 +389,14 @@ def test_cli_quantize_writes_each_format(tiny_folder, tmp_path, capsys, fmt, mar
 
     out = tmp_path / fmt
     args = ["-q", "--device", "cpu", "quantize", str(tiny_folder), "--recipe", "rtn-w4a16-g64"]
-    assert main([*args, "--out", str(out), "--format", fmt]) == 0
+    umask = os.umask(0o027)
+    try:
+        assert main([*args, "--out", str(out), "--format", fmt]) == 0
+    finally:
+        os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()}
+    assert modes["model.safetensors"] == 0o640, modes  # safetensors alone leaves 0600
+    assert set(modes.values()) == {0o640}, modes
     printed = capsys.readouterr().out
     files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert f"; {files / 1e6:.1f} MB)" in printed  # what was written, measured

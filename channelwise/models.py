@@ -15,12 +15,18 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from channelwise.errors import ChannelwiseError, DeviceError, ModelNotFoundError
+from channelwise.errors import (
+    ChannelwiseError,
+    CheckpointError,
+    DeviceError,
+    ModelNotFoundError,
+)
 from channelwise.paths import channelwise_home, permit_as_umask
 
 log = logging.getLogger(__name__)
@@ -144,13 +150,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _from_pretrained(source: str | Path, dtype: torch.dtype) -> nn.Module:
+    """transformers' loader, with a compressed-tensors folder's options (see
+    :func:`~channelwise.deploy.compressed_tensors.transformers_load_options`)."""
+    from transformers import AutoModelForCausalLM
+
+    options = {}
+    if isinstance(source, Path):
+        from channelwise.deploy.compressed_tensors import transformers_load_options
+
+        options = transformers_load_options(source)
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used"
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode; a channelwise output folder loads quantized."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     device = resolve_device(device)
@@ -168,13 +194,19 @@ def load_model(
 
             model = load_packed(Path(source), layout, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = _from_pretrained(source, dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except ChannelwiseError:
         raise
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(f"could not load model '{spec}': {first_line}") from exc
+        raise ModelNotFoundError(f"could not load model '{spec}': {_first_line(exc)}") from exc
+    except RuntimeError as exc:
+        if "mismatched_sizes" not in str(exc):  # transformers' load report: tensors that misfit
+            raise
+        raise CheckpointError(
+            f"could not load model '{spec}': its tensors do not match the model its config "
+            "describes (transformers' load report above lists them)"
+        ) from exc
     model = model.to(device).eval()
     if marker is not None and marker.is_file():
         from channelwise.compress import restore_quantized

@@ -172,6 +172,15 @@ def test_checkpoint_whose_layout_does_not_match_its_tensors_is_refused(packed_fo
         load_model(packed_folder)
 
 
+def test_float_checkpoint_whose_config_does_not_fit_its_tensors_is_refused(tiny_folder):
+    config_file = tiny_folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["intermediate_size"] *= 2
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not match the model its config describes"):
+        load_model(tiny_folder, device="cpu")
+
+
 def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
     from safetensors.torch import load_file, save_file
 

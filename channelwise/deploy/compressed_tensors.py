@@ -102,6 +102,39 @@ def export_compressed_tensors(
     return out
 
 
+def transformers_load_options(folder: Path) -> dict:
+    """Extra ``from_pretrained`` arguments for a compressed-tensors checkpoint in ``folder``
+    (``{}`` for any other folder).
+
+    A weight-only scheme is de-quantized once at load
+    (``CompressedTensorsConfig(dequantize=True)``): the same floats the compressed route
+    computes, dense, and the only route that reads the package's packed asymmetric zero points
+    with transformers 5.x (its compressed route builds them unpacked and stops on the size
+    mismatch). A scheme that quantizes activations keeps the
+    compressed route, so the package's forward quantizes the inputs as vLLM would.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict):
+        return {}
+    if quantization.get("quant_method") != "compressed-tensors":
+        return {}
+    groups = quantization.get("config_groups") or {}
+    quantizes_activations = any(
+        isinstance(group, dict)
+        and (group.get("input_activations") or group.get("output_activations"))
+        for group in groups.values()
+    ) or bool(quantization.get("kv_cache_scheme"))
+    if quantizes_activations:
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def _require_package() -> None:
     try:
         import compressed_tensors  # noqa: F401

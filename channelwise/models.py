@@ -150,11 +150,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _from_pretrained(source: str | Path, dtype: torch.dtype) -> nn.Module:
     """transformers' loader, with a compressed-tensors folder's options (see
     :func:`~channelwise.deploy.compressed_tensors.transformers_load_options`)."""
@@ -199,7 +194,8 @@ def load_model(
     except ChannelwiseError:
         raise
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"could not load model '{spec}': {_first_line(exc)}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"could not load model '{spec}': {first_line}") from exc
     except RuntimeError as exc:
         if "mismatched_sizes" not in str(exc):  # transformers' load report: tensors that misfit
             raise

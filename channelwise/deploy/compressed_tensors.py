@@ -110,8 +110,9 @@ def transformers_load_options(folder: Path) -> dict:
     (``CompressedTensorsConfig(dequantize=True)``): the same floats the compressed route
     computes, dense, and the only route that reads the package's packed asymmetric zero points
     with transformers 5.x (its compressed route builds them unpacked and stops on the size
-    mismatch). A scheme that quantizes activations keeps the
-    compressed route, so the package's forward quantizes the inputs as vLLM would.
+    mismatch). A scheme that quantizes activations keeps the compressed route, so the package's
+    own forward quantizes the inputs (symmetric int8 on its ``absmax / 127.5`` grid, where ours
+    and vLLM's kernel use ``absmax / 127``).
     """
     try:
         config = json.loads((folder / "config.json").read_text())

@@ -141,6 +141,29 @@ def cmd_eval(args) -> None:
         write_atomic(args.json, json.dumps(result, indent=2))
 
 
+def cmd_generate(args) -> None:
+    from channelwise import load_model
+    from channelwise.deploy import generate_text
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    result = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+        compiled=args.compile,
+    )
+    print(result.text)
+    seconds = result.compile_seconds
+    compiled = "" if seconds is None else f"; compiled in {seconds:.1f} s"
+    print(
+        f"{result.new_tokens} new tokens after a {result.prompt_tokens}-token prompt in "
+        f"{result.seconds:.2f} s: {result.tokens_per_second:.1f} tok/s{compiled}",
+        file=sys.stderr,
+    )
+
+
 def cmd_compare(args) -> None:
     from channelwise.compare import compare
     from channelwise.report import format_table, plot_comparison, write_json
@@ -260,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int)
     p.add_argument("--json", help="write {'ppl': …} here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy text from a model (or a quantized folder), timed")
+    p.add_argument("model", nargs="?", help="embedded name, checkpoint dir, .gguf or hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-chat", action="store_true", help="skip the tokenizer's chat template")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through the compiled static-cache loop (compiles first, ~30 s)",
+    )
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="several recipes side by side, against fp")
     p.add_argument("--recipes", default="fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64")

@@ -104,3 +104,88 @@ def test_compiled_decode_runs_the_16_bit_head_of_a_float16_checkpoint(
     ran = assert_compiled_decode_matches(loaded, ids, expected_ids, expected_scores, fresh_dynamo)
     if kernels.kernel_available():
         assert "channelwise_cpu::half_mm" in ran
+
+
+# --- generate_text / `channelwise generate` ----------------------------------------------------
+
+
+@pytest.fixture
+def packed_folder(calibration_ids, tmp_path):
+    from conftest import build_tiny_tokenizer
+
+    from channelwise.compress import save_quantized
+
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, "rtn-w4a16-g64", calibration_ids, progress=False)
+    pack_model(model)
+    return save_quantized(model, build_tiny_tokenizer(), tmp_path / "w4")
+
+
+PROMPT = "t5 t9 t17 t3"
+
+
+def test_generate_text_is_the_models_greedy_continuation(packed_folder, fresh_dynamo):
+    from channelwise import load_model
+    from channelwise.deploy import generate_text
+
+    model, tokenizer = load_model(packed_folder, device="cpu")
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    expected, _ = greedy(model, ids, steps=7)
+    eager = generate_text(model, tokenizer, PROMPT, max_new_tokens=7, chat=False)
+    assert eager.prompt_tokens == ids.shape[1]
+    assert eager.new_tokens == 7 and eager.seconds > 0 and eager.compile_seconds is None
+    assert eager.text == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    compiled = generate_text(model, tokenizer, PROMPT, max_new_tokens=7, chat=False, compiled=True)
+    assert compiled.text == eager.text
+    assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
+    assert model.generation_config.cache_implementation == "static"
+
+
+def test_generate_text_decodes_through_a_compressed_kv_cache(calibration_ids, fresh_dynamo):
+    from conftest import build_tiny_tokenizer
+
+    from channelwise.deploy import generate_text
+    from channelwise.kvcache import cache as kv_cache
+
+    model = build_tiny_model("llama")
+    quantize(model, "kivi-kv4", calibration_ids, progress=False)
+    made = []
+    original = kv_cache.make_cache
+    kv_cache.make_cache = lambda m, config=None: made.append(original(m, config)) or made[-1]
+    try:
+        result = generate_text(model, build_tiny_tokenizer(), PROMPT, max_new_tokens=40, chat=False)
+    finally:
+        kv_cache.make_cache = original
+    assert result.new_tokens == 40
+    assert made and made[-1].layers[0].stored_tokens() == 4 + 40 - 1  # the last token is not fed
+    with pytest.raises(ChannelwiseError, match="compressed KV cache decodes eagerly"):
+        generate_text(model, build_tiny_tokenizer(), PROMPT, compiled=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt", "t1", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    ],
+)
+def test_cli_generate_refuses_bad_input(packed_folder, capsys, args, message):
+    from channelwise.cli import main
+
+    assert main(["-q", "--device", "cpu", "generate", str(packed_folder), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_generate_prints_the_text_and_the_rate(packed_folder, capsys):
+    from channelwise import load_model
+    from channelwise.cli import main
+    from channelwise.deploy import generate_text
+
+    args = ["-q", "--device", "cpu", "generate", str(packed_folder), "--prompt", PROMPT]
+    assert main([*args, "--max-new-tokens", "6", "--no-chat"]) == 0
+    out, err = capsys.readouterr()
+    model, tokenizer = load_model(packed_folder, device="cpu")
+    expected = generate_text(model, tokenizer, PROMPT, max_new_tokens=6, chat=False)
+    assert out == expected.text + "\n"
+    assert "6 new tokens after a 4-token prompt in " in err and "tok/s" in err

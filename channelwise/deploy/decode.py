@@ -32,6 +32,9 @@ the graph); non-finite values propagate into NaN outputs, as in the integer kern
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -74,3 +77,90 @@ def compile_decode(model: nn.Module, *, skip_module_guards: bool = True) -> nn.M
     config.cache_implementation = "static"
     config.compile_config = compile_config
     return model
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What :func:`generate_text` produced and how long it took."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    compile_seconds: float | None = None  # the warm-up generate that compiled (``compiled=True``)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    compiled: bool = False,
+) -> Generation:
+    """Greedy continuation of ``prompt`` (through the tokenizer's chat template when it has one
+    and ``chat``), timed after an untimed warm-up (two tokens; with ``compiled``,
+    :func:`compile_decode` and a whole ``generate`` of the same shapes, which compiles the step:
+    ``compile_seconds``). A model quantized with a ``kv_cache`` recipe decodes through its
+    compressed cache."""
+    if not prompt.strip():
+        raise ChannelwiseError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ChannelwiseError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not callable(getattr(model, "generate", None)):
+        raise ChannelwiseError(f"{type(model).__name__} cannot generate text (no .generate)")
+    from channelwise.kvcache.cache import KV_CONFIG_ATTR, make_cache
+    from channelwise.kvcache.evaluate import cache_kwarg
+
+    compressed_kv = getattr(model, KV_CONFIG_ATTR, None) is not None
+    if compiled and compressed_kv:
+        raise ChannelwiseError(
+            "the compiled decode loop uses a static float KV cache; a compressed KV cache "
+            "decodes eagerly (drop --compile)"
+        )
+    device = next(model.parameters()).device
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    ids = encoded["input_ids"].to(device)
+    mask = encoded.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=mask)
+    if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
+        options["pad_token_id"] = tokenizer.eos_token_id
+
+    def run(**override) -> torch.Tensor:
+        extra = {cache_kwarg(model): make_cache(model)} if compressed_kv else {}
+        with torch.no_grad():
+            return model.generate(ids, **{**options, **override}, **extra)
+
+    compile_seconds = None
+    if compiled:
+        compile_decode(model)
+        start = time.perf_counter()
+        run()
+        compile_seconds = time.perf_counter() - start
+    else:  # builds the kernels' operands and loads the extension outside the timing
+        run(max_new_tokens=min(2, max_new_tokens))
+    start = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    return Generation(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=int(ids.shape[1]),
+        new_tokens=int(new.numel()),
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+    )

@@ -137,8 +137,9 @@ def generate_text(
     mask = encoded.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device)
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=mask)
-    if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
-        options["pad_token_id"] = tokenizer.eos_token_id
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if getattr(tokenizer, "pad_token_id", None) is None and eos is not None:
+        options["pad_token_id"] = eos
 
     def run(**override) -> torch.Tensor:
         extra = {cache_kwarg(model): make_cache(model)} if compressed_kv else {}

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
-from channelwise.errors import ChannelwiseError, RecipeError
+from channelwise.errors import ChannelwiseError, CheckpointError, RecipeError
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
@@ -303,17 +303,30 @@ def _step_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _side_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A saved folder's optional safetensors side file (``{}`` if absent)."""
+    if not path.is_file():
+        return {}
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors ({exc})") from None
+
+
 def restore_quantized(model: nn.Module, folder: Path) -> None:
     """Re-install the runtime ops of a saved model (its weights are already on grid).
 
     Each step's ``restore`` runs first (online ops such as rotations), then the activation
     quantizers, each with the spec it was saved with (a method may have chosen its own).
     """
-    marker = json.loads((folder / MARKER_FILE).read_text())
+    from channelwise.deploy.checkpoint import read_marker
+
+    marker = read_marker(folder)
     recipe = Recipe.from_dict(marker.get("recipe"), origin=str(folder / MARKER_FILE))
     adapter = adapter_for(model)
-    state_file = folder / STEP_STATE_FILE
-    state = load_file(str(state_file)) if state_file.is_file() else {}
+    state = _side_tensors(folder / STEP_STATE_FILE)
     methods = [build_method(step, recipe) for step in recipe.steps]
     for index, method in enumerate(methods):
         method.check(model, adapter)
@@ -332,8 +345,7 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
             for name in adapter.linear_names()
         }
     if saved:
-        static_file = folder / STATIC_QPARAMS_FILE
-        static = load_file(str(static_file)) if static_file.is_file() else {}
+        static = _side_tensors(folder / STATIC_QPARAMS_FILE)
         for key, entry in saved.items():
             try:
                 module = model.get_submodule(key)
@@ -346,7 +358,7 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
                 raise ChannelwiseError(f"{folder / MARKER_FILE}: malformed entry for {key}")
             qparams = None
             if entry.get("static"):
-                if f"{key}.scale" not in static:
+                if f"{key}.scale" not in static or f"{key}.zero_point" not in static:
                     raise ChannelwiseError(
                         f"{folder} is missing the static activation "
                         f"ranges of {key}; the checkpoint is incomplete"

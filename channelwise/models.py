@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import warnings
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, struct.error) as exc:  # struct: a cut header
         raise ModelNotFoundError(f"could not read GGUF file {gguf_path}: {exc}") from exc
     # save_pretrained refuses a GGUF-quantized model: rebuild it as a plain float model.
     if hasattr(config, "quantization_config"):
@@ -150,9 +151,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _is_unreadable_checkpoint(exc: Exception) -> bool:
+    """A corrupt safetensors file, or a config that fails transformers' own validation."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return isinstance(exc, SafetensorError | StrictDataclassError)
+
+
 def _from_pretrained(source: str | Path, dtype: torch.dtype) -> nn.Module:
-    """transformers' loader, with a compressed-tensors folder's options (see
-    :func:`~channelwise.deploy.compressed_tensors.transformers_load_options`)."""
+    """transformers' loader, from safetensors only (a pickle can run code when it is read),
+    with a compressed-tensors folder's options (see
+    :func:`~channelwise.deploy.compressed_tensors.transformers_load_options`); a checkpoint that
+    lacks a tensor the model needs is refused, not filled with random values."""
     from transformers import AutoModelForCausalLM
 
     options = {}
@@ -160,9 +171,30 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype) -> nn.Module:
         from channelwise.deploy.compressed_tensors import transformers_load_options
 
         options = transformers_load_options(source)
+        if not any(source.glob("*.safetensors")) and any(source.glob("*.bin")):
+            raise CheckpointError(
+                f"{source} holds only pickled PyTorch weights (*.bin); channelwise reads "
+                "safetensors only, since unpickling can run code. Convert it where you trust "
+                "the file: model.save_pretrained(folder) writes safetensors"
+            )
     with warnings.catch_warnings():  # "the quantization_config from the model will be used"
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, output_loading_info=True, **options
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        packed = any(k.endswith((".qweight", ".scale")) for k in info.get("unexpected_keys", ()))
+        hint = (
+            ": it looks like a channelwise packed folder without its channelwise.json"
+            if packed
+            else ""
+        )
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensor(s) the model needs are not in its checkpoint "
+            f"(first: {missing[0]}){hint}; refusing to fill them with random values"
+        )
+    return model
 
 
 def load_model(
@@ -197,12 +229,17 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"could not load model '{spec}': {first_line}") from exc
     except RuntimeError as exc:
-        if "mismatched_sizes" not in str(exc):  # transformers' load report: tensors that misfit
+        if "report" not in str(exc):  # transformers' load report: tensors that misfit the model
             raise
         raise CheckpointError(
             f"could not load model '{spec}': its tensors do not match the model its config "
             "describes (transformers' load report above lists them)"
         ) from exc
+    except Exception as exc:
+        if not _is_unreadable_checkpoint(exc):
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not load model '{spec}': {first_line}") from exc
     model = model.to(device).eval()
     if marker is not None and marker.is_file():
         from channelwise.compress import restore_quantized

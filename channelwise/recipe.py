@@ -255,8 +255,14 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     path = preset if preset.is_file() else Path(name_or_path).expanduser()
     if not path.is_file():
+        if path.suffix.lower() in (".yaml", ".yml"):
+            raise RecipeError(f"recipe file {path} not found")
         raise RecipeError(
             f"unknown recipe '{name_or_path}': not a preset "
             f"({', '.join(preset_names())}) nor a YAML file"
         )
-    return Recipe.from_yaml(path.read_text(), origin=str(name_or_path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {path} is unreadable as UTF-8 text ({exc})") from None
+    return Recipe.from_yaml(text, origin=str(name_or_path))

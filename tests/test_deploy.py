@@ -181,6 +181,78 @@ def test_float_checkpoint_whose_config_does_not_fit_its_tensors_is_refused(tiny_
         load_model(tiny_folder, device="cpu")
 
 
+def test_float_checkpoint_missing_a_tensor_is_refused_not_randomly_filled(tiny_folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_folder / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.layers.0.mlp.up_proj.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\).*up_proj.weight.*random"):
+        load_model(tiny_folder, device="cpu")
+
+
+def test_packed_folder_without_its_marker_is_refused(packed_folder):
+    (packed_folder / "channelwise.json").unlink()
+    with pytest.raises(CheckpointError, match="packed folder without its channelwise.json"):
+        load_model(packed_folder, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "config"])
+def test_corrupt_float_checkpoint_is_a_checkpoint_error(tiny_folder, damage):
+    if damage == "truncate":
+        weights = tiny_folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # fails transformers' own config validation
+        config_file = tiny_folder / "config.json"
+        config = json.loads(config_file.read_text())
+        config["hidden_size"] = config["num_attention_heads"] * 8 + 1
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="could not load model"):
+        load_model(tiny_folder, device="cpu")
+
+
+def test_pickled_weights_are_refused_before_reading(tiny_folder):
+    (tiny_folder / "model.safetensors").unlink()
+    (tiny_folder / "pytorch_model.bin").write_bytes(b"not read")  # would be unpickled
+    with pytest.raises(CheckpointError, match="pickled PyTorch weights"):
+        load_model(tiny_folder, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        ([1, 2], "expected a JSON object, got list"),
+        ({"packed_linears": ["q_proj"]}, "'packed_linears' must map module names to objects"),
+        ({"input_quantizers": "x"}, "'input_quantizers' must map module names to objects"),
+    ],
+)
+def test_marker_of_the_wrong_shape_is_refused(packed_folder, marker, message):
+    (packed_folder / "channelwise.json").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(packed_folder, device="cpu")
+
+
+def test_unreadable_side_file_is_refused(packed_folder):
+    from channelwise.compress import STEP_STATE_FILE
+
+    (packed_folder / STEP_STATE_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_model(packed_folder, device="cpu")
+
+
+def test_gguf_cut_inside_its_header_is_a_clear_error(tmp_path):
+    import struct
+
+    from channelwise.errors import ModelNotFoundError
+
+    cut = tmp_path / "cut.gguf"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, 2) + struct.pack("<Q", 40) + b"general."
+    cut.write_bytes(header)
+    with pytest.raises(ModelNotFoundError, match="could not read GGUF file"):
+        load_model(cut, device="cpu")
+
+
 def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
     from safetensors.torch import load_file, save_file
 

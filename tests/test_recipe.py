@@ -224,6 +224,15 @@ def test_unknown_preset_lists_the_presets() -> None:
         assert name in message
 
 
+def test_missing_or_binary_recipe_files_get_one_line_errors(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"recipe file .*nope\.yaml not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name: x")
+    with pytest.raises(RecipeError, match="unreadable as UTF-8"):
+        load_recipe(binary)
+
+
 def test_unknown_method_names_it_and_the_registered_ones() -> None:
     recipe = Recipe.from_yaml("name: magic\nweights: {bits: 4}\nsteps: [{method: gptq-magic}]")
     with pytest.raises(RecipeError) as info:

@@ -169,7 +169,17 @@ def read_marker(folder: Path) -> dict:
     """``channelwise.json`` of ``folder`` as a dict, with a clear error if unreadable."""
     from channelwise.models import MARKER_FILE
 
+    path = folder / MARKER_FILE
     try:
-        return json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / MARKER_FILE}: unreadable ({exc})") from None
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(marker).__name__}")
+    for key in ("packed_linears", "input_quantizers"):
+        entries = marker.get(key)
+        if entries is not None and not (
+            isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
+        ):
+            raise CheckpointError(f"{path}: '{key}' must map module names to objects")
+    return marker

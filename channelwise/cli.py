@@ -13,8 +13,18 @@ import time
 from pathlib import Path
 
 from channelwise.errors import ChannelwiseError
+from channelwise.paths import check_output_file, check_parent_writable
+
+JSON_SUFFIXES = (".json",)
 
 DEFAULT_PLOT = "results/compare.png"
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """The file endings matplotlib can write a figure to (``.png``, ``.pdf``, ``.svg``, …)."""
+    from matplotlib.figure import Figure
+
+    return tuple(f".{kind}" for kind in Figure().canvas.get_supported_filetypes())
 
 
 def _protocol(args):
@@ -48,6 +58,7 @@ def cmd_quantize(args) -> None:
         out = gguf_path(out, recipe.name)  # a .gguf file, or <recipe>.gguf in a folder
     if out.exists() and not args.force:
         raise ChannelwiseError(f"{out} exists; choose another --out or pass --force")
+    check_parent_writable(out.expanduser().resolve())
     model, tokenizer = load_model(args.model, device=args.device)
     calibration = (
         _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
@@ -115,6 +126,8 @@ def cmd_eval(args) -> None:
     from channelwise.report import write_atomic
 
     protocol = _protocol(args)
+    if args.json:
+        check_output_file(args.json, JSON_SUFFIXES, args.model)
     model, tokenizer = load_model(args.model, device=args.device)
     windows = protocol.eval_tokens(tokenizer)
     start = time.perf_counter()
@@ -169,6 +182,9 @@ def cmd_compare(args) -> None:
     from channelwise.report import format_table, plot_comparison, write_json
 
     protocol = _protocol(args)
+    if args.json:
+        check_output_file(args.json, JSON_SUFFIXES, args.model)
+    check_output_file(args.plot, image_suffixes(), args.model)
     recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     rows = compare(recipes, args.model, protocol, progress=not args.quiet, device=args.device)
     print(format_table(rows))
@@ -191,6 +207,7 @@ def cmd_inspect(args) -> None:
     from channelwise.report import outlier_change_summary, outlier_summary, plot_channel_heatmap
 
     protocol = _protocol(args)
+    check_output_file(args.out, image_suffixes(), args.model)
     found = inspect_channels(
         args.model, protocol, args.recipe, device=args.device, progress=not args.quiet
     )

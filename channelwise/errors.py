@@ -33,7 +33,11 @@ class DataSourceError(ChannelwiseError):
     """A calibration or evaluation data source cannot be read or reached."""
 
 
-class OutputExistsError(ChannelwiseError):
+class OutputPathError(ChannelwiseError):
+    """An output path cannot be written: wrong kind, unwritable, or inside an input."""
+
+
+class OutputExistsError(OutputPathError):
     """An output path exists and ``force`` was not given."""
 
 

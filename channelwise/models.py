@@ -146,6 +146,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise DeviceError(f"unknown device '{device}': use cpu, cuda or cuda:N") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device '{device}' is not supported: use cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device '{device}' requested but no CUDA device is available")
     return resolved

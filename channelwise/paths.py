@@ -40,6 +40,38 @@ def permit_as_umask(folder: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], *inputs) -> Path:
+    """``path`` resolved, checked before any work: it ends in one of ``suffixes``, is not a
+    folder, lies in a folder that exists or can be created, and is not inside any of ``inputs``
+    (model sources: a report must never replace a model's file)."""
+    from channelwise.errors import OutputPathError
+
+    out = Path(path).expanduser().resolve()
+    if out.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{path}: expected a file ending in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise OutputPathError(f"{path} is a folder; give a file path")
+    for source in inputs:
+        folder = Path(str(source)).expanduser() if source is not None else None
+        if folder is not None and folder.exists() and out.is_relative_to(folder.resolve()):
+            raise OutputPathError(f"refusing to write {path} inside the input model {source}")
+    check_parent_writable(out)
+    return out
+
+
+def check_parent_writable(out: Path) -> None:
+    """The nearest existing ancestor of ``out`` must be a folder this process can write."""
+    from channelwise.errors import OutputPathError
+
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot write {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {out}: {ancestor} is not writable")
+
+
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` (an old

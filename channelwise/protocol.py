@@ -28,6 +28,11 @@ class Protocol:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise DataSourceError(
+                f"seqlen must be at least 2 (a window predicts its tokens after the first), "
+                f"got {self.seqlen}"
+            )
         if self.calib_data == self.eval_data:
             raise DataSourceError(
                 f"calibration and evaluation both use '{self.eval_data}'; "

@@ -25,6 +25,12 @@ def test_recipes_lists_every_preset(capsys):
         (("eval", "/nonexistent/model"), "not found"),
         (("compare", "--recipes", "fp,bogus"), "unknown recipe 'bogus'"),
         (("eval", "--data", "/nonexistent/text.txt", "--windows", "1"), "/nonexistent/text.txt"),
+        (("--device", "meta", "eval"), "device 'meta' is not supported"),
+        (("eval", "--seqlen", "1"), "seqlen must be at least 2"),
+        (("eval", "--windows", "1", "--seqlen", "9000"), "exceed the model's 8192 positions"),
+        (("compare", "--recipes", "fp", "--plot", "/tmp/chart"), "expected a file ending in"),
+        (("inspect", "--out", "/tmp/heat.txt"), "expected a file ending in"),
+        (("eval", "--json", "/tmp/report.csv"), "expected a file ending in .json"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -51,3 +57,39 @@ def test_existing_output_is_refused_and_left_untouched(capsys, tmp_path):
     code, _, err = run(capsys, "quantize", "--recipe", "rtn-w8a16", "--out", str(out))
     assert code == 2 and "exists" in err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_report_paths_are_checked_before_any_work(capsys, tmp_path):
+    folder = tmp_path / "is_a_folder.json"
+    folder.mkdir()
+    code, _, err = run(capsys, "eval", "--json", str(folder))
+    assert code == 2 and "is a folder" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    code, _, err = run(capsys, "compare", "--plot", str(blocker / "sub" / "chart.png"))
+    assert code == 2 and "is a file, not a folder" in err
+    code, _, err = run(capsys, "quantize", "--recipe", "rtn-w8a16", "--out", str(blocker / "out"))
+    assert code == 2 and "is a file, not a folder" in err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_report_never_replaces_a_file_of_the_input_model(capsys, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"weights")
+    for target in (weights, model / "scores.json"):
+        code, _, err = run(capsys, "eval", str(model), "--json", str(target))
+        assert code == 2 and "error: " in err
+    assert weights.read_bytes() == b"weights" and not (model / "scores.json").exists()
+
+
+def test_write_failures_are_one_line_and_leave_no_temporary(tmp_path):
+    from channelwise.errors import OutputPathError
+    from channelwise.report import write_atomic
+
+    target = tmp_path / "out.json"
+    target.mkdir()  # renaming a file over a folder fails
+    with pytest.raises(OutputPathError, match="could not write"):
+        write_atomic(target, "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

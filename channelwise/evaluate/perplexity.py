@@ -14,13 +14,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.engine import model_device
-from channelwise.errors import NonFiniteError
+from channelwise.errors import DataSourceError, NonFiniteError
 
 
 def window_nll(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> torch.Tensor:
     """Summed next-token NLL of each window, ``(n_windows, seq)`` → ``(n_windows,)`` float64."""
+    check_window_length(model, windows.shape[-1])
     device = model_device(model)
     totals = []
     with torch.no_grad():
@@ -33,6 +34,17 @@ def window_nll(
             batch = windows[start : start + batch_size].to(device)
             totals.append(next_token_nll(model(batch, use_cache=False).logits, batch))
     return torch.cat(totals)
+
+
+def check_window_length(model: nn.Module, length: int) -> None:
+    """Refuse windows longer than the positions ``model`` was trained on (its config's
+    ``max_position_embeddings``, where it has one)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        raise DataSourceError(
+            f"windows of {length} tokens exceed the model's {limit} positions "
+            f"(max_position_embeddings); use --seqlen {limit} or less"
+        )
 
 
 def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,11 @@ from tqdm.auto import tqdm
 
 from channelwise.engine import model_device
 from channelwise.errors import KVCacheError
-from channelwise.evaluate.perplexity import next_token_nll, perplexity_from_nll
+from channelwise.evaluate.perplexity import (
+    check_window_length,
+    next_token_nll,
+    perplexity_from_nll,
+)
 from channelwise.kvcache.cache import KVCacheConfig, make_cache
 
 
@@ -49,6 +53,7 @@ def chunked_window_nll(
     """Summed next-token NLL of each window read through a compressed cache → ``(n,)`` float64."""
     if chunk < 1:
         raise KVCacheError(f"chunk must be a positive number of tokens, got {chunk}")
+    check_window_length(model, windows.shape[-1])
     device = model_device(model)
     totals = []
     with torch.no_grad():

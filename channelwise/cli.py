@@ -47,10 +47,19 @@ def cmd_quantize(args) -> None:
     from channelwise.compress import needs_calibration
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
+    from channelwise.methods.registry import quantizes_weights
 
     recipe = load_recipe(args.recipe)
     if args.float_dtype != "float32" and args.format != "packed":
         raise ChannelwiseError("--float-dtype needs --format packed")
+    if args.gguf_float != "F32" and args.format != "gguf":
+        raise ChannelwiseError("--gguf-float needs --format gguf")
+    exports = args.format in ("compressed-tensors", "gguf")
+    if exports and not any(quantizes_weights(step.method) for step in recipe.steps):
+        raise ChannelwiseError(
+            f"recipe '{recipe.name}' quantizes no linear weights: --format {args.format} has "
+            "nothing to export (use --format packed or fake)"
+        )
     out = Path(args.out)
     if args.format == "gguf":
         from channelwise.deploy.gguf import gguf_path

@@ -31,6 +31,8 @@ def test_recipes_lists_every_preset(capsys):
         (("compare", "--recipes", "fp", "--plot", "/tmp/chart"), "expected a file ending in"),
         (("inspect", "--out", "/tmp/heat.txt"), "expected a file ending in"),
         (("eval", "--json", "/tmp/report.csv"), "expected a file ending in .json"),
+        (("quantize", "--recipe", "fp", "--format", "gguf", "--out", "/x"), "nothing to export"),
+        (("quantize", "--recipe", "rtn-w8a16", "--gguf-float", "F16", "--out", "/x"), "needs --"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

@@ -153,6 +153,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """``exc``'s message on one line (whitespace collapsed), at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _is_unreadable_checkpoint(exc: Exception) -> bool:
     """A corrupt safetensors file, or a config that fails transformers' own validation."""
     from huggingface_hub.errors import StrictDataclassError
@@ -224,12 +230,16 @@ def load_model(
             model = load_packed(Path(source), layout, dtype)
         else:
             model = _from_pretrained(source, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(
+                f"could not load the tokenizer of '{spec}': {_one_line(exc)}"
+            ) from exc
     except ChannelwiseError:
         raise
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(f"could not load model '{spec}': {first_line}") from exc
+        raise ModelNotFoundError(f"could not load model '{spec}': {_one_line(exc)}") from exc
     except RuntimeError as exc:
         if "report" not in str(exc):  # transformers' load report: tensors that misfit the model
             raise
@@ -240,8 +250,7 @@ def load_model(
     except Exception as exc:
         if not _is_unreadable_checkpoint(exc):
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not load model '{spec}': {first_line}") from exc
+        raise CheckpointError(f"could not load model '{spec}': {_one_line(exc)}") from exc
     model = model.to(device).eval()
     if marker is not None and marker.is_file():
         from channelwise.compress import restore_quantized

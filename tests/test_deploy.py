@@ -212,6 +212,15 @@ def test_corrupt_float_checkpoint_is_a_checkpoint_error(tiny_folder, damage):
         load_model(tiny_folder, device="cpu")
 
 
+def test_missing_tokenizer_is_named_in_one_line(tiny_folder):
+    from channelwise.errors import ModelNotFoundError
+
+    (tiny_folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="could not load the tokenizer of") as info:
+        load_model(tiny_folder, device="cpu")
+    assert "\n" not in str(info.value)
+
+
 def test_pickled_weights_are_refused_before_reading(tiny_folder):
     (tiny_folder / "model.safetensors").unlink()
     (tiny_folder / "pytorch_model.bin").write_bytes(b"not read")  # would be unpickled

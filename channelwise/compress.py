@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
-from channelwise.errors import ChannelwiseError, CheckpointError, RecipeError
+from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
@@ -305,14 +305,9 @@ def _step_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _side_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A saved folder's optional safetensors side file (``{}`` if absent)."""
-    if not path.is_file():
-        return {}
-    from safetensors import SafetensorError
+    from channelwise.deploy.checkpoint import read_safetensors
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors ({exc})") from None
+    return read_safetensors(path) if path.is_file() else {}
 
 
 def restore_quantized(model: nn.Module, folder: Path) -> None:

@@ -51,9 +51,9 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], *input
         raise OutputPathError(f"{path}: expected a file ending in {' or '.join(suffixes)}")
     if out.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file path")
-    for source in inputs:
-        folder = Path(str(source)).expanduser() if source is not None else None
-        if folder is not None and folder.exists() and out.is_relative_to(folder.resolve()):
+    for source in filter(None, inputs):
+        folder = Path(str(source)).expanduser()
+        if folder.exists() and out.is_relative_to(folder.resolve()):
             raise OutputPathError(f"refusing to write {path} inside the input model {source}")
     check_parent_writable(out)
     return out

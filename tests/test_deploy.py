@@ -155,6 +155,22 @@ def packed_folder(calibration_ids, tmp_path) -> Path:
     return save_quantized(model, build_tiny_tokenizer(), tmp_path / "out")
 
 
+def drop_tensor(folder: Path, key: str) -> None:
+    """Delete ``key`` from ``folder``'s model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    del state[key]
+    save_file(state, str(weights), metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Overwrite fields of ``folder``'s config.json."""
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
+
+
 def test_corrupt_checkpoint_is_refused(packed_folder):
     weights = packed_folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -173,21 +189,14 @@ def test_checkpoint_whose_layout_does_not_match_its_tensors_is_refused(packed_fo
 
 
 def test_float_checkpoint_whose_config_does_not_fit_its_tensors_is_refused(tiny_folder):
-    config_file = tiny_folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config["intermediate_size"] *= 2
-    config_file.write_text(json.dumps(config))
+    config = json.loads((tiny_folder / "config.json").read_text())
+    edit_config(tiny_folder, intermediate_size=config["intermediate_size"] * 2)
     with pytest.raises(CheckpointError, match="do not match the model its config describes"):
         load_model(tiny_folder, device="cpu")
 
 
 def test_float_checkpoint_missing_a_tensor_is_refused_not_randomly_filled(tiny_folder):
-    from safetensors.torch import load_file, save_file
-
-    weights = tiny_folder / "model.safetensors"
-    state = load_file(str(weights))
-    del state["model.layers.0.mlp.up_proj.weight"]
-    save_file(state, str(weights), metadata={"format": "pt"})
+    drop_tensor(tiny_folder, "model.layers.0.mlp.up_proj.weight")
     with pytest.raises(CheckpointError, match=r"1 tensor\(s\).*up_proj.weight.*random"):
         load_model(tiny_folder, device="cpu")
 
@@ -204,10 +213,8 @@ def test_corrupt_float_checkpoint_is_a_checkpoint_error(tiny_folder, damage):
         weights = tiny_folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
     else:  # fails transformers' own config validation
-        config_file = tiny_folder / "config.json"
-        config = json.loads(config_file.read_text())
-        config["hidden_size"] = config["num_attention_heads"] * 8 + 1
-        config_file.write_text(json.dumps(config))
+        heads = json.loads((tiny_folder / "config.json").read_text())["num_attention_heads"]
+        edit_config(tiny_folder, hidden_size=heads * 8 + 1)
     with pytest.raises(CheckpointError, match="could not load model"):
         load_model(tiny_folder, device="cpu")
 
@@ -263,12 +270,7 @@ def test_gguf_cut_inside_its_header_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
-    from safetensors.torch import load_file, save_file
-
-    weights = packed_folder / "model.safetensors"
-    state = load_file(str(weights))
-    del state["model.layers.1.mlp.down_proj.scale"]
-    save_file(state, str(weights), metadata={"format": "pt"})
+    drop_tensor(packed_folder, "model.layers.1.mlp.down_proj.scale")
     with pytest.raises(CheckpointError, match="missing.*down_proj.scale"):
         load_model(packed_folder)
 

@@ -115,6 +115,15 @@ def _linear_shape(module: nn.Module, transposed: bool) -> tuple[int, int]:
     return tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a corrupt or unreadable one is a
+    :class:`CheckpointError`."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
 def _load_state(model: nn.Module, folder: Path) -> dict[str, torch.dtype]:
     """Load ``folder``'s tensors into ``model``; returns the dtype each key was stored in."""
     files = sorted(folder.glob("*.safetensors"))
@@ -123,10 +132,7 @@ def _load_state(model: nn.Module, folder: Path) -> dict[str, torch.dtype]:
         raise CheckpointError(f"{folder}: no model*.safetensors file")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+        state.update(read_safetensors(file))
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     if unexpected:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from channelwise.errors import ChannelwiseError
-from channelwise.paths import check_output_file, check_parent_writable
+from channelwise.paths import check_output_file, check_parent_writable, check_replaceable
 
 JSON_SUFFIXES = (".json",)
 
@@ -65,9 +65,9 @@ def cmd_quantize(args) -> None:
         from channelwise.deploy.gguf import gguf_path
 
         out = gguf_path(out, recipe.name)  # a .gguf file, or <recipe>.gguf in a folder
-    if out.exists() and not args.force:
-        raise ChannelwiseError(f"{out} exists; choose another --out or pass --force")
-    check_parent_writable(out.expanduser().resolve())
+    out = out.expanduser().resolve()
+    check_replaceable(out, args.force, kind="gguf" if args.format == "gguf" else "folder")
+    check_parent_writable(out)
     model, tokenizer = load_model(args.model, device=args.device)
     calibration = (
         _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None

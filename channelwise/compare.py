@@ -10,6 +10,7 @@ from pathlib import Path
 
 from channelwise.compress import CompressionResult, needs_calibration, plan, quantize
 from channelwise.engine import model_device
+from channelwise.errors import RecipeError
 from channelwise.evaluate import perplexity
 from channelwise.kvcache import chunked_perplexity, kv_bytes
 from channelwise.memory import PeakMemory
@@ -64,6 +65,13 @@ def compare(
     """
     protocol = protocol or Protocol()
     loaded = [load_recipe(name) for name in recipes]  # validate every recipe before any work
+    names = [recipe.name for recipe in loaded]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise RecipeError(
+            f"recipe name{'s' if len(repeated) > 1 else ''} {', '.join(repeated)} given more "
+            "than once: each row (and its JSON key) is one recipe; rename or drop the repeats"
+        )
     if not any(recipe.is_float for recipe in loaded):
         loaded.insert(0, load_recipe("fp"))
     loaded.sort(key=lambda recipe: not recipe.is_float)

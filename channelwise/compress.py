@@ -22,6 +22,7 @@ from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, RecipeError
+from channelwise.evaluate.perplexity import check_positions
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
 from channelwise.models import MARKER_FILE
@@ -77,6 +78,13 @@ def quantize(
         raise RecipeError(
             f"recipe '{recipe.name}' needs calibration data (static activation "
             "ranges or a calibrating method); pass calibration token ids"
+        )
+    if needs_data:
+        check_positions(
+            model,
+            calibration.shape[-1],
+            f"calibration samples of {calibration.shape[-1]} tokens",
+            "--seqlen",
         )
 
     def block_fn(ctx: BlockContext) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from channelwise.data import calibration_samples, eval_windows, load_text, tokenize_text
+from channelwise.data.sources import source_identity
 from channelwise.errors import DataSourceError
 
 
@@ -33,10 +34,12 @@ class Protocol:
                 f"seqlen must be at least 2 (a window predicts its tokens after the first), "
                 f"got {self.seqlen}"
             )
-        if self.calib_data == self.eval_data:
+        shared = source_identity(self.calib_data, "train") & source_identity(self.eval_data, "test")
+        if shared:
             raise DataSourceError(
-                f"calibration and evaluation both use '{self.eval_data}'; "
-                "never calibrate on the evaluation text: pick another source"
+                f"calibration ('{self.calib_data}') and evaluation ('{self.eval_data}') both "
+                f"read {sorted(shared)[0]}; never calibrate on the evaluation text: pick "
+                "another source"
             )
 
     def with_(self, **changes) -> Protocol:

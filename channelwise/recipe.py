@@ -13,16 +13,20 @@ Presets live in ``channelwise/recipes/*.yaml``; their names are part of the inte
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from channelwise.errors import RecipeError
 from channelwise.quant import QuantSpec, granularity_from_name
 
 PRESET_DIR = Path(__file__).parent / "recipes"
+#: A recipe name becomes a file name (``<name>.gguf``) and a label: letters, digits, spaces and
+#: ``._+-=,@``, starting with a letter or digit; never a path separator or ``..``.
+NAME_PATTERN = re.compile(r"[^\W_][\w .+=,@-]{0,99}")
 
 
 class QuantArgs(BaseModel):
@@ -150,6 +154,16 @@ class Recipe(BaseModel):
     kv_cache: KVCacheArgs | None = None  # a compressed KV cache (channelwise.kvcache)
     steps: tuple[Step, ...] = ()
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not NAME_PATTERN.fullmatch(name) or ".." in name:
+            raise ValueError(
+                "a recipe name is 1-100 letters, digits, spaces and . _ + - = , @ starting with a "
+                "letter or digit, without '..' (it names output files)"
+            )
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         emb = self.embedding
@@ -252,8 +266,9 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
     """A preset by name, a YAML file path, or a ``Recipe`` passed through."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
+    named = NAME_PATTERN.fullmatch(str(name_or_path)) is not None
     preset = PRESET_DIR / f"{name_or_path}.yaml"
-    path = preset if preset.is_file() else Path(name_or_path).expanduser()
+    path = preset if named and preset.is_file() else Path(name_or_path).expanduser()
     if not path.is_file():
         if path.suffix.lower() in (".yaml", ".yml"):
             raise RecipeError(f"recipe file {path} not found")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from channelwise.compare import ComparisonRow  # noqa: E402
-from channelwise.errors import OutputPathError  # noqa: E402
 from channelwise.observe import ModelChannelStats  # noqa: E402
+from channelwise.paths import staged_file, write_atomic  # noqa: E402
 
 
 def format_table(rows: list[ComparisonRow]) -> str:
@@ -54,27 +51,6 @@ def format_markdown(rows: list[ComparisonRow]) -> str:
 def _kv(row: ComparisonRow) -> str:
     """The KV-cache bytes ratio, or a dash for a recipe without a compressed cache."""
     return "—" if row.kv_ratio is None else f"{row.kv_ratio:.3f}×"
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to a temporary sibling, then rename it over ``path``."""
-    path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with _writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        tmp.replace(path)
-    return path
-
-
-@contextmanager
-def _writing(path: Path, tmp: Path) -> Iterator[None]:
-    """An ``OSError`` while writing ``path`` through ``tmp`` → one-line error, ``tmp`` removed."""
-    try:
-        yield
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def write_json(rows: list[ComparisonRow], path: str | Path, meta: dict | None = None) -> Path:
@@ -202,12 +178,9 @@ def outlier_summary(stats: ModelChannelStats, top: int = 5) -> str:
 
 def _save_figure(fig, path: str | Path) -> Path:
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        with _writing(path, tmp):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(path) as tmp:
             fig.savefig(tmp, dpi=120)
-            tmp.replace(path)
     finally:
         plt.close(fig)
     return path

@@ -95,3 +95,19 @@ def test_write_failures_are_one_line_and_leave_no_temporary(tmp_path):
     with pytest.raises(OutputPathError, match="could not write"):
         write_atomic(target, "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_cuda_index_beyond_the_visible_devices_is_refused(monkeypatch):
+    import torch
+
+    from channelwise.errors import DeviceError
+    from channelwise.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match="only 2 CUDA devices are visible"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match="only 1 CUDA device is visible"):
+        resolve_device("cuda:7")

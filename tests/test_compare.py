@@ -76,3 +76,24 @@ def test_compare_takes_recipe_objects_and_reports_each_row(setup) -> None:
     table = format_markdown(rows).splitlines()
     assert len(table) == 2 + len(rows)
     assert table[-1].startswith("| smoothquant α=0.5 | W8A8 |")
+
+
+@pytest.mark.parametrize("recipes", [["rtn-w8a16", "rtn-w8a16"], ["fp", "fp"]])
+def test_a_recipe_named_twice_is_refused_before_any_work(setup, recipes, monkeypatch) -> None:
+    from channelwise import compare as compare_module
+    from channelwise.errors import RecipeError
+
+    model_dir, protocol = setup
+    monkeypatch.setattr(compare_module, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(RecipeError, match="given more than once"):
+        compare(recipes, model_dir, protocol, progress=False, device="cpu")
+
+
+def test_two_recipe_files_with_one_name_are_refused(setup, tmp_path: Path) -> None:
+    from channelwise.errors import RecipeError
+
+    model_dir, protocol = setup
+    for stem in ("a", "b"):
+        (tmp_path / f"{stem}.yaml").write_text("name: same\nweights: {bits: 8}\n")
+    with pytest.raises(RecipeError, match="same given more than once"):
+        compare([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")], model_dir, protocol)

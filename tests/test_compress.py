@@ -18,6 +18,7 @@ from channelwise.compress import (
 )
 from channelwise.errors import ChannelwiseError, OutputExistsError, RecipeError
 from channelwise.models import MARKER_FILE, load_model
+from channelwise.paths import OUTPUT_MARKER
 from channelwise.quant.activation import input_quantizer
 from channelwise.recipe import QuantArgs, Recipe, Step, load_recipe
 
@@ -186,6 +187,18 @@ def test_static_activations_store_ranges_from_calibration(
     assert 0 < relative < 0.1
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_calibration_longer_than_the_positions_is_refused_before_any_change(
+    make_tiny_model, family: str
+) -> None:
+    model = make_tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    too_long = torch.randint(0, 128, (2, 65), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ChannelwiseError, match="calibration samples of 65 tokens exceed"):
+        quantize(model, STATIC_W8A8, too_long, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_quantizing_twice_is_refused(tiny_model: nn.Module) -> None:
     quantize(tiny_model, "rtn-w8a16", progress=False)
     before = snapshot(tiny_model)
@@ -322,25 +335,43 @@ def test_save_refuses_an_existing_folder_and_leaves_it_untouched(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_save_with_force_replaces_an_existing_folder(make_tiny_model, tmp_path: Path) -> None:
+def test_save_with_force_replaces_a_folder_channelwise_wrote(
+    make_tiny_model, tmp_path: Path
+) -> None:
     model = make_tiny_model("llama")
     quantize(model, "rtn-w8a16", progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    out = save_quantized(model, None, tmp_path / "out")
+    assert (out / OUTPUT_MARKER).is_file()
+    (out / "stale.txt").write_text("old")
     save_quantized(model, None, out, force=True)
-    assert not (out / "keep.txt").exists()
+    assert not (out / "stale.txt").exists()
     assert (out / "config.json").is_file() and (out / MARKER_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folders left"
 
 
-def test_save_with_force_replaces_an_existing_file(make_tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["foreign folder", "file"])
+def test_save_with_force_never_replaces_what_channelwise_did_not_write(
+    make_tiny_model, tmp_path: Path, kind: str
+) -> None:
     model = make_tiny_model("llama")
+    quantize(model, "rtn-w8a16", progress=False)
     out = tmp_path / "out"
-    out.write_text("old")
-    save_quantized(model, None, out, force=True)
-    assert (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    if kind == "file":
+        out.write_text("precious")
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("precious")
+    before = folder_contents(tmp_path)
+    with pytest.raises(OutputExistsError, match="--force replaces only"):
+        save_quantized(model, None, out, force=True)
+    assert folder_contents(tmp_path) == before
+
+
+def test_save_with_force_fills_an_empty_folder(make_tiny_model, tmp_path: Path) -> None:
+    model = make_tiny_model("llama")
+    (tmp_path / "out").mkdir()
+    save_quantized(model, None, tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("target", ["source", "parent"])

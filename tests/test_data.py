@@ -1,5 +1,6 @@
 """Tests for channelwise.data: Austen novels, source resolution and token windows."""
 
+import os
 import sys
 import types
 from pathlib import Path
@@ -93,13 +94,6 @@ def test_bad_deb_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv(austen.DEB_ENV, str(empty))
     with pytest.raises(DataSourceError, match="Rdata"):
         ensure_austen()
-
-
-def test_write_atomic_leaves_only_the_target(tmp_path: Path) -> None:
-    target = tmp_path / "novel.txt"
-    austen._write_atomic(target, "Line one\nLine two \u2014 end")
-    assert target.read_text(encoding="utf-8") == "Line one\nLine two \u2014 end"
-    assert [p.name for p in tmp_path.iterdir()] == ["novel.txt"]
 
 
 def test_local_file_round_trip(tmp_path: Path) -> None:
@@ -242,3 +236,141 @@ def test_tokenize_text_adds_no_special_tokens() -> None:
     ids = tokenize_text(tokenizer, "it is a truth indeed")
     assert ids.dtype == torch.long and ids.dim() == 1
     assert ids.tolist() == [2, 3, 4, 5, 0]
+
+
+# --- the Debian download: a private folder, the exact file apt names, its hash checked ---------
+
+_DEB_NAME = f"{austen.PACKAGE}_1.0.0-1_all.deb"
+
+
+def _fake_apt(deb_bytes: bytes, announced: bytes | None = None, decoy: bool = True):
+    """A stand-in for ``austen._run`` that answers apt-get as Debian's would, recording the
+    download folder's mode; ``decoy`` drops another .deb that sorts first."""
+    import hashlib
+
+    seen: dict[str, int] = {}
+    announced = deb_bytes if announced is None else announced
+
+    def run(command: list[str], cwd: Path):
+        seen["mode"] = cwd.stat().st_mode & 0o777
+        out = ""
+        if "--print-uris" in command:
+            digest = hashlib.sha256(announced).hexdigest()
+            out = f"'http://deb/{_DEB_NAME}' {_DEB_NAME} {len(announced)} SHA256:{digest}\n"
+        elif command[:2] == ["apt-get", "download"]:
+            if decoy:
+                (cwd / "a-planted.deb").write_bytes(b"not the package")
+            (cwd / _DEB_NAME).write_bytes(deb_bytes)
+        return types.SimpleNamespace(returncode=0, stdout=out, stderr="")
+
+    return run, seen
+
+
+def test_download_uses_a_private_folder_and_the_exact_file_apt_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, seen = _fake_apt(b"the package")
+    monkeypatch.setattr(austen, "_run", run)
+    monkeypatch.setattr(austen.shutil, "which", lambda _: "/usr/bin/apt-get")
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    deb = austen._download_deb(work)
+    assert deb.name == _DEB_NAME and deb.read_bytes() == b"the package"
+    assert seen["mode"] & 0o077 == 0, "the download folder must not be open to other users"
+
+
+def test_download_refuses_a_file_that_does_not_match_what_apt_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, _ = _fake_apt(b"tampered bytes", announced=b"the package bytes")
+    monkeypatch.setattr(austen, "_run", run)
+    monkeypatch.setattr(austen.shutil, "which", lambda _: "/usr/bin/apt-get")
+    with pytest.raises(DataSourceError, match="SHA-256"):
+        austen._download_deb(tmp_path)
+
+
+def test_ensure_austen_downloads_into_a_private_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(austen.DEB_ENV, raising=False)
+    run, seen = _fake_apt(b"pkg")
+    monkeypatch.setattr(austen, "_run", run)
+    monkeypatch.setattr(austen.shutil, "which", lambda _: "/usr/bin/apt-get")
+    monkeypatch.setattr(austen, "_extract_deb", lambda deb, target: deb.parent)
+    with pytest.raises(DataSourceError, match="no janeaustenr data"):
+        ensure_austen()  # the fake package holds no R data: it stops after the download
+    assert seen["mode"] == 0o700
+
+
+def test_parse_uri_line_takes_only_the_packages_plain_file_name() -> None:
+    line = f"'http://x/{_DEB_NAME}' {_DEB_NAME} 12 SHA256:ABC\n"
+    assert austen._parse_uri_line(line) == (_DEB_NAME, 12, "abc")
+    assert austen._parse_uri_line("'http://x/y' ../../etc/x.deb 12 SHA256:abc") is None
+    assert austen._parse_uri_line("'http://x/y' other_1_all.deb 12 SHA256:abc") is None
+    assert austen._parse_uri_line("E: nothing") is None
+
+
+# --- calibration must not read the evaluation text -------------------------------------------
+
+
+@pytest.mark.parametrize("calib", ["PridePrejudice", " prideprejudice ", "cached-file", "folder"])
+def test_calibrating_on_the_evaluation_text_is_refused_however_it_is_named(
+    calib: str, tmp_path: Path
+) -> None:
+    from channelwise.data.austen import austen_folder
+    from channelwise.protocol import Protocol
+
+    ensure_austen()
+    if calib == "cached-file":
+        calib = str(austen_folder() / "prideprejudice.txt")
+    elif calib == "folder":
+        calib = str(austen_folder())
+    with pytest.raises(DataSourceError, match="never calibrate on the evaluation text"):
+        Protocol(calib_data=calib, eval_data="prideprejudice")
+
+
+def test_the_same_local_file_by_two_paths_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from channelwise.protocol import Protocol
+
+    text = tmp_path / "eval.txt"
+    text.write_text("words")
+    (tmp_path / "link.txt").symlink_to(text)
+    monkeypatch.chdir(tmp_path)
+    for calib in ("eval.txt", "./eval.txt", str(tmp_path / "link.txt"), str(tmp_path)):
+        with pytest.raises(DataSourceError, match="never calibrate"):
+            Protocol(calib_data=calib, eval_data=str(text))
+    other = tmp_path / "calib.txt"
+    other.write_text("other words")
+    assert Protocol(calib_data=str(other), eval_data=str(text)).calib_data == str(other)
+
+
+def test_wikitext2_train_may_calibrate_a_wikitext2_test_evaluation() -> None:
+    from channelwise.protocol import Protocol
+
+    assert Protocol(calib_data="wikitext2", eval_data="wikitext-2").eval_data == "wikitext-2"
+    with pytest.raises(DataSourceError, match="never calibrate"):
+        Protocol(calib_data="c4", eval_data="c4")
+
+
+# --- the GGUF conversion cache is keyed by the whole file's content ---------------------------
+
+
+def test_content_key_hashes_the_whole_file(tmp_path: Path) -> None:
+    from channelwise.models import content_key
+
+    size = 3 << 20  # 3 MiB: the old key read only the first and last MiB
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    data = bytearray(size)
+    a.write_bytes(bytes(data))
+    data[size // 2] = 1  # differs only in the middle
+    b.write_bytes(bytes(data))
+    assert content_key(a) != content_key(b)
+    c = tmp_path / "c.gguf"
+    c.write_bytes(a.read_bytes())
+    assert content_key(c) == content_key(a)
+    a.write_bytes(bytes(data))  # rewritten in place: the remembered key must not be reused
+    os.utime(a, ns=(1, 1))
+    assert content_key(a) == content_key(b)

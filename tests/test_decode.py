@@ -167,6 +167,7 @@ def test_generate_text_decodes_through_a_compressed_kv_cache(calibration_ids, fr
     [
         (["--prompt", "  "], "the prompt is empty"),
         (["--prompt", "t1", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+        (["--prompt", "t1 t2", "--max-new-tokens", "63"], "exceed the model's 64 positions"),
     ],
 )
 def test_cli_generate_refuses_bad_input(packed_folder, capsys, args, message):
@@ -175,6 +176,18 @@ def test_cli_generate_refuses_bad_input(packed_folder, capsys, args, message):
     assert main(["-q", "--device", "cpu", "generate", str(packed_folder), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_generating_past_learned_positions_is_refused_before_any_step(family):
+    from conftest import build_tiny_tokenizer
+
+    from channelwise.deploy import generate_text
+
+    model = build_tiny_model(family)  # 64 learned positions: an IndexError inside torch before
+    with pytest.raises(ChannelwiseError, match="exceed the model's 64 positions"):
+        generate_text(model, build_tiny_tokenizer(), PROMPT, max_new_tokens=61, chat=False)
+    assert generate_text(model, build_tiny_tokenizer(), PROMPT, max_new_tokens=3, chat=False)
 
 
 def test_cli_generate_prints_the_text_and_the_rate(packed_folder, capsys):

@@ -200,8 +200,14 @@ def test_existing_output_is_kept_without_force(calibration_ids, tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         export_compressed_tensors(model, None, out)
     assert (out / "keep.txt").read_text() == "mine"
-    export_compressed_tensors(model, None, out, force=True)
-    assert not (out / "keep.txt").exists() and verify_compressed_tensors(out, model) == 0.0
+    with pytest.raises(OutputExistsError, match="--force replaces only"):  # not ours to delete
+        export_compressed_tensors(model, None, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_compressed_tensors(model, None, out, force=True)  # an empty folder is filled
+    (out / "stale.txt").write_text("old")
+    export_compressed_tensors(model, None, out, force=True)  # our own export is replaced
+    assert not (out / "stale.txt").exists() and verify_compressed_tensors(out, model) == 0.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]  # no temporary left behind
 
 

@@ -24,11 +24,17 @@ from channelwise.deploy import pack_model  # noqa: E402
 from channelwise.deploy.gguf import (  # noqa: E402
     export_gguf,
     gguf_blocks,
+    gguf_path,
     qk_permutation,
     verify_gguf,
 )
 from channelwise.deploy.packed import use_kernels  # noqa: E402
-from channelwise.errors import ExportError, OutputExistsError  # noqa: E402
+from channelwise.errors import (  # noqa: E402
+    ExportError,
+    OutputExistsError,
+    OutputPathError,
+    RecipeError,
+)
 from channelwise.quant import PerGroup, QuantSpec  # noqa: E402
 from channelwise.recipe import Recipe, load_recipe  # noqa: E402
 
@@ -273,7 +279,7 @@ def test_other_families_and_unpacked_models_are_refused(tmp_path):
 def test_existing_file_is_kept_unless_forced_and_a_failed_write_leaves_it(tmp_path, monkeypatch):
     model = packed_model(recipe(weights(4, True)))
     target = tmp_path / "model.gguf"
-    target.write_bytes(b"old")
+    target.write_bytes(b"GGUF old")
     with pytest.raises(OutputExistsError):
         export(model, tmp_path)
 
@@ -281,12 +287,21 @@ def test_existing_file_is_kept_unless_forced_and_a_failed_write_leaves_it(tmp_pa
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputPathError, match="disk full"):
         export(model, tmp_path, force=True)
-    assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"GGUF old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
     monkeypatch.undo()
     assert verify_gguf(export(model, tmp_path, force=True), model) == 0.0
+
+
+def test_a_recipe_name_cannot_lead_the_export_out_of_its_folder(tmp_path):
+    with pytest.raises(ExportError, match="outside"):
+        gguf_path(tmp_path / "out", "../../evil")
+    assert gguf_path(tmp_path, "rtn-w4a16-q4_0") == (tmp_path / "rtn-w4a16-q4_0.gguf").resolve()
+    with pytest.raises(RecipeError, match="recipe name"):
+        Recipe.from_yaml("name: ../../evil\nweights: {bits: 4}\n")
+    assert not (tmp_path.parent.parent / "evil.gguf").exists()
 
 
 def test_cli_writes_a_verified_gguf(tmp_path, capsys):

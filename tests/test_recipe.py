@@ -266,3 +266,21 @@ def test_a_weight_quantizing_step_without_weights_is_refused(make_tiny_model, me
     recipe = Recipe.from_dict({"name": "no-w", "steps": [{"method": method}]})
     with pytest.raises(RecipeError, match=f"step '{method}' needs a 'weights' quantizer"):
         plan(make_tiny_model("llama"), recipe)
+
+
+@pytest.mark.parametrize(
+    "name", ["../../x", "a/b", "..", ".hidden", "x\\y", "", "a" * 101, "tab\tname", "a:b"]
+)
+def test_recipe_names_that_are_not_plain_file_names_are_refused(name: str) -> None:
+    with pytest.raises(RecipeError, match="recipe name"):
+        Recipe.from_dict({"name": name})
+
+
+@pytest.mark.parametrize("name", ["rtn-w4a16-g64", "smoothquant α=0.5", "awq+gptq_v2", "W8A8"])
+def test_plain_recipe_names_are_accepted(name: str) -> None:
+    assert Recipe.from_dict({"name": name}).name == name
+
+
+def test_every_preset_name_is_a_valid_recipe_name() -> None:
+    for name in preset_names():
+        assert load_recipe(name).name == name

@@ -6,6 +6,7 @@ under ``<channelwise_home>/data/austen/<name>.txt``.
 """
 
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import zlib
 from pathlib import Path
 
 from channelwise.errors import DataSourceError
-from channelwise.paths import channelwise_home
+from channelwise.paths import channelwise_home, write_atomic
 
 AUSTEN_NOVELS: tuple[str, ...] = (
     "emma",
@@ -47,7 +48,7 @@ def ensure_austen() -> Path:
         work = Path(tmp)
         novels = _read_novels(_package_data_dir(work))
     for name, text in novels.items():
-        _write_atomic(folder / f"{name}.txt", text)
+        write_atomic(folder / f"{name}.txt", text)
     return folder
 
 
@@ -79,14 +80,18 @@ def _package_data_dir(work: Path) -> Path:
 
 
 def _download_deb(work: Path) -> Path:
-    """Fetch the package's .deb into ``work`` with ``apt-get download``."""
+    """Fetch the package's .deb into the private folder ``work`` with ``apt-get download``.
+
+    The file apt names (``--print-uris``: exact file name, size and SHA-256) is the only one read,
+    and it is checked against that size and hash before it is unpacked. ``work`` stays private
+    (0700): as root, apt then downloads unsandboxed, with a warning, instead of through a
+    world-writable folder."""
     if shutil.which("apt-get") is None:
         raise DataSourceError(
             f"apt-get not found, so the Austen novels cannot be fetched; {_FALLBACK_HINT}"
         )
-    work.chmod(0o777)
-    result = _run(["apt-get", "download", PACKAGE], work)
-    if result.returncode != 0:
+    listing = _run(["apt-get", "download", "--print-uris", PACKAGE], work)
+    if listing.returncode != 0 or not _parse_uri_line(listing.stdout):
         update = _run(["apt-get", "update"], work)
         if update.returncode != 0:
             raise DataSourceError(
@@ -94,13 +99,43 @@ def _download_deb(work: Path) -> Path:
                 f"({_last_line(update.stderr)}); check the network or run as root, "
                 f"or {_FALLBACK_HINT}"
             )
-        result = _run(["apt-get", "download", PACKAGE], work)
-    debs = sorted(work.glob("*.deb"))
-    if result.returncode != 0 or not debs:
+        listing = _run(["apt-get", "download", "--print-uris", PACKAGE], work)
+    expected = _parse_uri_line(listing.stdout)
+    if listing.returncode != 0 or expected is None:
+        raise DataSourceError(
+            f"apt-get does not know {PACKAGE} ({_last_line(listing.stderr)}); {_FALLBACK_HINT}"
+        )
+    name, size, sha256 = expected
+    result = _run(["apt-get", "download", PACKAGE], work)
+    deb = work / name
+    if result.returncode != 0 or not deb.is_file():
         raise DataSourceError(
             f"apt-get download {PACKAGE} failed ({_last_line(result.stderr)}); {_FALLBACK_HINT}"
         )
-    return debs[0]
+    data = deb.read_bytes()
+    if len(data) != size or (sha256 and hashlib.sha256(data).hexdigest() != sha256):
+        raise DataSourceError(
+            f"{name} does not match the size and SHA-256 apt announced; not unpacking it"
+        )
+    return deb
+
+
+def _parse_uri_line(stdout: str) -> tuple[str, int, str] | None:
+    """``(file name, size, sha256)`` from ``apt-get download --print-uris`` output
+    (``'URI' NAME SIZE SHA256:HEX``), or None. The name must be a plain ``.deb`` file name."""
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[0].startswith("'"):
+            continue
+        name, size = parts[1], parts[2]
+        if "/" in name or not name.startswith(f"{PACKAGE}_") or not name.endswith(".deb"):
+            continue
+        if not size.isdigit():
+            continue
+        hashes = [p.split(":", 1)[1].lower() for p in parts[3:] if p.startswith("SHA256:")]
+        digest = hashes[0] if hashes else ""
+        return name, int(size), digest
+    return None
 
 
 def _extract_deb(deb: Path, target: Path) -> Path:
@@ -152,19 +187,6 @@ def _parse_r(raw: bytes) -> object:
             return rdata.conversion.convert(rdata.parser.parse_data(raw))
     except Exception as exc:
         raise DataSourceError(f"could not decode the janeaustenr R data ({exc})") from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

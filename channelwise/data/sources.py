@@ -33,6 +33,29 @@ def load_text(source: str, split: str = "test") -> str:
     )
 
 
+def source_identity(source: str, split: str = "test") -> frozenset[str]:
+    """What ``source`` reads, as comparable keys: the resolved path of every file it reads (an
+    Austen novel is its cache file), or ``hub:<corpus>:<split>`` for a hub corpus (wikitext-2's
+    train and test splits are different texts; c4 and pile-val read one split whatever is
+    asked). Two sources overlap when their identities intersect. Unknown sources give the empty
+    set (:func:`load_text` names the problem when it is read)."""
+    from channelwise.data.austen import austen_folder
+
+    key = source.strip().lower()
+    if key in AUSTEN_NOVELS:
+        return frozenset({str((austen_folder() / f"{key}.txt").resolve())})
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return frozenset(str(p.resolve()) for p in path.rglob("*.txt") if p.is_file())
+    if path.is_file():
+        return frozenset({str(path.resolve())})
+    loader = _HUB_CORPORA.get(key)
+    if loader is None:
+        return frozenset()
+    corpus = loader.__name__.strip("_")
+    return frozenset({f"hub:{corpus}:{split if loader is _wikitext2 else 'validation'}"})
+
+
 def describe_sources() -> str:
     """Describe the accepted data-source forms, for CLI help."""
     return (

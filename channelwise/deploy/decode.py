@@ -114,6 +114,7 @@ def generate_text(
         raise ChannelwiseError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not callable(getattr(model, "generate", None)):
         raise ChannelwiseError(f"{type(model).__name__} cannot generate text (no .generate)")
+    from channelwise.evaluate.perplexity import check_positions
     from channelwise.kvcache.cache import KV_CONFIG_ATTR, make_cache
     from channelwise.kvcache.evaluate import cache_kwarg
 
@@ -134,6 +135,12 @@ def generate_text(
     else:
         encoded = tokenizer(prompt, return_tensors="pt")
     ids = encoded["input_ids"].to(device)
+    check_positions(
+        model,
+        ids.shape[-1] + max_new_tokens,
+        f"a {ids.shape[-1]}-token prompt and {max_new_tokens} new tokens",
+        "a shorter prompt or fewer --max-new-tokens",
+    )
     mask = encoded.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device)
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=mask)

@@ -43,6 +43,7 @@ from channelwise.deploy.exportable import exported_recipe, packed_linears, refus
 from channelwise.deploy.gguf_tokenizer import add_tokenizer
 from channelwise.deploy.packed import PackedCodes, PackedTiedHead
 from channelwise.errors import ExportError, OutputExistsError
+from channelwise.paths import check_replaceable, staged_file
 from channelwise.quant import PerGroup, QuantSpec
 
 BLOCK = 32
@@ -160,14 +161,11 @@ def export_gguf(
     for source in (getattr(model, "name_or_path", None), tokenizer_gguf):
         if source and Path(source).expanduser().resolve() == path:
             raise OutputExistsError(f"refusing to write over the input file {path}")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; choose another --out or pass --force")
+    check_replaceable(path, force, kind="gguf")
     tensors = list(_tensors(model, float_type))  # every refusal happens before writing
     config = model.config
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with staged_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(f"{Path(str(config.name_or_path or 'model')).name} {recipe.name}")
         writer.add_string("general.quantized_by", "channelwise")
@@ -182,17 +180,20 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
 def gguf_path(out: str | os.PathLike, recipe_name: str) -> Path:
-    """The file ``out`` names: itself if it ends in ``.gguf``, else ``out/<recipe>.gguf``."""
+    """The file ``out`` names: itself if it ends in ``.gguf``, else ``out/<recipe>.gguf``
+    (a recipe name is validated by :class:`~channelwise.recipe.Recipe`; one that would leave
+    ``out`` is refused here too)."""
     out = Path(out).expanduser().resolve()
-    return out if out.suffix == ".gguf" else out / f"{recipe_name}.gguf"
+    if out.suffix == ".gguf":
+        return out
+    path = (out / f"{recipe_name}.gguf").resolve()
+    if path.parent != out:
+        raise ExportError(f"recipe name {recipe_name!r} would write outside {out}")
+    return path
 
 
 def _check_exportable(model: nn.Module):

@@ -37,13 +37,22 @@ def window_nll(
 
 
 def check_window_length(model: nn.Module, length: int) -> None:
-    """Refuse windows longer than the positions ``model`` was trained on (its config's
-    ``max_position_embeddings``, where it has one)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """Refuse evaluation windows longer than the positions ``model`` was trained on."""
+    check_positions(model, length, f"windows of {length} tokens", "--seqlen")
+
+
+def check_positions(model: nn.Module, length: int, what: str, option: str) -> None:
+    """Refuse ``length`` tokens beyond the positions ``model`` was trained on (its config's
+    ``max_position_embeddings`` / GPT-2's ``n_positions``, where it has one): learned position
+    tables (GPT-2, OPT) would index past their end, rotary ones leave their trained range.
+    ``what`` and ``option`` word the error (``"calibration samples of 600 tokens"``,
+    ``"--seqlen"``)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int) and length > limit:
         raise DataSourceError(
-            f"windows of {length} tokens exceed the model's {limit} positions "
-            f"(max_position_embeddings); use --seqlen {limit} or less"
+            f"{what} exceed the model's {limit} positions (max_position_embeddings); "
+            f"use {option} so that at most {limit} tokens are needed"
         )
 
 

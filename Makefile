@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-DEMO_RECIPES ?= fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64
-BENCH_RECIPES ?= fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64,rtn-w3a16-g64,rtn-w4a8-g64,rtn-w4a4
+# Empty: `channelwise compare`'s default (channelwise.compare.DEMO_RECIPES); set it to override.
+DEMO_RECIPES ?=
 
 .PHONY: setup prepare demo test lint bench clean
 
@@ -23,19 +23,19 @@ prepare: setup
 	$(VENV)/bin/channelwise prepare
 
 demo: prepare
-	$(VENV)/bin/channelwise compare --recipes $(DEMO_RECIPES) \
+	$(VENV)/bin/channelwise compare $(if $(DEMO_RECIPES),--recipes $(DEMO_RECIPES)) \
 		--json results/compare.json --plot results/compare.png
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check channelwise tests
 
-# Every RTN preset that fits SmolLM2 on the full protocol (about 10 minutes on 2 cores).
+# The README's results table, measured in one run: raw rows in docs/runs/results-table.json,
+# chart in docs/results-table.png, README rewritten from them (about 10 minutes on 2 cores).
 bench: prepare
-	$(VENV)/bin/channelwise compare --recipes $(BENCH_RECIPES) \
-		--json results/bench.json --plot results/bench.png
+	$(PY) benchmarks/results_table.py
 
 clean:
 	rm -rf $(VENV) results

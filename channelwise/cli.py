@@ -187,14 +187,15 @@ def cmd_generate(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from channelwise.compare import compare
+    from channelwise.compare import DEMO_RECIPES, compare
     from channelwise.report import format_table, plot_comparison, write_json
 
     protocol = _protocol(args)
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, args.model)
     check_output_file(args.plot, image_suffixes(), args.model)
-    recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    given = args.recipes if args.recipes is not None else ",".join(DEMO_RECIPES)
+    recipes = [name.strip() for name in given.split(",") if name.strip()]
     rows = compare(recipes, args.model, protocol, progress=not args.quiet, device=args.device)
     print(format_table(rows))
     meta = {
@@ -323,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="several recipes side by side, against fp")
-    p.add_argument("--recipes", default="fp,rtn-w8a8,rtn-w8a16,rtn-w6a6,rtn-w4a16-g64")
+    p.add_argument(
+        "--recipes",
+        help="comma-separated presets or YAML files (default: W8A8, W6A6 and W4A16 g64, each "
+        "as RTN and as a calibrated method that runs in minutes: compare.DEMO_RECIPES)",
+    )
     p.add_argument("--model")
     p.add_argument("--json", help="write {recipe: {ppl, calib_s, …}} here")
     p.add_argument("--plot", default=DEFAULT_PLOT, help=f"chart path (default: {DEFAULT_PLOT})")

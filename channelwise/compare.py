@@ -8,6 +8,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from torch import nn
+
+from channelwise.adapters import adapter_for, linear_weight
 from channelwise.compress import CompressionResult, needs_calibration, plan, quantize
 from channelwise.engine import model_device
 from channelwise.errors import RecipeError
@@ -19,6 +22,22 @@ from channelwise.protocol import Protocol
 from channelwise.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
+
+#: What ``channelwise compare`` (and ``make demo``) measures by default: each scheme twice,
+#: round-to-nearest and a calibrated method that runs in minutes on a 2-core CPU (QuaRot's
+#: rotation in seconds, AWQ's search in about 4 minutes).
+DEMO_RECIPES = (
+    "fp",
+    "rtn-w8a8",
+    "quarot-rtn-w8a8",
+    "rtn-w6a6",
+    "quarot-rtn-w6a6",
+    "rtn-w4a16-g64",
+    "awq-w4a16-g64",
+)
+
+#: Bits per weight counted for a recipe that leaves the weights float (fp16/bf16 storage).
+FLOAT_WEIGHT_BITS = 16.0
 
 
 @dataclass
@@ -33,12 +52,34 @@ class ComparisonRow:
     eval_s: float
     calib_peak_mb: float = 0.0  # peak memory calibration added (see channelwise.memory)
     kv_ratio: float | None = None  # KV-cache bytes held / a float16 cache's (kv_cache recipes)
+    weight_bits: float = FLOAT_WEIGHT_BITS  # stored bits per block-linear weight (weight_bits())
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 OnRow = Callable[[ComparisonRow, CompressionResult | None], None]
+
+
+def weight_bits(recipe: Recipe, model: nn.Module) -> float:
+    """Bits a packed checkpoint stores per weight of the block linears under ``recipe``'s weight
+    spec: the codes plus each group's scale (32 or 16 bits) and zero point (8 bits for an
+    integer zero, a scale's width for a float minimum, none when symmetric), averaged over the
+    linears of one block. A recipe that leaves the weights float counts
+    :data:`FLOAT_WEIGHT_BITS` (the 16-bit checkpoints other toolkits compare against)."""
+    if recipe.weights is None:
+        return FLOAT_WEIGHT_BITS
+    spec = recipe.weights.spec("weight")
+    scale_bits = 16 if spec.scale_dtype == "float16" else 32
+    zero_bits = 0 if spec.symmetric else 8 if spec.zero_point == "integer" else scale_bits
+    adapter = adapter_for(model)
+    weights = bits = 0
+    for module in adapter.block_linears(adapter.block_list(model)[0]).values():
+        rows, cols = linear_weight(module, adapter.transposed_weights).shape
+        scale_rows, scale_cols = spec.granularity.scale_shape(rows, cols)
+        weights += rows * cols
+        bits += rows * cols * spec.bits + scale_rows * scale_cols * (scale_bits + zero_bits)
+    return bits / weights
 
 
 def compare(
@@ -112,6 +153,7 @@ def compare(
             eval_s,
             peak_mb,
             kv_ratio,
+            weight_bits(recipe, reference),
         )
         rows.append(row)
         log.info("%s: ppl %.3f", recipe.name, ppl)

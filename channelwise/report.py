@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -34,16 +35,17 @@ def format_table(rows: list[ComparisonRow]) -> str:
 
 
 def format_markdown(rows: list[ComparisonRow]) -> str:
-    """The same rows as a Markdown table (for README and reports): recipe, bits, ppl, Δ%, calib
-    time and peak memory."""
+    """The same rows as a Markdown table (for README and reports): recipe, bits, stored bits per
+    weight, ppl, Δ%, calib time and peak memory, KV-cache bytes."""
     lines = [
-        "| recipe | bits | ppl | Δ% vs fp | calib s | calib peak MB | KV bytes vs fp16 |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | bits | bits/weight | ppl | Δ% vs fp | calib s | calib peak MB | "
+        "KV bytes vs fp16 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row.recipe} | {row.bits} | {row.ppl:.3f} | {row.delta_pct:+.2f} | "
-            f"{row.calib_s:.1f} | {row.calib_peak_mb:.0f} | {_kv(row)} |"
+            f"| `{row.recipe}` | {row.bits} | {row.weight_bits:.2f} | {row.ppl:.3f} | "
+            f"{row.delta_pct:+.2f} | {row.calib_s:.1f} | {row.calib_peak_mb:.0f} | {_kv(row)} |"
         )
     return "\n".join(lines)
 
@@ -61,38 +63,105 @@ def write_json(rows: list[ComparisonRow], path: str | Path, meta: dict | None = 
     return write_atomic(path, json.dumps(payload, indent=2))
 
 
-def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
-    """Bar chart of perplexity per recipe, log-scaled when the spread is large."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.2))
-    values = [row.ppl for row in rows]
-    colors = [
-        "#4c72b0" if row.delta_pct <= 5 else "#dd8452" if row.delta_pct <= 50 else "#c44e52"
-        for row in rows
+def read_json(path: str | Path) -> tuple[list[ComparisonRow], dict]:
+    """The rows and ``"_meta"`` of a file :func:`write_json` wrote (fields it lacks, from an older
+    version, take their defaults)."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    meta = payload.pop("_meta", {})
+    fields = set(ComparisonRow.__dataclass_fields__)
+    rows = [
+        ComparisonRow(**{k: v for k, v in row.items() if k in fields}) for row in payload.values()
     ]
-    bars = ax.bar(range(len(rows)), values, color=colors)
-    ax.set_xticks(
-        range(len(rows)),
-        [f"{row.recipe}\n{row.bits}" for row in rows],
-        rotation=30,
-        ha="right",
-        fontsize=8,
-    )
-    if max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.axhline(rows[0].ppl, color="black", linestyle="--", linewidth=0.8, label="fp")
-    for bar, row in zip(bars, rows, strict=True):
-        ax.annotate(
-            f"{row.ppl:.2f}\n{row.delta_pct:+.1f}%",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
+    return rows, meta
+
+
+#: Perplexities above this multiple of fp's are drawn on the top edge (the list gives them).
+OFF_SCALE = 4.0
+
+
+def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
+    """Perplexity against stored bits per weight (the size/quality trade-off), one marker per
+    activation width, the fp level dashed. The axis stops at :data:`OFF_SCALE` × fp: a collapsed
+    recipe sits on the top edge, hollow, so it does not squash the rest. Points are numbered
+    (points that coincide share one label, ``2,4``) and the numbers named in a column at the
+    right with their values, so labels never cover each other or the title."""
+    fig, ax = plt.subplots(figsize=(9.5, 5.0))
+    fig.subplots_adjust(left=0.09, right=0.64, top=0.88, bottom=0.11)
+    base = rows[0].ppl
+    shown = [row.ppl for row in rows if row.ppl <= OFF_SCALE * base] or [base]
+    low, high = min(shown), max(shown)
+    pad = 0.08 * (high - low or base)
+    top = high + pad
+    ax.set_ylim(low - pad, top)
+    bits = [row.weight_bits for row in rows]
+    ax.set_xlim(min(bits) - 1.0, max(bits) + 1.0)
+    styles: dict[str, tuple[str, str]] = {}
+    palette = iter([("o", "#4c72b0"), ("s", "#dd8452"), ("^", "#55a868"), ("D", "#c44e52")])
+    places = []
+    for row in rows:
+        width = _activation_label(row.bits)
+        if width not in styles:
+            styles[width] = next(palette, ("v", "#8172b3"))
+        marker, color = styles[width]
+        off = row.ppl > top
+        y = top if off else row.ppl
+        face = "none" if off else color
+        ax.scatter(row.weight_bits, y, marker=marker, facecolors=face, edgecolors=color, s=36,
+                   zorder=3, clip_on=False)  # fmt: skip
+        places.append((row.weight_bits, y))
+    ax.axhline(base, color="black", linestyle="--", linewidth=0.8)
+    for width, (marker, color) in styles.items():
+        ax.scatter([], [], marker=marker, color=color, label=width)
+    if any(row.ppl > top for row in rows):
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.4",
+                   label=f"off scale (> {OFF_SCALE:g}× fp)")  # fmt: skip
+    ax.legend(title="activations", loc="upper right", fontsize=8, title_fontsize=8)
+    ax.set_xlabel("stored bits per block-linear weight (codes + scales + zeros; fp = 16)")
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Quality cost of each recipe")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    ax.set_title("Quality against size: each recipe vs fp (dashed), one run", pad=12)
+    _number_points(ax, places)
+    _name_numbers_in_a_column(fig, rows)
     return _save_figure(fig, path)
+
+
+def _activation_label(bits: str) -> str:
+    """``"A8"`` of a bits label such as ``"W4A8 g64"``, ``"float"`` for the float model."""
+    found = re.search(r"A(\d+)", bits)
+    return "float" if bits == "float" else f"A{found.group(1)}" if found else "A16"
+
+
+def _number_points(ax, places: list[tuple[float, float]], near_px: float = 11.0) -> None:
+    """Write each point's number beside it; points closer than ``near_px`` on screen share
+    one label (``2,4``) instead of printing numbers over each other."""
+    screen = [ax.transData.transform(place) for place in places]
+    groups: list[list[int]] = []
+    for i, (x, y) in enumerate(screen):
+        for group in groups:
+            gx, gy = screen[group[0]]
+            if abs(gx - x) < near_px and abs(gy - y) < near_px:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    for group in groups:
+        ax.annotate(
+            ",".join(str(i + 1) for i in group), places[group[0]], xytext=(5, 3),
+            textcoords="offset points", fontsize=7.5, color="0.25", annotation_clip=False,
+        )  # fmt: skip
+
+
+def _name_numbers_in_a_column(fig, rows: list[ComparisonRow]) -> None:
+    """The numbers' key, right of the axes: number, recipe, perplexity, Δ% vs fp."""
+    step = min(0.05, 0.77 / max(1, len(rows)))
+    width = max(len(row.recipe) for row in rows)
+    heading = f"{'':>2}  {'recipe':<{width}} {'ppl':>8}  Δ% vs fp"
+    fig.text(0.67, 0.86, heading, fontsize=7.5, weight="bold", va="top", family="monospace")
+    for number, row in enumerate(rows, start=1):
+        fig.text(
+            0.67, 0.86 - step * number,
+            f"{number:>2}  {row.recipe:<{width}} {row.ppl:>8.2f}  {row.delta_pct:+.1f}%",
+            fontsize=7.5, va="top", family="monospace",
+        )  # fmt: skip
 
 
 def plot_channel_heatmap(
@@ -194,6 +263,7 @@ __all__ = [
     "outlier_summary",
     "plot_channel_heatmap",
     "plot_comparison",
+    "read_json",
     "write_atomic",
     "write_json",
 ]

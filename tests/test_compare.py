@@ -75,7 +75,7 @@ def test_compare_takes_recipe_objects_and_reports_each_row(setup) -> None:
 
     table = format_markdown(rows).splitlines()
     assert len(table) == 2 + len(rows)
-    assert table[-1].startswith("| smoothquant α=0.5 | W8A8 |")
+    assert table[-1].startswith("| `smoothquant α=0.5` | W8A8 | 8.")
 
 
 @pytest.mark.parametrize("recipes", [["rtn-w8a16", "rtn-w8a16"], ["fp", "fp"]])
@@ -97,3 +97,54 @@ def test_two_recipe_files_with_one_name_are_refused(setup, tmp_path: Path) -> No
         (tmp_path / f"{stem}.yaml").write_text("name: same\nweights: {bits: 8}\n")
     with pytest.raises(RecipeError, match="same given more than once"):
         compare([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")], model_dir, protocol)
+
+
+def test_weight_bits_counts_codes_scales_and_zeros(make_tiny_model) -> None:
+    from channelwise.compare import FLOAT_WEIGHT_BITS, weight_bits
+
+    model = make_tiny_model("llama")  # linears 64→64 (q,o), 64→32 (k,v), 64→128 (gate,up), 128→64
+    assert weight_bits(load_recipe("fp"), model) == FLOAT_WEIGHT_BITS == 16.0
+    # groups of 64 along the input, float32 scale + uint8 zero per group: 4 + 40/64
+    assert weight_bits(load_recipe("rtn-w4a16-g64"), model) == pytest.approx(4.625)
+    # symmetric per output channel: one float32 scale per row of `in` weights
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    codes = sum(o * i for o, i in shapes)
+    expected = (8 * codes + 32 * sum(o for o, _ in shapes)) / codes
+    assert weight_bits(load_recipe("rtn-w8a16"), model) == pytest.approx(expected)
+    # float16 scales and float minima (GGUF's Q4_1 blocks of 32): 4 + 32/32
+    assert weight_bits(load_recipe("rtn-w4a16-q4_1"), model) == pytest.approx(5.0)
+
+
+def test_rows_round_trip_through_json(tmp_path: Path) -> None:
+    from channelwise.compare import ComparisonRow
+    from channelwise.report import read_json, write_json
+
+    rows = [
+        ComparisonRow("fp", "float", 26.6, 0.0, 0.0, 1.0),
+        ComparisonRow("w4", "W4A16 g64", 33.3, 25.2, 5.9, 1.1, 12.0, None, 4.625),
+    ]
+    write_json(rows, tmp_path / "r.json", {"windows": 16})
+    assert read_json(tmp_path / "r.json") == (rows, {"windows": 16})
+
+
+def test_chart_numbers_coinciding_points_once_and_keeps_collapsed_recipes_off_scale(
+    tmp_path: Path,
+) -> None:
+    import matplotlib.pyplot as plt
+
+    from channelwise.compare import ComparisonRow
+    from channelwise.report import _number_points, plot_comparison
+
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 16)
+    ax.set_ylim(20, 40)
+    _number_points(ax, [(16.0, 26.6), (8.05, 26.68), (8.05, 26.64), (4.6, 33.3)])
+    assert sorted(text.get_text() for text in ax.texts) == ["1", "2,3", "4"]
+    plt.close(fig)
+    rows = [
+        ComparisonRow("fp", "float", 26.6, 0.0, 0.0, 1.0),
+        ComparisonRow("w4a4", "W4A4", 7000.0, 26000.0, 1.0, 1.0, weight_bits=4.05),
+        ComparisonRow("w4", "W4A16 g64", 33.3, 25.2, 1.0, 1.0, weight_bits=4.625),
+    ]
+    out = plot_comparison(rows, tmp_path / "chart.png")
+    assert out.stat().st_size > 10_000

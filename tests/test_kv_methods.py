@@ -204,5 +204,5 @@ def test_compare_reports_the_kv_bytes_column(make_tiny_model, tiny_tokenizer, tm
     # 4-bit codes (0.5 B) + a float16 scale and minimum per 8 values (0.5 B) vs 2 B
     assert rows[1].kv_ratio == pytest.approx(0.5)
     assert rows[1].ppl != rows[0].ppl
-    assert "| kv4 | W16A16KV4 |" in format_markdown(rows)
+    assert "| `kv4` | W16A16KV4 | 16.00 |" in format_markdown(rows)
     assert "—" in format_table(rows)

@@ -25,19 +25,20 @@ from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.evaluate.perplexity import check_positions
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
-from channelwise.models import MARKER_FILE
 from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import install_attention_quantizers
 from channelwise.quant.grid import round_weight_
 from channelwise.recipe import Recipe, load_recipe
-
-RECIPE_ATTR = "channelwise_recipe"
-METHODS_ATTR = "channelwise_methods"
-KV_METHOD_ATTR = "channelwise_kv_method"
-STATIC_QPARAMS_FILE = "activation_qparams.safetensors"
-STEP_STATE_FILE = "step_state.safetensors"
+from channelwise.state import (
+    KV_METHOD_ATTR,
+    MARKER_FILE,
+    METHODS_ATTR,
+    RECIPE_ATTR,
+    STATIC_QPARAMS_FILE,
+    STEP_STATE_FILE,
+)
 
 
 @dataclass

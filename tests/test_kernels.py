@@ -19,8 +19,10 @@ import torch
 from channelwise.kernels import (
     KernelInputError,
     cpu,
+    extension,
     half_weight_linear,
     kernel_available,
+    reference,
     unpack_int4,
     w4a16_linear,
     w4a16_reference,
@@ -208,8 +210,8 @@ def test_building_again_in_the_same_process_still_serves(monkeypatch):
     # the ops' shape functions (for torch.compile) can be registered once per process only
     if not kernel_available():
         pytest.skip("no kernels here")
-    monkeypatch.setattr(cpu, "_state", {})
-    assert cpu._ops() is not None
+    monkeypatch.setattr(extension, "_state", {})
+    assert extension.load_ops() is not None
     x = torch.randn(2, 64, generator=gen(16))
     codes, scale, zero = random_w4(8, 64, 64, seed=17)
     assert_dot_close(
@@ -221,11 +223,11 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     def broken_build():
         raise RuntimeError("no compiler\ng++: not found")
 
-    monkeypatch.setattr(cpu, "_state", {})
-    monkeypatch.setattr(cpu, "_build", broken_build)
+    monkeypatch.setattr(extension, "_state", {})
+    monkeypatch.setattr(extension, "_build", broken_build)
     x = torch.randn(1, 64, generator=gen(14))
     codes, scale, zero = random_w4(8, 64, 64, seed=15)
-    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+    with caplog.at_level(logging.WARNING, logger=extension.__name__):
         got = [w4a16_linear(x, pack_int4(codes), scale, zero, 64) for _ in range(3)]
     assert not kernel_available()
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
@@ -254,8 +256,8 @@ def test_exact_int_matmul_without_integer_matmul_is_exact():
     b[:, 1] = -255
     b[:, 2] = torch.randint(-255, 256, (8192,), generator=gen(91), dtype=torch.int32)
     expected = a.to(torch.int32) @ b
-    assert torch.equal(cpu._int_matmul_in_float64(a, b), expected)
-    assert torch.equal(cpu.exact_int_matmul(a, b), expected)
+    assert torch.equal(reference._int_matmul_in_float64(a, b), expected)
+    assert torch.equal(reference.exact_int_matmul(a, b), expected)
 
 
 @pytest.mark.parametrize("m", [1, 17, 300])
@@ -415,7 +417,7 @@ def test_w8a8_small_m_kernel_on_the_stored_codes_equals_the_reference(
 def test_w8a8_small_m_kernel_runs_where_vnni_is():
     from channelwise.kernels import unsigned_codes
 
-    if not (kernel_available() and cpu._vnni()):
+    if not (kernel_available() and extension.vnni_supported()):
         pytest.skip("no AVX-512 VNNI kernels here: oneDNN / _int_mm serve, by design")
     x, w = torch.randn(1, 64, generator=gen(80)), torch.ones(8, 64, dtype=torch.int8)
     unsigned = unsigned_codes((w.view(torch.uint8) ^ 0x80).contiguous())

@@ -20,18 +20,16 @@ from torch import nn
 from channelwise.adapters import adapter_for
 from channelwise.deploy.dual_grained import PackedDualGrained
 from channelwise.deploy.half import keep_half_floats
-from channelwise.deploy.packed import (
-    FLOAT_DTYPE_ATTR,
+from channelwise.deploy.packed import FLOAT_DTYPE_ATTR, _set_submodule, grid_keys, storage_key
+from channelwise.deploy.packed_modules import (
     PackedCodes,
     PackedEmbedding,
     PackedLinear,
     PackedTiedHead,
-    _set_submodule,
-    grid_keys,
-    storage_key,
 )
 from channelwise.errors import CheckpointError, PackingError
 from channelwise.quant import spec_from_dict, spec_to_dict
+from channelwise.state import MARKER_FILE
 
 
 def packed_layout(model: nn.Module) -> dict[str, dict]:
@@ -173,8 +171,6 @@ def _shared_storage(model: nn.Module) -> dict[str, set[str]]:
 
 def read_marker(folder: Path) -> dict:
     """``channelwise.json`` of ``folder`` as a dict, with a clear error if unreadable."""
-    from channelwise.models import MARKER_FILE
-
     path = folder / MARKER_FILE
     try:
         marker = json.loads(path.read_text())

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
-from channelwise.deploy.packed import PackedLinear, _set_submodule
+from channelwise.deploy.packed import _set_submodule
+from channelwise.deploy.packed_modules import PackedLinear
 from channelwise.errors import ExportError
 from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import PerGroup, PerRow, PerTensor, QuantSpec

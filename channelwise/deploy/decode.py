@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from channelwise.deploy.packed import PackedCodes
+from channelwise.deploy.packed_modules import PackedCodes
 from channelwise.errors import ChannelwiseError
 from channelwise.kernels import kernel_available
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from channelwise.deploy.packed import PackedLinear
+from channelwise.deploy.packed_modules import PackedLinear
 from channelwise.errors import PackingError
 from channelwise.quant import PerRow, QuantSpec
 from channelwise.quant.dual_grained import DualGrainedWeight, int8_weight

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from channelwise.deploy.packed import PackedLinear
+from channelwise.deploy.packed_modules import PackedLinear
 from channelwise.errors import ExportError
+from channelwise.state import METHODS_ATTR, RECIPE_ATTR
 
 
 def exported_recipe(model: nn.Module):
     """The recipe ``model`` was compressed with, or :class:`ExportError`."""
-    from channelwise.compress import RECIPE_ATTR
-
     recipe = getattr(model, RECIPE_ATTR, None)
     if recipe is None:
         raise ExportError("the model was not compressed by channelwise.quantize; nothing to export")
@@ -33,8 +32,6 @@ def packed_linears(model: nn.Module, recipe) -> dict[str, PackedLinear]:
 def refuse_online_steps(model: nn.Module, recipe, fmt: str, example: str) -> None:
     """:class:`ExportError` if a step needs an op at run time (state saved beside the weights:
     ``example`` names typical ones) that the format ``fmt`` cannot express."""
-    from channelwise.compress import METHODS_ATTR
-
     for step, method in zip(recipe.steps, getattr(model, METHODS_ATTR, None) or (), strict=False):
         if method.saved_state():
             raise ExportError(

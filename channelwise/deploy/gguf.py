@@ -41,10 +41,11 @@ from torch import Tensor, nn
 
 from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
 from channelwise.deploy.gguf_tokenizer import add_tokenizer
-from channelwise.deploy.packed import PackedCodes, PackedTiedHead
+from channelwise.deploy.packed_modules import PackedCodes, PackedTiedHead
 from channelwise.errors import ExportError, OutputExistsError
 from channelwise.paths import check_replaceable, staged_file
 from channelwise.quant import PerGroup, QuantSpec
+from channelwise.state import RECIPE_ATTR
 
 BLOCK = 32
 FLOAT_TYPES = ("F32", "F16")
@@ -151,8 +152,6 @@ def export_gguf(
     under a temporary name and renamed into place. Returns its path.
     """
     import gguf
-
-    from channelwise.compress import RECIPE_ATTR
 
     if float_type not in FLOAT_TYPES:
         raise ExportError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, not {float_type!r}")

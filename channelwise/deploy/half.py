@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from channelwise.deploy.packed import _set_submodule, kernels_enabled
+from channelwise.deploy.kernel_call import kernels_enabled
+from channelwise.deploy.packed import _set_submodule
 from channelwise.kernels import HALF_DTYPES, half_weight_linear
 
 

@@ -25,10 +25,9 @@ Dispatch, measured on the 2-core Sapphire Rapids host (``benchmarks/kernels.py``
   AVX-512 VNNI kernel instead (decode: SmolLM2 W8A8 eager decode 19.9 → 27.1 tok/s, 1 thread),
   bit-identical too; CPUs without VNNI keep the paths above.
 
-The extension is compiled on first use (~10 s of CPU; 15–40 s wall on the shared host) into
-``$CHANNELWISE_HOME/kernels`` and reused (the folder name carries a hash of source and flags);
-if it cannot be built or the CPU lacks AVX-512, one warning is logged and the pure-torch
-de-quantize path serves every call. ``CHANNELWISE_KERNELS=0`` disables it.
+The extension is built on first use (:mod:`channelwise.kernels.extension`); where it is not
+available the pure-torch references (:mod:`channelwise.kernels.reference`, re-exported here)
+serve every call.
 
 NaN/inf: not checked (a check would cost a pass over ``x`` per call); they propagate. A
 non-finite activation makes its token's whole output row non-finite in every kernel.
@@ -36,202 +35,42 @@ non-finite activation makes its token's whole output row non-finite in every ker
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from channelwise.errors import KernelInputError
-from channelwise.paths import channelwise_home
+from channelwise.kernels.extension import (
+    kernel_available,  # noqa: F401  (re-exported)
+    loaded_ops,
+    vnni_supported,
+)
+from channelwise.kernels.extension import load_ops as _ops  # cpu._ops: patched and called
+from channelwise.kernels.reference import (
+    dequantize_acc,
+    dequantize_w4,  # noqa: F401  (re-exported)
+    dequantize_w8,  # noqa: F401  (re-exported)
+    exact_int_matmul,  # noqa: F401  (re-exported)
+    half_weight_reference,
+    quantize_per_token,
+    quantize_static,
+    unpack_int4,  # noqa: F401  (re-exported)
+    w4a16_reference,
+    w8a8_reference,
+    w8a16_reference,
+)
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "weight_only.cpp"
-# -fopenmp: ATen's parallel_for is a header template; without the flag its ``omp parallel``
-# compiles away and every kernel runs on one thread (measured: no gain from 2 threads until it).
-_FLAGS = [
-    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma",
-    "-fopenmp",
-]  # fmt: skip
 #: Up to this many tokens the weight-only kernels run; above it, de-quantize + ``F.linear``.
 WEIGHT_ONLY_MAX_M = 256
 #: The C++ W4 kernel reads 32 codes (16 bytes) per step, so it needs group % 32 == 0.
 W4_KERNEL_GROUP_MULTIPLE = 32
 _INT_MM_MIN_M = 17
 _MAX_M = WEIGHT_ONLY_MAX_M
-
-_state: dict[str, object] = {}
-
-
-def kernel_available() -> bool:
-    """Whether the compiled AVX-512 weight-only kernels can be used (builds them on first call)."""
-    return _ops() is not None
-
-
-def _ops():
-    if "ops" in _state:
-        return _state["ops"]
-    ops, why = None, None
-    if os.environ.get("CHANNELWISE_KERNELS", "1") == "0":
-        why = "disabled by CHANNELWISE_KERNELS=0"
-    elif torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        why = (
-            f"CPU capability is {torch.backends.cpu.get_cpu_capability()}, the kernels need AVX512"
-        )
-    else:
-        try:
-            ops = _build()
-        except Exception as error:  # noqa: BLE001 — any build failure must fall back, not crash
-            why = f"compiling {_SOURCE.name} failed: {str(error).strip().splitlines()[-1:]}"
-    if why:
-        log.warning("channelwise CPU kernels unavailable (%s); using de-quantize + F.linear", why)
-    _state["ops"] = ops
-    return ops
-
-
-def _build():
-    from torch.utils import cpp_extension
-
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-    build = channelwise_home() / "kernels" / f"weight_only-torch{torch.__version__}-{digest}"
-    build.mkdir(parents=True, exist_ok=True)
-    here = str(Path(sys.executable).parent)  # the venv's bin: the pip-installed ninja lives there
-    if here not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
-    cpp_extension.load(
-        name="channelwise_weight_only",
-        sources=[str(_SOURCE)],
-        extra_cflags=_FLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        is_python_module=False,
-        verbose=False,
-    )
-    _register_fakes()
-    return torch.ops.channelwise_cpu
-
-
-def _register_fakes() -> None:
-    """Shape functions of the ops a decode step calls, so ``torch.compile`` traces through
-    them (the compiled decode loop, :mod:`channelwise.deploy.decode`) instead of breaking the
-    graph at every packed linear: the weight-only kernels, the int8 quantizers and the small-M
-    W8A8 kernel (oneDNN's int8 linear and ``dequantize_acc_``, for more tokens, stay eager)."""
-
-    def weight_only(x: Tensor, w: Tensor, *_) -> Tensor:
-        return x.new_empty((*x.shape[:-1], w.shape[0]))
-
-    def codes(x: Tensor, *_) -> tuple[Tensor, Tensor]:
-        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
-
-    def small_w8a8(q: Tensor, x_scale: Tensor, u: Tensor, *_) -> Tensor:
-        return x_scale.new_empty((q.shape[0], u.shape[0]))
-
-    shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
-    shapes["quantize_per_token"] = codes
-    shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
-    for name, shape in shapes.items():
-        if name not in _FAKES:  # once per process: torch refuses a second registration
-            torch.library.register_fake(f"channelwise_cpu::{name}")(shape)
-            _FAKES.add(name)
-
-
-_FAKES: set[str] = set()
-
-
-# ----------------------------------------------------------------------------- de-quantization
-def unpack_int4(packed: Tensor) -> Tensor:
-    """``(out, in/2)`` uint8 → ``(out, in)`` uint8 codes (low nibble = even column)."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-
-
-def dequantize_w8(w: Tensor, scale: Tensor) -> Tensor:
-    """``(out, in)`` int8 codes × ``(out,)`` scales → ``(out, in)`` float32."""
-    return w.float() * scale[:, None]
-
-
-def dequantize_w4(packed: Tensor, scale: Tensor, zero: Tensor, group: int) -> Tensor:
-    """``(out, in/2)`` packed codes, ``(out, in/group)`` scale/zero → ``(out, in)`` float32."""
-    codes = unpack_int4(packed).float().view(packed.shape[0], -1, group)
-    return ((codes - zero[..., None]) * scale[..., None]).view(packed.shape[0], -1)
-
-
-def quantize_static(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 with one calibrated ``scale``: codes ``clamp(round(x / scale), −128, 127)``
-    ``(M, in)`` int8 (the fake quantizer's), and the scale per row ``(M, 1)``, NaN for a row
-    holding a non-finite value (its output row is then NaN, not that of clamped codes)."""
-    codes = torch.round(x / torch.tensor(scale, dtype=torch.float32)).clamp_(-128, 127)
-    column = torch.full((x.shape[0], 1), scale, dtype=torch.float32, device=x.device)
-    column.masked_fill_(~torch.isfinite(x).all(dim=-1, keepdim=True), float("nan"))
-    return codes.nan_to_num_(0).to(torch.int8), column
-
-
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row: ``(M, in)`` float → codes ``(M, in)`` int8, scales ``(M, 1)``.
-
-    An all-zero row gets scale 1 (codes 0), so it stays exactly zero.
-    """
-    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
-
-
-# ----------------------------------------------------------------------------- references
-def w8a16_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Pure-torch W8A16: de-quantize, then ``F.linear``. ``(M, in)`` → ``(M, out)``."""
-    return F.linear(x, dequantize_w8(w, scale), bias)
-
-
-def half_weight_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Pure-torch 16-bit float weight: widen to float32 (exact), then ``F.linear``."""
-    return F.linear(x, w.float(), bias)
-
-
-def w4a16_reference(
-    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group: int, bias: Tensor | None = None
-) -> Tensor:
-    """Pure-torch W4A16: unpack + de-quantize, then ``F.linear``. ``(M, in)`` → ``(M, out)``."""
-    return F.linear(x, dequantize_w4(packed, scale, zero, group), bias)
-
-
-def w8a8_reference(
-    x: Tensor,
-    w: Tensor,
-    w_scale: Tensor,
-    bias: Tensor | None = None,
-    x_scale: float | None = None,
-    w_zero: Tensor | None = None,
-) -> Tensor:
-    """Exact W8A8: int8 ``x`` (per token, or with the static ``x_scale``), int32 products with
-    ``w − w_zero`` summed exactly, then both scales."""
-    xq, x_scale = quantize_per_token(x) if x_scale is None else quantize_static(x, x_scale)
-    w32 = (
-        w.to(torch.int32) if w_zero is None else w.to(torch.int32) - w_zero.to(torch.int32)[:, None]
-    )
-    return _dequantize_acc(exact_int_matmul(xq, w32.T), x_scale, w_scale, bias)
-
-
-def exact_int_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` of integer tensors, exactly, as int32: an int32 matmul on the CPU; elsewhere
-    (CUDA has no integer matmul) in float64, whose sums of these products are exact: int8
-    activations times weights within ±255 stay below 2⁵³ for any ``in`` under 10¹¹."""
-    if a.device.type == "cpu":
-        return a.to(torch.int32) @ b.to(torch.int32)
-    return _int_matmul_in_float64(a, b)
-
-
-def _int_matmul_in_float64(a: Tensor, b: Tensor) -> Tensor:
-    return (a.double() @ b.double()).to(torch.int32)
-
-
-def _dequantize_acc(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    y = acc.to(torch.float32).mul_(w_scale).mul_(x_scale)  # oneDNN's order: weight scale first
-    return y.add_(bias) if bias is not None else y
 
 
 # ----------------------------------------------------------------------------- public kernels
@@ -240,7 +79,7 @@ def _decode_fast_path(kernel: str, x: Tensor, *args) -> Tensor | None:
     Python-side checks (the extension checks everything, see csrc/weight_only.cpp); None where
     it is not built or refuses the input: the caller then re-checks (a readable error) or takes
     the general path."""
-    ops = _state.get("ops")
+    ops = loaded_ops()
     if ops is None:
         return None
     try:
@@ -423,7 +262,7 @@ def w8a8_linear(
     else:
         if w_zero is not None:
             acc = acc - rowsum[:, None] * w_zero[None, :]
-        y = _dequantize_acc(acc, x_scale, w_scale, bias)
+        y = dequantize_acc(acc, x_scale, w_scale, bias)
     return y.view(*x.shape[:-1], out)
 
 
@@ -454,14 +293,7 @@ def _check_unsigned(w_unsigned, out: int, in_features: int) -> None:
 
 def small_m_kernel(m: int, have_codes: bool = True) -> bool:
     """Whether :func:`w8a8_linear` runs ``m`` tokens on the extension's VNNI kernel."""
-    return have_codes and m <= SMALL_M and _vnni() and _ops() is not None
-
-
-def _vnni() -> bool:
-    if "vnni" not in _state:
-        check = getattr(torch.cpu, "_is_vnni_supported", None)
-        _state["vnni"] = bool(check and check())
-    return bool(_state["vnni"])
+    return have_codes and m <= SMALL_M and vnni_supported() and _ops() is not None
 
 
 def prepack_int8(w: Tensor) -> Tensor | None:

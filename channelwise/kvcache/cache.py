@@ -2,15 +2,9 @@
 
 ``make_cache(model, config)`` returns a :class:`CompressedCache`; pass it as
 ``past_key_values`` to ``model.generate(...)`` or to a plain forward and the model reads its keys
-and values through it unchanged. Each layer keeps, per sequence of the batch:
-
-* an :class:`~channelwise.kvcache.codecs.Encoded` chunk — the compressed tokens, really packed;
-* a float *residual* of the newest tokens, flushed into the codec once ``residual`` of them have
-  accumulated (KIVI's full-precision window; with ``residual=0`` every token is encoded at once);
-* optionally *sink* tokens kept in float (RotateKV's attention sinks).
-
-``update`` stores the new tokens, then returns what the cache now holds, decoded: every token a
-query attends to has gone through the cache's storage policy (the new tokens too, once flushed).
+and values through it unchanged. Its layers (:mod:`channelwise.kvcache.layer`) store what the
+:class:`~channelwise.kvcache.config.KVCacheConfig` says; ``update`` stores the new tokens, then
+returns what the cache now holds, decoded.
 
 **Batching and padding.** Every sequence is stored on its own, starting at its first real token,
 so a sequence's codes — and hence its outputs — do not depend on what else is in the batch
@@ -23,368 +17,28 @@ the cache learns it from the ``attention_mask`` of each forward through a pre-ho
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Protocol
-
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from channelwise.adapters import adapter_for
 from channelwise.errors import KVCacheError
-from channelwise.kvcache.codecs import Encoded, KVCodec
+from channelwise.kvcache.config import KeyTransform, KVCacheConfig, Shrink
+from channelwise.kvcache.layer import CompressedLayer
+from channelwise.state import KV_CONFIG_ATTR
+
+__all__ = [
+    "KV_CONFIG_ATTR",
+    "CompressedCache",
+    "CompressedLayer",
+    "KVCacheConfig",
+    "KeyTransform",
+    "Shrink",
+    "kv_geometry",
+    "make_cache",
+]
 
 _HOOK_ATTR = "_channelwise_kv_hook"
-
-
-class KeyTransform(Protocol):
-    """An exact, invertible change of one sequence's keys ``(heads, n, head_dim)`` in one layer,
-    applied before encoding and undone after decoding. ``positions`` ``(n,)`` are the tokens'
-    RoPE positions (a transform that works before RoPE needs them)."""
-
-    def to_stored(self, keys: Tensor, layer: int, positions: Tensor) -> Tensor: ...
-
-    def from_stored(self, keys: Tensor, layer: int, positions: Tensor) -> Tensor: ...
-
-
-class Shrink(Protocol):
-    """Channel shrinking (CSKV): the cache stores low-rank features of the attention input
-    instead of the keys and values, and rebuilds them on reading."""
-
-    def features(self, inputs: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """Attention inputs ``(n, hidden)`` → key and value features, each ``(1, n, r)``."""
-        ...
-
-    def keys(self, features: Tensor, layer: int, positions: Tensor) -> Tensor:
-        """Key features ``(1, n, r)`` → post-RoPE keys ``(heads, n, head_dim)``."""
-        ...
-
-    def values(self, features: Tensor, layer: int) -> Tensor:
-        """Value features ``(1, n, r)`` → values ``(heads, n, head_dim)``."""
-        ...
-
-
-@dataclass(frozen=True)
-class KVCacheConfig:
-    """What a compressed cache stores: a codec each for keys and values, and what stays float.
-
-    ``residual``: the newest tokens stay in float until this many have accumulated, then they
-    are encoded together (a multiple of both codecs' ``token_multiple``; 0 encodes every token
-    on arrival, which needs per-token codecs). ``key_transform``: applied to keys as they are
-    encoded and undone as they are decoded. ``sinks``: in a sequence's first forward (its
-    prefill), the tokens holding the ``sinks`` largest ``|x|`` of the layer's input (tokens ×
-    channels) stay in float — RotateKV's attention sinks (needs per-token codecs). ``shrink``:
-    the codecs store low-rank features of the attention input instead of the keys and values
-    (CSKV); the residual window keeps both until it flushes.
-    """
-
-    key_codec: KVCodec
-    value_codec: KVCodec
-    residual: int = 0
-    key_transform: KeyTransform | None = field(default=None, compare=False)
-    sinks: int = 0
-    shrink: Shrink | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.shrink is not None and (self.key_transform is not None or self.sinks):
-            raise KVCacheError("channel shrinking does not combine with a key transform or sinks")
-        if self.residual < 0:
-            raise KVCacheError(f"residual must be ≥ 0, got {self.residual}")
-        if self.sinks < 0:
-            raise KVCacheError(f"sinks must be ≥ 0, got {self.sinks}")
-        for name, codec in (("key", self.key_codec), ("value", self.value_codec)):
-            unit = codec.token_multiple
-            if self.residual == 0 and unit > 1:
-                raise KVCacheError(
-                    f"the {name} codec groups {unit} tokens; set residual to a multiple of {unit}"
-                )
-            if self.residual % unit:
-                raise KVCacheError(
-                    f"residual {self.residual} is not a multiple of the {name} codec's "
-                    f"{unit}-token groups"
-                )
-            if self.sinks and not codec.per_token:
-                raise KVCacheError(
-                    f"attention sinks leave single tokens out of the codec; the {name} codec "
-                    "groups tokens (use a per-token codec, or sinks: 0)"
-                )
-
-    @property
-    def flush_unit(self) -> int:
-        return max(self.residual, 1)
-
-
-def _nbytes(t: Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-class _Sequence:
-    """One batch row's storage in one layer: its tokens in order are the encoded stream and the
-    float residual (newest), with float sink tokens at ``sink_index`` among them."""
-
-    def __init__(self) -> None:
-        self.pads = 0
-        self.first_position: int | None = None
-        self.keys: Encoded | None = None
-        self.values: Encoded | None = None
-        self.residual_keys: Tensor | None = None
-        self.residual_values: Tensor | None = None
-        self.sink_index: Tensor | None = None  # token indices within the sequence, ascending
-        self.sink_keys: Tensor | None = None
-        self.sink_values: Tensor | None = None
-        self.residual_features: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def encoded(self) -> int:
-        return 0 if self.keys is None else self.keys.tokens
-
-    @property
-    def n_sinks(self) -> int:
-        return 0 if self.sink_index is None else int(self.sink_index.numel())
-
-    @property
-    def stored(self) -> int:
-        residual = 0 if self.residual_keys is None else self.residual_keys.shape[1]
-        return self.encoded + residual + self.n_sinks
-
-    def _stream_positions(self, start: int, n: int, device) -> Tensor:
-        """RoPE positions of stream tokens ``start … start + n − 1`` (sinks skipped)."""
-        total = start + n + self.n_sinks
-        index = torch.arange(total, device=device)
-        if self.sink_index is not None:
-            keep = torch.ones(total, dtype=torch.bool, device=device)
-            keep[self.sink_index.to(device)] = False
-            index = index[keep]
-        return index[start : start + n] + (self.first_position or 0)
-
-    def append(
-        self,
-        keys: Tensor,
-        values: Tensor,
-        config: KVCacheConfig,
-        layer: int,
-        first_position: int,
-        sink_scores: Tensor | None,
-        features: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
-        """Store real tokens ``(heads, n, head_dim)`` and flush whole units of the residual.
-
-        ``first_position``: the RoPE position of the first of them; ``sink_scores``
-        ``(n, channels)``: the layer input of these tokens, to pick sinks from (prefill only);
-        ``features``: their key and value features ``(1, n, r)`` when the cache shrinks.
-        """
-        if self.first_position is None:
-            self.first_position = first_position
-        elif first_position != self.first_position + self.stored:
-            raise KVCacheError(
-                f"a sequence's positions must be contiguous: the cache holds positions "
-                f"{self.first_position}…{self.first_position + self.stored - 1}, the next token "
-                f"came at {first_position}"
-            )
-        if config.sinks and self.stored == 0 and sink_scores is not None:
-            keys, values = self._keep_sinks(keys, values, sink_scores, config.sinks)
-        if self.residual_keys is not None:
-            keys = torch.cat([self.residual_keys, keys], dim=1)
-            values = torch.cat([self.residual_values, values], dim=1)
-        if config.shrink is not None:
-            if features is None:
-                raise KVCacheError(
-                    "a shrinking cache needs the attention inputs; create it with make_cache"
-                )
-            if self.residual_features is not None:
-                features = tuple(
-                    torch.cat([old, new], dim=1)
-                    for old, new in zip(self.residual_features, features, strict=True)
-                )
-        unit = config.flush_unit
-        n_flush = (keys.shape[1] // unit) * unit
-        if n_flush and config.shrink is not None:
-            fk, fv = features
-            self.keys = _cat(self.keys, config.key_codec.encode(fk[:, :n_flush]))
-            self.values = _cat(self.values, config.value_codec.encode(fv[:, :n_flush]))
-        elif n_flush:
-            flushed = keys[:, :n_flush]
-            if config.key_transform is not None:
-                positions = self._stream_positions(self.encoded, n_flush, keys.device)
-                flushed = config.key_transform.to_stored(flushed, layer, positions)
-            self.keys = _cat(self.keys, config.key_codec.encode(flushed))
-            self.values = _cat(self.values, config.value_codec.encode(values[:, :n_flush]))
-        rest = keys.shape[1] - n_flush
-        self.residual_keys = keys[:, n_flush:].clone() if rest else None
-        self.residual_values = values[:, n_flush:].clone() if rest else None
-        if config.shrink is not None:
-            self.residual_features = (
-                tuple(f[:, n_flush:].clone() for f in features) if rest else None
-            )
-
-    def _keep_sinks(self, keys: Tensor, values: Tensor, scores: Tensor, k: int):
-        """Move the tokens holding the ``k`` largest ``|scores|`` out of the stream."""
-        flat = scores.abs().float().reshape(-1)
-        top = flat.topk(min(k, flat.numel())).indices // scores.shape[-1]
-        index = torch.unique(top)  # sorted
-        keep = torch.ones(keys.shape[1], dtype=torch.bool, device=keys.device)
-        keep[index] = False
-        self.sink_index = index
-        self.sink_keys = keys[:, index].clone()
-        self.sink_values = values[:, index].clone()
-        return keys[:, keep], values[:, keep]
-
-    def read(self, config: KVCacheConfig, shape: tuple[int, int, int], dtype, device, layer: int):
-        """Keys and values ``(heads, pads + stored, head_dim)``, pads as zeros."""
-        heads, _, head_dim = shape
-        parts_k, parts_v = [], []
-        if self.keys is not None:
-            keys = config.key_codec.decode(self.keys, dtype)
-            values = config.value_codec.decode(self.values, dtype)
-            if config.shrink is not None:
-                positions = self._stream_positions(0, self.encoded, device)
-                keys = config.shrink.keys(keys, layer, positions).to(dtype)
-                values = config.shrink.values(values, layer).to(dtype)
-            elif config.key_transform is not None:
-                positions = self._stream_positions(0, self.encoded, device)
-                keys = config.key_transform.from_stored(keys, layer, positions)
-            parts_k.append(keys)
-            parts_v.append(values)
-        if self.residual_keys is not None:
-            parts_k.append(self.residual_keys.to(dtype))
-            parts_v.append(self.residual_values.to(dtype))
-        empty = torch.zeros(heads, 0, head_dim, dtype=dtype, device=device)
-        keys = torch.cat(parts_k, dim=1) if parts_k else empty
-        values = torch.cat(parts_v, dim=1) if parts_v else empty
-        if self.n_sinks:
-            keys = self._with_sinks(keys, self.sink_keys.to(dtype))
-            values = self._with_sinks(values, self.sink_values.to(dtype))
-        if self.pads:
-            zeros = torch.zeros(heads, self.pads, head_dim, dtype=dtype, device=device)
-            keys, values = torch.cat([zeros, keys], dim=1), torch.cat([zeros, values], dim=1)
-        return keys, values
-
-    def _with_sinks(self, stream: Tensor, sinks: Tensor) -> Tensor:
-        total = stream.shape[1] + sinks.shape[1]
-        out = stream.new_empty(stream.shape[0], total, stream.shape[2])
-        is_stream = torch.ones(total, dtype=torch.bool, device=stream.device)
-        is_stream[self.sink_index.to(stream.device)] = False
-        out[:, is_stream] = stream
-        out[:, ~is_stream] = sinks
-        return out
-
-    def nbytes(self) -> int:
-        total = sum(0 if enc is None else enc.nbytes for enc in (self.keys, self.values))
-        for t in (self.residual_keys, self.residual_values, self.sink_keys, self.sink_values):
-            total += _nbytes(t)
-        for t in self.residual_features or ():
-            total += _nbytes(t)
-        return total + _nbytes(self.sink_index)
-
-
-def _cat(a: Encoded | None, b: Encoded) -> Encoded:
-    return b if a is None else a.cat(b)
-
-
-class CompressedLayer(CacheLayerMixin):
-    """One decoder layer's compressed keys and values (see the module docstring)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, config: KVCacheConfig, owner: CompressedCache, index: int) -> None:
-        super().__init__()
-        self.config = config
-        self.owner = owner
-        self.index = index
-        self.columns = 0
-        self.sequences: list[_Sequence] = []
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        self.sequences = [_Sequence() for _ in range(key_states.shape[0])]
-        self.is_initialized = True
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
-    ) -> tuple[Tensor, Tensor]:
-        """Store ``(batch, kv_heads, new, head_dim)`` keys/values; return all held, decoded."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        batch, heads, new, head_dim = key_states.shape
-        if batch != len(self.sequences):
-            raise KVCacheError(
-                f"this cache holds {len(self.sequences)} sequences; the forward has {batch}"
-            )
-        real = self.owner.real_tokens(self.columns, new, batch, key_states.device)
-        inputs = self.owner.layer_inputs.get(self.index)
-        shrink = self.config.shrink
-        attn_inputs = self.owner.attention_inputs.get(self.index) if shrink is not None else None
-        if shrink is not None and attn_inputs is None:
-            raise KVCacheError(
-                "a shrinking cache reads the attention inputs through hooks; create it with "
-                "make_cache(model)"
-            )
-        for b, seq in enumerate(self.sequences):
-            keep = real[b]
-            n_real = int(keep.sum())
-            if n_real < new:
-                if seq.stored or not bool((keep[new - n_real :]).all()):
-                    raise KVCacheError(
-                        "compressed caches support left padding only (pads before a sequence's "
-                        "first token); found a pad after real tokens"
-                    )
-                seq.pads += new - n_real
-            if n_real:
-                start = new - n_real
-                seq.append(
-                    key_states[b, :, start:],
-                    value_states[b, :, start:],
-                    self.config,
-                    self.index,
-                    self.owner.position(b, self.columns, start),
-                    None if inputs is None else inputs[b, start:],
-                    None if shrink is None else shrink.features(attn_inputs[b, start:], self.index),
-                )
-        self.owner.layer_inputs.pop(self.index, None)
-        self.owner.attention_inputs.pop(self.index, None)
-        self.columns += new
-        read = [
-            seq.read(
-                self.config, (heads, 0, head_dim), key_states.dtype, key_states.device, self.index
-            )
-            for seq in self.sequences
-        ]
-        return torch.stack([k for k, _ in read]), torch.stack([v for _, v in read])
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.columns + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.columns
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.columns = 0
-        self.sequences = []
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self.sequences = [copy.deepcopy(self.sequences[int(i)]) for i in indices.tolist()]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.sequences = [copy.deepcopy(seq) for seq in self.sequences for _ in range(repeats)]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise KVCacheError("a compressed cache cannot drop tokens (crop); start a new cache")
-
-    def nbytes(self) -> int:
-        return sum(seq.nbytes() for seq in self.sequences)
-
-    def stored_tokens(self) -> int:
-        return sum(seq.stored for seq in self.sequences)
 
 
 class CompressedCache(Cache):
@@ -494,8 +148,6 @@ def _install_hooks(model: nn.Module) -> None:
     attention's input."""
     if getattr(model, _HOOK_ATTR, None) is not None:
         return
-    from channelwise.adapters import adapter_for
-
     adapter = adapter_for(model)
     handles = [model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)]
     for index, block in enumerate(adapter.block_list(model)):
@@ -517,6 +169,3 @@ def make_cache(model: nn.Module, config: KVCacheConfig | None = None) -> Compres
     _install_hooks(model)
     layers, kv_heads, head_dim = kv_geometry(model)
     return CompressedCache(config, layers, kv_heads, head_dim)
-
-
-KV_CONFIG_ATTR = "_channelwise_kv_config"

@@ -31,6 +31,7 @@ from channelwise.errors import KVCacheError, RecipeError
 from channelwise.kvcache.cache import KVCacheConfig, kv_geometry
 from channelwise.kvcache.codecs import BFPCodec, GroupQuantCodec
 from channelwise.methods.registry import validated_args
+from channelwise.state import KV_CONFIG_ATTR
 
 
 class KVMethod:
@@ -225,8 +226,6 @@ class KvBfp(KVMethod):
 
 def attach_kv_config(model: nn.Module, config: KVCacheConfig | None) -> None:
     """Make ``config`` the default of ``make_cache(model)``."""
-    from channelwise.kvcache.cache import KV_CONFIG_ATTR
-
     if config is None:
         raise KVCacheError("no KV-cache configuration to attach")
     setattr(model, KV_CONFIG_ATTR, config)

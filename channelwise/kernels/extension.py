@@ -1,0 +1,122 @@
+"""Building and loading the AVX-512 extension (``csrc/weight_only.cpp``) behind the CPU kernels.
+
+It is compiled on first use (~10 s of CPU; 15–40 s wall on the shared host) into
+``$CHANNELWISE_HOME/kernels`` and reused (the folder name carries a hash of source and flags);
+if it cannot be built or the CPU lacks AVX-512, one warning is logged and the pure-torch
+de-quantize path serves every call. ``CHANNELWISE_KERNELS=0`` disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from channelwise.paths import channelwise_home
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "weight_only.cpp"
+# -fopenmp: ATen's parallel_for is a header template; without the flag its ``omp parallel``
+# compiles away and every kernel runs on one thread (measured: no gain from 2 threads until it).
+_FLAGS = [
+    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma",
+    "-fopenmp",
+]  # fmt: skip
+
+_state: dict[str, object] = {}
+
+
+def kernel_available() -> bool:
+    """Whether the compiled AVX-512 weight-only kernels can be used (builds them on first call)."""
+    return load_ops() is not None
+
+
+def load_ops():
+    """The extension's ops (``torch.ops.channelwise_cpu``), built on the first call; None where
+    they are unavailable (disabled, no AVX-512, a failed build: logged once)."""
+    if "ops" in _state:
+        return _state["ops"]
+    ops, why = None, None
+    if os.environ.get("CHANNELWISE_KERNELS", "1") == "0":
+        why = "disabled by CHANNELWISE_KERNELS=0"
+    elif torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        why = (
+            f"CPU capability is {torch.backends.cpu.get_cpu_capability()}, the kernels need AVX512"
+        )
+    else:
+        try:
+            ops = _build()
+        except Exception as error:  # noqa: BLE001 — any build failure must fall back, not crash
+            why = f"compiling {_SOURCE.name} failed: {str(error).strip().splitlines()[-1:]}"
+    if why:
+        log.warning("channelwise CPU kernels unavailable (%s); using de-quantize + F.linear", why)
+    _state["ops"] = ops
+    return ops
+
+
+def loaded_ops():
+    """The ops if an earlier :func:`load_ops` loaded them, else None; never builds."""
+    return _state.get("ops")
+
+
+def vnni_supported() -> bool:
+    """Whether this CPU has AVX-512 VNNI (the small-M W8A8 kernel's instructions)."""
+    if "vnni" not in _state:
+        check = getattr(torch.cpu, "_is_vnni_supported", None)
+        _state["vnni"] = bool(check and check())
+    return bool(_state["vnni"])
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    build = channelwise_home() / "kernels" / f"weight_only-torch{torch.__version__}-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    here = str(Path(sys.executable).parent)  # the venv's bin: the pip-installed ninja lives there
+    if here not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
+    cpp_extension.load(
+        name="channelwise_weight_only",
+        sources=[str(_SOURCE)],
+        extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_fakes()
+    return torch.ops.channelwise_cpu
+
+
+def _register_fakes() -> None:
+    """Shape functions of the ops a decode step calls, so ``torch.compile`` traces through
+    them (the compiled decode loop, :mod:`channelwise.deploy.decode`) instead of breaking the
+    graph at every packed linear: the weight-only kernels, the int8 quantizers and the small-M
+    W8A8 kernel (oneDNN's int8 linear and ``dequantize_acc_``, for more tokens, stay eager)."""
+
+    def weight_only(x: Tensor, w: Tensor, *_) -> Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    def codes(x: Tensor, *_) -> tuple[Tensor, Tensor]:
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
+
+    def small_w8a8(q: Tensor, x_scale: Tensor, u: Tensor, *_) -> Tensor:
+        return x_scale.new_empty((q.shape[0], u.shape[0]))
+
+    shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
+    shapes["quantize_per_token"] = codes
+    shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
+    for name, shape in shapes.items():
+        if name not in _FAKES:  # once per process: torch refuses a second registration
+            torch.library.register_fake(f"channelwise_cpu::{name}")(shape)
+            _FAKES.add(name)
+
+
+_FAKES: set[str] = set()

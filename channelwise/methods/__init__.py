@@ -3,6 +3,7 @@
 from channelwise.methods import (  # noqa: F401  (registration)
     adadim,
     awq,
+    chess,
     dgq,
     gptq,
     osplus,

@@ -1,0 +1,43 @@
+"""CHESS and CATS activation sparsity on the embedded SmolLM2-135M, on the benchmark protocol.
+
+Each method at sparsity 0.3 / 0.5 / 0.7 (CHESS with its attention-input thresholds, "CHESS w/";
+``--no-attention`` for FFN only), and CHESS 50% composed with RTN INT4 g64 weights beside RTN
+alone, all in one run so every Δ% is against the fp perplexity of the same run. Thresholds are
+calibrated on *Emma* only. Raw rows: ``--json docs/runs/sparsity-smollm2.json``.
+
+    .venv/bin/python benchmarks/sparsity_smollm2.py [--samples 32] [--levels 0.3,0.5,0.7]
+        [--device cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import common  # benchmarks/common.py: this folder is on sys.path when run as a script
+
+from channelwise.recipe import Recipe, load_recipe
+
+W4 = {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 64}
+
+
+def sparsity_recipe(method: str, level: float, attention: bool, weights: dict | None = None):
+    args = {"sparsity": level} | ({"attention": attention} if method == "chess" else {})
+    steps = [{"method": method, "args": args}] + ([{"method": "rtn"}] if weights else [])
+    tag = "" if method != "chess" or attention else "-ffn"
+    name = f"{method}{tag}-{round(level * 100)}" + ("-w4a16-g64" if weights else "")
+    return Recipe.from_dict({"name": name, "weights": weights, "steps": steps})
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--levels", default="0.3,0.5,0.7", help="comma-separated sparsities")
+    p.add_argument("--no-attention", action="store_true", help="CHESS on the FFN only")
+    args = p.parse_args()
+    levels = [float(level) for level in args.levels.split(",")]
+    attention = not args.no_attention
+    recipes = [load_recipe("fp")]
+    recipes += [sparsity_recipe(m, level, attention) for m in ("cats", "chess") for level in levels]
+    recipes += [load_recipe("rtn-w4a16-g64"), sparsity_recipe("chess", 0.5, attention, W4)]
+    common.main(args, recipes)
+
+
+if __name__ == "__main__":
+    main()

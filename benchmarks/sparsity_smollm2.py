@@ -6,7 +6,7 @@ alone, all in one run so every Δ% is against the fp perplexity of the same run.
 calibrated on *Emma* only. Raw rows: ``--json docs/runs/sparsity-smollm2.json``.
 
     .venv/bin/python benchmarks/sparsity_smollm2.py [--samples 32] [--levels 0.3,0.5,0.7]
-        [--device cuda] [--json out.json]
+        [--no-attention] [--no-w4] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--levels", default="0.3,0.5,0.7", help="comma-separated sparsities")
     p.add_argument("--no-attention", action="store_true", help="CHESS on the FFN only")
+    p.add_argument("--no-w4", action="store_true", help="skip the RTN W4 g64 rows")
     args = p.parse_args()
     levels = [float(level) for level in args.levels.split(",")]
     attention = not args.no_attention
     recipes = [load_recipe("fp")]
     recipes += [sparsity_recipe(m, level, attention) for m in ("cats", "chess") for level in levels]
-    recipes += [load_recipe("rtn-w4a16-g64"), sparsity_recipe("chess", 0.5, attention, W4)]
+    if not args.no_w4:
+        recipes += [load_recipe("rtn-w4a16-g64"), sparsity_recipe("chess", 0.5, attention, W4)]
     common.main(args, recipes)
 
 

@@ -88,11 +88,17 @@ def permit_as_umask(folder: Path) -> None:
     """Give every file under ``folder`` the mode a plain ``open`` would (``0o666`` less the
     umask): safetensors writes through a private temporary file, which leaves mode 0600, so a
     server running as another user could not read an exported model."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mode = _umask_file_mode()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~mask)
+            path.chmod(mode)
+
+
+def _umask_file_mode() -> int:
+    """``0o666`` less the process umask: the mode a plain ``open`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], *inputs) -> Path:
@@ -194,9 +200,7 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o666 & ~mask)
+        tmp.chmod(_umask_file_mode())
         os.replace(tmp, path)
     except _write_errors() as exc:
         tmp.unlink(missing_ok=True)

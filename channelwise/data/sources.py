@@ -52,7 +52,7 @@ def source_identity(source: str, split: str = "test") -> frozenset[str]:
     loader = _HUB_CORPORA.get(key)
     if loader is None:
         return frozenset()
-    corpus = loader.__name__.strip("_")
+    corpus = "wikitext2" if loader is _wikitext2 else key
     return frozenset({f"hub:{corpus}:{split if loader is _wikitext2 else 'validation'}"})
 
 

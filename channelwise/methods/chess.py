@@ -183,10 +183,9 @@ class _ThresholdMethod(Method):
                         f"{self.name}: the checkpoint lacks the threshold of block {index} "
                         f"{name}; it does not match its recipe"
                     )
-                value = state[key].float()
+                value = state[key]
                 threshold = value if value.numel() > 1 else value.reshape(())
-                self.thresholds[key] = threshold
-                install_threshold_hook(block.get_submodule(name), threshold, name == ACT)
+                self._install(index, block, name, threshold, on_output=name == ACT)
 
 
 @register

@@ -16,6 +16,11 @@ imports it at start-up whenever it is installed).
     python benchmarks/speed.py --rounds 3   # each variant 3 times, interleaved; medians
     python benchmarks/speed.py --compile    # decode through channelwise.deploy.compile_decode
 
+The activation-sparsity variants (``chess-50``, ``cats-50``, ``w4a16-chess-50``) calibrate on
+the protocol's Emma samples when saved (minutes on 2 cores) and are also measured with their
+MLPs forced onto the dense path (``decode_tok_s_dense_mlp``: same zeroing, no sparse kernel), so
+the kernel's own gain is a ratio within one process.
+
 ``--compile`` runs every variant's decode (fp32's included) through the compiled static-cache loop
 of :func:`channelwise.deploy.decode.compile_decode`; its compilation happens in the warm-up.
 Prefill stays eager, as ``generate`` runs it.
@@ -44,6 +49,9 @@ VARIANTS = {
     "w4a16-f16": "ours: rtn-w4a16-g64, float tensors stored in fp16 (as the anchors ship "
     "them) and the tied embedding/LM head kept in fp16 in memory",
     "w4a16-e8": "ours: rtn-w4a16-g64-e8 (plus the tied embedding/LM head in int8 per row)",
+    "chess-50": "ours: CHESS 50% activation sparsity on fp32 weights (sparse MLP kernel)",
+    "cats-50": "ours: CATS 50% activation sparsity on fp32 weights (sparse MLP kernel)",
+    "w4a16-chess-50": "ours: chess-50-w4a16-g64 packed (CHESS 50% + 4-bit codes, groups of 64)",
 }
 PRESETS = {
     "w8a8": "rtn-w8a8",
@@ -51,6 +59,9 @@ PRESETS = {
     "w4a16": "rtn-w4a16-g64",
     "w4a16-f16": "rtn-w4a16-g64",
     "w4a16-e8": "rtn-w4a16-g64-e8",
+    "chess-50": "chess-50",
+    "cats-50": "cats-50",
+    "w4a16-chess-50": "chess-50-w4a16-g64",
 }
 
 
@@ -59,12 +70,16 @@ def save(variant: str, folder: str) -> None:
     import torch
 
     from channelwise import load_model, quantize
-    from channelwise.compress import save_quantized
+    from channelwise.compress import needs_calibration, save_quantized
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
+    from channelwise.protocol import Protocol
+    from channelwise.recipe import load_recipe
 
     model, tokenizer = load_model(device="cpu")
-    quantize(model, PRESETS[variant], progress=False)
+    recipe = load_recipe(PRESETS[variant])
+    calibration = Protocol().calibration_tokens(tokenizer) if needs_calibration(recipe) else None
+    quantize(model, recipe, calibration, progress=False)
     pack_model(model)
     if variant.endswith("-f16"):  # what `channelwise quantize --float-dtype float16` saves
         round_float_tensors_(model, torch.float16)
@@ -135,6 +150,19 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
         "threads": torch.get_num_threads(),
         "compiled_decode": compiled,
     }
+    sparse = [m for m in model.modules() if type(m).__name__ == "SparseGatedMLP"]
+    if sparse:  # the same model with its MLPs on the dense path (activations still zeroed)
+        from channelwise.deploy import sparse as deploy_sparse
+
+        sparse_tokens = generated[0]
+        before, deploy_sparse.SPARSE_MAX_TOKENS = deploy_sparse.SPARSE_MAX_TOKENS, 0
+        try:
+            decode()
+            row["decode_tok_s_dense_mlp"] = statistics.median(decode() for _ in range(repeats))
+        finally:
+            deploy_sparse.SPARSE_MAX_TOKENS = before
+        row["dense_mlp_same_tokens"] = int((generated[0] == sparse_tokens).int().cumprod(0).sum())
+        generated[0] = sparse_tokens
     if eager_tokens is not None:
         # Greedy decoding under other float rounding may part from eager at a near-tie and stay
         # sensible; a broken compiled loop emits text its own eager model finds unlikely.
@@ -221,8 +249,9 @@ def main() -> None:
 def merge(runs: list[dict]) -> dict:
     """One row per variant: the median over rounds of each figure, the rounds kept beside."""
     row = dict(runs[0])
-    for key in ("prefill_tok_s", "decode_tok_s", "rss_mb", "peak_rss_mb"):
-        row[key] = statistics.median(r[key] for r in runs)
+    for key in ("prefill_tok_s", "decode_tok_s", "rss_mb", "peak_rss_mb", "decode_tok_s_dense_mlp"):
+        if key in row:
+            row[key] = statistics.median(r[key] for r in runs)
     if "compiled_same_tokens" in row:
         row["compiled_same_tokens"] = min(r["compiled_same_tokens"] for r in runs)
         row["eager_nll_of_compiled"] = max(r["eager_nll_of_compiled"] for r in runs)
@@ -252,6 +281,16 @@ def report(rows: list[dict]) -> None:
         print(
             f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {pre:.2f} | {r['decode_tok_s']:.1f} "
             f"| {dec:.2f} | {size} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    sparse = [r for r in rows if "decode_tok_s_dense_mlp" in r]
+    if sparse:
+        print("\nsparse MLP kernel against the same model's dense MLP path (same zeroing):")
+    for r in sparse:
+        print(
+            f"  {r['variant']:<18} decode {r['decode_tok_s']:.1f} vs "
+            f"{r['decode_tok_s_dense_mlp']:.1f} tok/s: "
+            f"{r['decode_tok_s'] / r['decode_tok_s_dense_mlp']:.2f}x; same first "
+            f"{r['dense_mlp_same_tokens']} greedy tokens"
         )
 
 

@@ -181,3 +181,106 @@ def test_long_rows_are_subsampled_close_to_the_full_quantile() -> None:
     values = torch.randn(3, 4 * QUANTILE_SAMPLE + 7, generator=torch.Generator().manual_seed(2))
     full = torch.quantile(values, 0.7, dim=1).mean()
     assert sequence_quantile(values, 0.7).item() == pytest.approx(full.item(), abs=0.01)
+
+
+# ----------------------------------------------------------------------------- sparse decode
+WEIGHTS = {
+    "fp32": None,
+    "w8": {"bits": 8, "symmetric": True, "granularity": "channel"},
+    "w4": {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 64},
+}
+
+
+def sparse_model(make_tiny_model, calibration, weights: str, activations: dict | None = None):
+    """A tiny Llama with CHESS 50% (and, for W8/W4, RTN weights, packed)."""
+    model = make_tiny_model("llama", **WIDE)
+    spec = {"name": f"chess-{weights}", "steps": [{"method": "chess", "args": {"sparsity": 0.5}}]}
+    if WEIGHTS[weights] is not None:
+        spec |= {"weights": WEIGHTS[weights]}
+        spec["steps"].append({"method": "rtn"})
+    if activations is not None:
+        spec["activations"] = activations
+    quantize(model, Recipe.from_dict(spec), calibration, progress=False)
+    if WEIGHTS[weights] is not None:
+        assert pack_model(model)
+    return model
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch) -> list[int]:
+    """How many times the fused sparse MLP op ran (one entry per call: its token count)."""
+    from channelwise.deploy import sparse as deploy_sparse
+
+    calls: list[int] = []
+    real = deploy_sparse.kernels.sparse_mlp
+
+    def counted(x, a, up, down):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, a, up, down)
+
+    monkeypatch.setattr(deploy_sparse.kernels, "sparse_mlp", counted)
+    return calls
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_sparse_decode_equals_the_dense_mlp(make_tiny_model, calibration, sparse_calls, weights):
+    from channelwise.deploy.kernel_call import use_kernels
+    from channelwise.deploy.sparse import SPARSE_MAX_TOKENS, SparseGatedMLP
+
+    model = sparse_model(make_tiny_model, calibration, weights)
+    mlp = model.model.layers[1].mlp
+    assert isinstance(mlp, SparseGatedMLP)
+    for shape in [(1, 1), (1, 3), (2, 2), (1, SPARSE_MAX_TOKENS + 1)]:
+        x = torch.randn(*shape, 64, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            sparse = mlp(x)
+            before = use_kernels(False)
+            try:
+                dense = mlp(x)
+            finally:
+                use_kernels(before)
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    assert sparse_calls == [1, 3, 4], "up to SPARSE_MAX_TOKENS tokens take the sparse op"
+
+
+def test_sparse_generation_matches_the_dense_path(make_tiny_model, calibration, sparse_calls):
+    from channelwise.deploy.kernel_call import use_kernels
+
+    model = sparse_model(make_tiny_model, calibration, "w4")
+    ids = calibration[:1, :5]
+
+    def greedy():
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                output_scores=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    sparse_ids, sparse_scores = greedy()
+    assert len(sparse_calls) == 5 * 2, "5 single-token decode steps through 2 blocks"
+    before = use_kernels(False)
+    try:
+        dense_ids, dense_scores = greedy()
+    finally:
+        use_kernels(before)
+    assert torch.equal(sparse_ids, dense_ids)
+    torch.testing.assert_close(sparse_scores, dense_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_an_mlp_linear_with_a_forward_hook_takes_the_dense_path(
+    make_tiny_model, calibration, sparse_calls
+):
+    """An input quantizer on up/down (here W8A8's) must run: the sparse op would skip it."""
+    activations = {"bits": 8, "symmetric": True, "granularity": "token", "dynamic": True}
+    model = sparse_model(make_tiny_model, calibration, "w8", activations)
+    with torch.no_grad():
+        model.model.layers[0].mlp(torch.randn(1, 1, 64))
+    assert sparse_calls == []
+
+
+def test_the_sparse_mlp_keeps_the_state_dict_keys(make_tiny_model, calibration) -> None:
+    dense_keys = list(make_tiny_model("llama", **WIDE).state_dict())
+    model = make_tiny_model("llama", **WIDE)
+    quantize(model, sparsity_recipe("cats", 0.5), calibration, progress=False)
+    assert list(model.state_dict()) == dense_keys

@@ -62,6 +62,8 @@ def assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, co
         # static per-tensor input scales, read eagerly by compile_decode: graph constants
         ("dgq-w4a8", "channelwise_cpu::w8a8_small_mm"),
         ("outliertune-w8a8", "channelwise_cpu::w8a8_small_mm"),
+        # CHESS: the fused sparse MLP op (fixed output shape) inside the graph
+        ("chess-50-w4a16-g64", "channelwise_cpu::sparse_mlp"),
     ],
 )
 def test_compiled_decode_matches_the_fake_quant_model(

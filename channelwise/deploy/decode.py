@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from channelwise.deploy.packed_modules import PackedCodes
+from channelwise.deploy.sparse import SparseGatedMLP, build_sparse_weights
 from channelwise.errors import ChannelwiseError
 from channelwise.kernels import kernel_available
 
@@ -57,10 +58,13 @@ def compile_decode(model: nn.Module, *, skip_module_guards: bool = True) -> nn.M
     from transformers.generation.configuration_utils import CompileConfig
 
     packed = [m for m in model.modules() if isinstance(m, PackedCodes)]
-    if packed and next(model.parameters()).device.type == "cpu":
+    sparse = any(isinstance(m, SparseGatedMLP) for m in model.modules())
+    if (packed or sparse) and next(model.parameters()).device.type == "cpu":
         kernel_available()  # builds the extension and registers its shape functions
     for module in packed:
         module.build_kernel_operands()
+    if sparse:
+        build_sparse_weights(model)
     options = (
         {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if skip_module_guards

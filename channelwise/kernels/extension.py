@@ -1,4 +1,5 @@
-"""Building and loading the AVX-512 extension (``csrc/weight_only.cpp``) behind the CPU kernels.
+"""Building and loading the AVX-512 extension behind the CPU kernels: ``csrc/weight_only.cpp``
+(dense weight-only and W8A8) and ``csrc/sparse.cpp`` (sparse decode), sharing ``csrc/tiles.h``.
 
 It is compiled on first use (~10 s of CPU; 15–40 s wall on the shared host) into
 ``$CHANNELWISE_HOME/kernels`` and reused (the folder name carries a hash of source and flags);
@@ -21,7 +22,9 @@ from channelwise.paths import channelwise_home
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "weight_only.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = (_CSRC / "weight_only.cpp", _CSRC / "sparse.cpp")
+_HEADERS = (_CSRC / "tiles.h",)
 # -fopenmp: ATen's parallel_for is a header template; without the flag its ``omp parallel``
 # compiles away and every kernel runs on one thread (measured: no gain from 2 threads until it).
 _FLAGS = [
@@ -53,7 +56,7 @@ def load_ops():
         try:
             ops = _build()
         except Exception as error:  # noqa: BLE001 — any build failure must fall back, not crash
-            why = f"compiling {_SOURCE.name} failed: {str(error).strip().splitlines()[-1:]}"
+            why = f"compiling the kernels failed: {str(error).strip().splitlines()[-1:]}"
     if why:
         log.warning("channelwise CPU kernels unavailable (%s); using de-quantize + F.linear", why)
     _state["ops"] = ops
@@ -76,7 +79,8 @@ def vnni_supported() -> bool:
 def _build():
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:12]
     build = channelwise_home() / "kernels" / f"weight_only-torch{torch.__version__}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     here = str(Path(sys.executable).parent)  # the venv's bin: the pip-installed ninja lives there
@@ -84,7 +88,7 @@ def _build():
         os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
     cpp_extension.load(
         name="channelwise_weight_only",
-        sources=[str(_SOURCE)],
+        sources=[str(path) for path in _SOURCES],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build),
@@ -110,7 +114,13 @@ def _register_fakes() -> None:
     def small_w8a8(q: Tensor, x_scale: Tensor, u: Tensor, *_) -> Tensor:
         return x_scale.new_empty((q.shape[0], u.shape[0]))
 
+    def sparse_mlp(x: Tensor, a: Tensor, up: Tensor, s: Tensor | None, z: Tensor | None,
+                   down_t: Tensor, *_) -> Tensor:  # fmt: skip
+        columns = down_t.shape[1] * (2 if down_t.dtype == torch.uint8 else 1)
+        return x.new_empty((*x.shape[:-1], columns))
+
     shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
+    shapes["sparse_mlp"] = sparse_mlp
     shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
     for name, shape in shapes.items():

@@ -11,7 +11,8 @@ from torch import Tensor
 # ----------------------------------------------------------------------------- de-quantization
 def unpack_int4(packed: Tensor) -> Tensor:
     """``(out, in/2)`` uint8 → ``(out, in)`` uint8 codes (low nibble = even column)."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1)
+    return codes.reshape(packed.shape[0], 2 * packed.shape[1])
 
 
 def dequantize_w8(w: Tensor, scale: Tensor) -> Tensor:

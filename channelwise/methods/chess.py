@@ -34,8 +34,10 @@ Deviations and ambiguities:
 - Calibration data is the protocol's (Emma, 128 × 512 tokens) instead of the paper's ~65k tokens
   of C4; the thresholds are computed block by block on the block inputs of the already processed
   (possibly transformed) model, like every other step here.
-- The paper's CPU kernels (``spvmm``/``vmmsp``) are not part of this step; this step measures
-  the quality cost only.
+- The block's MLP becomes a :class:`~channelwise.deploy.sparse.SparseGatedMLP` (same children
+  and keys): on decode it multiplies only the active ``up`` rows and ``down`` columns, the role
+  of the paper's ``spvmm``/``vmmsp`` CPU kernels (ours: :mod:`channelwise.kernels.sparse`, fp32,
+  W8 and W4). The sparsified ``q_proj``/``o_proj`` inputs still run dense products.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from channelwise.deploy.sparse import use_sparse_mlp
 from channelwise.engine import BlockContext
 from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods.registry import Method, register
@@ -102,7 +105,8 @@ def install_threshold_hook(module: nn.Module, threshold: Tensor, on_output: bool
     remove_threshold_hook(module)
 
     def sparsify(x: Tensor) -> Tensor:
-        if not torch.isfinite(x).all():
+        # a compiled decode graph cannot branch on data: there, non-finite values propagate
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
             raise ChannelwiseError("activation sparsity: NaN or inf activations")
         return x.masked_fill(x.abs() < threshold.to(x.device, x.dtype), 0)
 
@@ -168,6 +172,8 @@ class _ThresholdMethod(Method):
         threshold = threshold.detach().float().cpu()
         self.thresholds[f"{index}.{name}"] = threshold
         install_threshold_hook(block.get_submodule(name), threshold, on_output)
+        if name == ACT:
+            use_sparse_mlp(block)
 
     def saved_state(self) -> dict[str, Tensor]:
         return {key: value.reshape(-1) for key, value in self.thresholds.items()}

@@ -1,0 +1,129 @@
+"""Sparse decode kernels (``csrc/sparse.cpp``): a linear's product with only some of its rows,
+or with an input that is zero outside some columns, on float32, W8 or W4 weights.
+
+In a gated MLP ``down(act(gate(x)) · up(x))`` whose activation is mostly zero (CHESS, CATS),
+only the ``up`` rows and ``down`` columns of the active channels ``idx`` matter:
+
+* :func:`rows_linear` → ``(M, A)``: ``x @ W[idx].T``, reading only the indexed rows;
+* :func:`cols_linear` → ``(M, N)``: ``h @ W[:, idx].T`` for the compact input ``h (M, A)`` (the
+  input's values at ``idx``), reading ``W``'s columns as rows of its columns form
+  (:func:`transpose_weight`), each contiguous;
+* :func:`sparse_mlp`: both, with the active set found from the activation, in one call (one
+  op: little Python per decode step, and a fixed output shape ``torch.compile`` can trace).
+
+Weights (:class:`SparseWeight`) are as the dense kernels take them (:mod:`channelwise.kernels.cpu`):
+float32 ``(N, K)``; W8 int8 codes with a per-row scale; W4 codes two per byte along ``K``,
+per-group ``scale`` and ``zero`` in code units. ``idx`` is int64, strictly increasing. Without
+the extension each call takes the pure-torch reference (same products, summation order aside).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from channelwise.errors import KernelInputError
+from channelwise.kernels.extension import load_ops
+from channelwise.kernels.reference import dequantize_w4, unpack_int4
+
+
+@dataclass(frozen=True)
+class SparseWeight:
+    """A weight as the sparse kernels read it; its kind follows ``w``'s dtype: float32,
+    int8 codes (W8, per-row ``scale``) or uint8 (W4 codes two per byte, ``scale``/``zero`` per
+    group of ``group`` along the input). Rows form: ``w (N, K)`` as stored; columns form: the
+    transpose of :func:`transpose_weight`."""
+
+    w: Tensor
+    scale: Tensor | None = None
+    zero: Tensor | None = None
+    group: int = 0
+
+    def operands(self) -> tuple:
+        return self.w, self.scale, self.zero
+
+
+def _call(name: str, *args) -> Tensor | None:
+    ops = load_ops()
+    if ops is None:
+        return None
+    try:
+        return getattr(ops, name)(*args)
+    except RuntimeError as error:  # the extension's TORCH_CHECKs: bad shapes, dtypes, indices
+        message = str(error).strip().splitlines()[0]
+        raise KernelInputError(f"sparse kernel {name}: {message}") from None
+
+
+def rows_linear(x: Tensor, idx: Tensor, weight: SparseWeight) -> Tensor:
+    """``x (M, K) @ W[idx].T`` → ``(M, A)``, reading only the indexed rows of ``W``."""
+    y = _call("rows_mm", x, idx, *weight.operands(), weight.group)
+    return y if y is not None else x @ rows_reference(weight, idx).T
+
+
+def cols_linear(h: Tensor, idx: Tensor, weight_t: SparseWeight) -> Tensor:
+    """``h (M, A) @ W[:, idx].T`` → ``(M, N)``: the product with an input nonzero only at
+    ``idx`` (its values there ``h``), for ``W``'s columns form ``weight_t``."""
+    y = _call("cols_mm", h, idx, *weight_t.operands(), weight_t.group)
+    return y if y is not None else h @ columns_reference(weight_t)[idx]
+
+
+def sparse_mlp(x: Tensor, a: Tensor, up: SparseWeight, down_t: SparseWeight) -> Tensor:
+    """``down(a · up(x))`` for a gated MLP's activation ``a (..., N)`` (zero outside some
+    channels) and its input ``x (..., K)``: only the rows of ``up`` and the columns of ``down``
+    at the channels nonzero in some token are read, in one call. ``up`` and ``down_t`` share
+    one group size."""
+    y = _call("sparse_mlp", x, a, *up.operands(), *down_t.operands(), up.group or down_t.group)
+    if y is not None:
+        return y
+    tokens = a.reshape(-1, a.shape[-1])
+    idx = tokens.ne(0).any(dim=0).nonzero().squeeze(1)
+    h = tokens[:, idx] * rows_linear(x.reshape(-1, x.shape[-1]), idx, up)
+    return cols_linear(h, idx, down_t).view(*x.shape[:-1], -1)
+
+
+def rows_reference(weight: SparseWeight, idx: Tensor) -> Tensor:
+    """The float32 rows ``W[idx]`` of a rows-form weight."""
+    w = weight.w[idx]
+    if idx.numel() == 0:
+        return torch.zeros(0, w.shape[1] * (2 if w.dtype == torch.uint8 else 1), device=w.device)
+    if w.dtype == torch.int8:
+        return w.float() * weight.scale[idx, None]
+    if w.dtype == torch.uint8:
+        return dequantize_w4(w, weight.scale[idx], weight.zero[idx], weight.group)
+    return w
+
+
+def columns_reference(weight_t: SparseWeight) -> Tensor:
+    """``Wᵀ (K, N)`` float32 from a columns-form weight."""
+    wt = weight_t.w
+    if wt.dtype == torch.int8:
+        return wt.float() * weight_t.scale
+    if wt.dtype == torch.uint8:
+        k, half = wt.shape
+        blocks = wt.reshape(k, half // 16, 16)
+        codes = torch.stack((blocks & 0xF, blocks >> 4), dim=2).reshape(k, half * 2).float()
+        expand = torch.arange(k, device=wt.device) // weight_t.group
+        return (codes - weight_t.zero[expand]) * weight_t.scale[expand]
+    return wt
+
+
+def transpose_weight(weight: SparseWeight) -> SparseWeight:
+    """The columns form of a rows-form weight ``(N, K)``: float32 or int8 codes transposed to
+    ``(K, N)`` (the same per-row scale); W4 codes as ``(K, N / 2)`` where byte ``j`` of each
+    32-column block holds column ``j`` (low nibble) and ``j + 16`` (high nibble), ``scale`` and
+    ``zero`` transposed to ``(K / group, N)``."""
+    w = weight.w
+    if w.dtype != torch.uint8:
+        return SparseWeight(w.T.contiguous(), weight.scale, None, weight.group)
+    n = w.shape[0]
+    if n % 32:
+        raise KernelInputError(
+            f"transpose_weight: {n} output rows; W4 columns need a multiple of 32"
+        )
+    codes = unpack_int4(w).T.reshape(-1, n // 32, 2, 16)  # (K, blocks, half, 16)
+    packed_t = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(codes.shape[0], n // 2)
+    return SparseWeight(
+        packed_t.contiguous(), weight.scale.T.contiguous(), weight.zero.T.contiguous(), weight.group
+    )

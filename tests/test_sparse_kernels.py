@@ -1,0 +1,209 @@
+"""The sparse decode kernels (channelwise.kernels.sparse) against a plain float64 reference, on
+float32, W8 and W4 weights, random and adversarial; and the same calls without the extension.
+
+Tolerance as in test_kernels.py: an fp32 sum of K products in any order is within
+``(K + 2) · 2⁻²⁴ · Σ|x w|`` of the exact one (a wrong row, column, nibble or scale errs by far
+more).
+A W4 weight is formed as ``q·s + (−z·s)`` (two roundings of terms up to ``(|q| + |z|)·s``, which
+cancel when ``q ≈ z``), so for W4 ``|w|`` in that bound is ``(|q| + |z|)·s`` and K is K + 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from channelwise.kernels import KernelInputError, kernel_available
+from channelwise.kernels import sparse as sk
+from channelwise.kernels.extension import _state
+
+EPS32 = 2.0**-24
+KINDS = ["f32", "w8", "w4"]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_weight(kind: str, out: int, inp: int, seed: int, group: int = 64) -> sk.SparseWeight:
+    g = gen(seed)
+    if kind == "f32":
+        return sk.SparseWeight(torch.randn(out, inp, generator=g))
+    if kind == "w8":
+        codes = torch.randint(-128, 128, (out, inp), generator=g, dtype=torch.int8)
+        return sk.SparseWeight(codes, torch.rand(out, generator=g) * 0.1 + 1e-3)
+    codes = torch.randint(0, 256, (out, inp // 2), generator=g, dtype=torch.uint8)
+    scale = torch.rand(out, inp // group, generator=g) * 0.1 + 1e-3
+    zero = torch.rand(out, inp // group, generator=g) * 15
+    return sk.SparseWeight(codes, scale, zero, group)
+
+
+def dense64(weight: sk.SparseWeight) -> torch.Tensor:
+    """The rows-form weight ``(N, K)`` in float64, de-quantized independently of the module."""
+    w = weight.w
+    if w.dtype == torch.int8:
+        return w.double() * weight.scale.double()[:, None]
+    if w.dtype == torch.uint8:
+        codes = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(w.shape[0], -1).double()
+        s = weight.scale.double().repeat_interleave(weight.group, dim=1)
+        z = weight.zero.double().repeat_interleave(weight.group, dim=1)
+        return (codes - z) * s
+    return w.double()
+
+
+def magnitude64(weight: sk.SparseWeight) -> torch.Tensor:
+    """What each weight's float32 rounding errors scale with (see the module docstring)."""
+    w = weight.w
+    if w.dtype != torch.uint8:
+        return dense64(weight).abs()
+    codes = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(w.shape[0], -1).double()
+    s = weight.scale.double().repeat_interleave(weight.group, dim=1)
+    z = weight.zero.double().abs().repeat_interleave(weight.group, dim=1)
+    return (codes + z) * s
+
+
+def assert_close_to(
+    got: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, magnitude: torch.Tensor | None = None
+) -> None:
+    """``got`` ≈ ``x @ w64.T`` within the fp32 summation bound."""
+    x64 = x.double()
+    expected = x64 @ w64.T
+    magnitude = w64.abs() if magnitude is None else magnitude
+    bound = (x64.abs() @ magnitude.T) * (x.shape[-1] + 4) * EPS32 + 1e-30
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    excess = (got.double() - expected).abs() - bound
+    assert (excess <= 0).all(), f"max excess over the bound: {excess.max().item():.3g}"
+
+
+def index_sets(n: int) -> dict[str, torch.Tensor]:
+    g = gen(n)
+    return {
+        "empty": torch.empty(0, dtype=torch.long),
+        "first": torch.tensor([0]),
+        "last": torch.tensor([n - 1]),
+        "all": torch.arange(n),
+        "half": torch.randperm(n, generator=g)[: n // 2].sort().values,
+        "tail_of_a_tile": torch.arange(n - 6, n),  # 6 = one tile of 4 rows + 2 rows one by one
+    }
+
+
+@pytest.fixture(params=[True, False], ids=["extension", "torch"])
+def extension(request, monkeypatch):
+    """Each test runs through the AVX-512 extension and through the pure-torch fallback."""
+    if request.param:
+        if not kernel_available():
+            pytest.skip("the extension is not available on this host")
+    else:
+        monkeypatch.setitem(_state, "ops", None)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_rows_equal_the_reference_rows(extension, kind, m) -> None:
+    n, k = 96, 128
+    weight = random_weight(kind, n, k, seed=1)
+    x = torch.randn(m, k, generator=gen(2))
+    w64, magnitude = dense64(weight), magnitude64(weight)
+    for name, idx in index_sets(n).items():
+        got = sk.rows_linear(x, idx, weight)
+        assert got.shape == (m, idx.numel()), name
+        assert_close_to(got, x, w64[idx], magnitude[idx])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("n", [64, 96, 32])  # output widths: whole, partial and single chunks
+def test_columns_equal_the_reference_columns(extension, kind, m, n) -> None:
+    k = 192  # three W4 groups of 64 along the input
+    weight = random_weight(kind, n, k, seed=3)
+    weight_t = sk.transpose_weight(weight)
+    w64, magnitude = dense64(weight), magnitude64(weight)
+    for name, idx in index_sets(k).items():
+        h = torch.randn(m, idx.numel(), generator=gen(4))
+        got = sk.cols_linear(h, idx, weight_t)
+        assert got.shape == (m, n), name
+        assert_close_to(got, h, w64[:, idx], magnitude[:, idx])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_columns_form_holds_the_same_weight(kind) -> None:
+    weight = random_weight(kind, 64, 128, seed=5)
+    columns = sk.columns_reference(sk.transpose_weight(weight))
+    assert torch.equal(columns.T, sk.rows_reference(weight, torch.arange(64)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 2, 4, 6])
+@pytest.mark.parametrize("active", [0.0, 0.3, 1.0])
+def test_fused_mlp_equals_the_dense_product(extension, kind, m, active) -> None:
+    hidden, inter = 64, 192
+    up = random_weight(kind, inter, hidden, seed=6)
+    down = random_weight(kind, hidden, inter, seed=7)
+    x = torch.randn(1, m, hidden, generator=gen(8))
+    a = torch.randn(1, m, inter, generator=gen(9))
+    a = a * (torch.rand(1, m, inter, generator=gen(10)) < active)
+    got = sk.sparse_mlp(x, a, up, sk.transpose_weight(down))
+    h = a.double() * (x.double() @ dense64(up).T)
+    expected = h @ dense64(down).T
+    bound = (a.double().abs() * (x.double().abs() @ magnitude64(up).T)) @ magnitude64(down).T
+    assert got.shape == (1, m, hidden)
+    assert ((got.double() - expected).abs() <= bound * (hidden + inter + 4) * EPS32 + 1e-30).all()
+    if active == 0.0:
+        assert (got == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adversarial_inputs(extension, kind) -> None:
+    """Outliers, constant and zero channels, extreme codes: still the reference; a NaN input
+    makes its own output row NaN and no other."""
+    n, k = 64, 128
+    weight = random_weight(kind, n, k, seed=11)
+    if kind == "w8":
+        weight.w[0].fill_(-128)
+        weight.w[1].fill_(127)
+    if kind == "w4":
+        weight.w[0].fill_(0x00)
+        weight.w[1].fill_(0xFF)
+    x = torch.randn(3, k, generator=gen(12))
+    x[0, 5] = 1e6  # outlier
+    x[1] = 0.25  # constant
+    x[2, :64] = 0  # zero channels
+    idx = torch.tensor([0, 1, 2, 40, 63])
+    rows = sk.rows_linear(x, idx, weight)
+    assert_close_to(rows, x, dense64(weight)[idx], magnitude64(weight)[idx])
+    h = x[:, idx].contiguous()
+    other = random_weight(kind, 64, 128, seed=13)
+    cols = sk.cols_linear(h, idx, sk.transpose_weight(other))
+    assert_close_to(cols, h, dense64(other)[:, idx], magnitude64(other)[:, idx])
+    weight_t = sk.transpose_weight(other)
+    x[1, 3] = float("nan")
+    rows = sk.rows_linear(x, idx, weight)
+    assert rows[1].isnan().all() and not rows[[0, 2]].isnan().any()
+    h = x[:, idx].contiguous()
+    h[1, 2] = float("nan")
+    cols = sk.cols_linear(h, idx, weight_t)
+    assert cols[1].isnan().all() and not cols[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "idx, message",
+    [
+        (torch.tensor([3, 1]), "increasing"),
+        (torch.tensor([1, 1]), "increasing"),
+        (torch.tensor([0, 96]), "within"),
+        (torch.tensor([-1]), "within"),
+        (torch.tensor([0, 1], dtype=torch.int32), "int64"),
+    ],
+)
+def test_bad_indices_are_one_clear_error(idx, message) -> None:
+    if not kernel_available():
+        pytest.skip("the checks are the extension's")
+    weight = random_weight("f32", 96, 64, seed=14)
+    with pytest.raises(KernelInputError, match=message):
+        sk.rows_linear(torch.randn(1, 64), idx, weight)
+
+
+def test_w4_columns_need_whole_32_column_blocks() -> None:
+    with pytest.raises(KernelInputError, match="multiple of 32"):
+        sk.transpose_weight(random_weight("w4", 48, 64, seed=15))

@@ -284,3 +284,36 @@ def test_the_sparse_mlp_keeps_the_state_dict_keys(make_tiny_model, calibration) 
     model = make_tiny_model("llama", **WIDE)
     quantize(model, sparsity_recipe("cats", 0.5), calibration, progress=False)
     assert list(model.state_dict()) == dense_keys
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_attention_inputs_take_the_sparse_input_kernel(
+    make_tiny_model, calibration, monkeypatch, weights
+):
+    from channelwise.deploy import sparse as deploy_sparse
+    from channelwise.deploy.kernel_call import use_kernels
+
+    calls: list[int] = []
+    real = deploy_sparse.kernels.sparse_input_linear
+    monkeypatch.setattr(
+        deploy_sparse.kernels,
+        "sparse_input_linear",
+        lambda x, w: calls.append(x.numel() // x.shape[-1]) or real(x, w),
+    )
+    model = sparse_model(make_tiny_model, calibration, weights)
+    attention = model.model.layers[0].self_attn
+    if weights == "fp32":
+        assert isinstance(attention.q_proj, deploy_sparse.SparseInputLinear)
+    assert not getattr(attention.k_proj, deploy_sparse.SPARSE_INPUT_ATTR, False)
+    x = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sparse = [attention.q_proj(x), attention.o_proj(x)]
+        before = use_kernels(False)
+        try:
+            dense = [attention.q_proj(x), attention.o_proj(x)]
+        finally:
+            use_kernels(before)
+    assert calls == [2, 2]
+    for got, expected in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (dense[0] != 0).any()

@@ -207,3 +207,17 @@ def test_bad_indices_are_one_clear_error(idx, message) -> None:
 def test_w4_columns_need_whole_32_column_blocks() -> None:
     with pytest.raises(KernelInputError, match="multiple of 32"):
         sk.transpose_weight(random_weight("w4", 48, 64, seed=15))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("active", [0.0, 0.4, 1.0])
+def test_sparse_input_equals_the_dense_product(extension, kind, m, active) -> None:
+    weight = random_weight(kind, 96, 128, seed=16)
+    x = torch.randn(2, m, 128, generator=gen(17))
+    x = x * (torch.rand(2, m, 128, generator=gen(18)) < active)
+    got = sk.sparse_input_linear(x, sk.transpose_weight(weight))
+    assert got.shape == (2, m, 96)
+    assert_close_to(got.reshape(-1, 96), x.reshape(-1, 128), dense64(weight), magnitude64(weight))
+    if active == 0.0:
+        assert (got == 0).all()

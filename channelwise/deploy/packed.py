@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.dual_grained import PackedDualGrained
+from channelwise.deploy.hooks import move_hooks
 from channelwise.deploy.kernel_call import (
     DYNAMIC,
     int8_input_scale,
@@ -42,8 +43,8 @@ from channelwise.deploy.packed_modules import (
 from channelwise.errors import PackingError
 from channelwise.methods.registry import quantizes_weights
 from channelwise.quant import quantize
-from channelwise.quant.dual_grained import DUAL_GRAINED_ATTR, recorded_dual_grained
-from channelwise.quant.grid import GRID_ATTR, weight_grid
+from channelwise.quant.dual_grained import recorded_dual_grained
+from channelwise.quant.grid import weight_grid
 from channelwise.state import RECIPE_ATTR
 
 __all__ = [
@@ -119,7 +120,7 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
             )
     packed = [pack_linear(m, adapter.transposed_weights, where) for where, _, _, m in todo]
     for (_where, block, name, module), new in zip(todo, packed, strict=True):
-        _move_hooks(module, new)
+        move_hooks(module, new)
         _set_submodule(block, name, new)
     return [where for where, *_ in todo] + _pack_embedding(model)
 
@@ -139,7 +140,7 @@ def _pack_embedding(model: nn.Module) -> list[str]:
         raise PackingError(f"{name}: the embedding is not on its recorded grid; cannot pack it")
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
-    _move_hooks(embedding, packed)
+    move_hooks(embedding, packed)
     _set_submodule(model, name, packed)
     if not tied:
         return [name]
@@ -192,25 +193,6 @@ def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
     rounded = sum(tensor.numel() for tensor, _ in todo)
     setattr(model, FLOAT_DTYPE_ATTR, dtype)
     return rounded
-
-
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
-
-
-def _move_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` ``old``'s forward hooks (input quantizer, online rotations) and the
-    channelwise attributes that track them; the hooks' removal handles keep working."""
-    for attr in _HOOK_DICTS:
-        setattr(new, attr, getattr(old, attr))
-    for attr, value in vars(old).items():
-        if attr.startswith("_channelwise_") and attr not in (GRID_ATTR, DUAL_GRAINED_ATTR):
-            setattr(new, attr, value)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from channelwise.deploy.kernel_call import DYNAMIC, KernelDispatch
+from channelwise.deploy.sparse import sparse_input_forward
 from channelwise.errors import PackingError
 from channelwise.quant import QParams, QuantSpec, dequantize
 from channelwise.quant.activation import InputQuantizer, input_quantizer
@@ -134,6 +135,9 @@ class PackedLinear(PackedCodes):
         return self._int8_input_mode(quantizer, x) is not None
 
     def forward(self, x: Tensor) -> Tensor:
+        y = sparse_input_forward(self, x)  # a marked linear on decode: the active columns only
+        if y is not None:
+            return y
         quantizer = input_quantizer(self)
         mode = None if quantizer is None else self._int8_input_mode(quantizer, x)
         if mode is not None:

@@ -1,4 +1,17 @@
-"""Decode through the sparse kernels: a gated MLP that reads only its active channels.
+"""Activation sparsity at run time: the threshold hooks, and decode through the sparse kernels.
+
+:func:`install_threshold_hook` zeroes the small entries of a module's input or output (the
+semantics every path computes). Two module kinds then skip the zeroed channels' weights on
+decode (:mod:`channelwise.kernels.sparse`):
+
+* a gated MLP whose ``act_fn`` is hooked (CHESS, CATS) becomes a :class:`SparseGatedMLP`;
+* a linear whose input is hooked (TEAL's every linear, CHESS's ``q_proj``/``o_proj``) is marked
+  by :func:`mark_sparse_input`: a float ``nn.Linear`` becomes a :class:`SparseInputLinear`, and a
+  packed linear reads the mark (packing carries it over); on up to :data:`SPARSE_MAX_TOKENS`
+  tokens either multiplies only the weight columns of the channels nonzero in its input.
+
+Both keep the state-dict keys, the forward hooks and the dense result (up to float summation
+order).
 
 :class:`SparseGatedMLP` takes the place of a block's MLP (same children, same state-dict keys)
 once an activation-sparsity step (:mod:`channelwise.methods.chess`) hooks its ``act_fn``. For up
@@ -21,19 +34,55 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from channelwise.deploy.kernel_call import kernels_enabled
-from channelwise.deploy.packed_modules import PackedLinear
+from channelwise.deploy.hooks import move_hooks
+from channelwise.deploy.kernel_call import KernelDispatch, kernels_enabled
+from channelwise.errors import ChannelwiseError
 from channelwise.kernels import sparse as kernels
 from channelwise.kernels.cpu import tensor_version
 from channelwise.kernels.extension import loaded_ops
 
 #: Up to this many tokens per call the MLP takes the sparse kernels (decode, small batches).
 SPARSE_MAX_TOKENS = 4
-_FORMS_ATTR = "_channelwise_sparse_forms"
-_HOOK_DICTS = (
-    "_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-)  # fmt: skip
+#: The threshold hook's handle on a module (packing carries ``_channelwise_`` attributes over).
+SPARSITY_HOOK_ATTR = "_channelwise_sparsity_hook"
+#: Set on a linear whose input is hooked: it may take the sparse-input kernel.
+SPARSE_INPUT_ATTR = "_channelwise_sparse_input"
+_FORMS_ATTR = "_sparse_forms"  # the cached forms: not carried to a packed replacement
+
+
+def install_threshold_hook(module: nn.Module, threshold: Tensor, on_output: bool) -> None:
+    """Zero the entries of ``module``'s output (or first input) whose magnitude is below
+    ``threshold`` (a scalar, or one value per last-dimension channel; read at every call, so it
+    may be changed in place)."""
+    remove_threshold_hook(module)
+
+    def sparsify(x: Tensor) -> Tensor:
+        # a compiled decode graph cannot branch on data: there, non-finite values propagate
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ChannelwiseError("activation sparsity: NaN or inf activations")
+        return x.masked_fill(x.abs() < threshold.to(x.device, x.dtype), 0)
+
+    if on_output:
+        handle = module.register_forward_hook(lambda _m, _args, out: sparsify(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda _m, args: (sparsify(args[0]), *args[1:]))
+    setattr(module, SPARSITY_HOOK_ATTR, handle)
+
+
+def remove_threshold_hook(module: nn.Module) -> None:
+    handle = getattr(module, SPARSITY_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(module, SPARSITY_HOOK_ATTR)
+
+
+def _only_own_hooks(module: nn.Module) -> bool:
+    """Whether ``module``'s only hook is its own sparsity pre-hook (or it has none): any other
+    (an input quantizer, an online Hadamard) must run, so the kernels cannot stand in."""
+    if module._forward_hooks:
+        return False
+    own = getattr(module, SPARSITY_HOOK_ATTR, None)
+    return all(own is not None and key == own.id for key in module._forward_pre_hooks)
 
 
 class _Form:
@@ -55,28 +104,33 @@ def sparse_weight(module: nn.Module, columns: bool = False) -> kernels.SparseWei
     """``module``'s weight as the sparse kernels read it: by rows as stored, or (``columns``) in
     its columns form (a transposed copy); built once and reused while the module's weight is
     unchanged (inside a compiled graph, reused unchecked: see :func:`build_sparse_weights`).
-    None where the kernels cannot stand in for its forward: a forward hook (an input quantizer,
-    an online Hadamard), a bias, a grid other than W8 per row or W4 in groups of a multiple of
-    32 along the input, or a weight not float32 on the CPU."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return None
+    None where the kernels cannot stand in for its forward: a hook other than its own sparsity
+    pre-hook (an input quantizer, an online Hadamard), a grid other than W8 per row or W4 in
+    groups of a multiple of 32 along the input, or a weight not float32 on the CPU."""
     forms = module.__dict__.setdefault(_FORMS_ATTR, {})
+    if torch.compiler.is_compiling():  # what build_sparse_weights left (hooks checked there)
+        form = forms.get(columns)
+        return None if form is None else form.weight
+    if not _only_own_hooks(module):
+        forms.pop(columns, None)
+        return None
     form = forms.get(columns)
-    if form is None or not (torch.compiler.is_compiling() or form.current(module)):
+    if form is None or not form.current(module):
         form = forms[columns] = _build_form(module, columns)
     return form.weight
 
 
 def _build_form(module: nn.Module, columns: bool) -> _Form:
-    if getattr(module, "bias", None) is not None:
+    bias = getattr(module, "bias", None)
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return _Form(None, ())
-    if type(module) is nn.Linear:
+    if type(module) in (nn.Linear, SparseInputLinear):
         w = module.weight
         watched = (("weight", w, tensor_version(w)),)
         if w.dtype != torch.float32 or w.device.type != "cpu":
             return _Form(None, watched)
         weight = kernels.SparseWeight(w.detach())
-    elif isinstance(module, PackedLinear) and not module.transposed:
+    elif isinstance(module, KernelDispatch) and not getattr(module, "transposed", True):
         watched = tuple(
             (name, t, tensor_version(t))
             for name in ("qweight", "scale", "zero")
@@ -102,14 +156,60 @@ def _build_form(module: nn.Module, columns: bool) -> _Form:
 
 
 def build_sparse_weights(model: nn.Module) -> None:
-    """Build every :class:`SparseGatedMLP`'s kernel operands now, eagerly (a compiled graph
-    cannot check tensor versions, so it reuses what exists); call again after changing weights."""
+    """Build the sparse kernels' operands of every :class:`SparseGatedMLP` and sparse-input
+    linear now, eagerly (a compiled graph cannot check tensor versions, so it reuses what
+    exists); call again after changing weights."""
     for module in model.modules():
         if isinstance(module, SparseGatedMLP):
-            module.__dict__.pop(_FORMS_ATTR, None)
             for linear in (module.up_proj, module.down_proj):
                 linear.__dict__.pop(_FORMS_ATTR, None)
             sparse_weight(module.up_proj), sparse_weight(module.down_proj, columns=True)
+        elif getattr(module, SPARSE_INPUT_ATTR, False):
+            module.__dict__.pop(_FORMS_ATTR, None)
+            sparse_weight(module, columns=True)
+
+
+def _decode_ready(x: Tensor, width: int) -> bool:
+    """Whether a call on ``x`` may take the sparse kernels: float32 CPU, up to
+    :data:`SPARSE_MAX_TOKENS` tokens, kernels on (inside a compiled graph: only the extension's
+    ops, whose output shapes are fixed)."""
+    return (
+        kernels_enabled()
+        and 0 < x.numel() <= SPARSE_MAX_TOKENS * width
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and (loaded_ops() is not None or not torch.compiler.is_compiling())
+    )
+
+
+def mark_sparse_input(module: nn.Module) -> None:
+    """Let the linear ``module`` (whose input a threshold hook zeroes) take the sparse-input
+    kernel on decode: a float ``nn.Linear`` becomes a :class:`SparseInputLinear` (same
+    parameters, hooks and keys); a packed linear reads the mark in its forward."""
+    setattr(module, SPARSE_INPUT_ATTR, True)
+    if type(module) is nn.Linear:
+        module.__class__ = SparseInputLinear
+
+
+def sparse_input_forward(module: nn.Module, x: Tensor) -> Tensor | None:
+    """``module(x)`` through the sparse-input kernel where it applies (a marked linear, a
+    decode-sized float32 CPU input, operands the kernels read); else None (the dense path)."""
+    if not (getattr(module, SPARSE_INPUT_ATTR, False) and _decode_ready(x, x.shape[-1])):
+        return None
+    weight_t = sparse_weight(module, columns=True)
+    if weight_t is None:
+        return None
+    y = kernels.sparse_input_linear(x.contiguous(), weight_t)
+    return y if module.bias is None else y + module.bias
+
+
+class SparseInputLinear(nn.Linear):
+    """An ``nn.Linear`` whose input a threshold hook zeroes: on decode it multiplies only the
+    weight columns of the nonzero input channels (:func:`sparse_input_forward`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = sparse_input_forward(self, x)
+        return y if y is not None else super().forward(x)
 
 
 class SparseGatedMLP(nn.Module):
@@ -123,27 +223,17 @@ class SparseGatedMLP(nn.Module):
         for name in ("config", "hidden_size", "intermediate_size"):
             if hasattr(mlp, name):
                 setattr(self, name, getattr(mlp, name))
-        for hooks in _HOOK_DICTS:
-            getattr(self, hooks).update(getattr(mlp, hooks))
+        move_hooks(mlp, self)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.act_fn(self.gate_proj(x))
-        if self._sparse_ready(x, a):
+        if _decode_ready(a, a.shape[-1]) and x.dtype == torch.float32:
             up, down = sparse_weight(self.up_proj), sparse_weight(self.down_proj, columns=True)
             one_group = not (up and down and up.group and down.group and up.group != down.group)
-            if up is not None and down is not None and one_group:
+            no_bias = self.up_proj.bias is None and self.down_proj.bias is None
+            if up is not None and down is not None and one_group and no_bias:
                 return kernels.sparse_mlp(x.contiguous(), a.contiguous(), up, down)
         return self.down_proj(a * self.up_proj(x))
-
-    @staticmethod
-    def _sparse_ready(x: Tensor, a: Tensor) -> bool:
-        return (
-            kernels_enabled()
-            and 0 < a.numel() <= SPARSE_MAX_TOKENS * a.shape[-1]
-            and x.dtype == a.dtype == torch.float32
-            and x.device.type == "cpu"
-            and (loaded_ops() is not None or not torch.compiler.is_compiling())
-        )
 
 
 def use_sparse_mlp(block: nn.Module, name: str = "mlp") -> SparseGatedMLP:

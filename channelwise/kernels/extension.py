@@ -120,7 +120,13 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], columns))
 
     shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
+
+    def sparse_input(x: Tensor, wt: Tensor, *_) -> Tensor:
+        columns = wt.shape[1] * (2 if wt.dtype == torch.uint8 else 1)
+        return x.new_empty((*x.shape[:-1], columns))
+
     shapes["sparse_mlp"] = sparse_mlp
+    shapes["sparse_input_mm"] = sparse_input
     shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
     for name, shape in shapes.items():

@@ -9,7 +9,8 @@ only the ``up`` rows and ``down`` columns of the active channels ``idx`` matter:
   input's values at ``idx``), reading ``W``'s columns as rows of its columns form
   (:func:`transpose_weight`), each contiguous;
 * :func:`sparse_mlp`: both, with the active set found from the activation, in one call (one
-  op: little Python per decode step, and a fixed output shape ``torch.compile`` can trace).
+  op: little Python per decode step, and a fixed output shape ``torch.compile`` can trace);
+* :func:`sparse_input_linear`: the columns product with the active set found from the input.
 
 Weights (:class:`SparseWeight`) are as the dense kernels take them (:mod:`channelwise.kernels.cpu`):
 float32 ``(N, K)``; W8 int8 codes with a per-row scale; W4 codes two per byte along ``K``,
@@ -81,6 +82,18 @@ def sparse_mlp(x: Tensor, a: Tensor, up: SparseWeight, down_t: SparseWeight) -> 
     idx = tokens.ne(0).any(dim=0).nonzero().squeeze(1)
     h = tokens[:, idx] * rows_linear(x.reshape(-1, x.shape[-1]), idx, up)
     return cols_linear(h, idx, down_t).view(*x.shape[:-1], -1)
+
+
+def sparse_input_linear(x: Tensor, weight_t: SparseWeight) -> Tensor:
+    """``x (..., K) @ W.T`` → ``(..., N)`` for an input zero outside some channels: only the
+    columns of ``W`` at the channels nonzero in some token are read (``weight_t``: ``W``'s
+    columns form), in one call."""
+    y = _call("sparse_input_mm", x, *weight_t.operands(), weight_t.group)
+    if y is not None:
+        return y
+    tokens = x.reshape(-1, x.shape[-1])
+    idx = tokens.ne(0).any(dim=0).nonzero().squeeze(1)
+    return cols_linear(tokens[:, idx], idx, weight_t).view(*x.shape[:-1], -1)
 
 
 def rows_reference(weight: SparseWeight, idx: Tensor) -> Tensor:

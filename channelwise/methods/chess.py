@@ -37,7 +37,8 @@ Deviations and ambiguities:
 - The block's MLP becomes a :class:`~channelwise.deploy.sparse.SparseGatedMLP` (same children
   and keys): on decode it multiplies only the active ``up`` rows and ``down`` columns, the role
   of the paper's ``spvmm``/``vmmsp`` CPU kernels (ours: :mod:`channelwise.kernels.sparse`, fp32,
-  W8 and W4). The sparsified ``q_proj``/``o_proj`` inputs still run dense products.
+  W8 and W4); ``q_proj`` and ``o_proj`` take the sparse-input kernel (their inputs' zeroed
+  columns skipped).
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from channelwise.deploy.sparse import use_sparse_mlp
+from channelwise.deploy.sparse import (
+    SPARSITY_HOOK_ATTR,  # noqa: F401  (re-exported)
+    install_threshold_hook,
+    mark_sparse_input,
+    remove_threshold_hook,  # noqa: F401  (re-exported)
+    use_sparse_mlp,
+)
 from channelwise.engine import BlockContext
 from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods.registry import Method, register
@@ -59,7 +66,6 @@ ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.o_proj")
 #: ~1/√n = 0.4%, is far below the spread between sequences; a full sort of a 512-token SmolLM2
 #: sequence's 786k activations took 20 s per block for 128 sequences).
 QUANTILE_SAMPLE = 1 << 16
-SPARSITY_HOOK_ATTR = "_channelwise_sparsity_hook"
 
 
 class SparsityArgs(BaseModel):
@@ -97,31 +103,6 @@ def sequence_quantile(values: Tensor, q: float) -> Tensor:
         step = -(-rows.shape[1] // QUANTILE_SAMPLE)
         rows = rows[:, ::step]
     return torch.quantile(rows.float(), q, dim=1).mean()
-
-
-def install_threshold_hook(module: nn.Module, threshold: Tensor, on_output: bool) -> None:
-    """Zero the entries of ``module``'s output (or first input) whose magnitude is below
-    ``threshold`` (a scalar, or one value per last-dimension channel)."""
-    remove_threshold_hook(module)
-
-    def sparsify(x: Tensor) -> Tensor:
-        # a compiled decode graph cannot branch on data: there, non-finite values propagate
-        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ChannelwiseError("activation sparsity: NaN or inf activations")
-        return x.masked_fill(x.abs() < threshold.to(x.device, x.dtype), 0)
-
-    if on_output:
-        handle = module.register_forward_hook(lambda _m, _args, out: sparsify(out))
-    else:
-        handle = module.register_forward_pre_hook(lambda _m, args: (sparsify(args[0]), *args[1:]))
-    setattr(module, SPARSITY_HOOK_ATTR, handle)
-
-
-def remove_threshold_hook(module: nn.Module) -> None:
-    handle = getattr(module, SPARSITY_HOOK_ATTR, None)
-    if handle is not None:
-        handle.remove()
-        delattr(module, SPARSITY_HOOK_ATTR)
 
 
 class _ThresholdMethod(Method):
@@ -174,6 +155,8 @@ class _ThresholdMethod(Method):
         install_threshold_hook(block.get_submodule(name), threshold, on_output)
         if name == ACT:
             use_sparse_mlp(block)
+        else:
+            mark_sparse_input(block.get_submodule(name))
 
     def saved_state(self) -> dict[str, Tensor]:
         return {key: value.reshape(-1) for key, value in self.thresholds.items()}

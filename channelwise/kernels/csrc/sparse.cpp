@@ -6,6 +6,9 @@
 //   cols_mm(h (M,A) f32, idx (A,) int64, wt, scale_t?, zero_t?, group)  -> (M,N) f32
 //       y[m,:] = sum_a h[m,a] * W[:,idx[a]]   only the indexed input columns (down_proj's input
 //       is zero elsewhere); W's columns are stored as the rows of wt, so each is contiguous.
+//   sparse_input_mm(x (...,K), wt, scale_t?, zero_t?, group)             -> (...,N) f32
+//       x @ W.T for an input that is zero outside some channels: idx = the channels nonzero in
+//       any row of x, then cols(x[:, idx], idx), one call (TEAL's linears, CHESS's q/o inputs).
 //   sparse_mlp(x (...,K), a (...,N), up w/scale?/zero?, down wt/scale_t?/zero_t?, group) -> (...,K')
 //       down(a * up(x)) for an activation a that is zero outside some channels: idx = the
 //       channels nonzero in any row of a, then cols(a[:, idx] * rows(x, idx)), one call.
@@ -438,11 +441,36 @@ at::Tensor sparse_mlp(const at::Tensor& x_in, const at::Tensor& a_in, const at::
   return like_rows(y, x_in);
 }
 
+at::Tensor sparse_input_mm(const at::Tensor& x_in, const at::Tensor& wt,
+                           const std::optional<at::Tensor>& scale,
+                           const std::optional<at::Tensor>& zero, int64_t group) {
+  const Weight w = weight_of(wt, scale, zero, group, true);
+  const at::Tensor x = rows_of(x_in, w.rows, "x");
+  const int64_t M = x.size(0), K = w.rows;
+  const float* xp = x.data_ptr<float>();
+  std::vector<int64_t> idx;
+  idx.reserve(K);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t m = 0; m < M; ++m)
+      if (xp[m * K + k] != 0.0f) {
+        idx.push_back(k);
+        break;
+      }
+  const int64_t A = static_cast<int64_t>(idx.size());
+  std::vector<float> h(static_cast<size_t>(M * A));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < A; ++i) h[m * A + i] = xp[m * K + idx[i]];
+  at::Tensor y = at::empty({M, w.cols}, x.options());
+  cols_into(h.data(), M, idx.data(), A, w, y.data_ptr<float>());
+  return like_rows(y, x_in);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(channelwise_cpu, m) {
   m.def("rows_mm(Tensor x, Tensor idx, Tensor w, Tensor? scale, Tensor? zero, int group) -> Tensor");
   m.def("cols_mm(Tensor h, Tensor idx, Tensor wt, Tensor? scale, Tensor? zero, int group) -> Tensor");
+  m.def("sparse_input_mm(Tensor x, Tensor wt, Tensor? scale, Tensor? zero, int group) -> Tensor");
   m.def("sparse_mlp(Tensor x, Tensor a, Tensor up, Tensor? up_scale, Tensor? up_zero, Tensor down_t, "
         "Tensor? down_scale, Tensor? down_zero, int group) -> Tensor");
 }
@@ -451,4 +479,5 @@ TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("rows_mm", &rows_mm);
   m.impl("cols_mm", &cols_mm);
   m.impl("sparse_mlp", &sparse_mlp);
+  m.impl("sparse_input_mm", &sparse_input_mm);
 }

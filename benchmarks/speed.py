@@ -16,10 +16,10 @@ imports it at start-up whenever it is installed).
     python benchmarks/speed.py --rounds 3   # each variant 3 times, interleaved; medians
     python benchmarks/speed.py --compile    # decode through channelwise.deploy.compile_decode
 
-The activation-sparsity variants (``chess-50``, ``cats-50``, ``w4a16-chess-50``) calibrate on
-the protocol's Emma samples when saved (minutes on 2 cores) and are also measured with their
-MLPs forced onto the dense path (``decode_tok_s_dense_mlp``: same zeroing, no sparse kernel), so
-the kernel's own gain is a ratio within one process.
+The activation-sparsity variants (``chess-50``, ``cats-50``, ``teal-50`` and their ``w4a16-``
+forms) calibrate on the protocol's Emma samples when saved (minutes on 2 cores) and are also
+measured with the sparse kernels off (``decode_tok_s_dense_mlp``: same zeroing, dense products),
+so the kernels' own gain is a ratio within one process.
 
 ``--compile`` runs every variant's decode (fp32's included) through the compiled static-cache loop
 of :func:`channelwise.deploy.decode.compile_decode`; its compilation happens in the warm-up.
@@ -52,6 +52,8 @@ VARIANTS = {
     "chess-50": "ours: CHESS 50% activation sparsity on fp32 weights (sparse MLP kernel)",
     "cats-50": "ours: CATS 50% activation sparsity on fp32 weights (sparse MLP kernel)",
     "w4a16-chess-50": "ours: chess-50-w4a16-g64 packed (CHESS 50% + 4-bit codes, groups of 64)",
+    "teal-50": "ours: TEAL 50% (every linear's input) on fp32 weights (sparse-input kernel)",
+    "w4a16-teal-50": "ours: teal-50-w4a16-g64 packed (TEAL 50% + 4-bit codes, groups of 64)",
 }
 PRESETS = {
     "w8a8": "rtn-w8a8",
@@ -62,6 +64,8 @@ PRESETS = {
     "chess-50": "chess-50",
     "cats-50": "cats-50",
     "w4a16-chess-50": "chess-50-w4a16-g64",
+    "teal-50": "teal-50",
+    "w4a16-teal-50": "teal-50-w4a16-g64",
 }
 
 
@@ -150,10 +154,15 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
         "threads": torch.get_num_threads(),
         "compiled_decode": compiled,
     }
-    sparse = [m for m in model.modules() if type(m).__name__ == "SparseGatedMLP"]
-    if sparse:  # the same model with its MLPs on the dense path (activations still zeroed)
-        from channelwise.deploy import sparse as deploy_sparse
+    from channelwise.deploy import sparse as deploy_sparse
 
+    sparse = [
+        m
+        for m in model.modules()
+        if isinstance(m, deploy_sparse.SparseGatedMLP)
+        or getattr(m, deploy_sparse.SPARSE_INPUT_ATTR, False)
+    ]
+    if sparse:  # the same model on the dense products (activations still zeroed)
         sparse_tokens = generated[0]
         before, deploy_sparse.SPARSE_MAX_TOKENS = deploy_sparse.SPARSE_MAX_TOKENS, 0
         try:

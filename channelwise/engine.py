@@ -84,7 +84,7 @@ class BlockContext:
         """Run the block on every calibration batch; outputs stay on the compute device."""
         with torch.no_grad():
             return [
-                _hidden(self.block(x.to(self.device), **kw))
+                hidden_state(self.block(x.to(self.device), **kw))
                 for x, kw in zip(self.inputs, self.kwargs, strict=True)
             ]
 
@@ -157,7 +157,8 @@ class BlockContext:
                         handle.remove()
 
 
-def _hidden(output) -> torch.Tensor:
+def hidden_state(output) -> torch.Tensor:
+    """A block's hidden-state output (the first element where it returns a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
 

@@ -12,6 +12,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     rtn,
     smoothquant,
     smoothquant_plus,
+    teal,
 )
 from channelwise.methods.registry import Method, build_method, method_names, register
 

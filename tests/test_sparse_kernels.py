@@ -221,3 +221,25 @@ def test_sparse_input_equals_the_dense_product(extension, kind, m, active) -> No
     assert_close_to(got.reshape(-1, 96), x.reshape(-1, 128), dense64(weight), magnitude64(weight))
     if active == 0.0:
         assert (got == 0).all()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 37), (2, 5, 64), (3, 0, 16)])
+def test_sparsify_zeroes_exactly_the_small_entries(extension, per_channel, shape) -> None:
+    x = torch.randn(*shape, generator=gen(19))
+    if x.numel():
+        x.view(-1)[0] = 0.0
+        x.view(-1)[-1] = 1e30
+    threshold = torch.rand(shape[-1], generator=gen(20)) if per_channel else torch.tensor(0.6)
+    expected = torch.where(x.abs() < threshold, torch.zeros_like(x), x)
+    assert torch.equal(sk.sparsify(x, threshold), expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_sparsify_refuses_non_finite_activations(extension, bad) -> None:
+    from channelwise.errors import NonFiniteError
+
+    x = torch.randn(2, 40, generator=gen(21))
+    x[1, 37] = bad
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        sk.sparsify(x, torch.tensor(0.5))

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from channelwise.deploy.hooks import move_hooks
 from channelwise.deploy.kernel_call import KernelDispatch, kernels_enabled
-from channelwise.errors import ChannelwiseError
 from channelwise.kernels import sparse as kernels
 from channelwise.kernels.cpu import tensor_version
 from channelwise.kernels.extension import loaded_ops
@@ -53,14 +52,12 @@ _FORMS_ATTR = "_sparse_forms"  # the cached forms: not carried to a packed repla
 def install_threshold_hook(module: nn.Module, threshold: Tensor, on_output: bool) -> None:
     """Zero the entries of ``module``'s output (or first input) whose magnitude is below
     ``threshold`` (a scalar, or one value per last-dimension channel; read at every call, so it
-    may be changed in place)."""
+    may be changed in place). NaN or inf activations raise :class:`NonFiniteError` (in a
+    compiled graph too where the extension runs; elsewhere there they propagate)."""
     remove_threshold_hook(module)
 
     def sparsify(x: Tensor) -> Tensor:
-        # a compiled decode graph cannot branch on data: there, non-finite values propagate
-        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ChannelwiseError("activation sparsity: NaN or inf activations")
-        return x.masked_fill(x.abs() < threshold.to(x.device, x.dtype), 0)
+        return kernels.sparsify(x, threshold)
 
     if on_output:
         handle = module.register_forward_hook(lambda _m, _args, out: sparsify(out))

@@ -127,6 +127,7 @@ def _register_fakes() -> None:
 
     shapes["sparse_mlp"] = sparse_mlp
     shapes["sparse_input_mm"] = sparse_input
+    shapes["sparsify"] = lambda x, _t: torch.empty_like(x)
     shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
     for name, shape in shapes.items():

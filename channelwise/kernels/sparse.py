@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from channelwise.errors import KernelInputError
-from channelwise.kernels.extension import load_ops
+from channelwise.errors import KernelInputError, NonFiniteError
+from channelwise.kernels.extension import load_ops, loaded_ops
 from channelwise.kernels.reference import dequantize_w4, unpack_int4
 
 
@@ -94,6 +94,27 @@ def sparse_input_linear(x: Tensor, weight_t: SparseWeight) -> Tensor:
     tokens = x.reshape(-1, x.shape[-1])
     idx = tokens.ne(0).any(dim=0).nonzero().squeeze(1)
     return cols_linear(tokens[:, idx], idx, weight_t).view(*x.shape[:-1], -1)
+
+
+def sparsify(x: Tensor, threshold: Tensor) -> Tensor:
+    """``x`` with the entries of magnitude below ``threshold`` zeroed (one value, or one per
+    channel of the last dimension); a NaN or inf entry raises :class:`NonFiniteError`. One pass
+    in the extension for a float32 CPU ``x``, else the same in torch ops."""
+    threshold = threshold.to(x.device, x.dtype)
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        if torch.compiler.is_compiling():  # the op raises inside the graph too
+            if (ops := loaded_ops()) is not None:
+                return ops.sparsify(x.contiguous(), threshold.reshape(-1).contiguous())
+        elif (ops := load_ops()) is not None:
+            try:
+                return ops.sparsify(x.contiguous(), threshold.reshape(-1).contiguous())
+            except RuntimeError as error:
+                if "NaN or inf" in str(error):
+                    raise NonFiniteError("activation sparsity: NaN or inf activations") from None
+                raise
+    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        raise NonFiniteError("activation sparsity: NaN or inf activations")
+    return x.masked_fill(x.abs() < threshold, 0)
 
 
 def rows_reference(weight: SparseWeight, idx: Tensor) -> Tensor:

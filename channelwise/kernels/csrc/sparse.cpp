@@ -9,6 +9,8 @@
 //   sparse_input_mm(x (...,K), wt, scale_t?, zero_t?, group)             -> (...,N) f32
 //       x @ W.T for an input that is zero outside some channels: idx = the channels nonzero in
 //       any row of x, then cols(x[:, idx], idx), one call (TEAL's linears, CHESS's q/o inputs).
+//   sparsify(x (...,C) f32, threshold (1,)|(C,))                        -> x with |x| < t zeroed
+//       one pass (the activation-sparsity hooks); a NaN or inf entry is refused.
 //   sparse_mlp(x (...,K), a (...,N), up w/scale?/zero?, down wt/scale_t?/zero_t?, group) -> (...,K')
 //       down(a * up(x)) for an activation a that is zero outside some channels: idx = the
 //       channels nonzero in any row of a, then cols(a[:, idx] * rows(x, idx)), one call.
@@ -26,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "tiles.h"
 
@@ -465,11 +469,47 @@ at::Tensor sparse_input_mm(const at::Tensor& x_in, const at::Tensor& wt,
   return like_rows(y, x_in);
 }
 
+// x with every entry of magnitude below its threshold zeroed, in one pass; t is one threshold
+// (numel 1) or one per channel of x's last dimension. A NaN or inf entry is refused.
+at::Tensor sparsify(const at::Tensor& x, const at::Tensor& t) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1,
+              "x: (..., C) f32 contiguous");
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "threshold: f32 contiguous");
+  const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
+  const bool per_channel = t.numel() != 1;
+  TORCH_CHECK(!per_channel || (t.dim() == 1 && t.size(0) == C), "threshold: one value or (C,)");
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+    bool ok = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* in = xp + r * C;
+      float* o = op + r * C;
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 m = lanes(C - c);
+        const __m512 v = _mm512_maskz_loadu_ps(m, in + c);
+        const __m512 th = per_channel ? _mm512_maskz_loadu_ps(m, tp + c) : _mm512_set1_ps(tp[0]);
+        ok &= _mm512_mask_fpclass_ps_mask(m, v, 0x99) == 0;  // QNaN, +inf, -inf, SNaN
+        const __mmask16 small = _mm512_cmp_ps_mask(_mm512_and_ps(v, sign), th, _CMP_LT_OQ);
+        _mm512_mask_storeu_ps(o + c, m, _mm512_maskz_mov_ps(static_cast<__mmask16>(~small), v));
+      }
+    }
+    if (!ok) finite = false;
+  });
+  TORCH_CHECK(finite.load(), "NaN or inf activations");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(channelwise_cpu, m) {
   m.def("rows_mm(Tensor x, Tensor idx, Tensor w, Tensor? scale, Tensor? zero, int group) -> Tensor");
   m.def("cols_mm(Tensor h, Tensor idx, Tensor wt, Tensor? scale, Tensor? zero, int group) -> Tensor");
+  m.def("sparsify(Tensor x, Tensor threshold) -> Tensor");
   m.def("sparse_input_mm(Tensor x, Tensor wt, Tensor? scale, Tensor? zero, int group) -> Tensor");
   m.def("sparse_mlp(Tensor x, Tensor a, Tensor up, Tensor? up_scale, Tensor? up_zero, Tensor down_t, "
         "Tensor? down_scale, Tensor? down_zero, int group) -> Tensor");
@@ -480,4 +520,5 @@ TORCH_LIBRARY_IMPL(channelwise_cpu, CPU, m) {
   m.impl("cols_mm", &cols_mm);
   m.impl("sparse_mlp", &sparse_mlp);
   m.impl("sparse_input_mm", &sparse_input_mm);
+  m.impl("sparsify", &sparsify);
 }

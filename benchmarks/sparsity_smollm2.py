@@ -8,7 +8,8 @@ CHESS and TEAL 50% composed with RTN INT4 g64 weights beside RTN alone, all in o
 docs/runs/sparsity-smollm2.json``.
 
     .venv/bin/python benchmarks/sparsity_smollm2.py [--samples 32] [--levels 0.3,0.5,0.7]
-        [--methods cats,chess,teal] [--no-attention] [--no-w4] [--device cuda] [--json out.json]
+        [--methods cats,chess,teal] [--greedy-levels 0.5] [--no-attention] [--no-w4]
+        [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,14 +38,22 @@ def main() -> None:
     p.add_argument("--no-attention", action="store_true", help="CHESS on the FFN only")
     p.add_argument("--no-w4", action="store_true", help="skip the RTN W4 g64 rows")
     p.add_argument("--methods", default="cats,chess,teal", help="comma-separated: " + METHODS)
+    p.add_argument(
+        "--greedy-levels", help="TEAL greedy at these sparsities only (its search is slow on a CPU)"
+    )
     args = p.parse_args()
     levels = [float(level) for level in args.levels.split(",")]
+    greedy = [float(x) for x in args.greedy_levels.split(",")] if args.greedy_levels else levels
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS.split(",")):
         p.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
     attention = not args.no_attention
     recipes = [load_recipe("fp")]
-    recipes += [sparsity_recipe(m, level, attention) for m in methods for level in levels]
+    recipes += [
+        sparsity_recipe(m, level, attention)
+        for m in methods
+        for level in (greedy if m == "teal" else levels)
+    ]
     if not args.no_w4:
         recipes.append(load_recipe("rtn-w4a16-g64"))
         recipes += [sparsity_recipe(m, 0.5, attention, W4) for m in methods if m != "cats"]

@@ -54,6 +54,8 @@ VARIANTS = {
     "w4a16-chess-50": "ours: chess-50-w4a16-g64 packed (CHESS 50% + 4-bit codes, groups of 64)",
     "teal-50": "ours: TEAL 50% (every linear's input) on fp32 weights (sparse-input kernel)",
     "w4a16-teal-50": "ours: teal-50-w4a16-g64 packed (TEAL 50% + 4-bit codes, groups of 64)",
+    "teal-uniform-50": "ours: TEAL 50% on every linear input, uniform levels (no greedy search)",
+    "w4a16-teal-uniform-50": "ours: TEAL uniform 50% + RTN 4-bit codes, groups of 64, packed",
 }
 PRESETS = {
     "w8a8": "rtn-w8a8",
@@ -66,6 +68,18 @@ PRESETS = {
     "w4a16-chess-50": "chess-50-w4a16-g64",
     "teal-50": "teal-50",
     "w4a16-teal-50": "teal-50-w4a16-g64",
+    "teal-uniform-50": {
+        "name": "teal-uniform-50",
+        "steps": [{"method": "teal", "args": {"sparsity": 0.5, "allocation": "uniform"}}],
+    },
+    "w4a16-teal-uniform-50": {
+        "name": "teal-uniform-50-w4a16-g64",
+        "weights": {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 64},
+        "steps": [
+            {"method": "teal", "args": {"sparsity": 0.5, "allocation": "uniform"}},
+            {"method": "rtn"},
+        ],
+    },
 }
 
 
@@ -78,10 +92,11 @@ def save(variant: str, folder: str) -> None:
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
     from channelwise.protocol import Protocol
-    from channelwise.recipe import load_recipe
+    from channelwise.recipe import Recipe, load_recipe
 
     model, tokenizer = load_model(device="cpu")
-    recipe = load_recipe(PRESETS[variant])
+    preset = PRESETS[variant]
+    recipe = Recipe.from_dict(preset) if isinstance(preset, dict) else load_recipe(preset)
     calibration = Protocol().calibration_tokens(tokenizer) if needs_calibration(recipe) else None
     quantize(model, recipe, calibration, progress=False)
     pack_model(model)

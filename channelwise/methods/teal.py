@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from channelwise.adapters import linear_weight
 from channelwise.deploy.sparse import install_threshold_hook, mark_sparse_input
 from channelwise.engine import BlockContext, hidden_state
-from channelwise.errors import ChannelwiseError
+from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods.chess import SparsityArgs, require_gated_mlp
 from channelwise.methods.registry import Method, register
 
@@ -120,7 +120,7 @@ class Teal(Method):
             try:
                 block.get_submodule(name)
             except AttributeError:
-                raise ChannelwiseError(
+                raise RecipeError(
                     f"recipe '{self.recipe.name}', step 'teal': a {adapter.family} block has no "
                     f"{name}"
                 ) from None

@@ -40,3 +40,29 @@ def inject_outlier_channel(model: nn.Module, channel: int = 5, factor: float = 5
             for subset in adapter.subsets:
                 if subset.prev_kind == "norm":
                     block.get_submodule(subset.prev).weight[channel] *= factor
+
+
+def greedy_generate(
+    model: nn.Module, ids: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``steps`` new tokens after ``ids``: the sequences and the stacked step scores."""
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    return out.sequences, torch.stack(out.scores)
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Wrap ``owner.<name>(x, ...)`` so each call records its token count ``x.numel() //
+    x.shape[-1]``; returns the (growing) list."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    def counted(x, *args):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, *args)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

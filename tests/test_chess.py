@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_tokenizer
-from helpers import logits, save_and_reload
+from helpers import count_calls, greedy_generate, logits, save_and_reload
 
 from channelwise import quantize
 from channelwise.deploy import pack_model
@@ -211,15 +211,7 @@ def sparse_calls(monkeypatch) -> list[int]:
     """How many times the fused sparse MLP op ran (one entry per call: its token count)."""
     from channelwise.deploy import sparse as deploy_sparse
 
-    calls: list[int] = []
-    real = deploy_sparse.kernels.sparse_mlp
-
-    def counted(x, a, up, down):
-        calls.append(x.numel() // x.shape[-1])
-        return real(x, a, up, down)
-
-    monkeypatch.setattr(deploy_sparse.kernels, "sparse_mlp", counted)
-    return calls
+    return count_calls(monkeypatch, deploy_sparse.kernels, "sparse_mlp")
 
 
 @pytest.mark.parametrize("weights", list(WEIGHTS))
@@ -250,12 +242,7 @@ def test_sparse_generation_matches_the_dense_path(make_tiny_model, calibration, 
     ids = calibration[:1, :5]
 
     def greedy():
-        with torch.no_grad():
-            out = model.generate(
-                ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                output_scores=True, return_dict_in_generate=True,
-            )  # fmt: skip
-        return out.sequences, torch.stack(out.scores)
+        return greedy_generate(model, ids, 6)
 
     sparse_ids, sparse_scores = greedy()
     assert len(sparse_calls) == 5 * 2, "5 single-token decode steps through 2 blocks"
@@ -293,13 +280,7 @@ def test_attention_inputs_take_the_sparse_input_kernel(
     from channelwise.deploy import sparse as deploy_sparse
     from channelwise.deploy.kernel_call import use_kernels
 
-    calls: list[int] = []
-    real = deploy_sparse.kernels.sparse_input_linear
-    monkeypatch.setattr(
-        deploy_sparse.kernels,
-        "sparse_input_linear",
-        lambda x, w: calls.append(x.numel() // x.shape[-1]) or real(x, w),
-    )
+    calls = count_calls(monkeypatch, deploy_sparse.kernels, "sparse_input_linear")
     model = sparse_model(make_tiny_model, calibration, weights)
     attention = model.model.layers[0].self_attn
     if weights == "fp32":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model
+from helpers import greedy_generate
 
 from channelwise import kernels, quantize
 from channelwise.deploy import pack_model
@@ -28,12 +29,7 @@ def fresh_dynamo():
 
 
 def greedy(model, ids: torch.Tensor, steps: int = 6):
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
-        )  # fmt: skip
-    return out.sequences, torch.stack(out.scores)
+    return greedy_generate(model, ids, steps)
 
 
 def assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, counters) -> set:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_tokenizer
-from helpers import logits, save_and_reload
+from helpers import count_calls, greedy_generate, logits, save_and_reload
 
 from channelwise import quantize
 from channelwise.adapters import adapter_for
@@ -112,15 +112,7 @@ def test_sorted_magnitudes_and_level_thresholds() -> None:
 
 @pytest.fixture
 def sparse_input_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = deploy_sparse.kernels.sparse_input_linear
-
-    def counted(x, weight_t):
-        calls.append(x.numel() // x.shape[-1])
-        return real(x, weight_t)
-
-    monkeypatch.setattr(deploy_sparse.kernels, "sparse_input_linear", counted)
-    return calls
+    return count_calls(monkeypatch, deploy_sparse.kernels, "sparse_input_linear")
 
 
 @pytest.mark.parametrize(
@@ -136,12 +128,7 @@ def test_decode_through_the_sparse_input_kernel_matches_the_dense_path(
     ids = calibration[:1, :5]
 
     def greedy():
-        with torch.no_grad():
-            out = model.generate(
-                ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
-                output_scores=True, return_dict_in_generate=True,
-            )  # fmt: skip
-        return out.sequences, torch.stack(out.scores)
+        return greedy_generate(model, ids, 4)
 
     sparse_ids, sparse_scores = greedy()
     assert len(sparse_input_calls) == 3 * 2 * len(LINEARS), "3 decode steps, 2 blocks, 7 linears"

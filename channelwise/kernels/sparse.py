@@ -57,6 +57,11 @@ def _call(name: str, *args) -> Tensor | None:
         raise KernelInputError(f"sparse kernel {name}: {message}") from None
 
 
+def _active_channels(tokens: Tensor) -> Tensor:
+    """The columns of ``tokens (M, C)`` nonzero in at least one row, increasing (int64)."""
+    return tokens.ne(0).any(dim=0).nonzero().squeeze(1)
+
+
 def rows_linear(x: Tensor, idx: Tensor, weight: SparseWeight) -> Tensor:
     """``x (M, K) @ W[idx].T`` → ``(M, A)``, reading only the indexed rows of ``W``."""
     y = _call("rows_mm", x, idx, *weight.operands(), weight.group)
@@ -79,7 +84,7 @@ def sparse_mlp(x: Tensor, a: Tensor, up: SparseWeight, down_t: SparseWeight) -> 
     if y is not None:
         return y
     tokens = a.reshape(-1, a.shape[-1])
-    idx = tokens.ne(0).any(dim=0).nonzero().squeeze(1)
+    idx = _active_channels(tokens)
     h = tokens[:, idx] * rows_linear(x.reshape(-1, x.shape[-1]), idx, up)
     return cols_linear(h, idx, down_t).view(*x.shape[:-1], -1)
 
@@ -92,7 +97,7 @@ def sparse_input_linear(x: Tensor, weight_t: SparseWeight) -> Tensor:
     if y is not None:
         return y
     tokens = x.reshape(-1, x.shape[-1])
-    idx = tokens.ne(0).any(dim=0).nonzero().squeeze(1)
+    idx = _active_channels(tokens)
     return cols_linear(tokens[:, idx], idx, weight_t).view(*x.shape[:-1], -1)
 
 

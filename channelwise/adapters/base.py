@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from channelwise.errors import UnsupportedModelError
@@ -40,12 +41,20 @@ class ModelAdapter:
     subsets: tuple[Subset, ...]
     embeddings: tuple[str, ...]
     final_norm: str | None
-    lm_head: str
+    lm_head: str | None
     norm_type: str
     attention: dict[str, str] = field(default_factory=dict)
     attention_module: str = "self_attn"
     transposed_weights: bool = False
     folding_unsupported: str | None = None
+    #: ``"text"`` (token ids in, ``model(ids)``) or ``"vision"`` (``model(pixel_values=…)``).
+    modality: str = "text"
+
+    def run(self, model: nn.Module, batch: torch.Tensor):
+        """One forward of ``model`` on a calibration batch (token ids, or pixel values)."""
+        if self.modality == "vision":
+            return model(pixel_values=batch)
+        return model(batch, use_cache=False)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -82,7 +91,8 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter of a loaded Hugging Face causal LM, or a clear error naming what is supported."""
+    """The adapter of a loaded Hugging Face model (causal LM or vision backbone), or a clear
+    error naming what is supported."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _FACTORIES:

@@ -1,20 +1,17 @@
 """Jane Austen's six novels, taken from the Debian package ``r-cran-janeaustenr`` (MIT).
 
-The package is fetched once with ``apt-get download`` (never installed), unpacked with
-``dpkg -x``, and its R data files are decoded with ``rdata``. Each novel is cached as UTF-8 text
-under ``<channelwise_home>/data/austen/<name>.txt``.
+The package is fetched once (``data.debian``: ``apt-get download``, never installed, unpacked
+with ``dpkg -x``), and its R data files are decoded with ``rdata``. Each novel is cached as UTF-8
+text under ``<channelwise_home>/data/austen/<name>.txt``.
 """
 
 import gzip
-import hashlib
-import os
-import shutil
-import subprocess
 import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
+from channelwise.data.debian import DebianPackage, unpacked_package
 from channelwise.errors import DataSourceError
 from channelwise.paths import channelwise_home, write_atomic
 
@@ -27,10 +24,10 @@ AUSTEN_NOVELS: tuple[str, ...] = (
     "sensesensibility",
 )
 
-PACKAGE = "r-cran-janeaustenr"
-DEB_ENV = "CHANNELWISE_JANEAUSTENR_DEB"
-_APT_TIMEOUT_S = 300
-_FALLBACK_HINT = f"download {PACKAGE}_*.deb from packages.debian.org and set {DEB_ENV} to its path"
+JANEAUSTENR = DebianPackage(
+    "r-cran-janeaustenr", env="CHANNELWISE_JANEAUSTENR_DEB", what="the Austen novels"
+)
+DEB_ENV = JANEAUSTENR.env
 
 
 def austen_folder() -> Path:
@@ -63,94 +60,8 @@ def austen_text(name: str) -> str:
 
 
 def _package_data_dir(work: Path) -> Path:
-    """Return the package's ``data`` folder, from ``$CHANNELWISE_JANEAUSTENR_DEB`` or a download."""
-    configured = os.environ.get(DEB_ENV)
-    if configured:
-        source = Path(configured).expanduser()
-        if source.is_dir():
-            return _find_data_dir(source)
-        if not source.is_file():
-            raise DataSourceError(
-                f"{DEB_ENV}={configured} is neither a .deb file nor an extracted package folder"
-            )
-        deb = source
-    else:
-        deb = _download_deb(work)
-    return _find_data_dir(_extract_deb(deb, work / "extracted"))
-
-
-def _download_deb(work: Path) -> Path:
-    """Fetch the package's .deb into the private folder ``work`` with ``apt-get download``.
-
-    The file apt names (``--print-uris``: exact file name, size and SHA-256) is the only one read,
-    and it is checked against that size and hash before it is unpacked. ``work`` stays private
-    (0700): as root, apt then downloads unsandboxed, with a warning, instead of through a
-    world-writable folder."""
-    if shutil.which("apt-get") is None:
-        raise DataSourceError(
-            f"apt-get not found, so the Austen novels cannot be fetched; {_FALLBACK_HINT}"
-        )
-    listing = _run(["apt-get", "download", "--print-uris", PACKAGE], work)
-    if listing.returncode != 0 or not _parse_uri_line(listing.stdout):
-        update = _run(["apt-get", "update"], work)
-        if update.returncode != 0:
-            raise DataSourceError(
-                f"apt-get download {PACKAGE} failed and apt-get update failed too "
-                f"({_last_line(update.stderr)}); check the network or run as root, "
-                f"or {_FALLBACK_HINT}"
-            )
-        listing = _run(["apt-get", "download", "--print-uris", PACKAGE], work)
-    expected = _parse_uri_line(listing.stdout)
-    if listing.returncode != 0 or expected is None:
-        raise DataSourceError(
-            f"apt-get does not know {PACKAGE} ({_last_line(listing.stderr)}); {_FALLBACK_HINT}"
-        )
-    name, size, sha256 = expected
-    result = _run(["apt-get", "download", PACKAGE], work)
-    deb = work / name
-    if result.returncode != 0 or not deb.is_file():
-        raise DataSourceError(
-            f"apt-get download {PACKAGE} failed ({_last_line(result.stderr)}); {_FALLBACK_HINT}"
-        )
-    data = deb.read_bytes()
-    if len(data) != size or (sha256 and hashlib.sha256(data).hexdigest() != sha256):
-        raise DataSourceError(
-            f"{name} does not match the size and SHA-256 apt announced; not unpacking it"
-        )
-    return deb
-
-
-def _parse_uri_line(stdout: str) -> tuple[str, int, str] | None:
-    """``(file name, size, sha256)`` from ``apt-get download --print-uris`` output
-    (``'URI' NAME SIZE SHA256:HEX``), or None. The name must be a plain ``.deb`` file name."""
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) < 3 or not parts[0].startswith("'"):
-            continue
-        name, size = parts[1], parts[2]
-        if "/" in name or not name.startswith(f"{PACKAGE}_") or not name.endswith(".deb"):
-            continue
-        if not size.isdigit():
-            continue
-        hashes = [p.split(":", 1)[1].lower() for p in parts[3:] if p.startswith("SHA256:")]
-        digest = hashes[0] if hashes else ""
-        return name, int(size), digest
-    return None
-
-
-def _extract_deb(deb: Path, target: Path) -> Path:
-    """Unpack ``deb`` into ``target`` with ``dpkg -x``."""
-    if shutil.which("dpkg") is None:
-        raise DataSourceError(
-            f"dpkg not found, so {deb} cannot be unpacked; unpack it yourself "
-            f"and point {DEB_ENV} at the extracted folder"
-        )
-    result = _run(["dpkg", "-x", str(deb), str(target)], deb.parent)
-    if result.returncode != 0:
-        raise DataSourceError(
-            f"dpkg -x {deb} failed ({_last_line(result.stderr)}); is it a valid .deb?"
-        )
-    return target
+    """The package's R ``data`` folder, from ``$CHANNELWISE_JANEAUSTENR_DEB`` or a download."""
+    return _find_data_dir(unpacked_package(JANEAUSTENR, work))
 
 
 def _find_data_dir(root: Path) -> Path:
@@ -187,27 +98,3 @@ def _parse_r(raw: bytes) -> object:
             return rdata.conversion.convert(rdata.parser.parse_data(raw))
     except Exception as exc:
         raise DataSourceError(f"could not decode the janeaustenr R data ({exc})") from exc
-
-
-def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in ``cwd`` capturing output; a timeout or OS error is a DataSourceError."""
-    try:
-        return subprocess.run(
-            command,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=_APT_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DataSourceError(
-            f"{' '.join(command)} could not run ({exc}); {_FALLBACK_HINT}"
-        ) from exc
-
-
-def _last_line(stderr: str) -> str:
-    """Return the last meaningful line of a tool's error output."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if not line.startswith("W:")]
-    return (errors or lines or ["no error output"])[-1]

@@ -1,0 +1,77 @@
+"""Vision Transformer PTQ on the embedded DINOv2-S/14 (Fashion-MNIST, top-1 through a frozen probe).
+
+The protocol of ``channelwise.vision.VisionProtocol``: images at 112 px, a ridge probe fitted once
+on the float model's features of 10,000 seeded training images, 32 seeded training images for
+calibration, top-1 on the 10,000 test images; fp measured first in the same run, so every Δ is
+against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw rows:
+``--json docs/runs/vision-dinov2.json``.
+
+    .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
+        [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
+        [--threads 2] [--device cpu] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from channelwise.models import resolve_device
+from channelwise.report import format_vision_markdown, write_json
+from channelwise.vision import VisionProtocol, compare_vision
+
+RECIPES = "fp,rtn-w8a8,vit-rtn-w8a8,vit-rtn-w6a6,vit-rtn-w4a4"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default=RECIPES, help="comma-separated presets")
+    p.add_argument("--model", default=None, help="embedded name or local folder (dinov2-small)")
+    p.add_argument("--calib-images", type=int)
+    p.add_argument("--probe-images", type=int)
+    p.add_argument("--eval-images", type=int, help="fewer test images: smoke checks only")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    protocol = VisionProtocol().with_(
+        calib_images=args.calib_images,
+        probe_images=args.probe_images,
+        eval_images=args.eval_images,
+        resolution=args.resolution,
+    )
+
+    def show(row) -> None:
+        print(
+            f"{row.recipe:<20} {row.bits:<8} top-1 {row.top1:6.2f}  Δ {row.delta_pt:+6.2f} pt  "
+            f"agree {row.agreement:6.2f}  cos {row.feature_cosine:.4f}  "
+            f"calib {row.calib_s:6.1f}s  eval {row.eval_s:6.1f}s",
+            flush=True,
+        )
+
+    recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    rows = compare_vision(
+        recipes, args.model, protocol, device=args.device, progress=False, on_row=show
+    )
+    device = resolve_device(args.device)
+    print(
+        f"\ndevice: {device} ({platform.processor() or platform.machine()}), torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}\n{protocol}\n"
+    )
+    print(format_vision_markdown(rows))
+    if args.json:
+        meta = {
+            "device": str(device),
+            "model": args.model or "dinov2-small",
+            "protocol": {k: v for k, v in vars(protocol).items()},
+        }
+        print(f"wrote {write_json(rows, args.json, meta)}")
+
+
+if __name__ == "__main__":
+    main()

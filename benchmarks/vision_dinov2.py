@@ -22,7 +22,7 @@ from channelwise.models import resolve_device
 from channelwise.report import format_vision_markdown, write_json
 from channelwise.vision import VisionProtocol, compare_vision
 
-RECIPES = "fp,rtn-w8a8,vit-rtn-w8a8,vit-rtn-w6a6,vit-rtn-w4a4"
+RECIPES = "fp,rtn-w8a8,vit-rtn-w8a8,vit-rtn-w6a6,vit-rtn-w4a4"  # + LLM-style dynamic W8A8
 
 
 def main() -> None:

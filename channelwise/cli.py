@@ -212,6 +212,29 @@ def cmd_compare(args) -> None:
     print(f"wrote {plot_comparison(rows, args.plot)}")
 
 
+def cmd_vision(args) -> None:
+    from channelwise.report import format_vision_markdown, write_json
+    from channelwise.vision import VISION_DEMO_RECIPES, VisionProtocol, compare_vision
+
+    protocol = VisionProtocol().with_(
+        calib_data=args.calib_data,
+        eval_data=args.eval_data,
+        calib_images=args.calib_images,
+        probe_images=args.probe_images,
+        eval_images=args.eval_images,
+        resolution=args.resolution,
+    )
+    if args.json:
+        check_output_file(args.json, JSON_SUFFIXES, args.model)
+    given = args.recipes if args.recipes is not None else ",".join(VISION_DEMO_RECIPES)
+    recipes = [name.strip() for name in given.split(",") if name.strip()]
+    rows = compare_vision(recipes, args.model, protocol, args.device, progress=not args.quiet)
+    print(format_vision_markdown(rows))
+    if args.json:
+        meta = {"model": args.model or "dinov2-small", "protocol": vars(protocol)}
+        print(f"wrote {write_json(rows, args.json, meta)}")
+
+
 def cmd_inspect(args) -> None:
     from channelwise.inspect import inspect_channels
     from channelwise.report import outlier_change_summary, outlier_summary, plot_channel_heatmap
@@ -334,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=DEFAULT_PLOT, help=f"chart path (default: {DEFAULT_PLOT})")
     data_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "vision", help="recipes on a Vision Transformer: top-1 through a frozen probe, vs fp"
+    )
+    p.add_argument("--recipes", help="comma-separated presets (default: the vit-rtn presets)")
+    p.add_argument("--model", help="dinov2-small (default) or a local Hugging Face folder")
+    p.add_argument("--calib-data", help="fashion-mnist (train split; default) or a class folder")
+    p.add_argument("--eval-data", help="fashion-mnist (test split; default) or a class folder")
+    p.add_argument("--calib-images", type=int, help="calibration images (default: 32)")
+    p.add_argument("--probe-images", type=int, help="images the probe is fitted on (10000)")
+    p.add_argument("--eval-images", type=int, help="test images (default: all)")
+    p.add_argument("--resolution", type=int, help="square input size in pixels (default: 112)")
+    p.add_argument("--json", help="write {recipe: {top1, agreement, …}} here")
+    p.set_defaults(func=cmd_vision)
 
     p = sub.add_parser("inspect", help="per-channel activation outliers: heat map and summary")
     p.add_argument("model", nargs="?")

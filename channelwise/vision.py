@@ -39,6 +39,8 @@ from channelwise.recipe import Recipe, load_recipe
 log = logging.getLogger(__name__)
 
 DEFAULT_VISION_MODEL = "dinov2-small"
+#: What ``channelwise vision`` measures by default.
+VISION_DEMO_RECIPES = ("fp", "vit-rtn-w8a8", "vit-rtn-w6a6", "vit-rtn-w4a4")
 _EMBEDDED = {"dinov2-small": cached_dinov2_checkpoint}
 
 

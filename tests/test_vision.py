@@ -1,0 +1,417 @@
+"""Vision Transformers: the embedded DINOv2 (ONNX → transformers), Fashion-MNIST and image
+folders, the frozen probe and top-1, the dinov2 adapter under the block-wise engine, and the
+vision compare loop (on tiny random DINOv2 configs; the real backbone where it is cheap)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from channelwise.adapters import adapter_for
+from channelwise.compress import quantize
+from channelwise.data.images import (
+    FASHION_MNIST_CLASSES,
+    ImageSet,
+    image_folder,
+    load_images,
+    read_idx,
+    seeded_subset,
+)
+from channelwise.engine import run_blockwise
+from channelwise.errors import (
+    CheckpointError,
+    DataSourceError,
+    ModelNotFoundError,
+    RecipeError,
+    UnsupportedModelError,
+)
+from channelwise.evaluate.top1 import LinearProbe, fit_probe, image_features, score
+from channelwise.quant.activation import input_quantizer
+from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
+def tiny_dinov2_config(**overrides) -> transformers.Dinov2Config:
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        patch_size=4,
+        image_size=16,
+        layerscale_value=0.5,
+    )
+    return transformers.Dinov2Config(**{**kwargs, **overrides})
+
+
+@pytest.fixture
+def tiny_dinov2() -> transformers.Dinov2Model:
+    torch.manual_seed(0)
+    return transformers.Dinov2Model(tiny_dinov2_config()).eval()
+
+
+@pytest.fixture
+def tiny_dinov2_folder(tiny_dinov2, tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny-dinov2"
+    tiny_dinov2.save_pretrained(folder)
+    return folder
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, seed: int = 0) -> Path:
+    """Class ``c``'s images are noise around grey level ``60·c + 40``: separable by brightness."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            level = 60 * c + 40
+            pixels = np.clip(rng.normal(level, 10, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+# --- the embedded backbone ----------------------------------------------------------------
+
+
+def test_embedded_dinov2_matches_the_onnx_model_under_onnxruntime() -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from channelwise.dinov2 import embedded_onnx
+
+    model = load_vision_model("dinov2-small", device="cpu")
+    assert adapter_for(model).family == "dinov2"
+    graph = onnx.load(str(embedded_onnx()))
+    final = [node for node in graph.graph.node if node.name.startswith("/backbone/layernorm/")]
+    output = final[-1].output[0]  # the backbone's final LayerNorm, before the saliency decoder
+    graph.graph.output.append(
+        onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)
+    )
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = torch.from_numpy(session.run([output], {"input_image": x.numpy()})[0])
+    with torch.no_grad():
+        got = model(pixel_values=x).last_hidden_state
+    assert got.shape == expected.shape == (1, 257, 384)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_a_file_that_is_not_the_dinov2_onnx_is_refused(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from channelwise.dinov2 import dinov2_from_onnx
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 not protobuf at all \xff" * 10)
+    with pytest.raises(CheckpointError):
+        dinov2_from_onnx(garbage)
+    weight = onnx.numpy_helper.from_array(np.ones((2, 2), np.float32), "backbone.something")
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        initializer=[weight],
+    )
+    other = tmp_path / "other.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(other))
+    with pytest.raises(CheckpointError, match="position embeddings|DINOv2"):
+        dinov2_from_onnx(other)
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_read_idx_reads_plain_and_gzipped_files_and_refuses_malformed_ones(tmp_path: Path) -> None:
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    plain, zipped = tmp_path / "a.idx", tmp_path / "a.idx.gz"
+    plain.write_bytes(_idx_bytes(array))
+    zipped.write_bytes(gzip.compress(_idx_bytes(array)))
+    for path in (plain, zipped):
+        assert torch.equal(read_idx(path), torch.from_numpy(array))
+    bad = tmp_path / "bad.idx"
+    bad.write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 8)
+    with pytest.raises(DataSourceError, match="magic"):
+        read_idx(bad)
+    bad.write_bytes(_idx_bytes(array)[:-3])
+    with pytest.raises(DataSourceError, match="data bytes"):
+        read_idx(bad)
+    bad.write_bytes(gzip.compress(_idx_bytes(array))[:-5])
+    with pytest.raises(DataSourceError, match="cannot read"):
+        read_idx(bad)
+
+
+def test_fashion_mnist_comes_from_the_debian_package_whole() -> None:
+    test = load_images("fashion-mnist", "test")
+    assert test.images.shape == (10_000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert test.classes == FASHION_MNIST_CLASSES
+    assert test.labels.bincount().tolist() == [1000] * 10
+    train = load_images(" Fashion-MNIST ", "train")
+    assert len(train) == 60_000
+    assert not torch.equal(train.images[:100], test.images[:100])
+
+
+def test_pixels_replicate_grey_resize_and_normalise() -> None:
+    white = torch.full((1, 1, 28, 28), 255, dtype=torch.uint8)
+    images = ImageSet(white, torch.zeros(1, dtype=torch.long), ("a",), "t")
+    pixels = images.pixels(0, 1, 56, MEAN, STD)
+    assert pixels.shape == (1, 3, 56, 56)
+    torch.testing.assert_close(pixels, torch.full_like(pixels, (1.0 - 0.5) / 0.25))
+
+
+def test_seeded_subset_is_reproducible_sorted_and_without_repeats() -> None:
+    images = ImageSet(torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.arange(50), ("a",), "t")
+    a, b = seeded_subset(images, 10, seed=3), seeded_subset(images, 10, seed=3)
+    assert torch.equal(a.labels, b.labels)
+    assert a.labels.unique().numel() == 10 and torch.equal(a.labels, a.labels.sort().values)
+    assert not torch.equal(a.labels, seeded_subset(images, 10, seed=4).labels)
+    assert seeded_subset(images, None, 0) is images
+    with pytest.raises(DataSourceError):
+        seeded_subset(images, 0, 0)
+
+
+def test_image_folder_loads_classes_in_order(tmp_path: Path) -> None:
+    images = image_folder(write_image_folder(tmp_path / "imgs"), size=16)
+    assert images.classes == ("class0", "class1", "class2")
+    assert images.images.shape == (24, 3, 16, 16)
+    assert images.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_bad_image_folders_get_one_line_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataSourceError, match="no class subfolders"):
+        image_folder(empty)
+    root = write_image_folder(tmp_path / "notes", classes=1, per_class=1)
+    (root / "class0" / "readme.txt").write_text("not an image")
+    with pytest.raises(DataSourceError, match="readme.txt is not an image"):
+        image_folder(root)
+    root = write_image_folder(tmp_path / "corrupt", classes=1, per_class=1)
+    (root / "class0" / "broken.png").write_bytes(b"\x89PNG but cut")
+    with pytest.raises(DataSourceError, match="cannot be read as an image"):
+        image_folder(root)
+    with pytest.raises(DataSourceError, match="neither 'fashion-mnist' nor an existing folder"):
+        load_images(str(tmp_path / "missing"), "test")
+
+
+def test_calibrating_on_the_evaluation_images_is_refused(tmp_path: Path) -> None:
+    folder = write_image_folder(tmp_path / "imgs")
+    with pytest.raises(DataSourceError, match="never calibrate on the evaluation images"):
+        VisionProtocol(calib_data=str(folder), eval_data=str(tmp_path / "imgs" / ".." / "imgs"))
+    VisionProtocol()  # Fashion-MNIST: train split for calibration, test split for evaluation
+
+
+# --- the probe and the metrics ------------------------------------------------------------
+
+
+def test_probe_separates_separable_features_and_round_trips(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    centres = torch.randn(3, 16, generator=generator) * 4
+    features = centres[labels] + torch.randn(300, 16, generator=generator)
+    probe = fit_probe(features, labels, classes=3)
+    result = score(features, labels, probe)
+    assert result.top1 == 100.0 and result.agreement == 100.0
+    assert result.feature_cosine == pytest.approx(1.0)
+    probe.save(tmp_path / "probe.safetensors")
+    loaded = LinearProbe.load(tmp_path / "probe.safetensors")
+    torch.testing.assert_close(loaded.logits(features), probe.logits(features))
+    assert loaded.ridge == probe.ridge
+    with pytest.raises(CheckpointError, match="another model"):
+        probe.logits(features[:, :8])
+    noisy = features + 8 * torch.randn(300, 16, generator=generator)
+    worse = score(noisy, labels, probe, reference=features)
+    assert worse.agreement < 100.0 and worse.feature_cosine < 1.0
+
+
+# --- the adapter and the engine -----------------------------------------------------------
+
+
+def test_dinov2_adapter_names_every_block_linear(tiny_dinov2) -> None:
+    adapter = adapter_for(tiny_dinov2)
+    assert adapter.modality == "vision" and adapter.norm_type == "layernorm"
+    blocks = adapter.block_list(tiny_dinov2)
+    assert len(blocks) == 2
+    linears = adapter.block_linears(blocks[0])
+    assert set(linears) == {
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    }
+    assert all(isinstance(m, torch.nn.Linear) for m in linears.values())
+    with pytest.raises(UnsupportedModelError, match="SwiGLU"):
+        adapter_for(transformers.Dinov2Model(tiny_dinov2_config(use_swiglu_ffn=True)))
+
+
+def test_the_block_wise_engine_reproduces_the_vision_forward(tiny_dinov2) -> None:
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    outputs = run_blockwise(
+        tiny_dinov2,
+        adapter_for(tiny_dinov2),
+        pixels,
+        lambda ctx: None,
+        batch_size=2,
+        progress=False,
+    )
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_rtn_quantizes_every_block_linear_and_its_input(tiny_dinov2) -> None:
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    adapter = adapter_for(tiny_dinov2)
+    originals = {
+        name: module.weight.clone()
+        for name, module in tiny_dinov2.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    quantize(tiny_dinov2, "vit-rtn-w8a8", pixels, progress=False)
+    for block in adapter.block_list(tiny_dinov2):
+        for name, linear in adapter.block_linears(block).items():
+            assert linear.weight.unique(dim=1).shape[1] <= 256 or all(
+                row.unique().numel() <= 256 for row in linear.weight
+            ), name
+            quantizer = input_quantizer(linear)
+            assert quantizer is not None and quantizer.qparams is not None, name  # static
+    changed = [n for n, m in tiny_dinov2.named_modules() if n in originals
+               and not torch.equal(m.weight, originals[n])]  # fmt: skip
+    assert len(changed) == 12
+    with torch.no_grad():
+        after = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    cosine = torch.nn.functional.cosine_similarity(after, before, dim=-1).mean().item()
+    assert 0.98 < cosine < 1.0
+
+
+def test_vision_recipe_needs_images(tiny_dinov2) -> None:
+    with pytest.raises(RecipeError, match="or images"):
+        quantize(tiny_dinov2, "vit-rtn-w8a8", None, progress=False)
+
+
+# --- loading and the compare loop ---------------------------------------------------------
+
+
+def test_load_vision_model_refuses_what_it_cannot_take(tmp_path: Path, tiny_dinov2) -> None:
+    with pytest.raises(ModelNotFoundError, match="vision model"):
+        load_vision_model(str(tmp_path / "nothing"))
+    llama = tmp_path / "llama"
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=32,
+        )
+    ).save_pretrained(llama)
+    with pytest.raises(UnsupportedModelError, match="language model"):
+        load_vision_model(str(llama))
+    vit = tmp_path / "vit"
+    transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(vit)
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'vit'"):
+        load_vision_model(str(vit))
+    pickled = tmp_path / "pickled"
+    tiny_dinov2.config.save_pretrained(pickled)
+    torch.save(tiny_dinov2.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_vision_model(str(pickled))
+    partial = tmp_path / "partial"
+    tiny_dinov2.save_pretrained(partial)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(partial / "model.safetensors")
+    del state["encoder.layer.1.mlp.fc2.weight"]
+    save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing"):
+        load_vision_model(str(partial))
+
+
+def test_compare_vision_measures_fp_first_through_one_frozen_probe(
+    tiny_dinov2_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    protocol = VisionProtocol(
+        calib_data=str(write_image_folder(tmp_path / "train", seed=1)),
+        eval_data=str(write_image_folder(tmp_path / "test", seed=2)),
+        resolution=16,
+        calib_images=6,
+        probe_images=24,
+        mean=MEAN,
+        std=STD,
+    )
+    rows = compare_vision(
+        ["vit-rtn-w8a8", "vit-rtn-w4a4"],
+        str(tiny_dinov2_folder),
+        protocol,
+        device="cpu",
+        progress=False,
+    )
+    assert [row.recipe for row in rows] == ["fp", "vit-rtn-w8a8", "vit-rtn-w4a4"]
+    fp, w8, w4 = rows
+    assert fp.delta_pt == 0.0 and fp.agreement == 100.0 and fp.feature_cosine == pytest.approx(1)
+    assert fp.images == w8.images == 24
+    assert w8.feature_cosine > w4.feature_cosine
+    assert 4 < w4.weight_bits < w8.weight_bits < 16
+    assert list((tmp_path / "home" / "probes").glob("*.safetensors")), "the probe is cached"
+    with pytest.raises(RecipeError, match="more than once"):
+        compare_vision(["fp", "fp"], str(tiny_dinov2_folder), protocol, device="cpu")
+
+
+def test_image_features_refuse_non_finite_activations(tiny_dinov2) -> None:
+    with torch.no_grad():
+        tiny_dinov2.encoder.layer[0].mlp.fc2.bias.fill_(float("nan"))
+    images = ImageSet(
+        torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.zeros(2).long(), ("a",), "t"
+    )
+    from channelwise.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="NaN/inf"):
+        image_features(tiny_dinov2, images, 16, MEAN, STD, progress=False)
+
+
+def test_cli_vision_writes_rows_and_refuses_bad_input_in_one_line(
+    tiny_dinov2_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import json
+
+    from channelwise.cli import main
+
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    train = write_image_folder(tmp_path / "train", seed=1)
+    test = write_image_folder(tmp_path / "test", seed=2)
+    common = ["-q", "--device", "cpu", "vision", "--model", str(tiny_dinov2_folder)]
+    common += ["--calib-data", str(train), "--resolution", "16", "--calib-images", "6"]
+    out = tmp_path / "rows.json"
+    argv = common + ["--eval-data", str(test), "--recipes", "vit-rtn-w8a8", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"fp", "vit-rtn-w8a8", "_meta"}
+    assert rows["fp"]["agreement"] == 100.0 and rows["fp"]["images"] == 24
+    assert "| `vit-rtn-w8a8` | W8A8 |" in capsys.readouterr().out
+    assert main(common + ["--eval-data", str(train)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "never calibrate" in err and "\n" not in err
+    assert main(common + ["--eval-data", str(test), "--model", str(tmp_path / "nope")]) == 2
+    assert "vision model" in capsys.readouterr().err

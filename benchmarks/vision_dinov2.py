@@ -8,7 +8,7 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
 
     .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
         [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
-        [--threads 2] [--device cpu] [--json out.json]
+        [--ablation 4] [--threads 2] [--device cpu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,10 +19,25 @@ import platform
 import torch
 
 from channelwise.models import resolve_device
+from channelwise.recipe import Recipe, load_recipe
 from channelwise.report import format_vision_markdown, write_json
 from channelwise.vision import VisionProtocol, compare_vision
 
-RECIPES = "fp,rtn-w8a8,vit-rtn-w8a8,vit-rtn-w6a6,vit-rtn-w4a4"  # + LLM-style dynamic W8A8
+RECIPES = "fp,vit-rtn-w8a8,vit-rtn-w6a6,repq-vit-w6a6,vit-rtn-w4a4,repq-vit-w4a4"
+
+
+def repq_ablation(bits: int) -> list[Recipe]:
+    """RepQ-ViT's two parts one at a time (the paper's ablation): reparameterization only
+    (softmax on the baseline's uniform quantizer) and log√2 softmax only."""
+    base = load_recipe(f"vit-rtn-w{bits}a{bits}").model_dump(mode="json")
+    variants = []
+    for name, args in (("reparam-only", {"softmax": "none"}), ("log2-only", {"reparam": False})):
+        recipe = dict(base, name=f"repq-{name}-w{bits}a{bits}")
+        if name == "log2-only":
+            recipe["attention"] = {k: v for k, v in base["attention"].items() if k != "probs"}
+        recipe["steps"] = [{"method": "repq_vit", "args": args}, {"method": "rtn"}]
+        variants.append(Recipe.from_dict(recipe))
+    return variants
 
 
 def main() -> None:
@@ -36,6 +51,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--ablation", type=int, help="add RepQ-ViT's ablation rows at these bits (4)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,6 +71,8 @@ def main() -> None:
         )
 
     recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    if args.ablation:
+        recipes += repq_ablation(args.ablation)
     rows = compare_vision(
         recipes, args.model, protocol, device=args.device, progress=False, on_row=show
     )

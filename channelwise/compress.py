@@ -28,7 +28,12 @@ from channelwise.methods import Method, build_method
 from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
-from channelwise.quant.attention import install_attention_quantizers
+from channelwise.quant.attention import (
+    attention_quantizers,
+    calibrate_attention_quantizers,
+    install_attention_quantizers,
+    uncalibrated_attention,
+)
 from channelwise.quant.grid import round_weight_
 from channelwise.recipe import Recipe, load_recipe
 from channelwise.state import (
@@ -92,12 +97,12 @@ def quantize(
     def block_fn(ctx: BlockContext) -> None:
         for method in methods:
             method.apply(ctx)
+        attention = ctx.block.get_submodule(adapter.attention_module)
+        if recipe.attention is not None:
+            install_attention_quantizers(model, [attention], recipe.attention.specs())
+        calibrate_attention_quantizers(attention, ctx.forward)  # static entries only
         if recipe.activations is not None:
             install_block_input_quantizers(ctx, recipe)
-        if recipe.attention is not None:
-            install_attention_quantizers(
-                model, [ctx.block.get_submodule(adapter.attention_module)], recipe.attention.specs()
-            )
 
     kv_method = build_kv_method(recipe)
     start = time.perf_counter()
@@ -108,8 +113,7 @@ def quantize(
             )
         for method in methods:
             method.prepare_model(model, adapter, calibration if needs_data else None)
-        static = recipe.activations is not None and not recipe.activations.dynamic
-        if static or any(method.needs_calibration for method in methods):  # block inputs needed
+        if has_static_ranges(recipe) or any(m.needs_calibration for m in methods):  # inputs needed
             run_blockwise(
                 model,
                 adapter,
@@ -131,6 +135,12 @@ def quantize(
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
         if kv_method is not None:
             attach_kv_config(model, kv_method.cache_config(model, adapter))
+    missed = uncalibrated_attention(model)
+    if missed:
+        raise ChannelwiseError(
+            f"recipe '{recipe.name}': the static attention quantizers of {missed[0]} were never "
+            "calibrated (does a step install them outside the block loop?)"
+        )
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
     setattr(model, KV_METHOD_ATTR, kv_method)
@@ -141,13 +151,23 @@ def quantize(
 def needs_calibration(recipe: str | Path | Recipe) -> bool:
     """Whether ``recipe`` observes activations (static ranges or a calibrating method)."""
     recipe = load_recipe(recipe)
-    static = recipe.activations is not None and not recipe.activations.dynamic
     kv_method = build_kv_method(recipe)
     return (
-        static
+        has_static_ranges(recipe)
         or (kv_method is not None and kv_method.needs_calibration)
         or any(build_method(step, recipe).needs_calibration for step in recipe.steps)
     )
+
+
+def has_static_ranges(recipe: Recipe) -> bool:
+    """Whether the recipe calibrates activation or attention ranges once (static quantizers)."""
+    static = recipe.activations is not None and not recipe.activations.dynamic
+    attention = recipe.attention is not None and any(
+        args is not None and not args.dynamic
+        for args in (recipe.attention.q, recipe.attention.k, recipe.attention.v,
+                     recipe.attention.probs)
+    )  # fmt: skip
+    return static or attention
 
 
 def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
@@ -264,6 +284,15 @@ def _write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe | None, tmp: P
         tokenizer.save_pretrained(tmp)
     if recipe is None:
         return
+    if any(
+        (quant := attention_quantizers(module)) is not None and quant.static()
+        for module in model.modules()
+    ):
+        raise ChannelwiseError(
+            f"recipe '{recipe.name}' calibrates static attention quantizers (q/k/v or softmax "
+            "ranges), which cannot be saved yet; evaluate it in memory (channelwise vision, "
+            "compare) or use dynamic attention quantizers"
+        )
     (tmp / "recipe.yaml").write_text(recipe.to_yaml())
     marker = {
         "format": "packed" if layout else "fake-quant",

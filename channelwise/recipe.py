@@ -92,29 +92,29 @@ class AttentionArgs(BaseModel):
     probs: QuantArgs | None = None
 
     @model_validator(mode="after")
-    def _dynamic(self) -> AttentionArgs:
+    def _granularity(self) -> AttentionArgs:
         for name in ("q", "k", "v", "probs"):
             args = getattr(self, name)
-            if args is not None and not args.dynamic:
+            if args is not None and not args.dynamic and args.granularity != "tensor":
                 raise ValueError(
-                    f"attention.{name}: only dynamic quantizers are supported here "
-                    "(set dynamic: true); static ranges come with the KV-cache work"
+                    f"attention.{name}: a static quantizer (dynamic: false) is per tensor; "
+                    "set granularity: tensor, or dynamic: true"
                 )
             if args is not None and args.granularity in ("channel", "input_channel"):
                 raise ValueError(f"attention.{name}: use granularity token, tensor or group")
         return self
 
     def specs(self):
-        from channelwise.quant.attention import AttentionQuantizers
+        """Fresh quantizers (a static one is calibrated per block, so never shared)."""
+        from channelwise.quant.attention import AttentionQuantizers, StaticQuantizer
 
-        return AttentionQuantizers(
-            **{
-                name: None
-                if getattr(self, name) is None
-                else getattr(self, name).spec("activation")
-                for name in ("q", "k", "v", "probs")
-            }
-        )
+        def build(args: QuantArgs | None):
+            if args is None:
+                return None
+            spec = args.spec("activation")
+            return spec if args.dynamic else StaticQuantizer(spec)
+
+        return AttentionQuantizers(**{n: build(getattr(self, n)) for n in ("q", "k", "v", "probs")})
 
 
 class Step(BaseModel):

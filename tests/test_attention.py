@@ -81,9 +81,112 @@ def test_two_bit_keys_cost_more_than_eight(make_tiny_model, token_ids):
     assert errors[2] > 5 * errors[8]
 
 
-def test_static_attention_quantizer_is_refused():
-    with pytest.raises(RecipeError, match="attention.k: only dynamic"):
-        Recipe.from_dict({"attention": {"k": {"bits": 8, "granularity": "tensor"}}})
+def test_static_attention_quantizer_must_be_per_tensor():
+    with pytest.raises(RecipeError, match="attention.k: a static quantizer"):
+        Recipe.from_dict({"attention": {"k": {"bits": 8, "granularity": "token"}}})
+    recipe = Recipe.from_dict({"attention": {"k": {"bits": 8, "granularity": "tensor"}}})
+    first, second = recipe.attention.specs(), recipe.attention.specs()
+    assert isinstance(first.k, attention.StaticQuantizer) and first.k is not second.k
+
+
+STATIC8 = {"bits": 8, "symmetric": False, "granularity": "tensor", "dynamic": False}
+
+
+def test_static_attention_ranges_are_calibrated_per_block_on_what_the_attention_reads(
+    make_tiny_model, token_ids, tmp_path
+):
+    from channelwise.compress import save_quantized
+    from channelwise.errors import ChannelwiseError
+
+    model = make_tiny_model("llama")
+    recipe = Recipe.from_dict({"name": "static-kv", "attention": {"k": STATIC8, "probs": STATIC8}})
+    recorded = []
+    real = attention.StaticQuantizer.calibrate
+
+    def spy(self, samples):
+        recorded.append(torch.cat([x.reshape(-1) for x in samples]))
+        real(self, samples)
+
+    attention.StaticQuantizer.calibrate = spy
+    try:
+        quantize(model, recipe, token_ids, progress=False)
+    finally:
+        attention.StaticQuantizer.calibrate = real
+    modules = attention_modules(model)
+    assert len(recorded) == 2 * len(modules)  # k and probs, once per block
+    for index, module in enumerate(modules):
+        quant = attention.attention_quantizers(module)
+        assert quant.k.calibrated and quant.probs.calibrated
+        keys = recorded[2 * index]
+        expected = (keys.max() - keys.min().clamp(max=0)) / 255
+        torch.testing.assert_close(quant.k.qparams.scale.reshape(()), expected)
+        probs = recorded[2 * index + 1]
+        assert probs.min() >= 0 and probs.max() <= 1
+    assert quant_is_distinct(modules)
+    with pytest.raises(ChannelwiseError, match="cannot be saved yet"):
+        save_quantized(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def quant_is_distinct(modules) -> bool:
+    entries = [attention.attention_quantizers(m).k for m in modules]
+    return len({id(e) for e in entries}) == len(entries)
+
+
+def test_a_methods_own_entry_survives_the_recipes_attention_quantizers():
+    own = attention.LogSqrt2Quantizer(4)
+    spec = QuantSpec(8, True, PerRow())
+    merged = AttentionQuantizers(k=spec, probs=spec).merged_over(AttentionQuantizers(probs=own))
+    assert merged.probs is own and merged.k is spec
+
+
+def _log_sqrt2_reference(x: torch.Tensor, bits: int, delta: float) -> torch.Tensor:
+    """Element by element, as the paper writes it."""
+    import math
+
+    out = torch.empty_like(x)
+    for i, value in enumerate(x.reshape(-1).tolist()):
+        if value <= 0:
+            out.view(-1)[i] = 0.0
+            continue
+        raw = round(-2 * math.log2(value / delta))
+        if raw >= 2**bits:
+            out.view(-1)[i] = 0.0
+            continue
+        q = min(max(raw, 0), 2**bits - 1)
+        out.view(-1)[i] = delta * 2 ** (-math.ceil(q / 2)) * (math.sqrt(2) if q % 2 else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_log_sqrt2_matches_a_plain_reference_on_random_and_adversarial_probabilities(bits):
+    generator = torch.Generator().manual_seed(bits)
+    probs = torch.softmax(4 * torch.randn(6, 40, generator=generator), dim=-1)
+    probs[0] = 0.0  # all zero
+    probs[1] = 1.0 / 40  # constant
+    probs[2, :] = 1e-30  # far below the grid: flushed to zero
+    probs[2, 0] = 1.0
+    for delta in (1.0, float(probs.max()), 0.37):
+        got = attention.log_sqrt2(probs, bits, delta)
+        torch.testing.assert_close(got, _log_sqrt2_reference(probs, bits, delta))
+    if bits <= 4:  # the smallest level 2^(−7.5) ≈ 0.0055: 1e-30 flushes to zero
+        assert attention.log_sqrt2(probs, bits, 1.0)[2, 1:].eq(0).all()
+
+
+def test_log_sqrt2_refuses_non_finite_probabilities_and_calibrates_by_error():
+    from channelwise.errors import NonFiniteError
+
+    bad = torch.tensor([[0.5, float("nan")]])
+    with pytest.raises(NonFiniteError):
+        attention.log_sqrt2(bad, 4, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 64, generator=generator), dim=-1) * 0.5  # max < 0.5
+    quantizer = attention.LogSqrt2Quantizer(4)
+    assert torch.equal(quantizer(probs), probs), "uncalibrated: float"
+    quantizer.calibrate([probs])
+    assert quantizer.delta < 0.5
+    error = (quantizer(probs) - probs).square().mean()
+    assert error <= (attention.log_sqrt2(probs, 4, 1.0) - probs).square().mean()
 
 
 def test_attention_group_must_divide_head_dim(make_tiny_model):

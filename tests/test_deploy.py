@@ -20,8 +20,21 @@ from channelwise.methods.registry import quantizes_weights
 from channelwise.recipe import Recipe, load_recipe, preset_names
 
 WIDE = dict(hidden_size=128, intermediate_size=256)  # every preset's group sizes fit
+
+
+def _static_attention(name: str) -> bool:
+    attention = load_recipe(name).attention
+    return attention is not None and any(
+        a is not None and not a.dynamic
+        for a in (attention.q, attention.k, attention.v, attention.probs)
+    )
+
+
+# Presets with static attention ranges (the ViT ones) cannot be saved yet: test_vision refuses it.
 WEIGHT_PRESETS = [
-    p for p in preset_names() if any(quantizes_weights(s.method) for s in load_recipe(p).steps)
+    p
+    for p in preset_names()
+    if any(quantizes_weights(s.method) for s in load_recipe(p).steps) and not _static_attention(p)
 ]
 
 

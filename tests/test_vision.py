@@ -409,9 +409,138 @@ def test_cli_vision_writes_rows_and_refuses_bad_input_in_one_line(
     rows = json.loads(out.read_text())
     assert set(rows) == {"fp", "vit-rtn-w8a8", "_meta"}
     assert rows["fp"]["agreement"] == 100.0 and rows["fp"]["images"] == 24
-    assert "| `vit-rtn-w8a8` | W8A8 |" in capsys.readouterr().out
+    assert "| `vit-rtn-w8a8` | W8A8KV8 |" in capsys.readouterr().out
     assert main(common + ["--eval-data", str(train)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "never calibrate" in err and "\n" not in err
     assert main(common + ["--eval-data", str(test), "--model", str(tmp_path / "nope")]) == 2
     assert "vision model" in capsys.readouterr().err
+
+
+# --- attention through channelwise's implementation, and RepQ-ViT ----------------------------
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["sdpa-path", "softmax-path"])
+def test_channelwise_attention_is_bidirectional_in_a_vision_transformer(tiny_dinov2, probs):
+    from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
+
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    adapter = adapter_for(tiny_dinov2)
+    modules = [b.get_submodule(adapter.attention_module) for b in adapter.block_list(tiny_dinov2)]
+    identity = AttentionQuantizers(probs=lambda x: x) if probs else AttentionQuantizers()
+    install_attention_quantizers(tiny_dinov2, modules, identity)
+    with torch.no_grad():
+        got = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+STATIC4 = {"bits": 4, "symmetric": False, "granularity": "tensor", "dynamic": False, "range": "mse"}
+
+
+def _repq_only(**args):
+    from channelwise.recipe import Recipe
+
+    step = {"method": "repq_vit", "args": {"softmax": "none", **args}}
+    return Recipe.from_dict({"name": "repq-only", "activations": STATIC4, "steps": [step]})
+
+
+def _without_input_quantizers(model) -> None:
+    from channelwise.quant.activation import remove_input_quantizer
+
+    for module in model.modules():
+        remove_input_quantizer(module)
+
+
+def test_repq_reparameterization_is_exact_in_float(tiny_dinov2) -> None:
+    pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
+        gamma = tiny_dinov2.encoder.layer[0].norm1.weight.clone()
+    quantize(tiny_dinov2, _repq_only(), pixels, progress=False)
+    assert not torch.equal(tiny_dinov2.encoder.layer[0].norm1.weight, gamma), "nothing moved"
+    _without_input_quantizers(tiny_dinov2)
+    with torch.no_grad():
+        got = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_repq_per_tensor_codes_equal_the_per_channel_codes_before(tiny_dinov2) -> None:
+    """The paper's claim: with an integer z̃, per-tensor (s̃, z̃) codes of the reparameterized
+    input are the per-channel (s, z) codes of the original one."""
+    from copy import deepcopy
+    from dataclasses import replace
+
+    from channelwise.engine import run_until
+    from channelwise.quant.activation import input_quantizer
+    from channelwise.quant.core import compute_qparams
+    from channelwise.quant.core import quantize as codes_of
+    from channelwise.quant.granularity import PerColumn
+
+    pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    reference = deepcopy(tiny_dinov2)
+    fc1 = "encoder.layer.0.attention.q_proj"  # its input sees no quantizer before it
+    x = run_until(reference.get_submodule(fc1), "input", lambda: reference(pixel_values=pixels))
+    quantize(tiny_dinov2, _repq_only(), pixels, progress=False)
+    quantizer = input_quantizer(tiny_dinov2.get_submodule(fc1))
+    _without_input_quantizers(tiny_dinov2)
+    x_new = run_until(
+        tiny_dinov2.get_submodule(fc1), "input", lambda: tiny_dinov2(pixel_values=pixels)
+    )
+    rows, rows_new = x.reshape(-1, x.shape[-1]), x_new.reshape(-1, x.shape[-1])
+    channel_spec = replace(quantizer.spec, granularity=PerColumn())
+    per_channel = codes_of(rows, compute_qparams(rows, channel_spec), channel_spec)
+    per_tensor = codes_of(rows_new, quantizer.qparams, quantizer.spec)
+    assert quantizer.qparams.scale.numel() == 1 and float(quantizer.qparams.zero_point).is_integer()
+    same = (per_channel == per_tensor).float().mean().item()
+    assert same > 0.999 and (per_channel.int() - per_tensor.int()).abs().max() <= 1
+
+
+def test_repq_rescues_a_post_layernorm_outlier_channel(tiny_dinov2) -> None:
+    from copy import deepcopy
+
+    with torch.no_grad():
+        for layer in tiny_dinov2.encoder.layer:
+            for norm in (layer.norm1, layer.norm2):
+                norm.weight[3] *= 40.0  # one channel 40× wider than the rest, as in real ViTs
+                norm.bias[5] += 8.0
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    from channelwise.quant.activation import remove_input_quantizer
+    from channelwise.recipe import Recipe
+
+    errors = {}
+    plain = Recipe.from_dict({"name": "a4", "activations": STATIC4})
+    for name, recipe in (("per-tensor", plain), ("repq", _repq_only())):
+        model = deepcopy(tiny_dinov2)
+        quantize(model, recipe, pixels, progress=False)
+        for layer in model.encoder.layer:  # keep only the post-LayerNorm inputs quantized
+            remove_input_quantizer(layer.attention.o_proj)
+            remove_input_quantizer(layer.mlp.fc2)
+        with torch.no_grad():
+            got = model(pixel_values=pixels).last_hidden_state
+        errors[name] = ((got - expected).norm() / expected.norm()).item()
+    assert errors["repq"] < 0.6 * errors["per-tensor"], errors
+
+
+def test_repq_recipe_errors_are_clear(tiny_dinov2) -> None:
+    from channelwise.compress import plan
+    from channelwise.recipe import Recipe
+
+    dynamic = dict(STATIC4, dynamic=True, granularity="token")
+    with pytest.raises(RecipeError, match="static asymmetric activations"):
+        plan(
+            tiny_dinov2,
+            Recipe.from_dict({"activations": dynamic, "steps": [{"method": "repq_vit"}]}),
+        )
+    late = {
+        "weights": {"bits": 4, "symmetric": False},
+        "activations": STATIC4,
+        "steps": [{"method": "rtn"}, {"method": "repq_vit"}],
+    }
+    with pytest.raises(RecipeError, match="before weight quantization"):
+        plan(tiny_dinov2, Recipe.from_dict(late))
+    with pytest.raises(RecipeError, match="softmax"):
+        plan(tiny_dinov2, _repq_only(softmax="uniform"))

@@ -9,6 +9,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     osplus,
     outliertune,
     quarot,
+    repq_vit,
     rtn,
     smoothquant,
     smoothquant_plus,

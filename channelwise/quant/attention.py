@@ -7,29 +7,154 @@ after RoPE and after the cache update — this is the simulated KV-cache hook po
 key/value goes through the quantizer). Tensors are ``(batch, heads, tokens, head_dim)``, so on the
 quantizer's 2-D view a row is one head's vector for one token: ``token`` granularity is per token
 per head; ``group`` runs along ``head_dim``.
+
+An entry is a :class:`QuantSpec` (dynamic: ranges computed per call) or a *static* quantizer
+calibrated once on calibration data (:class:`StaticQuantizer`, or the log√2 quantizer of
+post-softmax probabilities, :class:`LogSqrt2Quantizer`): :func:`calibrate_attention_quantizers`
+fills every uncalibrated static entry of a block from its calibration batches. Until then a
+static entry passes values through (the block's earlier calibration forwards run in float
+there); ``compress.quantize`` checks that none is left uncalibrated. A module's
+``is_causal`` (False in Vision Transformers) decides whether a causal mask applies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from channelwise.quant.core import QuantSpec, fake_quantize
+from channelwise.quant.core import (
+    QParams,
+    QuantSpec,
+    _check_finite,
+    compute_qparams,
+    fake_quantize,
+)
+from channelwise.quant.granularity import PerTensor
 
 ATTENTION_IMPLEMENTATION = "channelwise"
 _ATTR = "_channelwise_attention_quantizers"
+_RECORD_ATTR = "_channelwise_attention_record"
+
+
+#: The attention inputs a quantizer can sit on, in the order they are calibrated.
+ATTENTION_INPUTS = ("q", "k", "v", "probs")
+#: Values sampled per tensor for a static quantizer's range search (a quantile search cannot
+#: take more than 2^24 values, and a few million do not change a per-tensor range).
+CALIBRATION_SAMPLE = 1 << 20
+
+
+@dataclass
+class StaticQuantizer:
+    """Uniform fake-quantization with ranges calibrated once (``spec``'s range method, over
+    every calibration value, per tensor or per the spec's granularity)."""
+
+    spec: QuantSpec
+    qparams: QParams | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.qparams is not None
+
+    def calibrate(self, samples: list[Tensor]) -> None:
+        rows = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in samples])
+        if isinstance(self.spec.granularity, PerTensor):
+            rows = _sampled(rows.reshape(-1), CALIBRATION_SAMPLE).reshape(1, -1)
+        self.qparams = compute_qparams(rows, self.spec)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.qparams is None:  # calibration of earlier parts of the block: float
+            return x
+        return fake_quantize(x, self.spec, self.qparams)
+
+
+@dataclass
+class LogSqrt2Quantizer:
+    """RepQ-ViT's log√2 quantizer of post-softmax probabilities (arXiv 2212.08254, §3.3):
+    ``q = clamp(round(−2·log2(A/Δ)), 0, 2^b − 1)``, ``Â = Δ·2^(−q/2)``; a value whose code would
+    reach ``2^b`` (or an exact zero) becomes 0. ``Δ`` is picked by squared error among the
+    ``percentiles`` of the calibration probabilities (and their maximum)."""
+
+    bits: int
+    delta: float | None = None
+    percentiles: tuple[float, ...] = field(default=(0.999, 0.9999, 0.99999))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.delta is not None
+
+    def calibrate(self, samples: list[Tensor]) -> None:
+        values = _sampled(torch.cat([x.reshape(-1).float() for x in samples]), CALIBRATION_SAMPLE)
+        candidates = torch.quantile(values, torch.tensor(self.percentiles)).tolist()
+        candidates.append(values.max().item())
+        candidates = [c for c in candidates if c > 0] or [1.0]
+        self.delta = min(candidates, key=lambda d: (log_sqrt2(values, self.bits, d) - values)
+                         .square().mean().item())  # fmt: skip
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.delta is None:  # calibration of earlier parts of the block: float
+            return x
+        return log_sqrt2(x, self.bits, self.delta)
+
+
+def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
+    """Fake-quantize non-negative ``x`` on the grid ``Δ·2^(−q/2)``, q in [0, 2^bits − 1]."""
+    _check_finite(x)
+    with torch.no_grad():
+        ratio = (x.float() / delta).clamp_min(torch.finfo(torch.float32).tiny)
+        raw = torch.round(-2.0 * torch.log2(ratio))
+        codes = raw.clamp(0, 2**bits - 1)
+        out = delta * torch.exp2(-codes / 2)
+        out = torch.where((raw >= 2**bits) | (x <= 0), torch.zeros_like(out), out)
+    return out.to(x.dtype)
+
+
+def _sampled(values: Tensor, limit: int) -> Tensor:
+    """At most ``limit`` of ``values``, evenly strided (deterministic)."""
+    if values.numel() <= limit:
+        return values
+    step = math.ceil(values.numel() / limit)
+    return values[::step]
+
+
+#: A quantizer entry: dynamic (a spec) or static (calibrated once).
+AttentionQuantizer = QuantSpec | StaticQuantizer | LogSqrt2Quantizer
 
 
 @dataclass(frozen=True)
 class AttentionQuantizers:
     """Which attention inputs to quantize; ``None`` leaves that input in float."""
 
-    q: QuantSpec | None = None
-    k: QuantSpec | None = None
-    v: QuantSpec | None = None
-    probs: QuantSpec | None = None
+    q: AttentionQuantizer | None = None
+    k: AttentionQuantizer | None = None
+    v: AttentionQuantizer | None = None
+    probs: AttentionQuantizer | None = None
+
+    def merged_over(self, other: AttentionQuantizers | None) -> AttentionQuantizers:
+        """These entries where ``other`` (e.g. a method's own) has none."""
+        if other is None:
+            return self
+        return replace(
+            other,
+            **{
+                name: getattr(self, name)
+                for name in ATTENTION_INPUTS
+                if getattr(other, name) is None
+            },
+        )
+
+    def static(self) -> dict[str, StaticQuantizer | LogSqrt2Quantizer]:
+        return {
+            name: entry
+            for name in ATTENTION_INPUTS
+            if (entry := getattr(self, name)) is not None and not isinstance(entry, QuantSpec)
+        }
+
+
+def _apply(entry: AttentionQuantizer, x: Tensor) -> Tensor:
+    return fake_quantize(x, entry) if isinstance(entry, QuantSpec) else entry(x)
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -48,17 +173,23 @@ def channelwise_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Attention with the module's quantizers applied; same contract as transformers' sdpa."""
     quant: AttentionQuantizers = getattr(module, _ATTR, None) or AttentionQuantizers()
+    recorder = getattr(module, _RECORD_ATTR, None)
+    if recorder is not None:
+        recorder.setdefault("q", []).append(query.detach())
+        recorder.setdefault("k", []).append(key.detach())
+        recorder.setdefault("v", []).append(value.detach())
     if quant.q is not None:
-        query = fake_quantize(query, quant.q)
+        query = _apply(quant.q, query)
     if quant.k is not None:
-        key = fake_quantize(key, quant.k)
+        key = _apply(quant.k, key)
     if quant.v is not None:
-        value = fake_quantize(value, quant.v)
+        value = _apply(quant.v, value)
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if quant.probs is None:
-        causal = attention_mask is None and query.shape[2] > 1
+    causal = getattr(module, "is_causal", True)
+    if quant.probs is None and recorder is None:
+        causal = causal and attention_mask is None and query.shape[2] > 1
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
             key,
@@ -72,11 +203,15 @@ def channelwise_attention(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     # The most negative finite value, as eager attention does: a fully masked (padding) row gets
     # uniform probabilities instead of NaN.
-    scores = scores.masked_fill(
-        ~_keep_mask(attention_mask, query, key), torch.finfo(scores.dtype).min
-    )
+    if causal or attention_mask is not None:
+        scores = scores.masked_fill(
+            ~_keep_mask(attention_mask, query, key), torch.finfo(scores.dtype).min
+        )
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = fake_quantize(probs, quant.probs)
+    if recorder is not None:
+        recorder.setdefault("probs", []).append(probs.detach())
+    if quant.probs is not None:
+        probs = _apply(quant.probs, probs)
     out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), probs
 
@@ -109,12 +244,50 @@ def register_attention() -> None:
 def install_attention_quantizers(
     model: nn.Module, attention_modules: list[nn.Module], quantizers: AttentionQuantizers
 ) -> None:
-    """Quantize the attention inputs of ``attention_modules`` from now on."""
-    register_attention()
+    """Quantize the attention inputs of ``attention_modules`` from now on; entries a method
+    already installed on a module (e.g. RepQ-ViT's log√2 probabilities) stay."""
+    use_channelwise_attention(model)
     for module in attention_modules:
-        setattr(module, _ATTR, quantizers)
+        setattr(module, _ATTR, quantizers.merged_over(attention_quantizers(module)))
+
+
+def use_channelwise_attention(model: nn.Module) -> None:
+    """Run ``model``'s attention through :func:`channelwise_attention`."""
+    register_attention()
     if model.config._attn_implementation != ATTENTION_IMPLEMENTATION:
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+
+
+def uncalibrated_attention(model: nn.Module) -> list[str]:
+    """Names of the attention modules holding a static entry never calibrated."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if (quant := attention_quantizers(module)) is not None
+        and any(not entry.calibrated for entry in quant.static().values())
+    ]
+
+
+def calibrate_attention_quantizers(module: nn.Module, forward) -> None:
+    """Calibrate ``module``'s uncalibrated static entries on what ``forward()`` (the block's
+    calibration batches) feeds them: q, k and v first, then the probabilities, which are
+    computed from the quantized q and k as they will be at inference."""
+    quant = attention_quantizers(module)
+    if quant is None:
+        return
+    pending = {n: e for n, e in quant.static().items() if not e.calibrated}
+    for stage in (("q", "k", "v"), ("probs",)):
+        names = [name for name in stage if name in pending]
+        if not names:
+            continue
+        recorded: dict[str, list[Tensor]] = {}
+        setattr(module, _RECORD_ATTR, recorded)
+        try:
+            forward()
+        finally:
+            delattr(module, _RECORD_ATTR)
+        for name in names:
+            pending[name].calibrate(recorded[name])
 
 
 def attention_quantizers(module: nn.Module) -> AttentionQuantizers | None:

@@ -1,0 +1,146 @@
+"""RepQ-ViT: scale reparameterization for post-LayerNorm activations and log√2 softmax.
+
+Li, Xiao, Liu, Zhang, "RepQ-ViT: Scale Reparameterization for Post-Training Quantization of
+Vision Transformers", ICCV 2023, arXiv 2212.08254.
+
+Post-LayerNorm activations of ViTs vary wildly between channels, so a per-tensor quantizer wastes
+its grid; a per-channel one has no integer kernel. RepQ-ViT calibrates per-channel ``(s, z)``
+on the LayerNorm's output, then moves the per-channel part into the model, exactly in float:
+``s̃ = mean(s)``, ``z̃ = round(mean(z))``, ``r1 = s/s̃``, ``r2 = z − z̃``;
+LayerNorm ``γ ← γ/r1``, ``β ← (β + s⊙r2)/r1``; next linears ``W ← W·diag(r1)``,
+``b ← b − W(s⊙r2)``. The per-tensor codes of the new activations with ``(s̃, z̃)`` are then the
+per-channel codes of the old ones with ``(s, z)``. Post-softmax probabilities get the log√2
+quantizer (:class:`~channelwise.quant.attention.LogSqrt2Quantizer`), which the paper
+reparameterizes to a log2 one with a √2 multiplier for integer hardware (the same values).
+
+In a recipe, this step comes before the weight-quantizing step (which quantizes the
+reparameterized weights per output channel)::
+
+    activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false, range: mse}
+    attention: {q: …, k: …, v: …}          # per tensor, static
+    steps: [{method: repq_vit}, {method: rtn}]
+
+The reparameterized inputs (of q/k/v and fc1) get this step's own static per-tensor quantizer
+``(s̃, z̃)``; the other linear inputs take the recipe's ``activations`` quantizer.
+
+Arguments: ``reparam`` (default true) and ``softmax`` (``log_sqrt2``, the paper's, or ``none``:
+the recipe's ``attention.probs`` quantizer, if any) switch the two parts, for the paper's
+ablation; ``softmax_bits`` (default: the activations' bits).
+
+Deviations from the paper and the official code (``zkkli/RepQ-ViT``):
+
+- The per-channel ``(s, z)`` come from the recipe's activation range method run per channel
+  (``range: mse``: the MSE-best shrink of each channel's min–max range over an 80-point grid),
+  not from the official search over three percentiles; weights are quantized by the recipe's
+  quantizing step with its range method (per output channel).
+- ``z̃`` is rounded to an integer, so the reparameterization is exactly code-preserving (the
+  official code leaves it fractional).
+- Every block is calibrated on the outputs of the already quantized blocks before it
+  (the engine's order), as the official code's sequential initialisation does; the
+  reparameterized weights are quantized once, after the reparameterization (the official code
+  quantizes, reparameterizes, then re-initialises the weight quantizers: the same result).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from channelwise.adapters import ModelAdapter
+from channelwise.engine import BlockContext
+from channelwise.errors import RecipeError
+from channelwise.methods import registry
+from channelwise.methods.registry import Method, register
+from channelwise.quant.activation import InputQuantizer, install_input_quantizer
+from channelwise.quant.attention import (
+    AttentionQuantizers,
+    LogSqrt2Quantizer,
+    install_attention_quantizers,
+)
+from channelwise.quant.core import QParams, compute_qparams
+from channelwise.quant.granularity import PerColumn, PerTensor
+from channelwise.transforms.shift import shift_norm_output
+from channelwise.transforms.smooth import fold_scales_into_norm
+
+
+class RepQViTArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reparam: bool = True
+    softmax: Literal["log_sqrt2", "none"] = "log_sqrt2"
+    softmax_bits: int | None = Field(default=None, ge=2, le=8)
+
+
+@register
+class RepQViT(Method):
+    """Per-channel LayerNorm-output ranges reparameterized to per-tensor; log√2 softmax."""
+
+    name = "repq_vit"
+    needs_calibration = True
+    quantizes_weights = False
+    Args: ClassVar[type[BaseModel]] = RepQViTArgs
+
+    def __init__(self, recipe, args) -> None:
+        super().__init__(recipe, args)
+        #: ``ratios[(block, subset)]``: max/min of ``r1`` (how far apart the channel scales were).
+        self.ratios: dict[tuple[int, str], float] = {}
+
+    def check(self, model, adapter: ModelAdapter) -> None:
+        where = f"recipe '{self.recipe.name}', step 'repq_vit'"
+        activations = self.recipe.activations
+        if activations is None or activations.dynamic or activations.symmetric:
+            raise RecipeError(
+                f"{where}: needs static asymmetric activations "
+                "(activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false})"
+            )
+        if self.args.reparam:
+            adapter.require_folding("RepQ-ViT's scale reparameterization")
+        registry.check_transform_order(self.recipe, self.name, "the reparameterization")
+
+    def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+        """Give every block's attention an uncalibrated log√2 probabilities quantizer; the block
+        loop calibrates each on its block's quantized q and k."""
+        if self.args.softmax != "log_sqrt2":
+            return
+        bits = self.args.softmax_bits or self.recipe.activations.bits
+        for block in adapter.block_list(model):
+            attention = block.get_submodule(adapter.attention_module)
+            install_attention_quantizers(
+                model, [attention], AttentionQuantizers(probs=LogSqrt2Quantizer(bits))
+            )
+
+    def apply(self, ctx: BlockContext) -> None:
+        if self.args.reparam:
+            for subset in ctx.adapter.subsets:
+                if subset.prev_kind == "norm":
+                    self._reparameterize(ctx, subset)
+
+    def _reparameterize(self, ctx: BlockContext, subset) -> None:
+        spec = self.recipe.activations.spec("activation")
+        linears = [ctx.block.get_submodule(name) for name in subset.linears]
+        norm = ctx.block.get_submodule(subset.prev)
+        inputs = ctx.capture(subset.linears[0], "input")
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
+        per_channel = compute_qparams(rows, _with_granularity(spec, PerColumn()))
+        s = per_channel.scale.reshape(-1)
+        z = per_channel.zero_point.reshape(-1)
+        s_tilde = s.mean()
+        z_tilde = torch.round(z.mean())
+        r1 = s / s_tilde
+        r2 = z - z_tilde
+        transposed = ctx.adapter.transposed_weights
+        shift_norm_output(norm, linears, -(s * r2), transposed)  # x + s⊙r2
+        fold_scales_into_norm(norm, linears, r1, transposed)  # then / r1
+        tensor_spec = _with_granularity(spec, PerTensor())
+        qparams = QParams(s_tilde.reshape(1, 1), z_tilde.reshape(1, 1))
+        for linear in linears:
+            install_input_quantizer(linear, InputQuantizer(tensor_spec, qparams))
+        self.ratios[(ctx.index, subset.name)] = (r1.max() / r1.min()).item()
+
+
+def _with_granularity(spec, granularity):
+    from dataclasses import replace
+
+    return replace(spec, granularity=granularity)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from channelwise.adapters import adapter_for
+from channelwise.adapters import adapter_for_config
 from channelwise.compare import weight_bits
-from channelwise.compress import needs_calibration, plan, quantize
+from channelwise.compress import needs_calibration, plan, quantize, restore_quantized
 from channelwise.data.images import ImageSet, image_source_identity, load_images, seeded_subset
+from channelwise.deploy.checkpoint import load_packed, read_marker
 from channelwise.dinov2 import IMAGE_MEAN, IMAGE_STD, cached_dinov2_checkpoint
 from channelwise.errors import (
     CheckpointError,
@@ -35,6 +36,7 @@ from channelwise.evaluate.top1 import LinearProbe, Top1, fit_probe, image_featur
 from channelwise.models import content_key, resolve_device
 from channelwise.paths import channelwise_home
 from channelwise.recipe import Recipe, load_recipe
+from channelwise.state import MARKER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ def load_vision_model(
     spec: str | os.PathLike | None = None, device: str | torch.device = "auto"
 ) -> nn.Module:
     """A vision backbone in eval mode (float32), from safetensors only; an architecture without
-    a vision adapter is refused before its weights are read."""
+    a vision adapter is refused before its weights are read. A folder ``channelwise`` saved
+    (packed or fake-quant) loads compressed, its runtime ops and input quantizers restored."""
     from transformers import AutoConfig, AutoModel
 
     folder = resolve_vision_model(spec)
@@ -74,9 +77,7 @@ def load_vision_model(
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
-    probe_model = type("Probe", (), {"config": config})()
-    adapter = adapter_for(probe_model)  # UnsupportedModelError for an unknown model_type
-    if adapter.modality != "vision":
+    if adapter_for_config(config).modality != "vision":
         raise UnsupportedModelError(
             f"'{config.model_type}' is a language model; load it with channelwise's LLM "
             "commands (quantize, eval, compare), not as a vision model"
@@ -85,16 +86,24 @@ def load_vision_model(
         raise CheckpointError(
             f"{folder} holds no safetensors weights; channelwise never unpickles *.bin files"
         )
-    model, info = AutoModel.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, output_loading_info=True
-    )
-    missing = [k for k in info.get("missing_keys") or () if not k.endswith("mask_token")]
-    if missing:
-        raise CheckpointError(
-            f"{folder}: {len(missing)} tensor(s) the model needs are missing (first: "
-            f"{sorted(missing)[0]}); refusing to fill them with random values"
+    marker = folder / MARKER_FILE
+    layout = read_marker(folder).get("packed_linears") if marker.is_file() else None
+    if layout:
+        model = load_packed(folder, layout, torch.float32)
+    else:
+        model, info = AutoModel.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True, output_loading_info=True
         )
-    return model.to(resolve_device(device)).eval()
+        missing = [k for k in info.get("missing_keys") or () if not k.endswith("mask_token")]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: {len(missing)} tensor(s) the model needs are missing (first: "
+                f"{sorted(missing)[0]}); refusing to fill them with random values"
+            )
+    model = model.to(resolve_device(device)).eval()
+    if marker.is_file():
+        restore_quantized(model, folder)
+    return model
 
 
 @dataclass(frozen=True)

@@ -544,3 +544,30 @@ def test_repq_recipe_errors_are_clear(tiny_dinov2) -> None:
         plan(tiny_dinov2, Recipe.from_dict(late))
     with pytest.raises(RecipeError, match="softmax"):
         plan(tiny_dinov2, _repq_only(softmax="uniform"))
+
+
+def test_a_packed_vision_model_saves_and_loads_back_identically(
+    tiny_dinov2, tmp_path: Path
+) -> None:
+    from channelwise.compress import save_quantized
+    from channelwise.deploy import pack_model
+    from channelwise.deploy.packed import PackedLinear, use_kernels
+
+    pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    quantize(tiny_dinov2, "rtn-w8a8", pixels, progress=False)
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    assert len(pack_model(tiny_dinov2)) == 12
+    before = use_kernels(False)  # the reference path: bit-identical to fake-quant
+    try:
+        with torch.no_grad():
+            assert torch.equal(tiny_dinov2(pixel_values=pixels).last_hidden_state, expected)
+        loaded = load_vision_model(save_quantized(tiny_dinov2, None, tmp_path / "out"), "cpu")
+        assert sum(isinstance(m, PackedLinear) for m in loaded.modules()) == 12
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
+    finally:
+        use_kernels(before)
+    with torch.no_grad():  # the int8 kernels: within float rounding of the reference
+        got = loaded(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

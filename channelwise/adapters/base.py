@@ -94,13 +94,24 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of a loaded Hugging Face model (causal LM or vision backbone), or a clear
     error naming what is supported."""
     config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _FACTORIES:
+        _unsupported(getattr(config, "model_type", None) or type(model).__name__)
+    return adapter_for_config(config)
+
+
+def adapter_for_config(config) -> ModelAdapter:
+    """The adapter a model with this Hugging Face config gets (before any weight is read)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _FACTORIES:
-        raise UnsupportedModelError(
-            f"unsupported architecture '{model_type or type(model).__name__}'; supported model "
-            f"types: {', '.join(supported_model_types())}"
-        )
+        _unsupported(model_type or type(config).__name__)
     return _FACTORIES[model_type](config)
+
+
+def _unsupported(name: str) -> None:
+    raise UnsupportedModelError(
+        f"unsupported architecture '{name}'; supported model types: "
+        f"{', '.join(supported_model_types())}"
+    )
 
 
 def linear_weight(module: nn.Module, transposed: bool) -> nn.Parameter:

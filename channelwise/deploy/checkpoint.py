@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from channelwise.adapters import adapter_for
+from channelwise.adapters import adapter_for_config
 from channelwise.deploy.dual_grained import PackedDualGrained
 from channelwise.deploy.half import keep_half_floats
 from channelwise.deploy.packed import FLOAT_DTYPE_ATTR, _set_submodule, grid_keys, storage_key
@@ -70,11 +70,11 @@ def save_packed_weights(model: nn.Module, folder: Path) -> None:
 
 def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn.Module:
     """The model saved in ``folder`` with its packed linears, on the CPU, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    adapter_for(model)  # refuse an unsupported architecture before reading any tensor
+    vision = adapter_for_config(config).modality == "vision"  # refuse an unknown architecture
+    model = (AutoModel if vision else AutoModelForCausalLM).from_config(config, dtype=dtype)
     embeddings: dict[str, PackedEmbedding] = {}
     for name, entry in sorted(layout.items(), key=lambda item: item[1].get("kind") == "tied_head"):
         try:

@@ -238,9 +238,13 @@ def cmd_vision(args) -> None:
 def cmd_inspect(args) -> None:
     from channelwise.inspect import inspect_channels
     from channelwise.report import outlier_change_summary, outlier_summary, plot_channel_heatmap
+    from channelwise.vision import is_vision_model
 
-    protocol = _protocol(args)
     check_output_file(args.out, image_suffixes(), args.model)
+    if is_vision_model(args.model):
+        _inspect_vision(args)
+        return
+    protocol = _protocol(args)
     found = inspect_channels(
         args.model, protocol, args.recipe, device=args.device, progress=not args.quiet
     )
@@ -253,6 +257,37 @@ def cmd_inspect(args) -> None:
     print(outlier_change_summary(found.before, found.after))
     columns = [("before", found.before), (f"after {found.recipe.name}", found.after)]
     print(f"wrote {plot_channel_heatmap(columns, args.out, title)}")
+
+
+def _inspect_vision(args) -> None:
+    """``inspect`` for a ViT: the channel heat map (before | after a recipe) and, beside it
+    (``<out>-softmax.png``), the post-softmax distribution against the 4-bit grids."""
+    from channelwise.report import (
+        outlier_change_summary,
+        outlier_summary,
+        plot_channel_heatmap,
+        plot_softmax_distribution,
+    )
+    from channelwise.vision import VisionProtocol, inspect_vision
+
+    if args.seqlen is not None:
+        raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
+    protocol = VisionProtocol().with_(calib_data=args.calib_data, calib_images=args.calib_samples)
+    out = Path(args.out)
+    softmax_out = out.with_name(f"{out.stem}-softmax{out.suffix}")
+    check_output_file(softmax_out, image_suffixes(), args.model)
+    found = inspect_vision(args.model, protocol, args.recipe, args.device, not args.quiet)
+    title = f"{args.model} on {protocol.calib_images} {protocol.calib_data} images"
+    print(outlier_summary(found.channels.before))
+    columns = [("before", found.channels.before)]
+    if found.channels.after is not None:
+        print(f"\nafter {found.channels.recipe.name} (activation quantizers off):")
+        print(outlier_change_summary(found.channels.before, found.channels.after))
+        columns.append((f"after {found.channels.recipe.name}", found.channels.after))
+    print(
+        f"wrote {plot_channel_heatmap(columns if len(columns) > 1 else columns[0][1], out, title)}"
+    )
+    print(f"wrote {plot_softmax_distribution(found.probs, softmax_out, title=title)}")
 
 
 def cmd_prepare(args) -> None:

@@ -220,6 +220,38 @@ def plot_channel_heatmap(
     return _save_figure(fig, path)
 
 
+def plot_softmax_distribution(
+    probs: list[torch.Tensor], path: str | Path, bits: int = 4, title: str = ""
+) -> Path:
+    """Histogram of post-softmax probabilities (log2 axis) for the first, middle and last
+    blocks, with the levels a ``bits``-bit uniform quantizer (range [0, max]) and a log√2
+    quantizer (``2^(−q/2)``) can represent: most probabilities are tiny, where the uniform grid
+    has no level but zero."""
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    picks = sorted({0, len(probs) // 2, len(probs) - 1})
+    floor = 2.0**-24
+    for index in picks:
+        values = probs[index].clamp_min(floor).log2().numpy()
+        ax.hist(values, bins=120, histtype="step", density=True, label=f"block {index}")
+    top = max(float(p.max()) for p in probs)
+    uniform = [top * k / (2**bits - 1) for k in range(1, 2**bits)]
+    log_grid = [2.0 ** (-q / 2) for q in range(2**bits)]
+    for levels, y, colour, label in (
+        (uniform, 0.97, "tab:red", f"uniform {bits}-bit levels"),
+        (log_grid, 0.90, "tab:green", f"log√2 {bits}-bit levels"),
+    ):
+        ax.plot(
+            [torch.tensor(v).log2().item() for v in levels], [y] * len(levels), "|",
+            color=colour, markersize=12, transform=ax.get_xaxis_transform(), label=label,
+        )  # fmt: skip
+    ax.set_xlabel("log2(attention probability)  (values below 2^-24 drawn at -24)")
+    ax.set_ylabel("density")
+    ax.legend(loc="upper center", fontsize=8)
+    ax.set_title(title or "post-softmax attention probabilities", fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def outlier_ratio(stats: ModelChannelStats, subset: str) -> torch.Tensor:
     """``(n_blocks, channels)``: each channel's abs-max over its block's median channel."""
     matrix = stats.absmax_matrix(subset)

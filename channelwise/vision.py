@@ -25,6 +25,7 @@ from channelwise.compress import needs_calibration, plan, quantize, restore_quan
 from channelwise.data.images import ImageSet, image_source_identity, load_images, seeded_subset
 from channelwise.deploy.checkpoint import load_packed, read_marker
 from channelwise.dinov2 import IMAGE_MEAN, IMAGE_STD, cached_dinov2_checkpoint
+from channelwise.engine import model_device
 from channelwise.errors import (
     CheckpointError,
     DataSourceError,
@@ -266,3 +267,69 @@ def compare_vision(
             on_row(row)
         del fresh
     return rows
+
+
+def is_vision_model(spec: str | os.PathLike | None) -> bool:
+    """Whether ``spec`` names a vision model (an embedded one, or a folder whose config has a
+    vision adapter); anything else, unreadable included, is left to the LLM loader."""
+    if spec is None:
+        return False
+    if str(spec) in _EMBEDDED:
+        return True
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        from transformers import AutoConfig
+
+        return adapter_for_config(AutoConfig.from_pretrained(folder)).modality == "vision"
+    except (OSError, ValueError, UnsupportedModelError):
+        return False
+
+
+@dataclass
+class VisionInspection:
+    """Per-channel statistics of every block subset's input (``channels``, before and after a
+    recipe as :class:`~channelwise.inspect.ChannelInspection`) and, per block, a sample of the
+    post-softmax attention probabilities of the float model (``probs``)."""
+
+    channels: object
+    probs: list[torch.Tensor]
+
+
+def inspect_vision(
+    model: str | os.PathLike | None = None,
+    protocol: VisionProtocol | None = None,
+    recipe: str | Path | Recipe | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    sample: int = 200_000,
+) -> VisionInspection:
+    """What ``channelwise inspect`` shows for a ViT: the inter-channel variation of the
+    post-LayerNorm inputs (and every other subset's), before and after ``recipe``, and the
+    distribution of the post-softmax probabilities, on the calibration images."""
+    from channelwise.inspect import ChannelInspection, channel_stats_after
+    from channelwise.observe import collect_channel_stats
+    from channelwise.quant.attention import recording, use_channelwise_attention
+
+    protocol = protocol or VisionProtocol()
+    recipe = load_recipe(recipe) if recipe is not None else None
+    fp_model = load_vision_model(model, device)
+    if recipe is not None:
+        plan(fp_model, recipe)
+    pixels = protocol.calibration_pixels()
+    result = ChannelInspection(before=collect_channel_stats(fp_model, pixels, progress=progress))
+    adapter = adapter_for_config(fp_model.config)
+    use_channelwise_attention(fp_model)
+    probs = []
+    generator = torch.Generator().manual_seed(protocol.seed)
+    for block in adapter.block_list(fp_model):
+        with recording(block.get_submodule(adapter.attention_module)) as seen, torch.no_grad():
+            fp_model(pixel_values=pixels[: min(8, len(pixels))].to(model_device(fp_model)))
+        values = torch.cat([p.reshape(-1).float().cpu() for p in seen["probs"]])
+        pick = torch.randperm(values.numel(), generator=generator)[:sample]
+        probs.append(values[pick])
+    if recipe is not None:
+        result.after = channel_stats_after(fp_model, recipe, pixels, progress=progress)
+        result.recipe = recipe
+    return VisionInspection(result, probs)

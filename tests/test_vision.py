@@ -571,3 +571,24 @@ def test_a_packed_vision_model_saves_and_loads_back_identically(
     with torch.no_grad():  # the int8 kernels: within float rounding of the reference
         got = loaded(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_inspect_draws_a_vits_channels_and_softmax(
+    tiny_dinov2_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from channelwise.cli import main
+    from channelwise.vision import is_vision_model
+
+    assert is_vision_model("dinov2-small") and is_vision_model(str(tiny_dinov2_folder))
+    assert not is_vision_model("smollm2-135m") and not is_vision_model(str(tmp_path))
+    train = write_image_folder(tmp_path / "train")
+    out = tmp_path / "inspect.png"
+    argv = ["-q", "--device", "cpu", "inspect", str(tiny_dinov2_folder), "--calib-data"]
+    argv += [str(train), "--calib-samples", "6", "--recipe", "repq-vit-w4a4", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "after repq-vit-w4a4" in printed and "mlp_in" in printed
+    for path in (out, tmp_path / "inspect-softmax.png"):
+        assert path.read_bytes()[:4] == b"\x89PNG"
+    assert main(argv[:-1] + [str(tmp_path / "x.png"), "--seqlen", "8"]) == 2
+    assert "--seqlen is for text models" in capsys.readouterr().err

@@ -20,6 +20,8 @@ there); ``compress.quantize`` checks that none is left uncalibrated. A module's
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -280,14 +282,23 @@ def calibrate_attention_quantizers(module: nn.Module, forward) -> None:
         names = [name for name in stage if name in pending]
         if not names:
             continue
-        recorded: dict[str, list[Tensor]] = {}
-        setattr(module, _RECORD_ATTR, recorded)
-        try:
+        with recording(module) as recorded:
             forward()
-        finally:
-            delattr(module, _RECORD_ATTR)
         for name in names:
             pending[name].calibrate(recorded[name])
+
+
+@contextmanager
+def recording(module: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
+    """Record what ``module``'s attention reads while the block runs (through
+    :func:`channelwise_attention`): ``{"q"|"k"|"v"|"probs": [tensor per call]}``, float values
+    before any quantizer of the same input (the probabilities from the quantized q and k)."""
+    recorded: dict[str, list[Tensor]] = {}
+    setattr(module, _RECORD_ATTR, recorded)
+    try:
+        yield recorded
+    finally:
+        delattr(module, _RECORD_ATTR)
 
 
 def attention_quantizers(module: nn.Module) -> AttentionQuantizers | None:

@@ -293,7 +293,14 @@ def _inspect_vision(args) -> None:
 def cmd_prepare(args) -> None:
     from channelwise.data import ensure_austen
     from channelwise.models import resolve_model
+    from channelwise.vision import is_vision_model, resolve_vision_model
 
+    if is_vision_model(args.model):
+        from channelwise.data.images import ensure_fashion_mnist
+
+        print(f"model ready at {resolve_vision_model(args.model)}")
+        print(f"Fashion-MNIST ready at {ensure_fashion_mnist()}")
+        return
     print(f"model ready at {resolve_model(args.model)}")
     print(f"Austen novels ready at {ensure_austen()}")
 
@@ -415,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data_options(p, evaluation=False)
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("prepare", help="fetch and cache the embedded model and data (once)")
+    p = sub.add_parser(
+        "prepare", help="fetch and cache the embedded model and data (once; dinov2-small: images)"
+    )
     p.add_argument("model", nargs="?")
     p.set_defaults(func=cmd_prepare)
 

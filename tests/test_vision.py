@@ -592,3 +592,13 @@ def test_cli_inspect_draws_a_vits_channels_and_softmax(
         assert path.read_bytes()[:4] == b"\x89PNG"
     assert main(argv[:-1] + [str(tmp_path / "x.png"), "--seqlen", "8"]) == 2
     assert "--seqlen is for text models" in capsys.readouterr().err
+
+
+def test_cli_prepare_caches_a_vision_model_and_its_images(
+    tiny_dinov2_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from channelwise.cli import main
+
+    assert main(["prepare", str(tiny_dinov2_folder)]) == 0
+    printed = capsys.readouterr().out
+    assert f"model ready at {tiny_dinov2_folder}" in printed and "Fashion-MNIST ready" in printed

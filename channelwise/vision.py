@@ -10,6 +10,7 @@ quantizers and methods as the language models (``compress.quantize``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -159,23 +160,23 @@ def cached_probe(
     progress: bool = True,
 ) -> LinearProbe:
     """The frozen probe of the float ``model_spec`` under ``protocol``: fitted once on the
-    probe images' features, cached under ``<channelwise_home>/probes``."""
+    probe images' features, cached under ``<channelwise_home>/probes``, keyed by the weights'
+    and the probe images' content (pixels, labels, class names), the resolution and the seed."""
     folder = resolve_vision_model(model_spec)
     weights = sorted(folder.glob("*.safetensors"))
     key = "-".join(content_key(w) for w in weights)
-    data = image_source_identity(protocol.calib_data, "train").replace("/", "_").replace(":", "_")
-    path = (
-        channelwise_home()
-        / "probes"
-        / (
-            f"{folder.name}-{key}-{data[-40:]}-{protocol.resolution}px-"
-            f"{protocol.probe_images}-seed{protocol.seed}.safetensors"
-        )
+    images = protocol.probe_set()
+    digest = hashlib.sha256(images.images.numpy().tobytes())
+    digest.update(images.labels.numpy().tobytes())
+    digest.update("\n".join(images.classes).encode())
+    digest.update(repr((protocol.mean, protocol.std)).encode())
+    path = channelwise_home() / "probes" / (
+        f"{folder.name}-{key}-images-{digest.hexdigest()[:16]}-{protocol.resolution}px-"
+        f"seed{protocol.seed}.safetensors"
     )
     if path.is_file():
         return LinearProbe.load(path)
     model = model if model is not None else load_vision_model(model_spec)
-    images = protocol.probe_set()
     log.info("fitting the linear probe on %d images (once; cached at %s)", len(images), path)
     probe = fit_probe(
         protocol.features(model, images, progress),
@@ -219,6 +220,11 @@ def compare_vision(
     float model's frozen probe. ``fp`` is measured first, so Δ and agreement are within one
     run."""
     protocol = protocol or VisionProtocol()
+    if (resolve_vision_model(model) / MARKER_FILE).is_file():
+        raise RecipeError(
+            f"{model} is a compressed output; compare recipes on the float model it came from "
+            "(its frozen probe is fitted on the float model's features)"
+        )
     loaded = [load_recipe(name) for name in recipes]
     names = [recipe.name for recipe in loaded]
     repeated = sorted({name for name in names if names.count(name) > 1})

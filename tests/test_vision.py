@@ -562,7 +562,8 @@ def test_a_packed_vision_model_saves_and_loads_back_identically(
     try:
         with torch.no_grad():
             assert torch.equal(tiny_dinov2(pixel_values=pixels).last_hidden_state, expected)
-        loaded = load_vision_model(save_quantized(tiny_dinov2, None, tmp_path / "out"), "cpu")
+        saved = save_quantized(tiny_dinov2, None, tmp_path / "out")
+        loaded = load_vision_model(saved, "cpu")
         assert sum(isinstance(m, PackedLinear) for m in loaded.modules()) == 12
         with torch.no_grad():
             assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
@@ -571,6 +572,8 @@ def test_a_packed_vision_model_saves_and_loads_back_identically(
     with torch.no_grad():  # the int8 kernels: within float rounding of the reference
         got = loaded(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RecipeError, match="compressed output"):
+        compare_vision(["fp"], str(saved), device="cpu")
 
 
 def test_cli_inspect_draws_a_vits_channels_and_softmax(

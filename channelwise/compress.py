@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
-from channelwise.errors import ChannelwiseError, RecipeError
+from channelwise.errors import ChannelwiseError, CheckpointError, DataSourceError, RecipeError
 from channelwise.evaluate.perplexity import check_positions
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
@@ -29,6 +29,7 @@ from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import (
+    AttentionQuantizers,
     attention_quantizers,
     calibrate_attention_quantizers,
     install_attention_quantizers,
@@ -86,6 +87,8 @@ def quantize(
             f"recipe '{recipe.name}' needs calibration data (static activation "
             "ranges or a calibrating method); pass calibration token ids (or images)"
         )
+    if needs_data:
+        check_calibration(calibration, adapter)
     if needs_data and adapter.modality == "text":
         check_positions(
             model,
@@ -98,9 +101,22 @@ def quantize(
         for method in methods:
             method.apply(ctx)
         attention = ctx.block.get_submodule(adapter.attention_module)
-        if recipe.attention is not None:
-            install_attention_quantizers(model, [attention], recipe.attention.specs())
-        calibrate_attention_quantizers(attention, ctx.forward)  # static entries only
+        quant = recipe.attention.specs() if recipe.attention is not None else None
+        own = attention_quantizers(attention)  # a method's (RepQ-ViT's log√2 softmax)
+        static = (quant or AttentionQuantizers()).merged_over(own).static()
+        if not static:
+            # dynamic attention (every LLM preset): as before, linears then attention
+            if recipe.activations is not None:
+                install_block_input_quantizers(ctx, recipe)
+            if quant is not None:
+                install_attention_quantizers(model, [attention], quant)
+            return
+        # static attention ranges: calibrated in execution order, each on quantized inputs
+        if recipe.activations is not None:
+            install_block_input_quantizers(ctx, recipe, adapter.subsets[0].linears)
+        if quant is not None:
+            install_attention_quantizers(model, [attention], quant)
+        calibrate_attention_quantizers(attention, ctx.forward)
         if recipe.activations is not None:
             install_block_input_quantizers(ctx, recipe)
 
@@ -159,6 +175,28 @@ def needs_calibration(recipe: str | Path | Recipe) -> bool:
     )
 
 
+def check_calibration(calibration: torch.Tensor, adapter: ModelAdapter) -> None:
+    """Token ids ``(n, seq)`` for a language model, pixel values ``(n, 3, h, w)`` for a vision
+    model, at least one sample: anything else is one clear error, not a traceback from inside
+    the model."""
+    vision = adapter.modality == "vision"
+    expected = "pixel values (n, 3, height, width)" if vision else "token ids (n, seq_len)"
+    fits = isinstance(calibration, torch.Tensor) and (
+        (calibration.dim() == 4 and calibration.shape[1] == 3 and calibration.is_floating_point())
+        if vision
+        else (calibration.dim() == 2 and not calibration.is_floating_point())
+    )
+    if not fits:
+        got = (
+            f"{tuple(calibration.shape)} {calibration.dtype}"
+            if isinstance(calibration, torch.Tensor)
+            else type(calibration).__name__
+        )
+        raise DataSourceError(f"calibration must be {expected} for '{adapter.family}'; got {got}")
+    if calibration.shape[0] == 0:
+        raise DataSourceError("calibration holds no samples")
+
+
 def has_static_ranges(recipe: Recipe) -> bool:
     """Whether the recipe calibrates activation or attention ranges once (static quantizers)."""
     static = recipe.activations is not None and not recipe.activations.dynamic
@@ -173,6 +211,12 @@ def has_static_ranges(recipe: Recipe) -> bool:
 def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
     """Build and check every step of ``recipe`` against ``model``; changes nothing."""
     adapter = adapter_for(model)
+    if adapter.modality == "vision" and (recipe.embedding is not None or recipe.kv_cache):
+        part = "an embedding quantizer" if recipe.embedding is not None else "a KV cache"
+        raise RecipeError(
+            f"recipe '{recipe.name}' has {part}, which a vision model does not have "
+            f"('{adapter.family}'); drop that section"
+        )
     check_recipe_fits(model, adapter, recipe)
     methods = [build_method(step, recipe) for step in recipe.steps]
     for method in methods:
@@ -234,8 +278,11 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
         )
 
 
-def install_block_input_quantizers(ctx: BlockContext, recipe: Recipe) -> None:
-    """Quantize every linear input of the block: dynamic per call, or static from calibration.
+def install_block_input_quantizers(
+    ctx: BlockContext, recipe: Recipe, only: tuple[str, ...] | None = None
+) -> None:
+    """Quantize every linear input of the block (or the linears named in ``only``): dynamic
+    per call, or static from calibration.
 
     Linears that a method already gave an input quantizer of its own keep it.
     """
@@ -243,7 +290,7 @@ def install_block_input_quantizers(ctx: BlockContext, recipe: Recipe) -> None:
     linears = {
         name: module
         for name, module in ctx.adapter.block_linears(ctx.block).items()
-        if input_quantizer(module) is None
+        if input_quantizer(module) is None and (only is None or name in only)
     }
     if not linears:
         return
@@ -267,8 +314,17 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
     The folder is written under a temporary name and renamed into place, so an interrupted run
     leaves nothing half-written at ``out_dir``.
     """
-    out = output_folder(out_dir, model, force)
     recipe: Recipe | None = getattr(model, RECIPE_ATTR, None)
+    if recipe is not None and any(
+        (quant := attention_quantizers(module)) is not None and quant.static()
+        for module in model.modules()
+    ):
+        raise ChannelwiseError(
+            f"recipe '{recipe.name}' calibrates static attention quantizers (q/k/v or softmax "
+            "ranges), which cannot be saved yet; evaluate it in memory (channelwise vision, "
+            "compare) or use dynamic attention quantizers"
+        )
+    out = output_folder(out_dir, model, force)
     with staged_folder(out) as tmp:
         _write_checkpoint(model, tokenizer, recipe, tmp)
     return out
@@ -284,15 +340,6 @@ def _write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe | None, tmp: P
         tokenizer.save_pretrained(tmp)
     if recipe is None:
         return
-    if any(
-        (quant := attention_quantizers(module)) is not None and quant.static()
-        for module in model.modules()
-    ):
-        raise ChannelwiseError(
-            f"recipe '{recipe.name}' calibrates static attention quantizers (q/k/v or softmax "
-            "ranges), which cannot be saved yet; evaluate it in memory (channelwise vision, "
-            "compare) or use dynamic attention quantizers"
-        )
     (tmp / "recipe.yaml").write_text(recipe.to_yaml())
     marker = {
         "format": "packed" if layout else "fake-quant",
@@ -403,6 +450,11 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
         modules = [
             block.get_submodule(adapter.attention_module) for block in adapter.block_list(model)
         ]
+        if recipe.attention.specs().static():
+            raise CheckpointError(
+                f"{folder}: recipe '{recipe.name}' has static attention ranges, which this "
+                "version neither saves nor restores; the folder was not written by channelwise"
+            )
         install_attention_quantizers(model, modules, recipe.attention.specs())
         if recipe.embedding is not None:
             embedding = model.get_input_embeddings()

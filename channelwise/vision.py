@@ -170,9 +170,13 @@ def cached_probe(
     digest.update(images.labels.numpy().tobytes())
     digest.update("\n".join(images.classes).encode())
     digest.update(repr((protocol.mean, protocol.std)).encode())
-    path = channelwise_home() / "probes" / (
-        f"{folder.name}-{key}-images-{digest.hexdigest()[:16]}-{protocol.resolution}px-"
-        f"seed{protocol.seed}.safetensors"
+    path = (
+        channelwise_home()
+        / "probes"
+        / (
+            f"{folder.name}-{key}-images-{digest.hexdigest()[:16]}-{protocol.resolution}px-"
+            f"seed{protocol.seed}.safetensors"
+        )
     )
     if path.is_file():
         return LinearProbe.load(path)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from channelwise.data.images import ImageSet
 from channelwise.engine import model_device
-from channelwise.errors import CheckpointError, NonFiniteError
+from channelwise.errors import CheckpointError, DataSourceError, NonFiniteError
 from channelwise.paths import staged_file
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -104,7 +104,10 @@ def fit_probe(
     """Closed-form ridge probe; the ridge is picked on a seeded held-out tenth, then refitted
     on all of ``features``."""
     if features.shape[0] != labels.shape[0] or features.shape[0] < 20:
-        raise ValueError("fit_probe needs matching features and labels, at least 20 of them")
+        raise DataSourceError(
+            f"a linear probe needs at least 20 labelled images (got {features.shape[0]} features "
+            f"and {labels.shape[0]} labels); raise --probe-images"
+        )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(features.shape[0], generator=generator)
     held = max(1, int(HELD_OUT * features.shape[0]))
@@ -157,7 +160,7 @@ def score(
     the same images (defaults to ``features``: the float model's own row)."""
     reference = features if reference is None else reference
     if reference.shape != features.shape:
-        raise ValueError("reference features must be of the same images")
+        raise DataSourceError("reference features must be of the same images")
     predicted = probe.predict(features)
     return Top1(
         top1=100.0 * (predicted == labels).float().mean().item(),

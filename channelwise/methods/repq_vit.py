@@ -95,6 +95,17 @@ class RepQViT(Method):
                 f"{where}: needs static asymmetric activations "
                 "(activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false})"
             )
+        if activations.zero_point != "integer" or activations.scale_dtype != "float32":
+            raise RecipeError(
+                f"{where}: the reparameterization preserves codes only with integer zero points "
+                "and float32 scales (drop zero_point/scale_dtype from activations)"
+            )
+        attention = self.recipe.attention
+        if self.args.softmax == "log_sqrt2" and attention is not None and attention.probs:
+            raise RecipeError(
+                f"{where}: the recipe's attention.probs quantizer would be replaced by the "
+                "log√2 one; drop attention.probs, or set softmax: none to keep it"
+            )
         if self.args.reparam:
             adapter.require_folding("RepQ-ViT's scale reparameterization")
         registry.check_transform_order(self.recipe, self.name, "the reparameterization")

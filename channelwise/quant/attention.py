@@ -19,7 +19,6 @@ there); ``compress.quantize`` checks that none is left uncalibrated. A module's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -50,8 +49,8 @@ CALIBRATION_SAMPLE = 1 << 20
 
 @dataclass
 class StaticQuantizer:
-    """Uniform fake-quantization with ranges calibrated once (``spec``'s range method, over
-    every calibration value, per tensor or per the spec's granularity)."""
+    """Uniform fake-quantization with ranges calibrated once by ``spec``'s range method, per
+    tensor over the calibration values (a random million of them, extremes always kept)."""
 
     spec: QuantSpec
     qparams: QParams | None = None
@@ -89,7 +88,8 @@ class LogSqrt2Quantizer:
 
     def calibrate(self, samples: list[Tensor]) -> None:
         values = _sampled(torch.cat([x.reshape(-1).float() for x in samples]), CALIBRATION_SAMPLE)
-        candidates = torch.quantile(values, torch.tensor(self.percentiles)).tolist()
+        levels = torch.tensor(self.percentiles, device=values.device, dtype=values.dtype)
+        candidates = torch.quantile(values, levels).tolist()
         candidates.append(values.max().item())
         candidates = [c for c in candidates if c > 0] or [1.0]
         self.delta = min(candidates, key=lambda d: (log_sqrt2(values, self.bits, d) - values)
@@ -105,8 +105,7 @@ def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
     """Fake-quantize non-negative ``x`` on the grid ``Δ·2^(−q/2)``, q in [0, 2^bits − 1]."""
     _check_finite(x)
     with torch.no_grad():
-        ratio = (x.float() / delta).clamp_min(torch.finfo(torch.float32).tiny)
-        raw = torch.round(-2.0 * torch.log2(ratio))
+        raw = torch.round(-2.0 * torch.log2(x.float() / delta))  # +inf at 0: flushed below
         codes = raw.clamp(0, 2**bits - 1)
         out = delta * torch.exp2(-codes / 2)
         out = torch.where((raw >= 2**bits) | (x <= 0), torch.zeros_like(out), out)
@@ -114,11 +113,13 @@ def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
 
 
 def _sampled(values: Tensor, limit: int) -> Tensor:
-    """At most ``limit`` of ``values``, evenly strided (deterministic)."""
+    """At most ``limit`` of ``values``: a seeded random subset that always keeps the extremes
+    (a stride would see only some of the channels of a flattened ``(…, head_dim)`` tensor)."""
     if values.numel() <= limit:
         return values
-    step = math.ceil(values.numel() / limit)
-    return values[::step]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    pick = torch.randperm(values.numel(), generator=generator)[: limit - 2].to(values.device)
+    return torch.cat([values[pick], values.min().reshape(1), values.max().reshape(1)])
 
 
 #: A quantizer entry: dynamic (a spec) or static (calibrated once).
@@ -177,9 +178,9 @@ def channelwise_attention(
     quant: AttentionQuantizers = getattr(module, _ATTR, None) or AttentionQuantizers()
     recorder = getattr(module, _RECORD_ATTR, None)
     if recorder is not None:
-        recorder.setdefault("q", []).append(query.detach())
-        recorder.setdefault("k", []).append(key.detach())
-        recorder.setdefault("v", []).append(value.detach())
+        for name, tensor in (("q", query), ("k", key), ("v", value)):
+            if name in recorder:
+                recorder[name].append(tensor.detach())
     if quant.q is not None:
         query = _apply(quant.q, query)
     if quant.k is not None:
@@ -190,7 +191,7 @@ def channelwise_attention(
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = getattr(module, "is_causal", True)
-    if quant.probs is None and recorder is None:
+    if quant.probs is None and (recorder is None or "probs" not in recorder):
         causal = causal and attention_mask is None and query.shape[2] > 1
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
@@ -210,8 +211,8 @@ def channelwise_attention(
             ~_keep_mask(attention_mask, query, key), torch.finfo(scores.dtype).min
         )
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if recorder is not None:
-        recorder.setdefault("probs", []).append(probs.detach())
+    if recorder is not None and "probs" in recorder:
+        recorder["probs"].append(probs.detach())
     if quant.probs is not None:
         probs = _apply(quant.probs, probs)
     out = torch.matmul(probs, value)
@@ -272,8 +273,8 @@ def uncalibrated_attention(model: nn.Module) -> list[str]:
 
 def calibrate_attention_quantizers(module: nn.Module, forward) -> None:
     """Calibrate ``module``'s uncalibrated static entries on what ``forward()`` (the block's
-    calibration batches) feeds them: q, k and v first, then the probabilities, which are
-    computed from the quantized q and k as they will be at inference."""
+    calibration batches) feeds them: q, k and v first, then the probabilities, computed from
+    the quantized q and k."""
     quant = attention_quantizers(module)
     if quant is None:
         return
@@ -282,18 +283,20 @@ def calibrate_attention_quantizers(module: nn.Module, forward) -> None:
         names = [name for name in stage if name in pending]
         if not names:
             continue
-        with recording(module) as recorded:
+        with recording(module, names) as recorded:
             forward()
         for name in names:
             pending[name].calibrate(recorded[name])
 
 
 @contextmanager
-def recording(module: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
-    """Record what ``module``'s attention reads while the block runs (through
+def recording(
+    module: nn.Module, names: tuple[str, ...] | list[str] = ATTENTION_INPUTS
+) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the named inputs ``module``'s attention reads while the block runs (through
     :func:`channelwise_attention`): ``{"q"|"k"|"v"|"probs": [tensor per call]}``, float values
     before any quantizer of the same input (the probabilities from the quantized q and k)."""
-    recorded: dict[str, list[Tensor]] = {}
+    recorded: dict[str, list[Tensor]] = {name: [] for name in names}
     setattr(module, _RECORD_ATTR, recorded)
     try:
         yield recorded

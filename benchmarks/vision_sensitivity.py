@@ -27,11 +27,12 @@ from channelwise.quant.activation import remove_input_quantizer
 from channelwise.recipe import Recipe
 from channelwise.vision import VisionProtocol, cached_probe, load_vision_model
 
+# Row names are recipe names too (letters, digits, spaces, + - _ . only).
 LINEARS = {
-    "q/k/v input": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    "qkv input": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
     "o_proj input": ("attention.o_proj",),
     "fc1 input": ("mlp.fc1",),
-    "fc2 input (post-GELU)": ("mlp.fc2",),
+    "fc2 input post-GELU": ("mlp.fc2",),
 }
 
 
@@ -74,14 +75,14 @@ def main() -> None:
     measure(f"W{b} weights only", {"weights": weights, "steps": [{"method": "rtn"}]})
     for label, keep in LINEARS.items():
         measure(f"A{b} {label}", {"activations": act}, keep)
-        if label in ("q/k/v input", "fc1 input"):
+        if label in ("qkv input", "fc1 input"):
             repq = [{"method": "repq_vit", "args": {"softmax": "none"}}]
             measure(f"A{b} {label}, RepQ reparam", {"activations": act, "steps": repq}, keep)
     qkv = {"q": act, "k": act, "v": act}
-    measure(f"A{b} q/k/v + softmax uniform", {"attention": {**qkv, "probs": act}})
+    measure(f"A{b} qkv + softmax uniform", {"attention": {**qkv, "probs": act}})
     log2 = [{"method": "repq_vit", "args": {"reparam": False}}]
     measure(
-        f"A{b} q/k/v + softmax log√2",
+        f"A{b} qkv + softmax log-sqrt2",
         {"attention": qkv, "activations": dict(act, bits=8), "steps": log2},
         keep=(),
     )

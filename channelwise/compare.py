@@ -82,6 +82,23 @@ def weight_bits(recipe: Recipe, model: nn.Module) -> float:
     return bits / weights
 
 
+def recipes_fp_first(recipes: list[str | Path | Recipe]) -> list[Recipe]:
+    """Every recipe loaded and validated before any work, a name given twice refused, ``fp``
+    added if missing and moved first (the baseline of every row)."""
+    loaded = [load_recipe(name) for name in recipes]
+    names = [recipe.name for recipe in loaded]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise RecipeError(
+            f"recipe name{'s' if len(repeated) > 1 else ''} {', '.join(repeated)} given more "
+            "than once: each row (and its JSON key) is one recipe; rename or drop the repeats"
+        )
+    if not any(recipe.is_float for recipe in loaded):
+        loaded.insert(0, load_recipe("fp"))
+    loaded.sort(key=lambda recipe: not recipe.is_float)
+    return loaded
+
+
 def compare(
     recipes: list[str | Path | Recipe],
     model: str | None = None,
@@ -105,17 +122,7 @@ def compare(
     its cache holds after the first ``kv_tokens`` evaluation tokens against a float16 cache.
     """
     protocol = protocol or Protocol()
-    loaded = [load_recipe(name) for name in recipes]  # validate every recipe before any work
-    names = [recipe.name for recipe in loaded]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise RecipeError(
-            f"recipe name{'s' if len(repeated) > 1 else ''} {', '.join(repeated)} given more "
-            "than once: each row (and its JSON key) is one recipe; rename or drop the repeats"
-        )
-    if not any(recipe.is_float for recipe in loaded):
-        loaded.insert(0, load_recipe("fp"))
-    loaded.sort(key=lambda recipe: not recipe.is_float)
+    loaded = recipes_fp_first(recipes)
     reference, tokenizer = load_model(model, device=device)
     for recipe in loaded:
         plan(reference, recipe)

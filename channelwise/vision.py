@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from channelwise.adapters import adapter_for_config
-from channelwise.compare import weight_bits
+from channelwise.compare import recipes_fp_first, weight_bits
 from channelwise.compress import needs_calibration, plan, quantize, restore_quantized
 from channelwise.data.images import ImageSet, image_source_identity, load_images, seeded_subset
 from channelwise.deploy.checkpoint import load_packed, read_marker
@@ -229,14 +229,7 @@ def compare_vision(
             f"{model} is a compressed output; compare recipes on the float model it came from "
             "(its frozen probe is fitted on the float model's features)"
         )
-    loaded = [load_recipe(name) for name in recipes]
-    names = [recipe.name for recipe in loaded]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise RecipeError(f"recipe names given more than once: {', '.join(repeated)}")
-    if not any(recipe.is_float for recipe in loaded):
-        loaded.insert(0, load_recipe("fp"))
-    loaded.sort(key=lambda recipe: not recipe.is_float)
+    loaded = recipes_fp_first(recipes)
     reference = load_vision_model(model, device)
     for recipe in loaded:
         plan(reference, recipe)

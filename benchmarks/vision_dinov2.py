@@ -8,7 +8,12 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
 
     .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
         [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
-        [--ablation 4] [--threads 2] [--device cpu] [--json out.json]
+        [--ablation 4] [--ias-iters 200 --ias-batch 32] [--threads 2] [--device cpu]
+        [--json out.json]
+
+``--ias-iters``/``--ias-batch`` run the I&S-ViT presets with fewer reconstruction iterations per
+stage or a smaller batch than the paper's (1000 or 200 at batch 64 take hours on a CPU); the rows
+are then named e.g. ``ias-vit-w4a4-i200-b32``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,24 @@ def repq_ablation(bits: int) -> list[Recipe]:
     return variants
 
 
+def shortened_ias(name: str, iters: int | None, batch: int | None) -> str | Recipe:
+    """Preset ``name``, with its I&S-ViT step's iterations and batch replaced where given."""
+    recipe = load_recipe(name)
+    if (iters is None and batch is None) or not any(
+        step.method == "ias_vit" for step in recipe.steps
+    ):
+        return name
+    data = recipe.model_dump(mode="json")
+    changes = {k: v for k, v in (("iters", iters), ("batch_size", batch)) if v is not None}
+    for step in data["steps"]:
+        if step["method"] == "ias_vit":
+            step["args"] = {**(step.get("args") or {}), **changes}
+    data["name"] = name + "".join(
+        f"-{tag}{value}" for tag, value in (("i", iters), ("b", batch)) if value is not None
+    )
+    return Recipe.from_dict(data)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", default=RECIPES, help="comma-separated presets")
@@ -52,6 +75,8 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--ablation", type=int, help="add RepQ-ViT's ablation rows at these bits (4)")
+    p.add_argument("--ias-iters", type=int, help="I&S-ViT reconstruction iterations per stage")
+    p.add_argument("--ias-batch", type=int, help="I&S-ViT reconstruction batch size")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +95,11 @@ def main() -> None:
             flush=True,
         )
 
-    recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    recipes = [
+        shortened_ias(name.strip(), args.ias_iters, args.ias_batch)
+        for name in args.recipes.split(",")
+        if name.strip()
+    ]
     if args.ablation:
         recipes += repq_ablation(args.ablation)
     rows = compare_vision(

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
+from channelwise.calibrate import quantize_block_activations
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, CheckpointError, DataSourceError, RecipeError
@@ -26,12 +27,10 @@ from channelwise.evaluate.perplexity import check_positions
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
 from channelwise.paths import output_folder, staged_folder
-from channelwise.quant import QParams, compute_qparams, spec_from_dict, spec_to_dict
+from channelwise.quant import QParams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import (
-    AttentionQuantizers,
     attention_quantizers,
-    calibrate_attention_quantizers,
     install_attention_quantizers,
     uncalibrated_attention,
 )
@@ -100,25 +99,7 @@ def quantize(
     def block_fn(ctx: BlockContext) -> None:
         for method in methods:
             method.apply(ctx)
-        attention = ctx.block.get_submodule(adapter.attention_module)
-        quant = recipe.attention.specs() if recipe.attention is not None else None
-        own = attention_quantizers(attention)  # a method's (RepQ-ViT's log√2 softmax)
-        static = (quant or AttentionQuantizers()).merged_over(own).static()
-        if not static:
-            # dynamic attention (every LLM preset): as before, linears then attention
-            if recipe.activations is not None:
-                install_block_input_quantizers(ctx, recipe)
-            if quant is not None:
-                install_attention_quantizers(model, [attention], quant)
-            return
-        # static attention ranges: calibrated in execution order, each on quantized inputs
-        if recipe.activations is not None:
-            install_block_input_quantizers(ctx, recipe, adapter.subsets[0].linears)
-        if quant is not None:
-            install_attention_quantizers(model, [attention], quant)
-        calibrate_attention_quantizers(attention, ctx.forward)
-        if recipe.activations is not None:
-            install_block_input_quantizers(ctx, recipe)
+        quantize_block_activations(model, ctx, recipe)
 
     kv_method = build_kv_method(recipe)
     start = time.perf_counter()
@@ -276,33 +257,6 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
             f"recipe '{recipe.name}': static activation ranges are per tensor or "
             "per channel; per-group activations must be dynamic: true"
         )
-
-
-def install_block_input_quantizers(
-    ctx: BlockContext, recipe: Recipe, only: tuple[str, ...] | None = None
-) -> None:
-    """Quantize every linear input of the block (or the linears named in ``only``): dynamic
-    per call, or static from calibration.
-
-    Linears that a method already gave an input quantizer of its own keep it.
-    """
-    spec = recipe.activations.spec("activation")
-    linears = {
-        name: module
-        for name, module in ctx.adapter.block_linears(ctx.block).items()
-        if input_quantizer(module) is None and (only is None or name in only)
-    }
-    if not linears:
-        return
-    if recipe.activations.dynamic:
-        for module in linears.values():
-            install_input_quantizer(module, InputQuantizer(spec))
-        return
-    with ctx.capture_inputs(tuple(linears)) as captured:
-        ctx.forward()
-    for name, module in linears.items():
-        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]])
-        install_input_quantizer(module, InputQuantizer(spec, compute_qparams(rows, spec)))
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool = False) -> Path:

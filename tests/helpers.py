@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 
 FAMILIES = ("llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox")
@@ -66,3 +67,16 @@ def count_calls(monkeypatch, owner, name: str) -> list[int]:
 
     monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+def tiny_dinov2_config(**overrides) -> transformers.Dinov2Config:
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        patch_size=4,
+        image_size=16,
+        layerscale_value=0.5,
+    )
+    return transformers.Dinov2Config(**{**kwargs, **overrides})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import tiny_dinov2_config
 from PIL import Image
 
 from channelwise.adapters import adapter_for
@@ -39,19 +40,6 @@ from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-
-
-def tiny_dinov2_config(**overrides) -> transformers.Dinov2Config:
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        patch_size=4,
-        image_size=16,
-        layerscale_value=0.5,
-    )
-    return transformers.Dinov2Config(**{**kwargs, **overrides})
 
 
 @pytest.fixture

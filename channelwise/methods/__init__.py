@@ -6,6 +6,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     chess,
     dgq,
     gptq,
+    ias_vit,
     osplus,
     outliertune,
     quarot,

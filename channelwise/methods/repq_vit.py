@@ -43,6 +43,7 @@ Deviations from the paper and the official code (``zkkli/RepQ-ViT``):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
@@ -59,7 +60,7 @@ from channelwise.quant.attention import (
     LogSqrt2Quantizer,
     install_attention_quantizers,
 )
-from channelwise.quant.core import QParams, compute_qparams
+from channelwise.quant.core import QParams, QuantSpec, compute_qparams
 from channelwise.quant.granularity import PerColumn, PerTensor
 from channelwise.transforms.shift import shift_norm_output
 from channelwise.transforms.smooth import fold_scales_into_norm
@@ -88,18 +89,8 @@ class RepQViT(Method):
         self.ratios: dict[tuple[int, str], float] = {}
 
     def check(self, model, adapter: ModelAdapter) -> None:
-        where = f"recipe '{self.recipe.name}', step 'repq_vit'"
-        activations = self.recipe.activations
-        if activations is None or activations.dynamic or activations.symmetric:
-            raise RecipeError(
-                f"{where}: needs static asymmetric activations "
-                "(activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false})"
-            )
-        if activations.zero_point != "integer" or activations.scale_dtype != "float32":
-            raise RecipeError(
-                f"{where}: the reparameterization preserves codes only with integer zero points "
-                "and float32 scales (drop zero_point/scale_dtype from activations)"
-            )
+        check_static_asymmetric(self.recipe, self.name)
+        where = f"recipe '{self.recipe.name}', step '{self.name}'"
         attention = self.recipe.attention
         if self.args.softmax == "log_sqrt2" and attention is not None and attention.probs:
             raise RecipeError(
@@ -130,28 +121,49 @@ class RepQViT(Method):
 
     def _reparameterize(self, ctx: BlockContext, subset) -> None:
         spec = self.recipe.activations.spec("activation")
-        linears = [ctx.block.get_submodule(name) for name in subset.linears]
-        norm = ctx.block.get_submodule(subset.prev)
         inputs = ctx.capture(subset.linears[0], "input")
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
-        per_channel = compute_qparams(rows, _with_granularity(spec, PerColumn()))
-        s = per_channel.scale.reshape(-1)
-        z = per_channel.zero_point.reshape(-1)
-        s_tilde = s.mean()
-        z_tilde = torch.round(z.mean())
-        r1 = s / s_tilde
-        r2 = z - z_tilde
-        transposed = ctx.adapter.transposed_weights
-        shift_norm_output(norm, linears, -(s * r2), transposed)  # x + s⊙r2
-        fold_scales_into_norm(norm, linears, r1, transposed)  # then / r1
-        tensor_spec = _with_granularity(spec, PerTensor())
-        qparams = QParams(s_tilde.reshape(1, 1), z_tilde.reshape(1, 1))
-        for linear in linears:
-            install_input_quantizer(linear, InputQuantizer(tensor_spec, qparams))
-        self.ratios[(ctx.index, subset.name)] = (r1.max() / r1.min()).item()
+        per_channel = compute_qparams(rows, replace(spec, granularity=PerColumn()))
+        ratio = reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, spec)
+        self.ratios[(ctx.index, subset.name)] = ratio
 
 
-def _with_granularity(spec, granularity):
-    from dataclasses import replace
+def check_static_asymmetric(recipe, step: str) -> None:
+    """Refuse a recipe whose activations are not static, asymmetric, with integer zero points
+    and float32 scales (what the reparameterization needs to preserve codes)."""
+    where = f"recipe '{recipe.name}', step '{step}'"
+    activations = recipe.activations
+    if activations is None or activations.dynamic or activations.symmetric:
+        raise RecipeError(
+            f"{where}: needs static asymmetric activations "
+            "(activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false})"
+        )
+    if activations.zero_point != "integer" or activations.scale_dtype != "float32":
+        raise RecipeError(
+            f"{where}: the reparameterization preserves codes only with integer zero points "
+            "and float32 scales (drop zero_point/scale_dtype from activations)"
+        )
 
-    return replace(spec, granularity=granularity)
+
+def reparameterize_norm_input(
+    block, adapter: ModelAdapter, subset, per_channel: QParams, spec: QuantSpec
+) -> float:
+    """Move per-channel input ranges ``(s, z)`` of ``subset``'s linears into its LayerNorm and the
+    linears (exact in float), and give the linears one static per-tensor quantizer ``(s̃, z̃)``
+    of ``spec`` whose codes equal the per-channel ones. Returns ``max(r1)/min(r1)``."""
+    linears = [block.get_submodule(name) for name in subset.linears]
+    norm = block.get_submodule(subset.prev)
+    s = per_channel.scale.reshape(-1)
+    z = per_channel.zero_point.reshape(-1)
+    s_tilde = s.mean()
+    z_tilde = torch.round(z.mean())
+    r1 = s / s_tilde
+    r2 = z - z_tilde
+    transposed = adapter.transposed_weights
+    shift_norm_output(norm, linears, -(s * r2), transposed)  # x + s⊙r2
+    fold_scales_into_norm(norm, linears, r1, transposed)  # then / r1
+    tensor_spec = replace(spec, granularity=PerTensor())
+    qparams = QParams(s_tilde.reshape(1, 1), z_tilde.reshape(1, 1))
+    for linear in linears:
+        install_input_quantizer(linear, InputQuantizer(tensor_spec, qparams))
+    return (r1.max() / r1.min()).item()

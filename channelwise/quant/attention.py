@@ -10,7 +10,8 @@ per head; ``group`` runs along ``head_dim``.
 
 An entry is a :class:`QuantSpec` (dynamic: ranges computed per call) or a *static* quantizer
 calibrated once on calibration data (:class:`StaticQuantizer`, or the log√2 quantizer of
-post-softmax probabilities, :class:`LogSqrt2Quantizer`): :func:`calibrate_attention_quantizers`
+post-softmax probabilities, :class:`LogSqrt2Quantizer`, or I&S-ViT's shift-uniform-log2 one,
+:class:`ShiftLog2Quantizer`): :func:`calibrate_attention_quantizers`
 fills every uncalibrated static entry of a block from its calibration batches. Until then a
 static entry passes values through (the block's earlier calibration forwards run in float
 there); ``compress.quantize`` checks that none is left uncalibrated. A module's
@@ -32,6 +33,7 @@ from channelwise.quant.core import (
     _check_finite,
     compute_qparams,
     fake_quantize,
+    straight_through,
 )
 from channelwise.quant.granularity import PerTensor
 
@@ -109,7 +111,64 @@ def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
         codes = raw.clamp(0, 2**bits - 1)
         out = delta * torch.exp2(-codes / 2)
         out = torch.where((raw >= 2**bits) | (x <= 0), torch.zeros_like(out), out)
-    return out.to(x.dtype)
+    return straight_through(x, out.to(x.dtype))
+
+
+@dataclass
+class ShiftLog2Quantizer:
+    """I&S-ViT's shift-uniform-log2 quantizer (SULQ) of post-softmax probabilities
+    (arXiv 2311.10126, §4.1): ``y = log2(A + η)`` is quantized uniformly over
+    ``[lo, hi]`` (the calibration minimum and maximum of ``y``) with ``2^b`` levels, and
+    ``Â = 2^round(q·Δ + lo) − η``. The shift ``η`` keeps small probabilities inside the grid
+    (a plain log2 grid clamps them all to one code). ``η`` is picked by squared error among
+    ``etas``, as the official code (``zysxmu/IaS-ViT``) does.
+
+    Deviations: the official forward pass divides the range by ``2^b`` levels and clamps codes to
+    ``[0, 2^b]`` (``2^b + 1`` codes, one more than ``b`` bits hold) while its calibration uses
+    ``2^b − 1``; here both use ``2^b − 1``. The dequantized exponent is rounded to an integer
+    as in that code (a power of two: a shift in integer hardware)."""
+
+    bits: int
+    eta: float | None = None
+    lo: float = 0.0
+    hi: float = 0.0
+    etas: tuple[float, ...] = field(
+        default=(0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
+    )
+
+    @property
+    def calibrated(self) -> bool:
+        return self.eta is not None
+
+    def calibrate(self, samples: list[Tensor]) -> None:
+        values = _sampled(torch.cat([x.reshape(-1).float() for x in samples]), CALIBRATION_SAMPLE)
+        _check_finite(values)
+        best = None
+        for eta in self.etas:
+            shifted = torch.log2(values.clamp_min(0) + eta)
+            lo, hi = shifted.min().item(), shifted.max().item()
+            error = (shift_uniform_log2(values, self.bits, eta, lo, hi) - values).square().mean()
+            if best is None or error.item() < best[0]:
+                best = (error.item(), eta, lo, hi)
+        _, self.eta, self.lo, self.hi = best
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.eta is None:  # calibration of earlier parts of the block: float
+            return x
+        return shift_uniform_log2(x, self.bits, self.eta, self.lo, self.hi)
+
+
+def shift_uniform_log2(x: Tensor, bits: int, eta: float, lo: float, hi: float) -> Tensor:
+    """SULQ fake quantization of non-negative ``x`` (see :class:`ShiftLog2Quantizer`); a
+    constant calibration (``hi == lo``) keeps the single value ``2^round(lo) − η``."""
+    _check_finite(x)
+    levels = 2**bits - 1
+    step = (hi - lo) / levels if hi > lo else 1.0
+    with torch.no_grad():
+        shifted = torch.log2(x.float().clamp_min(0) + eta)
+        codes = torch.round((shifted - lo) / step).clamp(0, levels)
+        out = torch.exp2(torch.round(codes * step + lo)) - eta
+    return straight_through(x, out.to(x.dtype))
 
 
 def _sampled(values: Tensor, limit: int) -> Tensor:
@@ -123,7 +182,7 @@ def _sampled(values: Tensor, limit: int) -> Tensor:
 
 
 #: A quantizer entry: dynamic (a spec) or static (calibrated once).
-AttentionQuantizer = QuantSpec | StaticQuantizer | LogSqrt2Quantizer
+AttentionQuantizer = QuantSpec | StaticQuantizer | LogSqrt2Quantizer | ShiftLog2Quantizer
 
 
 @dataclass(frozen=True)
@@ -148,7 +207,7 @@ class AttentionQuantizers:
             },
         )
 
-    def static(self) -> dict[str, StaticQuantizer | LogSqrt2Quantizer]:
+    def static(self) -> dict[str, StaticQuantizer | LogSqrt2Quantizer | ShiftLog2Quantizer]:
         return {
             name: entry
             for name in ATTENTION_INPUTS

@@ -214,8 +214,11 @@ def dequantize(
 def fake_quantize(x: Tensor, spec: QuantSpec, qparams: QParams | None = None) -> Tensor:
     """Quantize then dequantize ``x``; shape and dtype preserved.
 
-    ``qparams`` defaults to ``compute_qparams(x, spec)``.
+    ``qparams`` defaults to ``compute_qparams(x, spec)``. Under autograd the gradient is
+    straight-through (:func:`straight_through`).
     """
+    if x.requires_grad:
+        return straight_through(x, fake_quantize(x.detach(), spec, qparams))
     if qparams is None:
         qparams = compute_qparams(x, spec)
     else:
@@ -223,6 +226,15 @@ def fake_quantize(x: Tensor, spec: QuantSpec, qparams: QParams | None = None) ->
     xb = _blocks(x, spec)
     scale, zero = _broadcast(qparams, xb, spec)
     return _fake_quant(xb, scale, zero, spec).reshape(x.shape).to(x.dtype)
+
+
+def straight_through(x: Tensor, quantized: Tensor) -> Tensor:
+    """``quantized`` in the forward pass; under autograd the gradient passes to ``x`` unchanged
+    (the straight-through estimator, clipped values included), so a block can be trained
+    through its quantizers."""
+    if not x.requires_grad:
+        return quantized
+    return x + (quantized - x).detach()
 
 
 def quantization_error(x: Tensor, spec: QuantSpec) -> float:

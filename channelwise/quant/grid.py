@@ -39,8 +39,13 @@ def weight_grid(module: nn.Module) -> WeightGrid | None:
     return getattr(module, GRID_ATTR, None)
 
 
-def round_weight_(module: nn.Module, weight: Tensor, spec: QuantSpec) -> None:
-    """Round ``weight`` (``module``'s ``(out, in)`` view) to ``spec``'s grid in place; record it."""
-    qparams = compute_qparams(weight, spec)
+def round_weight_(
+    module: nn.Module, weight: Tensor, spec: QuantSpec, qparams: QParams | None = None
+) -> None:
+    """Round ``weight`` (``module``'s ``(out, in)`` view) to ``spec``'s grid in place; record it.
+
+    ``qparams`` default to ``compute_qparams(weight, spec)``."""
+    if qparams is None:
+        qparams = compute_qparams(weight, spec)
     weight.copy_(fake_quantize(weight, spec, qparams))
     record_grid(module, spec, qparams)

@@ -1,0 +1,182 @@
+"""I&S-ViT: the shift-uniform-log2 softmax quantizer and three-stage smooth block reconstruction.
+
+Zhong, Hu, Lin, Chen, Ji, "I&S-ViT: An Inclusive & Stable Method for Pushing the Limit of
+Post-Training ViTs Quantization", arXiv 2311.10126 (official code ``zysxmu/IaS-ViT``).
+
+Two parts. **SULQ** quantizes post-softmax probabilities as ``log2(A + η)`` on a uniform grid
+(:class:`~channelwise.quant.attention.ShiftLog2Quantizer`), so small probabilities are not all
+clamped to one code as in a plain log2 grid. **Smooth optimization (SOS)** trains each block's
+linear weights and biases to reproduce the float block's output, in three stages: (1) with its
+activations quantized — the inputs of q/k/v and fc1 *per channel*, whose loss landscape is
+smooth — and float weights, on the float model's block inputs; (2) the per-channel ranges are
+reparameterized into the LayerNorm and the next linears, exactly as RepQ-ViT does
+(:func:`~channelwise.methods.repq_vit.reparameterize_norm_input`), leaving per-tensor
+quantizers with the same codes; (3) with the weights fake-quantized too (per output channel, on a
+grid fixed at the start of the stage), on the quantized model's block inputs. Both stages use
+the float model's block outputs as targets (:mod:`channelwise.reconstruct`). The weights are
+then rounded onto their grid: this step quantizes the weights, so it is the recipe's last step::
+
+    weights: {bits: 4, symmetric: false, granularity: channel, range: mse}
+    activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false, range: mse}
+    attention: {q: …, k: …, v: …}          # per tensor, static
+    steps: [{method: ias_vit}]
+
+Arguments: ``iters`` per reconstruction stage (default: the paper's 1000 at ≤ 4-bit
+activations, 200 above), ``batch_size`` (64), ``lr`` (4e-5, cosine to 0), ``seed``,
+``softmax`` (``sulq``, or ``none``: the recipe's ``attention.probs`` quantizer, if any),
+``softmax_bits`` (default: the activations' bits), ``reconstruct`` (false: quantizers and
+reparameterization only, for the ablation).
+
+Deviations from the paper and the official code:
+
+- Only the linears' weights and biases are trained; the official code also trains every other
+  block parameter that is not a LayerNorm's or a quantizer's (for DINOv2 that would include
+  LayerScale).
+- Activation and weight ranges come from the recipe's range method (``range: mse``: the
+  MSE-best shrink of the min–max range), not from the official percentile candidates; SULQ's
+  shift ``η`` is searched over the official candidates.
+- The straight-through gradient also passes through clipped values (the official code zeroes it
+  there for activations).
+- Activation ranges are calibrated on the whole calibration set, block by block on the quantized
+  model's inputs (the engine's order), not on the first 64 images; the paper's 1,024 calibration
+  images are ``--calib-images 1024``.
+- The per-channel ranges are reparameterized with a rounded ``z̃`` (exactly code-preserving).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from channelwise.adapters import ModelAdapter, linear_weight
+from channelwise.calibrate import quantize_block_activations
+from channelwise.engine import BlockContext, hidden_state
+from channelwise.errors import RecipeError, UnsupportedModelError
+from channelwise.methods import registry
+from channelwise.methods.registry import Method, register
+from channelwise.methods.repq_vit import check_static_asymmetric, reparameterize_norm_input
+from channelwise.quant.activation import input_quantizer
+from channelwise.quant.attention import (
+    AttentionQuantizers,
+    ShiftLog2Quantizer,
+    install_attention_quantizers,
+)
+from channelwise.quant.core import compute_qparams
+from channelwise.quant.grid import round_weight_
+from channelwise.reconstruct import Reconstruction, reconstruct_block, weight_grids
+
+
+class IaSViTArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iters: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=4e-5, gt=0)
+    seed: int = 0
+    softmax: Literal["sulq", "none"] = "sulq"
+    softmax_bits: int | None = Field(default=None, ge=2, le=8)
+    reconstruct: bool = True
+
+
+@register
+class IaSViT(Method):
+    """SULQ softmax quantizers and three-stage block reconstruction (weights quantized)."""
+
+    name = "ias_vit"
+    needs_calibration = True
+    quantizes_weights = True
+    Args: ClassVar[type[BaseModel]] = IaSViTArgs
+
+    def __init__(self, recipe, args) -> None:
+        super().__init__(recipe, args)
+        #: ``losses[(block, stage)]``: the block-output loss before and after stage 1 or 3.
+        self.losses: dict[tuple[int, int], Reconstruction] = {}
+        self._model: nn.Module | None = None
+        self._float_inputs: torch.Tensor | None = None
+
+    @property
+    def iters(self) -> int:
+        if not self.args.reconstruct:
+            return 0
+        if self.args.iters is not None:
+            return self.args.iters
+        return 1000 if self.recipe.activations.bits <= 4 else 200
+
+    def check(self, model, adapter: ModelAdapter) -> None:
+        super().check(model, adapter)
+        where = f"recipe '{self.recipe.name}', step '{self.name}'"
+        if adapter.modality != "vision" or adapter.transposed_weights:
+            raise UnsupportedModelError(
+                f"{where}: I&S-ViT reconstructs Vision Transformer blocks; '{adapter.family}' "
+                "is not one (use gptq or awq for a language model)"
+            )
+        check_static_asymmetric(self.recipe, self.name)
+        attention = self.recipe.attention
+        if self.args.softmax == "sulq" and attention is not None and attention.probs:
+            raise RecipeError(
+                f"{where}: the recipe's attention.probs quantizer would be replaced by SULQ; "
+                "drop attention.probs, or set softmax: none to keep it"
+            )
+        steps = [step.method for step in self.recipe.steps]
+        if steps[-1] != self.name or steps.count(self.name) != 1:
+            raise RecipeError(
+                f"{where}: I&S-ViT rounds the weights it trained, so it must be the last step "
+                f"(and appear once); got steps {steps}"
+            )
+        adapter.require_folding("I&S-ViT's reparameterization")
+        registry.check_transform_order(self.recipe, self.name, "the reconstruction")
+
+    def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+        """Give every block's attention an uncalibrated SULQ probabilities quantizer."""
+        self._model = model
+        self._float_inputs = None
+        if self.args.softmax != "sulq":
+            return
+        bits = self.args.softmax_bits or self.recipe.activations.bits
+        for block in adapter.block_list(model):
+            attention = block.get_submodule(adapter.attention_module)
+            install_attention_quantizers(
+                model, [attention], AttentionQuantizers(probs=ShiftLog2Quantizer(bits))
+            )
+
+    def apply(self, ctx: BlockContext) -> None:
+        kwargs = ctx.kwargs[0] if ctx.kwargs else {}
+        quantized_inputs = torch.cat([x.to(ctx.device) for x in ctx.inputs])
+        if self._float_inputs is None:  # block 0: nothing before it is quantized
+            self._float_inputs = quantized_inputs.clone()
+        float_inputs = self._float_inputs.to(ctx.device)
+        with torch.no_grad():  # the float block's outputs: targets, and the next float inputs
+            targets = torch.cat([
+                hidden_state(ctx.block(float_inputs[i : i + self.args.batch_size], **kwargs))
+                for i in range(0, float_inputs.shape[0], self.args.batch_size)
+            ])  # fmt: skip
+        norm_subsets = [s for s in ctx.adapter.subsets if s.prev_kind == "norm"]
+        per_channel = tuple(name for subset in norm_subsets for name in subset.linears)
+        quantize_block_activations(self._model, ctx, self.recipe, per_channel)
+        linears = list(ctx.adapter.block_linears(ctx.block).values())
+        settings = {"iters": self.iters, "batch_size": self.args.batch_size,
+                    "lr": self.args.lr, "seed": self.args.seed}  # fmt: skip
+        if self.iters:  # stage 1: per-channel activations, float weights, float inputs
+            self.losses[(ctx.index, 1)] = reconstruct_block(
+                ctx.block, linears, float_inputs, kwargs, targets, **settings
+            )
+        spec = self.recipe.activations.spec("activation")
+        for subset in norm_subsets:  # stage 2: per channel → per tensor, same codes
+            first = ctx.block.get_submodule(subset.linears[0])
+            reparameterize_norm_input(
+                ctx.block, ctx.adapter, subset, input_quantizer(first).qparams, spec
+            )
+        weight_spec = self.recipe.weights.spec("weight")
+        grids = [compute_qparams(module.weight.detach(), weight_spec) for module in linears]
+        if self.iters:  # stage 3: weights quantized too, on the quantized model's inputs
+            with weight_grids(linears, weight_spec, grids):
+                self.losses[(ctx.index, 3)] = reconstruct_block(
+                    ctx.block, linears, quantized_inputs, kwargs, targets, **settings
+                )
+        with torch.no_grad():
+            for module, grid in zip(linears, grids, strict=True):
+                round_weight_(module, linear_weight(module, False), weight_spec, grid)
+        self._float_inputs = targets.to(ctx.inputs[0].device)

@@ -1,0 +1,127 @@
+"""Block-output reconstruction: train a block's linear weights and biases so that its output on
+given inputs matches target outputs, through the block's frozen quantizers.
+
+The quantizers pass gradients straight through (``quant.core.straight_through``); their ranges
+stay fixed. With a weight quantizer, each linear's weight is fake-quantized in the forward pass
+on a grid fixed before training (``weight_grids``), the latent float weight is trained, and the
+caller rounds it onto that grid afterwards. This is the block-wise reconstruction of BRECQ-style
+PTQ as I&S-ViT (arXiv 2311.10126, §4.2) uses it: Adam with a cosine learning rate decaying to 0,
+random mini-batches of the calibration samples, and the loss ``(out − target)²`` summed over the
+tokens and averaged over samples and channels (the official code's ``lp_loss``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from channelwise.engine import hidden_state
+from channelwise.errors import NonFiniteError
+from channelwise.quant.core import QParams, QuantSpec, fake_quantize
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Loss on all samples before and after training (same inputs, targets and quantizers)."""
+
+    loss_before: float
+    loss_after: float
+
+
+def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
+    """``(out − target)²`` summed over dimension 1 (the tokens), averaged over the rest."""
+    return (out - target).square().sum(1).mean()
+
+
+def block_loss(
+    block: nn.Module, inputs: Tensor, kwargs: dict, targets: Tensor, batch_size: int
+) -> float:
+    """:func:`reconstruction_loss` of ``block`` over all samples, in batches, without grad."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            out = hidden_state(block(inputs[start : start + batch_size], **kwargs))
+            part = targets[start : start + batch_size]
+            total += reconstruction_loss(out, part).item() * part.shape[0]
+    return total / inputs.shape[0]
+
+
+def reconstruct_block(
+    block: nn.Module,
+    linears: list[nn.Module],
+    inputs: Tensor,
+    kwargs: dict,
+    targets: Tensor,
+    *,
+    iters: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    progress: bool = False,
+) -> Reconstruction:
+    """Train the weights and biases of ``linears`` (all other parameters frozen) so that
+    ``block(inputs, **kwargs)`` approaches ``targets`` (both ``(n, tokens, hidden)``).
+
+    ``kwargs`` must not depend on the batch (a vision block's: none). Raises NonFiniteError if
+    the loss becomes NaN/inf.
+    """
+    trained = [p for module in linears for p in module.parameters() if p is not None]
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for param in block.parameters():
+        param.requires_grad_(False)
+    for param in trained:
+        param.requires_grad_(True)
+    before = block_loss(block, inputs, kwargs, targets, batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(trained, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
+    try:
+        with torch.enable_grad():
+            for _ in tqdm(range(iters), desc="reconstruct", disable=not progress, leave=False):
+                pick = torch.randperm(inputs.shape[0], generator=generator)[:batch_size]
+                pick = pick.to(inputs.device)
+                out = hidden_state(block(inputs[pick], **kwargs))
+                loss = reconstruction_loss(out, targets[pick])
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        "block reconstruction diverged (NaN/inf loss); lower the learning rate"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    finally:
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    return Reconstruction(before, block_loss(block, inputs, kwargs, targets, batch_size))
+
+
+class _FakeQuantWeight(nn.Module):
+    def __init__(self, spec: QuantSpec, qparams: QParams) -> None:
+        super().__init__()
+        self.spec = spec
+        self.qparams = qparams
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return fake_quantize(weight, self.spec, self.qparams)
+
+
+@contextmanager
+def weight_grids(
+    linears: list[nn.Module], spec: QuantSpec, qparams: list[QParams]
+) -> Iterator[None]:
+    """Inside, each ``nn.Linear``'s weight is fake-quantized on its fixed grid in the forward
+    pass (its float weight still the trained parameter); on exit the float weights are back."""
+    for module, grid in zip(linears, qparams, strict=True):
+        parametrize.register_parametrization(module, "weight", _FakeQuantWeight(spec, grid))
+    try:
+        yield
+    finally:
+        for module in linears:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

@@ -48,6 +48,7 @@ def cmd_quantize(args) -> None:
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
     from channelwise.methods.registry import quantizes_weights
+    from channelwise.vision import VisionProtocol, is_vision_model, load_vision_model
 
     recipe = load_recipe(args.recipe)
     if args.float_dtype != "float32" and args.format != "packed":
@@ -60,6 +61,14 @@ def cmd_quantize(args) -> None:
             f"recipe '{recipe.name}' quantizes no linear weights: --format {args.format} has "
             "nothing to export (use --format packed or fake)"
         )
+    vision = is_vision_model(args.model)
+    if vision and exports:
+        raise ChannelwiseError(
+            f"--format {args.format} holds language models; save a Vision Transformer with "
+            "--format packed (default) or fake"
+        )
+    if vision and args.seqlen is not None:
+        raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
     out = Path(args.out)
     if args.format == "gguf":
         from channelwise.deploy.gguf import gguf_path
@@ -68,10 +77,17 @@ def cmd_quantize(args) -> None:
     out = out.expanduser().resolve()
     check_replaceable(out, args.force, kind="gguf" if args.format == "gguf" else "folder")
     check_parent_writable(out)
-    model, tokenizer = load_model(args.model, device=args.device)
-    calibration = (
-        _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
-    )
+    if vision:
+        model, tokenizer = load_vision_model(args.model, args.device), None
+        protocol = VisionProtocol().with_(
+            calib_data=args.calib_data, calib_images=args.calib_samples
+        )
+        calibration = protocol.calibration_pixels() if needs_calibration(recipe) else None
+    else:
+        model, tokenizer = load_model(args.model, device=args.device)
+        calibration = (
+            _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
+        )
     result = quantize(model, recipe, calibration, progress=not args.quiet)
     packed = pack_model(model) if args.format != "fake" else []
     if args.float_dtype != "float32":
@@ -333,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seqlen", type=int, help="tokens per window/sample (default: 512)")
 
     p = sub.add_parser("quantize", help="compress a model with a recipe and save it")
-    p.add_argument("model", nargs="?", help="embedded name, checkpoint dir, .gguf or hub id")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="embedded name (an LLM, or dinov2-small: calibrated on --calib-samples images, "
+        "default 32), checkpoint dir, .gguf or hub id",
+    )
     p.add_argument("--recipe", required=True, help="preset name or YAML file")
     p.add_argument(
         "--out",

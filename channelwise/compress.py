@@ -30,13 +30,17 @@ from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import (
+    ATTENTION_INPUTS,
+    AttentionQuantizers,
     attention_quantizers,
     install_attention_quantizers,
+    static_entry,
     uncalibrated_attention,
 )
 from channelwise.quant.grid import round_weight_
 from channelwise.recipe import Recipe, load_recipe
 from channelwise.state import (
+    ATTENTION_RANGES_FILE,
     KV_METHOD_ATTR,
     MARKER_FILE,
     METHODS_ATTR,
@@ -269,15 +273,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
     leaves nothing half-written at ``out_dir``.
     """
     recipe: Recipe | None = getattr(model, RECIPE_ATTR, None)
-    if recipe is not None and any(
-        (quant := attention_quantizers(module)) is not None and quant.static()
-        for module in model.modules()
-    ):
-        raise ChannelwiseError(
-            f"recipe '{recipe.name}' calibrates static attention quantizers (q/k/v or softmax "
-            "ranges), which cannot be saved yet; evaluate it in memory (channelwise vision, "
-            "compare) or use dynamic attention quantizers"
-        )
     out = output_folder(out_dir, model, force)
     with staged_folder(out) as tmp:
         _write_checkpoint(model, tokenizer, recipe, tmp)
@@ -302,6 +297,10 @@ def _write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe | None, tmp: P
     }
     if layout:
         marker["packed_linears"] = layout
+    descriptions, ranges = _static_attention(model)
+    if descriptions:
+        marker["attention_quantizers"] = descriptions
+        save_file(ranges, str(tmp / ATTENTION_RANGES_FILE))
     (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
     static = _static_qparams(model)
     if static:
@@ -316,9 +315,56 @@ def _static_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         quantizer = input_quantizer(module)
         if quantizer is not None and quantizer.qparams is not None:
-            tensors[f"{name}.scale"] = quantizer.qparams.scale.contiguous()
-            tensors[f"{name}.zero_point"] = quantizer.qparams.zero_point.contiguous()
+            # cloned: linears that share an input (RepQ-ViT's q/k/v) share one QParams
+            tensors[f"{name}.scale"] = quantizer.qparams.scale.detach().cpu().clone()
+            tensors[f"{name}.zero_point"] = quantizer.qparams.zero_point.detach().cpu().clone()
     return tensors
+
+
+def _static_attention(model: nn.Module) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Each attention module's calibrated static entries: ``{module: {entry: description}}``
+    for the marker and their tensors, keyed ``"<module>.<entry>.<name>"``."""
+    descriptions: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        quant = attention_quantizers(module)
+        if quant is None or not quant.static():
+            continue
+        descriptions[name] = {}
+        for entry, quantizer in quant.static().items():
+            descriptions[name][entry] = quantizer.describe()
+            for key, tensor in quantizer.tensors().items():
+                tensors[f"{name}.{entry}.{key}"] = tensor.detach().cpu().contiguous()
+    return descriptions, tensors
+
+
+def _restore_static_attention(model: nn.Module, folder: Path, saved: dict) -> None:
+    """Install the static attention entries a folder saved (before the recipe's dynamic ones)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{folder / MARKER_FILE}: malformed attention_quantizers")
+    tensors = _side_tensors(folder / ATTENTION_RANGES_FILE)
+    for name, entries in saved.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{folder} quantizes the attention of {name}, which this model does not have; "
+                "the checkpoint does not match its config"
+            ) from None
+        if not isinstance(entries, dict) or not set(entries) <= set(ATTENTION_INPUTS):
+            raise CheckpointError(f"{folder / MARKER_FILE}: malformed entry for {name}")
+        built = {}
+        for entry, description in entries.items():
+            prefix = f"{name}.{entry}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                built[entry] = static_entry(description, own)
+            except ValueError as exc:
+                raise CheckpointError(
+                    f"{folder}: the static attention quantizer {name}.{entry} cannot be "
+                    f"restored ({exc}); the checkpoint is incomplete or corrupt"
+                ) from None
+        install_attention_quantizers(model, [module], AttentionQuantizers(**built))
 
 
 def _input_quantizer_specs(model: nn.Module) -> dict[str, dict]:
@@ -400,19 +446,22 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
                     )
                 qparams = QParams(static[f"{key}.scale"], static[f"{key}.zero_point"])
             install_input_quantizer(module, InputQuantizer(spec_from_dict(entry["spec"]), qparams))
+    if "attention_quantizers" in marker:
+        _restore_static_attention(model, folder, marker["attention_quantizers"])
     if recipe.attention is not None:
         modules = [
             block.get_submodule(adapter.attention_module) for block in adapter.block_list(model)
         ]
-        if recipe.attention.specs().static():
-            raise CheckpointError(
-                f"{folder}: recipe '{recipe.name}' has static attention ranges, which this "
-                "version neither saves nor restores; the folder was not written by channelwise"
-            )
         install_attention_quantizers(model, modules, recipe.attention.specs())
         if recipe.embedding is not None:
             embedding = model.get_input_embeddings()
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
+    missed = uncalibrated_attention(model)
+    if missed:
+        raise CheckpointError(
+            f"{folder} is missing the static attention ranges of {missed[0]}; the checkpoint "
+            "is incomplete"
+        )
     kv_method = build_kv_method(recipe)
     if kv_method is not None:
         kv_method.check(model, adapter)

@@ -70,7 +70,9 @@ class BlockContext:
     """Everything a method sees while it works on one block.
 
     ``inputs`` holds one hidden-state tensor per calibration batch, ``(batch, seq, hidden)``;
-    ``kwargs`` the matching keyword arguments for the block's forward.
+    ``kwargs`` the matching keyword arguments for the block's forward; ``progress`` whether a
+    method may show its own progress bar for long work on the block; ``last`` whether this is
+    the model's last block.
     """
 
     index: int
@@ -79,6 +81,8 @@ class BlockContext:
     inputs: list[torch.Tensor]
     kwargs: list[dict]
     device: torch.device
+    progress: bool = False
+    last: bool = False
 
     def forward(self) -> list[torch.Tensor]:
         """Run the block on every calibration batch; outputs stay on the compute device."""
@@ -206,7 +210,10 @@ def run_blockwise(
         block = blocks[index]
         home = model_device(block)
         block.to(device)
-        ctx = BlockContext(index, block, adapter, inputs, _to(kwargs, device), device)
+        ctx = BlockContext(
+            index, block, adapter, inputs, _to(kwargs, device), device,
+            progress=progress, last=index == len(blocks) - 1,
+        )  # fmt: skip
         block_fn(ctx)
         outputs = ctx.forward()
         for out in outputs:

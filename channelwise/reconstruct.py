@@ -83,7 +83,8 @@ def reconstruct_block(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(iters), desc="reconstruct", disable=not progress, leave=False):
+            steps = tqdm(range(iters), desc="reconstruct", disable=not progress, leave=False)
+            for _ in steps:
                 pick = torch.randperm(inputs.shape[0], generator=generator)[:batch_size]
                 pick = pick.to(inputs.device)
                 out = hidden_state(block(inputs[pick], **kwargs))

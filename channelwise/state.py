@@ -14,5 +14,7 @@ KV_CONFIG_ATTR = "_channelwise_kv_config"
 MARKER_FILE = "channelwise.json"
 #: Calibrated ranges of static input quantizers.
 STATIC_QPARAMS_FILE = "activation_qparams.safetensors"
+#: Calibrated static attention quantizers (q/k/v ranges, log√2 or SULQ softmax parameters).
+ATTENTION_RANGES_FILE = "attention_ranges.safetensors"
 #: Tensors the steps' runtime ops and the KV method saved (``saved_state``).
 STEP_STATE_FILE = "step_state.safetensors"

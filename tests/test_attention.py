@@ -92,11 +92,14 @@ def test_static_attention_quantizer_must_be_per_tensor():
 STATIC8 = {"bits": 8, "symmetric": False, "granularity": "tensor", "dynamic": False}
 
 
+def original_k_scale(module) -> torch.Tensor:
+    return attention.attention_quantizers(module).k.qparams.scale
+
+
 def test_static_attention_ranges_are_calibrated_per_block_on_what_the_attention_reads(
-    make_tiny_model, token_ids, tmp_path
+    make_tiny_model, token_ids, tiny_tokenizer, tmp_path
 ):
-    from channelwise.compress import save_quantized
-    from channelwise.errors import ChannelwiseError
+    from helpers import save_and_reload
 
     model = make_tiny_model("llama")
     recipe = Recipe.from_dict({"name": "static-kv", "attention": {"k": STATIC8, "probs": STATIC8}})
@@ -123,9 +126,17 @@ def test_static_attention_ranges_are_calibrated_per_block_on_what_the_attention_
         probs = recorded[2 * index + 1]
         assert probs.min() >= 0 and probs.max() <= 1
     assert quant_is_distinct(modules)
-    with pytest.raises(ChannelwiseError, match="cannot be saved yet"):
-        save_quantized(model, None, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with torch.no_grad():
+        expected = model(token_ids, use_cache=False).logits
+    loaded = save_and_reload(model, tiny_tokenizer, tmp_path / "out")
+    for module, original in zip(attention_modules(loaded), modules, strict=True):
+        quant = attention.attention_quantizers(module)
+        torch.testing.assert_close(
+            quant.k.qparams.scale, original_k_scale(original), rtol=0, atol=0
+        )
+        assert quant.probs.calibrated and quant.q is None
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids, use_cache=False).logits, expected)
 
 
 def quant_is_distinct(modules) -> bool:

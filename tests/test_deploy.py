@@ -30,7 +30,7 @@ def _static_attention(name: str) -> bool:
     )
 
 
-# Presets with static attention ranges (the ViT ones) cannot be saved yet: test_vision refuses it.
+# Presets with static attention ranges are the ViT ones: test_ias_vit saves and reloads them.
 WEIGHT_PRESETS = [
     p
     for p in preset_names()

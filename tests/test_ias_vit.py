@@ -198,3 +198,46 @@ def test_ias_vit_recipe_errors_are_clear(tiny_dinov2, make_tiny_model):
     llm = make_tiny_model("llama")
     with pytest.raises(UnsupportedModelError, match="Vision Transformer"):
         plan(llm, _ias())
+
+
+@pytest.mark.parametrize("preset", ["repq-vit-w4a4", "ias"])
+def test_static_attention_ranges_save_and_load_back_bit_identically(tiny_dinov2, tmp_path, preset):
+    """log√2 (RepQ-ViT) and SULQ (I&S-ViT) softmax quantizers and static q/k/v ranges are
+    saved with the model, fake-quant and packed; a folder missing them is refused."""
+    import json
+
+    from channelwise.compress import save_quantized
+    from channelwise.deploy import pack_model
+    from channelwise.deploy.packed import use_kernels
+    from channelwise.errors import CheckpointError
+    from channelwise.state import ATTENTION_RANGES_FILE, MARKER_FILE
+    from channelwise.vision import load_vision_model
+
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    recipe = _ias(iters=3) if preset == "ias" else preset
+    quantize(tiny_dinov2, recipe, pixels, progress=False)
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    fake = load_vision_model(save_quantized(tiny_dinov2, None, tmp_path / "fake"), "cpu")
+    with torch.no_grad():
+        assert torch.equal(fake(pixel_values=pixels).last_hidden_state, expected)
+    kind = ShiftLog2Quantizer if preset == "ias" else type(attention_quantizers(
+        tiny_dinov2.encoder.layer[0].attention).probs)  # fmt: skip
+    assert isinstance(attention_quantizers(fake.encoder.layer[1].attention).probs, kind)
+    pack_model(tiny_dinov2)
+    before = use_kernels(False)
+    try:
+        packed = load_vision_model(save_quantized(tiny_dinov2, None, tmp_path / "packed"), "cpu")
+        with torch.no_grad():
+            assert torch.equal(packed(pixel_values=pixels).last_hidden_state, expected)
+    finally:
+        use_kernels(before)
+    (tmp_path / "fake" / ATTENTION_RANGES_FILE).unlink()
+    with pytest.raises(CheckpointError, match="cannot be restored"):
+        load_vision_model(tmp_path / "fake", "cpu")
+    marker_path = tmp_path / "packed" / MARKER_FILE
+    marker = json.loads(marker_path.read_text())
+    del marker["attention_quantizers"]["encoder.layer.1.attention"]
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="missing the static attention ranges"):
+        load_vision_model(tmp_path / "packed", "cpu")

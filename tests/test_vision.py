@@ -418,6 +418,37 @@ def test_cli_vision_writes_rows_and_refuses_bad_input_in_one_line(
     assert "vision model" in capsys.readouterr().err
 
 
+def test_cli_quantize_saves_a_vit_with_its_static_attention_ranges(
+    tiny_dinov2_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from channelwise.cli import main
+    from channelwise.deploy.packed import PackedLinear
+    from channelwise.quant.attention import LogSqrt2Quantizer, attention_quantizers
+
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    train = write_image_folder(tmp_path / "train", seed=1)
+    out = tmp_path / "vit-w4a4"
+    argv = ["-q", "--device", "cpu", "quantize", str(tiny_dinov2_folder), "--recipe"]
+    argv += ["repq-vit-w4a4", "--calib-data", str(train), "--calib-samples", "6"]
+    assert main(argv + ["--out", str(out)]) == 0
+    assert "repq-vit-w4a4: calibrated" in capsys.readouterr().out
+    loaded = load_vision_model(out, "cpu")
+    assert sum(isinstance(m, PackedLinear) for m in loaded.modules()) == 12
+    probs = attention_quantizers(loaded.encoder.layer[1].attention).probs
+    assert isinstance(probs, LogSqrt2Quantizer) and probs.calibrated
+    for bad, message in (
+        (["--format", "gguf"], "holds language models"),
+        (["--seqlen", "64"], "--seqlen is for text models"),
+    ):
+        assert main(argv + ["--out", str(tmp_path / "other"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert not (tmp_path / "other").exists()
+
+
 # --- attention through channelwise's implementation, and RepQ-ViT ----------------------------
 
 

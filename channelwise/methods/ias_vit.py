@@ -145,7 +145,7 @@ class IaSViT(Method):
     def apply(self, ctx: BlockContext) -> None:
         kwargs = ctx.kwargs[0] if ctx.kwargs else {}
         quantized_inputs = torch.cat([x.to(ctx.device) for x in ctx.inputs])
-        if self._float_inputs is None:  # block 0: nothing before it is quantized
+        if ctx.index == 0 or self._float_inputs is None:  # block 0: nothing quantized before
             self._float_inputs = quantized_inputs.clone()
         float_inputs = self._float_inputs.to(ctx.device)
         with torch.no_grad():  # the float block's outputs: targets, and the next float inputs
@@ -157,8 +157,13 @@ class IaSViT(Method):
         per_channel = tuple(name for subset in norm_subsets for name in subset.linears)
         quantize_block_activations(self._model, ctx, self.recipe, per_channel)
         linears = list(ctx.adapter.block_linears(ctx.block).values())
-        settings = {"iters": self.iters, "batch_size": self.args.batch_size,
-                    "lr": self.args.lr, "seed": self.args.seed}  # fmt: skip
+        settings = {
+            "iters": self.iters,
+            "batch_size": self.args.batch_size,
+            "lr": self.args.lr,
+            "seed": self.args.seed,
+            "progress": ctx.progress,
+        }
         if self.iters:  # stage 1: per-channel activations, float weights, float inputs
             self.losses[(ctx.index, 1)] = reconstruct_block(
                 ctx.block, linears, float_inputs, kwargs, targets, **settings
@@ -179,4 +184,6 @@ class IaSViT(Method):
         with torch.no_grad():
             for module, grid in zip(linears, grids, strict=True):
                 round_weight_(module, linear_weight(module, False), weight_spec, grid)
-        self._float_inputs = targets.to(ctx.inputs[0].device)
+        self._float_inputs = None if ctx.last else targets.to(ctx.inputs[0].device)
+        if ctx.last:
+            self._model = None

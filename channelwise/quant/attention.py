@@ -33,6 +33,8 @@ from channelwise.quant.core import (
     _check_finite,
     compute_qparams,
     fake_quantize,
+    spec_from_dict,
+    spec_to_dict,
     straight_through,
 )
 from channelwise.quant.granularity import PerTensor
@@ -72,6 +74,12 @@ class StaticQuantizer:
             return x
         return fake_quantize(x, self.spec, self.qparams)
 
+    def describe(self) -> dict:
+        return {"kind": "uniform", "spec": spec_to_dict(self.spec)}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"scale": self.qparams.scale, "zero_point": self.qparams.zero_point}
+
 
 @dataclass
 class LogSqrt2Quantizer:
@@ -101,6 +109,12 @@ class LogSqrt2Quantizer:
         if self.delta is None:  # calibration of earlier parts of the block: float
             return x
         return log_sqrt2(x, self.bits, self.delta)
+
+    def describe(self) -> dict:
+        return {"kind": "log_sqrt2", "bits": self.bits}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"delta": torch.tensor([self.delta], dtype=torch.float64)}
 
 
 def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
@@ -157,6 +171,13 @@ class ShiftLog2Quantizer:
             return x
         return shift_uniform_log2(x, self.bits, self.eta, self.lo, self.hi)
 
+    def describe(self) -> dict:
+        return {"kind": "shift_log2", "bits": self.bits}
+
+    def tensors(self) -> dict[str, Tensor]:
+        values = {"eta": self.eta, "lo": self.lo, "hi": self.hi}
+        return {k: torch.tensor([v], dtype=torch.float64) for k, v in values.items()}
+
 
 def shift_uniform_log2(x: Tensor, bits: int, eta: float, lo: float, hi: float) -> Tensor:
     """SULQ fake quantization of non-negative ``x`` (see :class:`ShiftLog2Quantizer`); a
@@ -207,12 +228,44 @@ class AttentionQuantizers:
             },
         )
 
-    def static(self) -> dict[str, StaticQuantizer | LogSqrt2Quantizer | ShiftLog2Quantizer]:
+    def static(self) -> dict[str, StaticEntry]:
         return {
             name: entry
             for name in ATTENTION_INPUTS
             if (entry := getattr(self, name)) is not None and not isinstance(entry, QuantSpec)
         }
+
+
+StaticEntry = StaticQuantizer | LogSqrt2Quantizer | ShiftLog2Quantizer
+
+#: What each static kind keeps in a saved folder (float64 scalars where the quantizer holds a
+#: Python float, so a loaded model computes the same values).
+_STATIC_TENSORS = {
+    "uniform": ("scale", "zero_point"),
+    "log_sqrt2": ("delta",),
+    "shift_log2": ("eta", "lo", "hi"),
+}
+
+
+def static_entry(description: dict, tensors: dict[str, Tensor]) -> StaticEntry:
+    """Rebuild a calibrated static entry from its ``describe()`` and ``tensors()``; a malformed
+    description or a missing tensor raises ``ValueError`` (naming what is wrong)."""
+    kind = description.get("kind") if isinstance(description, dict) else None
+    if kind not in _STATIC_TENSORS:
+        raise ValueError(f"unknown static attention quantizer {description!r}")
+    missing = [name for name in _STATIC_TENSORS[kind] if name not in tensors]
+    if missing:
+        raise ValueError(f"{kind} quantizer without its {', '.join(missing)}")
+    if kind == "uniform":
+        spec = spec_from_dict(description.get("spec"))
+        return StaticQuantizer(spec, QParams(tensors["scale"], tensors["zero_point"]))
+    bits = description.get("bits")
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{kind} quantizer with bits {bits!r}")
+    if kind == "log_sqrt2":
+        return LogSqrt2Quantizer(bits, float(tensors["delta"].reshape(-1)[0]))
+    eta, lo, hi = (float(tensors[name].reshape(-1)[0]) for name in ("eta", "lo", "hi"))
+    return ShiftLog2Quantizer(bits, eta, lo, hi)
 
 
 def _apply(entry: AttentionQuantizer, x: Tensor) -> Tensor:

@@ -79,7 +79,8 @@ def load_vision_model(
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
-    if adapter_for_config(config).modality != "vision":
+    adapter = adapter_for_config(config)
+    if adapter.modality != "vision":
         raise UnsupportedModelError(
             f"'{config.model_type}' is a language model; load it with channelwise's LLM "
             "commands (quantize, eval, compare), not as a vision model"
@@ -94,7 +95,11 @@ def load_vision_model(
         model = load_packed(folder, layout, torch.float32)
     else:
         model, info = AutoModel.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+            folder,
+            dtype=torch.float32,
+            use_safetensors=True,
+            output_loading_info=True,
+            **adapter.build_kwargs,
         )
         missing = [k for k in info.get("missing_keys") or () if not k.endswith("mask_token")]
         if missing:

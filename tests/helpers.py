@@ -80,3 +80,15 @@ def tiny_dinov2_config(**overrides) -> transformers.Dinov2Config:
         layerscale_value=0.5,
     )
     return transformers.Dinov2Config(**{**kwargs, **overrides})
+
+
+def tiny_vision_model(family: str) -> nn.Module:
+    """A tiny random backbone of a vision ``family`` (dinov2, vit, deit), 16 px images."""
+    torch.manual_seed(0)
+    if family == "dinov2":
+        return transformers.Dinov2Model(tiny_dinov2_config()).eval()
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    common |= dict(intermediate_size=64, image_size=16, patch_size=4)
+    if family == "vit":
+        return transformers.ViTModel(transformers.ViTConfig(**common)).eval()
+    return transformers.DeiTModel(transformers.DeiTConfig(**common)).eval()

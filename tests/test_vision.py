@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import tiny_dinov2_config
+from helpers import tiny_dinov2_config, tiny_vision_model
 from PIL import Image
 
 from channelwise.adapters import adapter_for
@@ -324,12 +324,10 @@ def test_load_vision_model_refuses_what_it_cannot_take(tmp_path: Path, tiny_dino
     ).save_pretrained(llama)
     with pytest.raises(UnsupportedModelError, match="language model"):
         load_vision_model(str(llama))
-    vit = tmp_path / "vit"
-    transformers.ViTConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2
-    ).save_pretrained(vit)
-    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'vit'"):
-        load_vision_model(str(vit))
+    swin = tmp_path / "swin"
+    transformers.SwinConfig(embed_dim=16, depths=[1], num_heads=[2]).save_pretrained(swin)
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'swin'"):
+        load_vision_model(str(swin))
     pickled = tmp_path / "pickled"
     tiny_dinov2.config.save_pretrained(pickled)
     torch.save(tiny_dinov2.state_dict(), pickled / "pytorch_model.bin")
@@ -447,6 +445,53 @@ def test_cli_quantize_saves_a_vit_with_its_static_attention_ranges(
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_vit_and_deit_compress_exactly_like_dinov2(family: str, tmp_path: Path) -> None:
+    """The engine reproduces the forward, RepQ-ViT's reparameterization is exact in float, and a
+    compressed model saves and loads back identically; a classification checkpoint loads as
+    its backbone."""
+    from channelwise.compress import save_quantized
+    from channelwise.deploy.packed import use_kernels
+
+    model = tiny_vision_model(family)
+    pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    outputs = run_blockwise(model, adapter_for(model), pixels, lambda ctx: None, progress=False)
+    blocks_out = torch.cat(outputs)
+    with torch.no_grad():
+        assert torch.allclose(model.layernorm(blocks_out), expected, atol=1e-5)
+    quantize(model, _repq_only(), pixels, progress=False)
+    assert adapter_for(model).family == family
+    _without_input_quantizers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=pixels).last_hidden_state, expected, rtol=1e-4, atol=1e-4
+        )
+    fresh = tiny_vision_model(family)
+    quantize(fresh, "repq-vit-w4a4", pixels, progress=False)
+    with torch.no_grad():
+        quantized = fresh(pixel_values=pixels).last_hidden_state
+    before = use_kernels(False)
+    try:
+        loaded = load_vision_model(save_quantized(fresh, None, tmp_path / "out"), "cpu")
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, quantized)
+    finally:
+        use_kernels(before)
+    head = getattr(transformers, f"{'ViT' if family == 'vit' else 'DeiT'}ForImageClassification")
+    torch.manual_seed(0)
+    classifier = head(tiny_vision_model(family).config)
+    classifier.save_pretrained(tmp_path / "classifier")
+    backbone = load_vision_model(tmp_path / "classifier", "cpu")
+    base = getattr(classifier, classifier.base_model_prefix)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            backbone(pixel_values=pixels).last_hidden_state,
+            base(pixel_values=pixels).last_hidden_state,
+        )
 
 
 # --- attention through channelwise's implementation, and RepQ-ViT ----------------------------

@@ -1,6 +1,6 @@
 """Architecture adapters; importing this package registers every family."""
 
-from channelwise.adapters import dinov2, gpt2, gpt_neox, llama, opt  # noqa: F401  (registration)
+from channelwise.adapters import dinov2, gpt2, gpt_neox, llama, opt, vit  # noqa: F401 (registration)
 from channelwise.adapters.base import (
     ModelAdapter,
     Subset,

@@ -49,6 +49,8 @@ class ModelAdapter:
     folding_unsupported: str | None = None
     #: ``"text"`` (token ids in, ``model(ids)``) or ``"vision"`` (``model(pixel_values=…)``).
     modality: str = "text"
+    #: Keyword arguments the model class is built with (e.g. no pooler for a ViT backbone).
+    build_kwargs: dict = field(default_factory=dict)
 
     def run(self, model: nn.Module, batch: torch.Tensor):
         """One forward of ``model`` on a calibration batch (token ids, or pixel values)."""

@@ -73,8 +73,11 @@ def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    vision = adapter_for_config(config).modality == "vision"  # refuse an unknown architecture
-    model = (AutoModel if vision else AutoModelForCausalLM).from_config(config, dtype=dtype)
+    adapter = adapter_for_config(config)  # refuse an unknown architecture
+    vision = adapter.modality == "vision"
+    model = (AutoModel if vision else AutoModelForCausalLM).from_config(
+        config, dtype=dtype, **adapter.build_kwargs
+    )
     embeddings: dict[str, PackedEmbedding] = {}
     for name, entry in sorted(layout.items(), key=lambda item: item[1].get("kind") == "tied_head"):
         try:

@@ -18,6 +18,7 @@ from channelwise.paths import check_output_file, check_parent_writable, check_re
 JSON_SUFFIXES = (".json",)
 
 DEFAULT_PLOT = "results/compare.png"
+DEFAULT_VISION_PLOT = "results/vision.png"
 
 
 def image_suffixes() -> tuple[str, ...]:
@@ -229,7 +230,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_vision(args) -> None:
-    from channelwise.report import format_vision_markdown, write_json
+    from channelwise.report import format_vision_markdown, plot_vision, write_json
     from channelwise.vision import VISION_DEMO_RECIPES, VisionProtocol, compare_vision
 
     protocol = VisionProtocol().with_(
@@ -242,10 +243,12 @@ def cmd_vision(args) -> None:
     )
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, args.model)
+    check_output_file(args.plot, image_suffixes(), args.model)
     given = args.recipes if args.recipes is not None else ",".join(VISION_DEMO_RECIPES)
     recipes = [name.strip() for name in given.split(",") if name.strip()]
     rows = compare_vision(recipes, args.model, protocol, args.device, progress=not args.quiet)
     print(format_vision_markdown(rows))
+    print(f"wrote {plot_vision(rows, args.plot)}")
     if args.json:
         meta = {"model": args.model or "dinov2-small", "protocol": vars(protocol)}
         print(f"wrote {write_json(rows, args.json, meta)}")
@@ -433,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, help="test images (default: all)")
     p.add_argument("--resolution", type=int, help="square input size in pixels (default: 112)")
     p.add_argument("--json", help="write {recipe: {top1, agreement, …}} here")
+    p.add_argument(
+        "--plot",
+        default=DEFAULT_VISION_PLOT,
+        help=f"top-1 against bits per weight (default: {DEFAULT_VISION_PLOT})",
+    )
     p.set_defaults(func=cmd_vision)
 
     p = sub.add_parser("inspect", help="per-channel activation outliers: heat map and summary")

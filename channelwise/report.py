@@ -102,12 +102,46 @@ def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
     recipe sits on the top edge, hollow, so it does not squash the rest. Points are numbered
     (points that coincide share one label, ``2,4``) and the numbers named in a column at the
     right with their values, so labels never cover each other or the title."""
+    return _plot_tradeoff(
+        rows,
+        path,
+        values=[row.ppl for row in rows],
+        off_scale=OFF_SCALE * rows[0].ppl,
+        ylabel="perplexity (lower is better)",
+        key=("ppl", "Δ% vs fp", [f"{row.ppl:>8.2f}  {row.delta_pct:+.1f}%" for row in rows]),
+    )
+
+
+def plot_vision(rows: list, path: str | Path) -> Path:
+    """Top-1 against stored bits per weight for ``channelwise vision`` rows (``VisionRow``),
+    drawn as :func:`plot_comparison` draws perplexity (fp dashed, points numbered and named)."""
+    return _plot_tradeoff(
+        rows,
+        path,
+        values=[row.top1 for row in rows],
+        off_scale=None,
+        ylabel="top-1 % through the frozen probe (higher is better)",
+        key=("top-1", "Δ pt", [f"{row.top1:>8.2f}  {row.delta_pt:+.2f}" for row in rows]),
+    )
+
+
+def _plot_tradeoff(
+    rows: list,
+    path: str | Path,
+    values: list[float],
+    off_scale: float | None,
+    ylabel: str,
+    key: tuple[str, str, list[str]],
+) -> Path:
+    """``values`` (row 0: fp) against each row's ``weight_bits``; values above ``off_scale``
+    sit hollow on the top edge; ``key`` is (value heading, delta heading, one text per row)."""
     fig, ax = plt.subplots(figsize=(9.5, 5.0))
     fig.subplots_adjust(left=0.09, right=0.64, top=0.88, bottom=0.11)
-    base = rows[0].ppl
-    shown = [row.ppl for row in rows if row.ppl <= OFF_SCALE * base] or [base]
+    base = values[0]
+    limit = off_scale if off_scale is not None else float("inf")
+    shown = [value for value in values if value <= limit] or [base]
     low, high = min(shown), max(shown)
-    pad = 0.08 * (high - low or base)
+    pad = 0.08 * (high - low or abs(base) or 1.0)
     top = high + pad
     ax.set_ylim(low - pad, top)
     bits = [row.weight_bits for row in rows]
@@ -115,13 +149,13 @@ def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
     styles: dict[str, tuple[str, str]] = {}
     palette = iter([("o", "#4c72b0"), ("s", "#dd8452"), ("^", "#55a868"), ("D", "#c44e52")])
     places = []
-    for row in rows:
+    for row, value in zip(rows, values, strict=True):
         width = _activation_label(row.bits)
         if width not in styles:
             styles[width] = next(palette, ("v", "#8172b3"))
         marker, color = styles[width]
-        off = row.ppl > top
-        y = top if off else row.ppl
+        off = value > top
+        y = top if off else value
         face = "none" if off else color
         ax.scatter(row.weight_bits, y, marker=marker, facecolors=face, edgecolors=color, s=36,
                    zorder=3, clip_on=False)  # fmt: skip
@@ -129,15 +163,15 @@ def plot_comparison(rows: list[ComparisonRow], path: str | Path) -> Path:
     ax.axhline(base, color="black", linestyle="--", linewidth=0.8)
     for width, (marker, color) in styles.items():
         ax.scatter([], [], marker=marker, color=color, label=width)
-    if any(row.ppl > top for row in rows):
+    if any(value > top for value in values):
         ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.4",
                    label=f"off scale (> {OFF_SCALE:g}× fp)")  # fmt: skip
-    ax.legend(title="activations", loc="upper right", fontsize=8, title_fontsize=8)
+    ax.legend(title="activations", loc="best", fontsize=8, title_fontsize=8)
     ax.set_xlabel("stored bits per block-linear weight (codes + scales + zeros; fp = 16)")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel(ylabel)
     ax.set_title("Quality against size: each recipe vs fp (dashed), one run", pad=12)
     _number_points(ax, places)
-    _name_numbers_in_a_column(fig, rows)
+    _name_numbers_in_a_column(fig, rows, key)
     return _save_figure(fig, path)
 
 
@@ -167,16 +201,16 @@ def _number_points(ax, places: list[tuple[float, float]], near_px: float = 11.0)
         )  # fmt: skip
 
 
-def _name_numbers_in_a_column(fig, rows: list[ComparisonRow]) -> None:
-    """The numbers' key, right of the axes: number, recipe, perplexity, Δ% vs fp."""
+def _name_numbers_in_a_column(fig, rows: list, key: tuple[str, str, list[str]]) -> None:
+    """The numbers' key, right of the axes: number, recipe, value, delta vs fp."""
+    value_heading, delta_heading, texts = key
     step = min(0.05, 0.77 / max(1, len(rows)))
     width = max(len(row.recipe) for row in rows)
-    heading = f"{'':>2}  {'recipe':<{width}} {'ppl':>8}  Δ% vs fp"
+    heading = f"{'':>2}  {'recipe':<{width}} {value_heading:>8}  {delta_heading}"
     fig.text(0.67, 0.86, heading, fontsize=7.5, weight="bold", va="top", family="monospace")
-    for number, row in enumerate(rows, start=1):
+    for number, (row, text) in enumerate(zip(rows, texts, strict=True), start=1):
         fig.text(
-            0.67, 0.86 - step * number,
-            f"{number:>2}  {row.recipe:<{width}} {row.ppl:>8.2f}  {row.delta_pct:+.1f}%",
+            0.67, 0.86 - step * number, f"{number:>2}  {row.recipe:<{width}} {text}",
             fontsize=7.5, va="top", family="monospace",
         )  # fmt: skip
 
@@ -312,6 +346,7 @@ __all__ = [
     "outlier_summary",
     "plot_channel_heatmap",
     "plot_comparison",
+    "plot_vision",
     "read_json",
     "write_atomic",
     "write_json",

@@ -404,7 +404,9 @@ def test_cli_vision_writes_rows_and_refuses_bad_input_in_one_line(
     common += ["--calib-data", str(train), "--resolution", "16", "--calib-images", "6"]
     out = tmp_path / "rows.json"
     argv = common + ["--eval-data", str(test), "--recipes", "vit-rtn-w8a8", "--json", str(out)]
+    argv += ["--plot", str(tmp_path / "vision.png")]
     assert main(argv) == 0
+    assert Image.open(tmp_path / "vision.png").size[0] > 500
     rows = json.loads(out.read_text())
     assert set(rows) == {"fp", "vit-rtn-w8a8", "_meta"}
     assert rows["fp"]["agreement"] == 100.0 and rows["fp"]["images"] == 24

@@ -7,6 +7,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     dgq,
     gptq,
     ias_vit,
+    lpvit,
     osplus,
     outliertune,
     quarot,

@@ -1,0 +1,103 @@
+"""LPViT block pruning (scores, distortion curves, slope-matched allocation) and the
+block-sparse CPU linear that skips the pruned blocks, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_vision_model
+from torch import nn
+
+from channelwise.adapters import adapter_for
+from channelwise.compress import plan, quantize
+from channelwise.deploy.block_sparse import BlockSparseLinear, block_sparse_model
+from channelwise.errors import PackingError, RecipeError, UnsupportedModelError
+from channelwise.methods.lpvit import MASK_ATTR, allocate, block_mask, distortion_curve
+from channelwise.recipe import Recipe
+
+
+def test_distortion_curve_prunes_the_lowest_scoring_blocks_first():
+    score = torch.tensor([[3.0, 1.0], [4.0, 2.0]], dtype=torch.float64)
+    energy = torch.tensor([[30.0, 10.0], [40.0, 20.0]], dtype=torch.float64)
+    levels = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    curve, order = distortion_curve(score, energy, levels)
+    torch.testing.assert_close(curve, torch.tensor([0.0, 10, 30, 60, 100], dtype=torch.float64) / 4)
+    mask = block_mask(order, 0.5, 2, 3, (4, 6))  # blocks of 2×3 on a 4×6 weight
+    expected = torch.tensor([[True, False], [True, False]])
+    assert torch.equal(mask[::2, ::3], expected) and mask.shape == (4, 6)
+    assert mask[:2, 3:].eq(False).all() and mask[2:, :3].all()
+
+
+def test_allocation_prunes_the_flatter_curve_more_and_meets_the_flops_target():
+    levels = torch.linspace(0, 1, 101, dtype=torch.float64)
+    curves = {"steep": 10 * levels**2, "flat": levels**2}
+    sizes = {"steep": 100, "flat": 100}
+    amounts, kept = allocate(curves, sizes, levels, target=0.5)
+    assert amounts["flat"] > amounts["steep"]
+    assert kept == pytest.approx(0.5, abs=0.02)
+    big = {"steep": 300, "flat": 100}  # kept FLOPs weigh each layer by its size
+    amounts, kept = allocate(curves, big, levels, target=0.7)
+    assert kept == pytest.approx(0.7, abs=0.02)
+
+
+def _lpvit(**args) -> Recipe:
+    return Recipe.from_dict({"name": "lpvit-test", "steps": [{"method": "lpvit", "args": args}]})
+
+
+def test_lpvit_zeroes_whole_blocks_to_the_flops_target_and_the_sparse_model_agrees():
+    model = tiny_vision_model("dinov2")
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = quantize(model, _lpvit(flops=0.6, block=[8, 8]), pixels, progress=False)
+    method = result.methods[0]
+    assert method.kept_flops == pytest.approx(0.6, abs=0.03)
+    adapter = adapter_for(model)
+    names, kept, total = [], 0, 0
+    for index, block in enumerate(adapter.block_list(model)):
+        for name, linear in adapter.block_linears(block).items():
+            full = f"{adapter.blocks}.{index}.{name}"
+            names.append(full)
+            mask = getattr(linear, MASK_ATTR)
+            assert linear.weight[~mask].eq(0).all()
+            blocks = linear.weight.reshape(linear.weight.shape[0] // 8, 8, -1, 8)
+            zero_blocks = blocks.eq(0).all(3).all(1).float().mean().item()
+            assert zero_blocks == pytest.approx(method.amounts[full], abs=1e-6)
+            kept += mask.sum().item()
+            total += mask.numel()
+    assert kept / total == pytest.approx(method.kept_flops, abs=1e-6)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    replaced = block_sparse_model(model, names, (8, 8))
+    assert replaced and all(isinstance(model.get_submodule(n), BlockSparseLinear) for n in replaced)
+    with torch.no_grad():
+        got = model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_sparse_linear_equals_the_dense_masked_product(bias):
+    generator = torch.Generator().manual_seed(1)
+    linear = nn.Linear(48, 32, bias=bias)
+    keep = torch.rand(4, 6, generator=generator) < 0.5
+    keep[1] = False  # a block row with nothing kept: output is the bias
+    keep[2] = True  # a full row: one tile
+    with torch.no_grad():
+        linear.weight.mul_(keep.repeat_interleave(8, 0).repeat_interleave(8, 1))
+    sparse = BlockSparseLinear(linear, (8, 8))
+    assert sparse.kept_fraction == pytest.approx(keep.float().mean().item())
+    x = torch.randn(3, 5, 48, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), linear(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PackingError, match="blocks"):
+        BlockSparseLinear(nn.Linear(50, 32), (8, 8))
+
+
+def test_lpvit_recipe_errors_are_clear(make_tiny_model):
+    model = tiny_vision_model("dinov2")
+    with pytest.raises(RecipeError, match="does not split"):
+        plan(model, _lpvit(block=[12, 12]))
+    with pytest.raises(RecipeError, match="flops"):
+        plan(model, _lpvit(flops=1.0))
+    with pytest.raises(UnsupportedModelError, match="Vision Transformer"):
+        plan(make_tiny_model("llama"), _lpvit())
+    with pytest.raises(PackingError, match="not a float nn.Linear"):
+        block_sparse_model(model, ["encoder.layer.0.norm1"], (8, 8))

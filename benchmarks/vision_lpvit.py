@@ -1,0 +1,109 @@
+"""LPViT block pruning on the embedded DINOv2-S/14: top-1 and block-sparse images/s, one run.
+
+Top-1 (through the frozen probe, ``channelwise.vision`` protocol) of fp and of LPViT at each
+``--flops`` share of the block linears' FLOPs kept, with the paper's curve allocation and the
+uniform ablation; then the images/s of the float model against the same model pruned at the
+first ``--flops`` with its pruned linears turned block-sparse
+(``channelwise.deploy.block_sparse``), on one batch of test images, the median of
+``--repeats`` forwards after a warm-up, rounds interleaved. No fine-tuning after pruning.
+
+    .venv/bin/python benchmarks/vision_lpvit.py [--flops 0.5,0.9] [--block 16]
+        [--eval-images N] [--batch 32] [--repeats 5] [--rounds 2] [--threads 2] [--json out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from channelwise.adapters import adapter_for
+from channelwise.compress import quantize
+from channelwise.deploy.block_sparse import block_sparse_model
+from channelwise.paths import write_atomic
+from channelwise.recipe import Recipe
+from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
+
+
+def lpvit(flops: float, block: int, allocation: str) -> Recipe:
+    args = {"flops": flops, "block": [block, block], "allocation": allocation}
+    name = f"lpvit-{round(flops * 100)}" + ("" if allocation == "curves" else "-uniform")
+    return Recipe.from_dict({"name": name, "steps": [{"method": "lpvit", "args": args}]})
+
+
+def images_per_second(models: dict, pixels: torch.Tensor, repeats: int, rounds: int) -> dict:
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, model in models.items():
+                model(pixel_values=pixels)
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(pixel_values=pixels)
+                    times[name].append(time.perf_counter() - start)
+    return {name: pixels.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flops", default="0.5,0.9", help="kept FLOPs shares (the first is timed)")
+    p.add_argument("--block", type=int, default=16)
+    p.add_argument("--calib-images", type=int)
+    p.add_argument("--eval-images", type=int)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shares = [float(f) for f in args.flops.split(",") if f.strip()]
+    protocol = VisionProtocol().with_(calib_images=args.calib_images, eval_images=args.eval_images)
+    recipes = ["fp"] + [lpvit(f, args.block, a) for f in shares for a in ("curves", "uniform")]
+    rows = compare_vision(recipes, None, protocol, device="cpu", progress=False)
+    out = {}
+    for row in rows:
+        print(f"{row.recipe:<20} top-1 {row.top1:6.2f}  Δ {row.delta_pt:+6.2f} pt  "
+              f"agree {row.agreement:6.2f}  calib {row.calib_s:5.1f}s", flush=True)  # fmt: skip
+        out[row.recipe] = row.as_dict()
+    pruned = load_vision_model(None, "cpu")
+    result = quantize(pruned, lpvit(shares[0], args.block, "curves"),
+                      protocol.calibration_pixels(), progress=False)  # fmt: skip
+    adapter = adapter_for(pruned)
+    names = [f"{adapter.blocks}.{i}.{n}" for i, b in enumerate(adapter.block_list(pruned))
+             for n in adapter.block_linears(b)]  # fmt: skip
+    replaced = block_sparse_model(pruned, names, (args.block, args.block))
+    timed = VisionProtocol(resolution=protocol.resolution, eval_images=args.batch)
+    images = timed.eval_set()
+    pixels = images.pixels(0, len(images), timed.resolution, timed.mean, timed.std)
+    rates = images_per_second(
+        {"fp32": load_vision_model(None, "cpu"), "block-sparse": pruned},
+        pixels, args.repeats, args.rounds,
+    )  # fmt: skip
+    speedup = rates["block-sparse"] / rates["fp32"]
+    kept = result.methods[0].kept_flops
+    print(f"\nfp32 {rates['fp32']:.1f} images/s; LPViT at {kept:.2f} of the block-linear FLOPs, "
+          f"{len(replaced)} linears block-sparse: {rates['block-sparse']:.1f} images/s = "
+          f"{speedup:.2f}× (batch {args.batch}, threads {torch.get_num_threads()})")  # fmt: skip
+    out["_speed"] = {"fp32_images_per_s": rates["fp32"],
+                     "block_sparse_images_per_s": rates["block-sparse"],
+                     "speedup": speedup, "kept_flops": kept, "block": args.block,
+                     "batch": args.batch, "block_sparse_linears": len(replaced)}  # fmt: skip
+    out["_meta"] = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "protocol": vars(protocol),
+    }
+    if args.json:
+        write_atomic(args.json, json.dumps(out, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

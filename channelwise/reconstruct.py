@@ -13,15 +13,16 @@ tokens and averaged over samples and channels (the official code's ``lp_loss``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from channelwise.engine import hidden_state
+from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import NonFiniteError
 from channelwise.quant.core import QParams, QuantSpec, fake_quantize
 
@@ -103,26 +104,74 @@ def reconstruct_block(
     return Reconstruction(before, block_loss(block, inputs, kwargs, targets, batch_size))
 
 
-class _FakeQuantWeight(nn.Module):
-    def __init__(self, spec: QuantSpec, qparams: QParams) -> None:
+class FloatStream:
+    """The float model's inputs to the current block, carried block to block beside the
+    compressed model's own (``ctx.inputs``): the targets of a block's reconstruction are the
+    float block's outputs on float inputs. Call :meth:`step` once per block, before the block
+    changes."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._inputs: Tensor | None = None
+
+    def step(self, ctx: BlockContext) -> tuple[Tensor, Tensor]:
+        """``(float inputs, float outputs)`` of ``ctx.block``, each ``(n, tokens, hidden)`` on
+        the block's device; the outputs become the next block's float inputs."""
+        if ctx.index == 0 or self._inputs is None:  # block 0: nothing before it is compressed
+            self._inputs = stacked_inputs(ctx)
+        inputs = self._inputs.to(ctx.device)
+        kwargs = ctx.kwargs[0] if ctx.kwargs else {}
+        with torch.no_grad():
+            outputs = torch.cat([
+                hidden_state(ctx.block(inputs[i : i + self.batch_size], **kwargs))
+                for i in range(0, inputs.shape[0], self.batch_size)
+            ])  # fmt: skip
+        self._inputs = None if ctx.last else outputs.to(ctx.inputs[0].device)
+        return inputs, outputs
+
+
+def stacked_inputs(ctx: BlockContext) -> Tensor:
+    """The block's calibration inputs as one ``(n, tokens, hidden)`` tensor on its device."""
+    return torch.cat([x.to(ctx.device) for x in ctx.inputs])
+
+
+class _WeightFunction(nn.Module):
+    def __init__(self, function) -> None:
         super().__init__()
-        self.spec = spec
-        self.qparams = qparams
+        self.function = function
 
     def forward(self, weight: Tensor) -> Tensor:
-        return fake_quantize(weight, self.spec, self.qparams)
+        return self.function(weight)
 
 
 @contextmanager
-def weight_grids(
-    linears: list[nn.Module], spec: QuantSpec, qparams: list[QParams]
-) -> Iterator[None]:
-    """Inside, each ``nn.Linear``'s weight is fake-quantized on its fixed grid in the forward
-    pass (its float weight still the trained parameter); on exit the float weights are back."""
-    for module, grid in zip(linears, qparams, strict=True):
-        parametrize.register_parametrization(module, "weight", _FakeQuantWeight(spec, grid))
+def weight_functions(linears: list[nn.Module], functions: list) -> Iterator[None]:
+    """Inside, each ``nn.Linear`` computes with ``function(weight)`` in place of its weight (the
+    float weight still the trained parameter, gradients through the function); on exit the
+    float weights are back."""
+    for module, function in zip(linears, functions, strict=True):
+        parametrize.register_parametrization(module, "weight", _WeightFunction(function))
     try:
         yield
     finally:
         for module in linears:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def weight_grids(
+    linears: list[nn.Module], spec: QuantSpec, qparams: list[QParams]
+) -> AbstractContextManager[None]:
+    """:func:`weight_functions` fake-quantizing each weight on its fixed grid (straight-through
+    gradients)."""
+    return weight_functions(
+        linears, [partial(fake_quantize, spec=spec, qparams=grid) for grid in qparams]
+    )
+
+
+def weight_masks(linears: list[nn.Module], masks: list[Tensor]) -> AbstractContextManager[None]:
+    """:func:`weight_functions` multiplying each weight by its 0/1 ``mask`` (pruned entries stay
+    zero and get no gradient)."""
+    return weight_functions(
+        linears, [partial(torch.mul, other=mask.to(m.weight.dtype)) for m, mask in
+                  zip(linears, masks, strict=True)]
+    )  # fmt: skip

@@ -101,3 +101,24 @@ def test_lpvit_recipe_errors_are_clear(make_tiny_model):
         plan(make_tiny_model("llama"), _lpvit())
     with pytest.raises(PackingError, match="not a float nn.Linear"):
         block_sparse_model(model, ["encoder.layer.0.norm1"], (8, 8))
+
+
+def test_reconstruction_after_pruning_keeps_the_blocks_zero_and_recovers_the_output():
+    pixels = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    dense = tiny_vision_model("dinov2")
+    with torch.no_grad():
+        expected = dense(pixel_values=pixels).last_hidden_state
+    errors = {}
+    for iters in (0, 200):
+        model = tiny_vision_model("dinov2")
+        recipe = _lpvit(flops=0.5, block=[8, 8], reconstruct_iters=iters, lr=5e-3, batch_size=8)
+        method = quantize(model, recipe, pixels, progress=False).methods[0]
+        for linear in adapter_for(model).block_linears(model.encoder.layer[1]).values():
+            assert linear.weight[~getattr(linear, MASK_ATTR)].eq(0).all()
+        for loss in method.losses.values():
+            assert loss.loss_after < loss.loss_before
+        assert len(method.losses) == (2 if iters else 0)
+        with torch.no_grad():
+            got = model(pixel_values=pixels).last_hidden_state
+        errors[iters] = ((got - expected).norm() / expected.norm()).item()
+    assert errors[200] < 0.9 * errors[0], errors

@@ -53,7 +53,7 @@ from torch import nn
 
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.calibrate import quantize_block_activations
-from channelwise.engine import BlockContext, hidden_state
+from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
@@ -66,7 +66,13 @@ from channelwise.quant.attention import (
 )
 from channelwise.quant.core import compute_qparams
 from channelwise.quant.grid import round_weight_
-from channelwise.reconstruct import Reconstruction, reconstruct_block, weight_grids
+from channelwise.reconstruct import (
+    FloatStream,
+    Reconstruction,
+    reconstruct_block,
+    stacked_inputs,
+    weight_grids,
+)
 
 
 class IaSViTArgs(BaseModel):
@@ -95,7 +101,7 @@ class IaSViT(Method):
         #: ``losses[(block, stage)]``: the block-output loss before and after stage 1 or 3.
         self.losses: dict[tuple[int, int], Reconstruction] = {}
         self._model: nn.Module | None = None
-        self._float_inputs: torch.Tensor | None = None
+        self._stream = FloatStream(self.args.batch_size)
 
     @property
     def iters(self) -> int:
@@ -132,7 +138,7 @@ class IaSViT(Method):
     def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
         """Give every block's attention an uncalibrated SULQ probabilities quantizer."""
         self._model = model
-        self._float_inputs = None
+        self._stream = FloatStream(self.args.batch_size)
         if self.args.softmax != "sulq":
             return
         bits = self.args.softmax_bits or self.recipe.activations.bits
@@ -144,15 +150,8 @@ class IaSViT(Method):
 
     def apply(self, ctx: BlockContext) -> None:
         kwargs = ctx.kwargs[0] if ctx.kwargs else {}
-        quantized_inputs = torch.cat([x.to(ctx.device) for x in ctx.inputs])
-        if ctx.index == 0 or self._float_inputs is None:  # block 0: nothing quantized before
-            self._float_inputs = quantized_inputs.clone()
-        float_inputs = self._float_inputs.to(ctx.device)
-        with torch.no_grad():  # the float block's outputs: targets, and the next float inputs
-            targets = torch.cat([
-                hidden_state(ctx.block(float_inputs[i : i + self.args.batch_size], **kwargs))
-                for i in range(0, float_inputs.shape[0], self.args.batch_size)
-            ])  # fmt: skip
+        quantized_inputs = stacked_inputs(ctx)
+        float_inputs, targets = self._stream.step(ctx)  # the float block, before any change
         norm_subsets = [s for s in ctx.adapter.subsets if s.prev_kind == "norm"]
         per_channel = tuple(name for subset in norm_subsets for name in subset.linears)
         quantize_block_activations(self._model, ctx, self.recipe, per_channel)
@@ -184,6 +183,5 @@ class IaSViT(Method):
         with torch.no_grad():
             for module, grid in zip(linears, grids, strict=True):
                 round_weight_(module, linear_weight(module, False), weight_spec, grid)
-        self._float_inputs = None if ctx.last else targets.to(ctx.inputs[0].device)
         if ctx.last:
             self._model = None

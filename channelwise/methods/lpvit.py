@@ -16,7 +16,9 @@ ones that skip them.
 Arguments: ``flops`` (the share of the block linears' FLOPs kept, default 0.5), ``block``
 (``[bh, bw]``, default 16 × 16 as for DeiT-S), ``grid`` (curve points, 101), ``batch_size``,
 ``allocation`` (``curves``, the paper's, or ``uniform``: every linear pruned alike, the
-ablation).
+ablation), ``reconstruct_iters`` (default 0; ``lr``, ``seed``): block-output reconstruction of
+the kept weights after pruning (:mod:`channelwise.reconstruct`, as I&S-ViT trains its blocks),
+a post-training stand-in for the paper's fine-tuning.
 
 Deviations from the paper and the official code:
 
@@ -26,7 +28,10 @@ Deviations from the paper and the official code:
   LayerNorm output has a near-constant energy, whose gradient carries little signal.
 - The hardware power term of the paper's objective (``λ·P(a)``) is left out: the target is
   FLOPs, which every kept block costs alike on a CPU.
-- No fine-tuning after pruning (the paper fine-tunes); the figures are post-training.
+- No fine-tuning after pruning (the paper fine-tunes the pruned network); the optional
+  block-wise reconstruction is this toolkit's post-training substitute, not the paper's.
+- The masks are computed for the whole model in ``prepare_model`` (the allocation is global)
+  and applied block by block in ``apply``.
 - The second-order term and the curves' EMA smoothing (options in the official code) are not
   used.
 """
@@ -43,6 +48,13 @@ from channelwise.adapters import ModelAdapter
 from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods.registry import Method, register
+from channelwise.reconstruct import (
+    FloatStream,
+    Reconstruction,
+    reconstruct_block,
+    stacked_inputs,
+    weight_masks,
+)
 
 MASK_ATTR = "_channelwise_block_mask"
 
@@ -55,6 +67,9 @@ class LPViTArgs(BaseModel):
     grid: int = Field(default=101, ge=11)
     batch_size: int = Field(default=16, ge=1)
     allocation: Literal["curves", "uniform"] = "curves"
+    reconstruct_iters: int = Field(default=0, ge=0)
+    lr: float = Field(default=4e-5, gt=0)
+    seed: int = 0
 
 
 @register
@@ -72,6 +87,10 @@ class LPViT(Method):
         self.amounts: dict[str, float] = {}
         #: The kept share of the block linears' FLOPs.
         self.kept_flops: float | None = None
+        #: ``losses[block]``: the block-output loss before and after reconstruction.
+        self.losses: dict[int, Reconstruction] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._stream = FloatStream(self.args.batch_size)
 
     def check(self, model, adapter: ModelAdapter) -> None:
         where = f"recipe '{self.recipe.name}', step '{self.name}'"
@@ -113,18 +132,41 @@ class LPViT(Method):
             self.kept_flops = self.args.flops
         else:
             self.amounts, self.kept_flops = allocate(curves, sizes, levels, self.args.flops)
+        self._masks = {}
         kept = 0
-        with torch.no_grad():
-            for name, module in linears.items():
-                mask = block_mask(orders[name], self.amounts[name], bh, bw, module.weight.shape)
-                module.weight.mul_(mask.to(module.weight.dtype))
-                setattr(module, MASK_ATTR, mask)
-                self.amounts[name] = 1 - mask.float().mean().item()  # whole blocks: realised
-                kept += int(mask.sum())
+        for name, module in linears.items():
+            mask = block_mask(orders[name], self.amounts[name], bh, bw, module.weight.shape)
+            self._masks[name] = mask
+            self.amounts[name] = 1 - mask.float().mean().item()  # whole blocks: realised
+            kept += int(mask.sum())
         self.kept_flops = kept / sum(sizes.values())
+        self._stream = FloatStream(self.args.batch_size)
 
     def apply(self, ctx: BlockContext) -> None:
-        """All the work is done in ``prepare_model`` (the allocation is global)."""
+        """Zero the block's pruned weight blocks; with ``reconstruct_iters``, then train its kept
+        weights to reproduce the dense block's outputs (on the pruned model's inputs)."""
+        block_linears = ctx.adapter.block_linears(ctx.block)
+        prefix = f"{ctx.adapter.blocks}.{ctx.index}."
+        masks = [self._masks[prefix + name].to(ctx.device) for name in block_linears]
+        linears = list(block_linears.values())
+        if self.args.reconstruct_iters:
+            _, targets = self._stream.step(ctx)  # the dense block's outputs
+        with torch.no_grad():
+            for module, mask in zip(linears, masks, strict=True):
+                module.weight.mul_(mask.to(module.weight.dtype))
+                setattr(module, MASK_ATTR, mask)
+        if not self.args.reconstruct_iters:
+            return
+        kwargs = ctx.kwargs[0] if ctx.kwargs else {}
+        with weight_masks(linears, masks):
+            self.losses[ctx.index] = reconstruct_block(
+                ctx.block, linears, stacked_inputs(ctx), kwargs, targets,
+                iters=self.args.reconstruct_iters, batch_size=self.args.batch_size,
+                lr=self.args.lr, seed=self.args.seed, progress=ctx.progress,
+            )  # fmt: skip
+        with torch.no_grad():
+            for module, mask in zip(linears, masks, strict=True):
+                module.weight.mul_(mask.to(module.weight.dtype))
 
 
 def label_free_gradients(

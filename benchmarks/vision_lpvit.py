@@ -8,7 +8,8 @@ first ``--flops`` with its pruned linears turned block-sparse
 ``--repeats`` forwards after a warm-up, rounds interleaved. No fine-tuning after pruning.
 
     .venv/bin/python benchmarks/vision_lpvit.py [--flops 0.5,0.9] [--block 16]
-        [--eval-images N] [--batch 32] [--repeats 5] [--rounds 2] [--threads 2] [--json out]
+        [--reconstruct-iters 100] [--eval-images N] [--batch 32] [--repeats 5] [--rounds 2]
+        [--threads 2] [--json out]
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from channelwise.recipe import Recipe
 from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
 
 
-def lpvit(flops: float, block: int, allocation: str) -> Recipe:
+def lpvit(flops: float, block: int, allocation: str = "curves", iters: int = 0) -> Recipe:
     args = {"flops": flops, "block": [block, block], "allocation": allocation}
     name = f"lpvit-{round(flops * 100)}" + ("" if allocation == "curves" else "-uniform")
+    if iters:
+        args["reconstruct_iters"] = iters
+        name += f"-reconstructed-i{iters}"
     return Recipe.from_dict({"name": name, "steps": [{"method": "lpvit", "args": args}]})
 
 
@@ -52,6 +56,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flops", default="0.5,0.9", help="kept FLOPs shares (the first is timed)")
     p.add_argument("--block", type=int, default=16)
+    p.add_argument(
+        "--reconstruct-iters", type=int, default=0,
+        help="also LPViT at the first --flops with block reconstruction of this many iterations",
+    )  # fmt: skip
     p.add_argument("--calib-images", type=int)
     p.add_argument("--eval-images", type=int)
     p.add_argument("--batch", type=int, default=32)
@@ -65,6 +73,8 @@ def main() -> None:
     shares = [float(f) for f in args.flops.split(",") if f.strip()]
     protocol = VisionProtocol().with_(calib_images=args.calib_images, eval_images=args.eval_images)
     recipes = ["fp"] + [lpvit(f, args.block, a) for f in shares for a in ("curves", "uniform")]
+    if args.reconstruct_iters:
+        recipes.append(lpvit(shares[0], args.block, iters=args.reconstruct_iters))
     rows = compare_vision(recipes, None, protocol, device="cpu", progress=False)
     out = {}
     for row in rows:

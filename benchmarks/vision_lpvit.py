@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
+from vision_speed import images_per_second  # this folder is on sys.path as a script
 
 from channelwise.adapters import adapter_for
 from channelwise.compress import quantize
@@ -37,19 +36,6 @@ def lpvit(flops: float, block: int, allocation: str = "curves", iters: int = 0) 
         args["reconstruct_iters"] = iters
         name += f"-reconstructed-i{iters}"
     return Recipe.from_dict({"name": name, "steps": [{"method": "lpvit", "args": args}]})
-
-
-def images_per_second(models: dict, pixels: torch.Tensor, repeats: int, rounds: int) -> dict:
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, model in models.items():
-                model(pixel_values=pixels)
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(pixel_values=pixels)
-                    times[name].append(time.perf_counter() - start)
-    return {name: pixels.shape[0] / statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

@@ -39,6 +39,21 @@ def build(variant: str):
     return model
 
 
+def images_per_second(models: dict, pixels: torch.Tensor, repeats: int, rounds: int) -> dict:
+    """Each model's images/s on ``pixels``: the median of ``repeats`` forwards after a warm-up,
+    ``rounds`` interleaved across the models."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, model in models.items():
+                model(pixel_values=pixels)  # warm-up (kernel operands built once)
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(pixel_values=pixels)
+                    times[name].append(time.perf_counter() - start)
+    return {name: pixels.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(PRESETS))
@@ -58,19 +73,11 @@ def main() -> None:
     images = protocol.eval_set()
     pixels = images.pixels(0, len(images), protocol.resolution, protocol.mean, protocol.std)
     models = {variant: build(variant) for variant in variants}
-    times: dict[str, list[float]] = {variant: [] for variant in variants}
-    with torch.no_grad():
-        for _ in range(args.rounds):
-            for variant, model in models.items():
-                model(pixel_values=pixels)  # warm-up (kernel operands built once)
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    model(pixel_values=pixels)
-                    times[variant].append(time.perf_counter() - start)
+    rates = images_per_second(models, pixels, args.repeats, args.rounds)
     rows = {}
     base = None
     for variant in variants:
-        rate = args.batch / statistics.median(times[variant])
+        rate = rates[variant]
         base = base if base is not None else rate
         rows[variant] = {"images_per_s": rate, "vs_first": rate / base, "preset": PRESETS[variant]}
         print(f"{variant:<8} {rate:8.1f} images/s  {rate / base:5.2f}× {variants[0]}", flush=True)

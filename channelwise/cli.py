@@ -49,7 +49,7 @@ def cmd_quantize(args) -> None:
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
     from channelwise.methods.registry import quantizes_weights
-    from channelwise.vision import VisionProtocol, is_vision_model, load_vision_model
+    from channelwise.vision import is_vision_model, load_vision_model
 
     recipe = load_recipe(args.recipe)
     if args.float_dtype != "float32" and args.format != "packed":
@@ -68,8 +68,7 @@ def cmd_quantize(args) -> None:
             f"--format {args.format} holds language models; save a Vision Transformer with "
             "--format packed (default) or fake"
         )
-    if vision and args.seqlen is not None:
-        raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
+    protocol = _vision_protocol(args) if vision else None
     out = Path(args.out)
     if args.format == "gguf":
         from channelwise.deploy.gguf import gguf_path
@@ -80,9 +79,6 @@ def cmd_quantize(args) -> None:
     check_parent_writable(out)
     if vision:
         model, tokenizer = load_vision_model(args.model, args.device), None
-        protocol = VisionProtocol().with_(
-            calib_data=args.calib_data, calib_images=args.calib_samples
-        )
         calibration = protocol.calibration_pixels() if needs_calibration(recipe) else None
     else:
         model, tokenizer = load_model(args.model, device=args.device)
@@ -278,6 +274,16 @@ def cmd_inspect(args) -> None:
     print(f"wrote {plot_channel_heatmap(columns, args.out, title)}")
 
 
+def _vision_protocol(args):
+    """The ViT protocol of ``quantize``/``inspect``: calibration images from ``--calib-data``
+    and ``--calib-samples``; ``--seqlen`` (a text option) is refused."""
+    from channelwise.vision import VisionProtocol
+
+    if args.seqlen is not None:
+        raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
+    return VisionProtocol().with_(calib_data=args.calib_data, calib_images=args.calib_samples)
+
+
 def _inspect_vision(args) -> None:
     """``inspect`` for a ViT: the channel heat map (before | after a recipe) and, beside it
     (``<out>-softmax.png``), the post-softmax distribution against the 4-bit grids."""
@@ -287,11 +293,9 @@ def _inspect_vision(args) -> None:
         plot_channel_heatmap,
         plot_softmax_distribution,
     )
-    from channelwise.vision import VisionProtocol, inspect_vision
+    from channelwise.vision import inspect_vision
 
-    if args.seqlen is not None:
-        raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
-    protocol = VisionProtocol().with_(calib_data=args.calib_data, calib_images=args.calib_samples)
+    protocol = _vision_protocol(args)
     out = Path(args.out)
     softmax_out = out.with_name(f"{out.stem}-softmax{out.suffix}")
     check_output_file(softmax_out, image_suffixes(), args.model)

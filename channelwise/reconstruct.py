@@ -35,6 +35,28 @@ class Reconstruction:
     loss_after: float
 
 
+@contextmanager
+def only_trainable(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Inside, grad mode is on and of ``module``'s parameters only ``params`` require grad; on
+    exit every flag is as it was."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for param in module.parameters():
+        param.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+
+
+def block_kwargs(ctx: BlockContext) -> dict:
+    """The keyword arguments of the block's forward (a vision block's do not vary per batch)."""
+    return ctx.kwargs[0] if ctx.kwargs else {}
+
+
 def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
     """``(out − target)²`` summed over dimension 1 (the tokens), averaged over the rest."""
     return (out - target).square().sum(1).mean()
@@ -73,34 +95,25 @@ def reconstruct_block(
     the loss becomes NaN/inf.
     """
     trained = [p for module in linears for p in module.parameters() if p is not None]
-    flags = {p: p.requires_grad for p in block.parameters()}
-    for param in block.parameters():
-        param.requires_grad_(False)
-    for param in trained:
-        param.requires_grad_(True)
     before = block_loss(block, inputs, kwargs, targets, batch_size)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(trained, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
-    try:
-        with torch.enable_grad():
-            steps = tqdm(range(iters), desc="reconstruct", disable=not progress, leave=False)
-            for _ in steps:
-                pick = torch.randperm(inputs.shape[0], generator=generator)[:batch_size]
-                pick = pick.to(inputs.device)
-                out = hidden_state(block(inputs[pick], **kwargs))
-                loss = reconstruction_loss(out, targets[pick])
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        "block reconstruction diverged (NaN/inf loss); lower the learning rate"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    finally:
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
+    with only_trainable(block, trained):
+        steps = tqdm(range(iters), desc="reconstruct", disable=not progress, leave=False)
+        for _ in steps:
+            pick = torch.randperm(inputs.shape[0], generator=generator)[:batch_size]
+            pick = pick.to(inputs.device)
+            out = hidden_state(block(inputs[pick], **kwargs))
+            loss = reconstruction_loss(out, targets[pick])
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    "block reconstruction diverged (NaN/inf loss); lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     return Reconstruction(before, block_loss(block, inputs, kwargs, targets, batch_size))
 
 
@@ -120,7 +133,7 @@ class FloatStream:
         if ctx.index == 0 or self._inputs is None:  # block 0: nothing before it is compressed
             self._inputs = stacked_inputs(ctx)
         inputs = self._inputs.to(ctx.device)
-        kwargs = ctx.kwargs[0] if ctx.kwargs else {}
+        kwargs = block_kwargs(ctx)
         with torch.no_grad():
             outputs = torch.cat([
                 hidden_state(ctx.block(inputs[i : i + self.batch_size], **kwargs))

@@ -10,20 +10,24 @@ the frozen probe).
 from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
 
 
-@register_adapter("vit", "deit")
-def vit_adapter(config) -> ModelAdapter:
+def pre_ln_vit_adapter(
+    family: str, blocks: str, norms: tuple[str, str], build_kwargs: dict | None = None
+) -> ModelAdapter:
+    """The adapter of pre-LN ViT blocks at ``blocks``, each with ``attention.{q,k,v,o}_proj``
+    and ``mlp.fc1/fc2``, its attention and MLP LayerNorms named ``norms``."""
+    before, after = norms
     return ModelAdapter(
-        family=config.model_type,
-        blocks="layers",
+        family=family,
+        blocks=blocks,
         subsets=(
             Subset(
                 "attn_in",
                 ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-                prev="layernorm_before",
+                prev=before,
                 prev_kind="norm",
             ),
             Subset("attn_out", ("attention.o_proj",), prev="attention.v_proj", prev_kind="linear"),
-            Subset("mlp_in", ("mlp.fc1",), prev="layernorm_after", prev_kind="norm"),
+            Subset("mlp_in", ("mlp.fc1",), prev=after, prev_kind="norm"),
             Subset("mlp_out", ("mlp.fc2",), prev="mlp.fc1", prev_kind=None),
         ),
         embeddings=("embeddings.patch_embeddings.projection",),
@@ -38,5 +42,11 @@ def vit_adapter(config) -> ModelAdapter:
         },
         attention_module="attention",
         modality="vision",
-        build_kwargs={"add_pooling_layer": False},
+        build_kwargs=build_kwargs or {},
     )
+
+
+@register_adapter("vit", "deit")
+def vit_adapter(config) -> ModelAdapter:
+    norms = ("layernorm_before", "layernorm_after")
+    return pre_ln_vit_adapter(config.model_type, "layers", norms, {"add_pooling_layer": False})

@@ -69,6 +69,7 @@ from channelwise.quant.grid import round_weight_
 from channelwise.reconstruct import (
     FloatStream,
     Reconstruction,
+    block_kwargs,
     reconstruct_block,
     stacked_inputs,
     weight_grids,
@@ -149,7 +150,7 @@ class IaSViT(Method):
             )
 
     def apply(self, ctx: BlockContext) -> None:
-        kwargs = ctx.kwargs[0] if ctx.kwargs else {}
+        kwargs = block_kwargs(ctx)
         quantized_inputs = stacked_inputs(ctx)
         float_inputs, targets = self._stream.step(ctx)  # the float block, before any change
         norm_subsets = [s for s in ctx.adapter.subsets if s.prev_kind == "norm"]

@@ -51,6 +51,8 @@ from channelwise.methods.registry import Method, register
 from channelwise.reconstruct import (
     FloatStream,
     Reconstruction,
+    block_kwargs,
+    only_trainable,
     reconstruct_block,
     stacked_inputs,
     weight_masks,
@@ -157,7 +159,7 @@ class LPViT(Method):
                 setattr(module, MASK_ATTR, mask)
         if not self.args.reconstruct_iters:
             return
-        kwargs = ctx.kwargs[0] if ctx.kwargs else {}
+        kwargs = block_kwargs(ctx)
         with weight_masks(linears, masks):
             self.losses[ctx.index] = reconstruct_block(
                 ctx.block, linears, stacked_inputs(ctx), kwargs, targets,
@@ -175,30 +177,23 @@ def label_free_gradients(
     """Each linear's weight gradient of ``mean(f(x)²)``, ``f`` the last block's output (before
     the backbone's final LayerNorm), averaged over the calibration batches, float64."""
     sums = [torch.zeros_like(m.weight, dtype=torch.float64) for m in linears]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in linears:
-        module.weight.requires_grad_(True)
+    weights = [m.weight for m in linears]
     batches = 0
     last: list[Tensor] = []
     handle = adapter.block_list(model)[-1].register_forward_hook(
         lambda _m, _a, out: last.append(hidden_state(out))
     )
     try:
-        with torch.enable_grad():
+        with only_trainable(model, weights):
             for start in range(0, pixels.shape[0], batch):
                 last.clear()
                 adapter.run(model, pixels[start : start + batch])
                 loss = last[0].float().square().mean()
-                grads = torch.autograd.grad(loss, [m.weight for m in linears])
-                for total, grad in zip(sums, grads, strict=True):
+                for total, grad in zip(sums, torch.autograd.grad(loss, weights), strict=True):
                     total += grad.double()
                 batches += 1
     finally:
         handle.remove()
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
     return [total / batches for total in sums]
 
 

@@ -1,7 +1,8 @@
 """Block-wise calibration: one decoder block at a time, fed by the previous block's outputs.
 
 The inputs of block 0 (and the keyword arguments the model passes every block: attention mask,
-rotary position embeddings) are captured once; then for each block the method runs on that block
+rotary position embeddings; per block where the model mixes layer types, as Gemma does) are
+captured once; then for each block the method runs on that block
 alone, and the block's outputs — computed *after* the method changed it, so quantization error
 propagates as it will at inference — become the next block's inputs. Only the current block needs
 to sit on the compute device; peak memory is one block plus the calibration activations.
@@ -189,6 +190,47 @@ def capture_block_inputs(
     return inputs, kwargs
 
 
+def varying_layer_kwargs(model: nn.Module) -> bool:
+    """Whether blocks get different keyword arguments: a model mixing layer types (Gemma's
+    sliding-window and global layers take their own masks and rotary embeddings)."""
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    return bool(layer_types) and len(set(layer_types)) > 1
+
+
+def capture_layer_kwargs(
+    model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int
+) -> list[list[dict]]:
+    """Per block, per batch, the keyword arguments the model passes that block (one forward
+    of the float model per batch, stopped at the last block)."""
+    blocks = adapter.block_list(model)
+    per_block: list[list[dict]] = [[] for _ in blocks]
+    device = model_device(model)
+
+    def keep(index: int, kwargs: dict) -> None:
+        per_block[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if index == len(blocks) - 1:
+            raise _Captured
+
+    handles = [
+        block.register_forward_pre_hook(
+            lambda _m, _args, kwargs, index=index: keep(index, kwargs), with_kwargs=True
+        )
+        for index, block in enumerate(blocks)
+    ]
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            try:
+                with torch.no_grad():
+                    adapter.run(model, ids)
+            except _Captured:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return per_block
+
+
 def run_blockwise(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -206,12 +248,17 @@ def run_blockwise(
     device = torch.device(device) if device is not None else model_device(model)
     inputs, kwargs = capture_block_inputs(model, adapter, input_ids, batch_size)
     blocks = adapter.block_list(model)
+    per_block = (
+        capture_layer_kwargs(model, adapter, input_ids, batch_size)
+        if varying_layer_kwargs(model)
+        else [kwargs] * len(blocks)
+    )
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress, leave=False):
         block = blocks[index]
         home = model_device(block)
         block.to(device)
         ctx = BlockContext(
-            index, block, adapter, inputs, _to(kwargs, device), device,
+            index, block, adapter, inputs, _to(per_block[index], device), device,
             progress=progress, last=index == len(blocks) - 1,
         )  # fmt: skip
         block_fn(ctx)

@@ -35,6 +35,10 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
     }
     if family in llama_like:
         kwargs = dict(
@@ -46,6 +50,19 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             vocab_size=VOCAB,
             max_position_embeddings=MAX_POSITIONS,
         )
+        if family in ("qwen3", "gemma2", "gemma3_text"):  # their default head_dim is not 64/4
+            kwargs.update(head_dim=HIDDEN // HEADS)
+        if family.startswith("gemma"):  # one sliding-window layer (of 8 tokens), one global
+            kwargs.update(
+                query_pre_attn_scalar=HIDDEN // HEADS,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=0,
+            )
+        if family == "phi3":
+            kwargs.update(bos_token_id=0, eos_token_id=1, pad_token_id=0)
         return llama_like[family](**{**kwargs, **overrides})
     if family == "opt":
         # word_embed_proj_dim == hidden_size: no project_in / project_out.

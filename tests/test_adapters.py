@@ -14,6 +14,10 @@ EXPECTED_FAMILY = {
     "llama": "llama",
     "qwen2": "llama",
     "mistral": "llama",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
     "opt": "opt",
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
@@ -34,6 +38,15 @@ EXPECTED_SHAPES = {
     "llama": LLAMA_SHAPES,
     "qwen2": LLAMA_SHAPES,
     "mistral": LLAMA_SHAPES,
+    "qwen3": LLAMA_SHAPES,
+    "gemma2": LLAMA_SHAPES,
+    "gemma3_text": LLAMA_SHAPES,
+    "phi3": {
+        name.replace("self_attn.", "self_attn.qkv_proj.").replace("mlp.", "mlp.gate_up_proj.")
+        if name not in ("self_attn.o_proj", "mlp.down_proj")
+        else name: shape
+        for name, shape in LLAMA_SHAPES.items()
+    },
     "opt": {
         "self_attn.q_proj": (64, 64),
         "self_attn.k_proj": (64, 64),

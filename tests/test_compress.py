@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from channelwise.adapters import adapter_for, linear_weight
+from channelwise.adapters.phi3 import SplitLinear
 from channelwise.compress import (
     RECIPE_ATTR,
     STATIC_QPARAMS_FILE,
@@ -106,7 +107,12 @@ def test_quantize_changes_only_the_block_linear_weights(tiny_model: nn.Module) -
     before = snapshot(tiny_model)
     quantize(tiny_model, "rtn-w4a16-g64", progress=False)
     after = tiny_model.state_dict()
-    weight_keys = {f"{path}.weight" for path in block_linears(tiny_model)}
+    # Phi-3's split q/k/v (gate/up) parts save under their fused linear's name.
+    weight_keys = {
+        f"{path.rsplit('.', 1)[0] if fused else path}.weight"
+        for path in block_linears(tiny_model)
+        for fused in [isinstance(tiny_model.get_submodule(path.rsplit(".", 1)[0]), SplitLinear)]
+    }
     for key, value in before.items():
         if key in weight_keys:
             assert not torch.equal(after[key], value), f"{key} was not quantized"

@@ -18,7 +18,9 @@ def head_logits(model: nn.Module, final_norm: str | None, hidden: torch.Tensor) 
     with torch.no_grad():
         if final_norm is not None:
             hidden = model.get_submodule(final_norm)(hidden)
-        return model.get_output_embeddings()(hidden)
+        logits = model.get_output_embeddings()(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def reference_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

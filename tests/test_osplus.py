@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, logits, relative_error, save_and_reload
+from helpers import FAMILIES, RMS_FAMILIES, logits, relative_error, save_and_reload
 
 from channelwise.compress import plan, quantize
 from channelwise.errors import RecipeError, UnsupportedModelError
@@ -39,7 +39,7 @@ def test_shift_and_scale_alone_keep_the_model(
         remove_input_quantizer(module)  # the recipe's activation quantizers: not under test
     assert relative_error(logits(model, token_ids), before) < 1e-5
     method: OSPlus = model.channelwise_methods[0]
-    per_block = 3 if family in ("llama", "qwen2", "mistral") else 2  # + up → down for Llama
+    per_block = 3 if family in RMS_FAMILIES else 2  # + up → down for Llama
     assert len(method.searches) == per_block * 2
     for t, candidates, losses, s in method.searches.values():
         assert (s >= 1).all(), "OS+ only scales channels down"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, logits, relative_error, save_and_reload
+from helpers import FAMILIES, RMS_FAMILIES, logits, relative_error, save_and_reload
 from torch import nn
 
 from channelwise.adapters import adapter_for
@@ -44,7 +44,7 @@ def test_shift_into_norm_output_is_exact(make_tiny_model, family, scale_too, tok
     shift_every_norm(model, scale_too)
     assert relative_error(logits(model, token_ids), before) < 1e-5
     norm = adapter_for(model).block_list(model)[0].get_submodule(adapter_for(model).subsets[0].prev)
-    rms = family in ("llama", "qwen2", "mistral")
+    rms = family in RMS_FAMILIES
     assert (norm_shift(norm) is not None) == rms, "RMSNorm needs a runtime shift, LayerNorm none"
 
 

@@ -1,13 +1,24 @@
 """Architecture adapters; importing this package registers every family."""
 
-from channelwise.adapters import dinov2, gpt2, gpt_neox, llama, opt, vit  # noqa: F401 (registration)
+from channelwise.adapters import (  # noqa: F401 (registration)
+    dinov2,
+    gemma,
+    gpt2,
+    gpt_neox,
+    llama,
+    opt,
+    phi3,
+    vit,
+)
 from channelwise.adapters.base import (
     ModelAdapter,
     Subset,
     adapter_for,
     adapter_for_config,
     linear_weight,
+    norm_gain,
     register_adapter,
+    set_norm_gain,
     supported_model_types,
 )
 
@@ -17,6 +28,8 @@ __all__ = [
     "adapter_for",
     "adapter_for_config",
     "linear_weight",
+    "norm_gain",
+    "set_norm_gain",
     "register_adapter",
     "supported_model_types",
 ]

@@ -7,7 +7,8 @@ of walking the model's code; supporting a new family is one small file (see ``ll
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -51,6 +52,31 @@ class ModelAdapter:
     modality: str = "text"
     #: Keyword arguments the model class is built with (e.g. no pooler for a ViT backbone).
     build_kwargs: dict = field(default_factory=dict)
+    #: The activation of a gated MLP, ``act(gate)·up`` (e.g. ``mlp.act_fn``); None for a plain
+    #: MLP (OPT, GPT-2, GPT-NeoX, ViTs).
+    mlp_act: str | None = None
+    #: Why the residual stream cannot be rotated (QuaRot's ``W ← W·Q``) though the norms are
+    #: RMSNorms, e.g. Gemma's post-norms between the residual writers and the stream.
+    rotation_unsupported: str | None = None
+    #: Why the K/V-side channel methods (key sorting, per-channel key transforms, low-rank keys)
+    #: do not fit, e.g. a norm on each head's queries and keys (Qwen3, Gemma 3).
+    kv_transforms_unsupported: str | None = None
+    #: A structural change made once before anything reads the blocks (exact in float; the
+    #: state-dict layout of a float model is kept), e.g. Phi-3's fused projections split.
+    prepare: Callable[[nn.Module], None] | None = None
+
+    def renamed(self, paths: dict[str, str]) -> ModelAdapter:
+        """This adapter with module paths inside a block replaced (``old → new``)."""
+
+        def rename(path: str | None) -> str | None:
+            return paths.get(path, path)
+
+        subsets = tuple(
+            replace(s, linears=tuple(rename(n) for n in s.linears), prev=rename(s.prev))
+            for s in self.subsets
+        )
+        attention = {key: rename(path) for key, path in self.attention.items()}
+        return replace(self, subsets=subsets, attention=attention)
 
     def run(self, model: nn.Module, batch: torch.Tensor):
         """One forward of ``model`` on a calibration batch (token ids, or pixel values)."""
@@ -98,7 +124,10 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in _FACTORIES:
         _unsupported(getattr(config, "model_type", None) or type(model).__name__)
-    return adapter_for_config(config)
+    adapter = adapter_for_config(config)
+    if adapter.prepare is not None:
+        adapter.prepare(model)
+    return adapter
 
 
 def adapter_for_config(config) -> ModelAdapter:
@@ -114,6 +143,27 @@ def _unsupported(name: str) -> None:
         f"unsupported architecture '{name}'; supported model types: "
         f"{', '.join(supported_model_types())}"
     )
+
+
+#: Norm classes computing ``x̂·(1 + weight)`` (Gemma) rather than ``x̂·weight``.
+_OFFSET_NORMS: set[type] = set()
+
+
+def register_offset_norm(*classes: type) -> None:
+    """Declare norm classes whose scale is ``1 + weight`` (a family's adapter file does)."""
+    _OFFSET_NORMS.update(classes)
+
+
+def norm_gain(norm: nn.Module) -> torch.Tensor:
+    """The per-channel factor ``norm`` multiplies by: its weight, or ``1 + weight`` (Gemma)."""
+    weight = norm.weight.data
+    return weight + 1 if type(norm) in _OFFSET_NORMS else weight
+
+
+def set_norm_gain(norm: nn.Module, gain: torch.Tensor) -> None:
+    """Make ``norm`` multiply by ``gain`` (the inverse of :func:`norm_gain`)."""
+    offset = 1 if type(norm) in _OFFSET_NORMS else 0
+    norm.weight.data.copy_((gain - offset).to(norm.weight.dtype))
 
 
 def linear_weight(module: nn.Module, transposed: bool) -> nn.Parameter:

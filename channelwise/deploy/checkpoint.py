@@ -78,6 +78,8 @@ def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn
     model = (AutoModel if vision else AutoModelForCausalLM).from_config(
         config, dtype=dtype, **adapter.build_kwargs
     )
+    if adapter.prepare is not None:  # the packed parts are saved under their split names
+        adapter.prepare(model)
     embeddings: dict[str, PackedEmbedding] = {}
     for name, entry in sorted(layout.items(), key=lambda item: item[1].get("kind") == "tied_head"):
         try:

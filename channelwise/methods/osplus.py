@@ -19,7 +19,7 @@ paper; afterwards the recipe's activation quantizer applies. A transform step: p
 ``steps: [{method: osplus}, {method: rtn}]``.
 
 Arguments: ``shift`` (default true), ``migration_samples`` (16: the paper's code uses the first
-batch of 16 of 128 samples), ``search_tokens`` (512), ``lower_bound`` (0.1 for the Llama family,
+batch of 16 of 128 samples), ``search_tokens`` (512), ``lower_bound`` (0.1 for gated-MLP families,
 1.0 otherwise, as in the paper's code), ``max_grid`` (200), ``scale_down_proj`` (default: on
 where the block has an up_proj → down_proj pair, i.e. the Llama family, as the paper's Llama code
 migrates the down_proj input unless down_proj is left unquantized; scale only — a shift is not
@@ -139,7 +139,7 @@ class OSPlus(ShiftMigration):
                     f"up_proj → down_proj pair (Llama family); {adapter.family} has none"
                 )
             self.subsets = (*self.subsets, *up_down)
-        default = 0.1 if adapter.family == "llama" else 1.0
+        default = 0.1 if adapter.mlp_act else 1.0  # the paper's Llama code; OPT 1.0
         self.lower = self.args.lower_bound if self.args.lower_bound is not None else default
 
     def _migrate(self, ctx: BlockContext, subset: Subset) -> None:
@@ -231,7 +231,7 @@ def _attention_output(ctx: BlockContext, x: Tensor, args: tuple, kwargs: dict) -
 def _mlp_output(ctx: BlockContext, subset: Subset, rows: Tensor) -> Tensor:
     """``act(gate)·up`` for a Llama MLP, else the subset's linear outputs side by side."""
     modules = [ctx.block.get_submodule(name) for name in subset.linears]
-    if ctx.adapter.family == "llama" and len(modules) == 2:
-        act = ctx.block.get_submodule(subset.linears[0].rsplit(".", 1)[0]).act_fn
+    if ctx.adapter.mlp_act and len(modules) == 2:
+        act = ctx.block.get_submodule(ctx.adapter.mlp_act)
         return act(modules[0](rows)) * modules[1](rows)
     return torch.cat([m(rows) for m in modules], dim=-1)

@@ -303,7 +303,8 @@ def channelwise_attention(
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = getattr(module, "is_causal", True)
-    if quant.probs is None and (recorder is None or "probs" not in recorder):
+    softcap = kwargs.get("softcap")
+    if quant.probs is None and softcap is None and (recorder is None or "probs" not in recorder):
         causal = causal and attention_mask is None and query.shape[2] > 1
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
@@ -316,6 +317,8 @@ def channelwise_attention(
         )
         return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:  # Gemma 2's logit soft-capping, as its eager attention does it
+        scores = torch.tanh(scores / softcap) * softcap
     # The most negative finite value, as eager attention does: a fully masked (padding) row gets
     # uniform probabilities instead of NaN.
     if causal or attention_mask is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from channelwise.adapters import ModelAdapter, linear_weight
+from channelwise.adapters import ModelAdapter, linear_weight, norm_gain, set_norm_gain
 from channelwise.errors import ChannelwiseError, UnsupportedModelError
 from channelwise.transforms.hadamard import hadamard_matrix, hadamard_transform
 
@@ -31,12 +31,17 @@ _ONLINE_ATTR = "_channelwise_online_hadamard"
 
 
 def require_rmsnorm(adapter: ModelAdapter, what: str = "a residual rotation") -> None:
-    """Refuse LayerNorm families with a one-line reason (see the module docstring)."""
+    """Refuse families whose residual stream cannot be rotated exactly, with a one-line reason:
+    LayerNorm (see the module docstring) or the adapter's ``rotation_unsupported``."""
     if adapter.norm_type != "rmsnorm":
         raise UnsupportedModelError(
-            f"{what} needs RMSNorm (Llama, Qwen2, Mistral); {adapter.family} uses "
+            f"{what} needs RMSNorm (Llama, Qwen2, Qwen3, Mistral, Phi-3); {adapter.family} uses "
             f"{adapter.norm_type}, whose mean subtraction is not rotation-invariant without a "
             "SliceGPT-style conversion to RMSNorm, which channelwise does not do"
+        )
+    if adapter.rotation_unsupported:
+        raise UnsupportedModelError(
+            f"{what} cannot be applied to {adapter.family}: {adapter.rotation_unsupported}"
         )
 
 
@@ -94,11 +99,11 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> None:
     if adapter.final_norm is not None:
         pairs.append((model.get_submodule(adapter.final_norm), [_untie_lm_head(model, adapter)]))
     for norm, linears in pairs:
-        gamma = norm.weight.double()
+        gamma = norm_gain(norm).double()
         for linear in linears:
             weight = linear_weight(linear, transposed)
             _set(weight, weight.double() * gamma[None, :])
-        norm.weight.fill_(1.0)
+        set_norm_gain(norm, torch.ones_like(gamma))
 
 
 def _check_fused(model: nn.Module, adapter: ModelAdapter) -> None:
@@ -107,7 +112,7 @@ def _check_fused(model: nn.Module, adapter: ModelAdapter) -> None:
     ]
     if adapter.final_norm is not None:
         norms.append(model.get_submodule(adapter.final_norm))
-    if any(not torch.all(norm.weight == 1) for norm in norms):
+    if any(not torch.all(norm_gain(norm) == 1) for norm in norms):
         raise ChannelwiseError(
             "rotating the residual needs every RMSNorm scale folded first; call fuse_norms"
         )

@@ -9,9 +9,10 @@ when it is folded into the op that produces ``X``:
     ``X`` is a norm's output, ``normalize(x)·γ + β`` (LayerNorm) or ``normalize(x)·γ`` (RMSNorm).
     Dividing ``γ`` (and ``β``) by ``s`` divides every output channel by ``s``; every linear that
     reads the norm gets ``W ← W·diag(s)``. Exact for any module whose output is
-    ``f(x)·weight + bias`` channel-wise (LayerNorm, Llama/Qwen2/Mistral RMSNorm); *not* for norms
-    that scale by ``1 + weight`` (Gemma), nor for post-LN blocks, where the norm's output is also
-    the residual stream (the adapters refuse those through ``ModelAdapter.require_folding``).
+    ``f(x)·gain + bias`` channel-wise: LayerNorm, RMSNorm, and Gemma's RMSNorm, whose gain is
+    ``1 + weight`` (:func:`~channelwise.adapters.base.norm_gain`); *not* for post-LN blocks,
+    where the norm's output is also the residual stream (the adapters refuse those through
+    ``ModelAdapter.require_folding``).
     A runtime output shift installed by :mod:`channelwise.transforms.shift` is divided too.
     Shapes: ``norm.weight`` ``(C,)``, each linear ``(O_i, C)``, ``s`` ``(C,)``.
 
@@ -46,7 +47,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from channelwise.adapters import linear_weight
+from channelwise.adapters import linear_weight, norm_gain, set_norm_gain
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 
 #: Floor of both terms of the SmoothQuant ratio, and of the resulting factor.
@@ -120,7 +121,9 @@ def fold_scales_into_norm(
     for index, module in enumerate(linears):
         _check_in_features(module, transposed, channels, f"linear {index} reading the norm")
     bias = getattr(norm, "bias", None)
-    _divide(weight.data, s)
+    gain = norm_gain(norm).clone()
+    _divide(gain, s)
+    set_norm_gain(norm, gain)
     if isinstance(bias, Tensor):
         _divide(bias.data, s)
     shift = getattr(norm, NORM_SHIFT_ATTR, None)

@@ -8,21 +8,7 @@ import torch
 import transformers
 from torch import nn
 
-#: Tiny configs of every supported text family (``conftest.tiny_config``).
-FAMILIES = (
-    "llama",
-    "qwen2",
-    "mistral",
-    "qwen3",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "opt",
-    "gpt2",
-    "gpt_neox",
-)
-#: The families with RMSNorms and a gated MLP (the rest use LayerNorm and a plain MLP).
-RMS_FAMILIES = FAMILIES[:7]
+from channelwise.tiny import FAMILIES, RMS_FAMILIES  # noqa: F401 (re-exported)
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

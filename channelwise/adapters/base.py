@@ -94,6 +94,13 @@ class ModelAdapter:
     def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {name: block.get_submodule(name) for name in self.linear_names()}
 
+    def require_kv_transforms(self, what: str) -> None:
+        """Refuse a transform of k_proj's output channels where the adapter says it misfits."""
+        if self.kv_transforms_unsupported:
+            raise UnsupportedModelError(
+                f"{what} cannot be applied to {self.family}: {self.kv_transforms_unsupported}"
+            )
+
     def require_folding(self, what: str) -> None:
         """Refuse a transform that folds into norms when the architecture makes it inexact."""
         if self.folding_unsupported:

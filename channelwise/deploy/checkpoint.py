@@ -88,7 +88,9 @@ def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn
             if kind == "tied_head":
                 packed = PackedTiedHead(embeddings[entry["embedding"]], entry["embedding"])
             elif kind == "embedding":
-                packed = embeddings[name] = PackedEmbedding(*old.weight.shape, _spec(entry))
+                packed = embeddings[name] = PackedEmbedding(
+                    *old.weight.shape, _spec(entry), entry.get("output_scale", 1.0)
+                )
             elif kind == "dual_grained":
                 out_features, in_features = _linear_shape(old, entry["transposed"])
                 packed = PackedDualGrained(

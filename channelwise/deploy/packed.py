@@ -134,7 +134,8 @@ def _pack_embedding(model: nn.Module) -> list[str]:
     names = {id(module): name for name, module in model.named_modules()}
     name = names[id(embedding)]
     weight = embedding.weight.detach().float()
-    packed = PackedEmbedding(*weight.shape, grid.spec).to(weight.device)
+    scale = float(getattr(embedding, "scalar_embed_scale", 1.0))  # Gemma's √hidden
+    packed = PackedEmbedding(*weight.shape, grid.spec, scale).to(weight.device)
     packed.load_codes(quantize(weight, grid.qparams, grid.spec), grid.qparams)
     if not torch.equal(packed.dequantized(), weight):
         raise PackingError(f"{name}: the embedding is not on its recorded grid; cannot pack it")

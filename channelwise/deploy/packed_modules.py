@@ -153,9 +153,15 @@ class PackedLinear(PackedCodes):
 
 
 class PackedEmbedding(PackedCodes):
-    """A token embedding ``(vocab, dim)`` stored as codes; a lookup dequantizes only its rows."""
+    """A token embedding ``(vocab, dim)`` stored as codes; a lookup dequantizes only its rows.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec) -> None:
+    ``output_scale`` multiplies each looked-up row, as a scaled embedding does (Gemma's √hidden,
+    ``scalar_embed_scale``); a tied LM head reads the unscaled table.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, output_scale: float = 1.0
+    ) -> None:
         if spec.granularity.block_shape(2, embedding_dim)[0] != 1:
             raise PackingError(
                 f"an embedding's grid must be per row or groups along the row, not "
@@ -163,16 +169,23 @@ class PackedEmbedding(PackedCodes):
             )
         super().__init__(num_embeddings, embedding_dim, spec)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.output_scale = float(output_scale)
 
     @property
     def weight(self) -> Tensor:
         return self.dequantized()
 
     def layout(self) -> dict:
-        return {"kind": "embedding"}
+        if self.output_scale == 1.0:
+            return {"kind": "embedding"}
+        return {"kind": "embedding", "output_scale": self.output_scale}
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.dequantized(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        rows = self.dequantized(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        if self.output_scale == 1.0:
+            return rows
+        # As transformers' scaled embeddings do: the scale as a tensor of the rows' dtype.
+        return rows * torch.tensor(self.output_scale, dtype=rows.dtype, device=rows.device)
 
 
 class PackedTiedHead(nn.Module):

@@ -95,6 +95,7 @@ class Cskv(KVMethod):
         )
 
     def check(self, model: nn.Module, adapter) -> None:
+        adapter.require_kv_transforms(f"{self._where()}: low-rank keys")
         if adapter.family != "llama" or rotary_embedding(model) is None:
             raise RecipeError(
                 f"{self._where()}: rebuilding keys re-applies RoPE; only the Llama family is "

@@ -198,6 +198,8 @@ class KvBfp(KVMethod):
                 f"{self._where()}: blocks of {self.args.block} "
                 f"channels do not divide the head dimension {head_dim}"
             )
+        if self.args.sort:
+            adapter.require_kv_transforms(f"{self._where()}: K-sort")
         if self.args.sort and (
             adapter.family not in ("llama", "opt") or "k" not in adapter.attention
         ):

@@ -117,6 +117,7 @@ class RotateKV(KVMethod):
 
     def check(self, model: nn.Module, adapter) -> None:
         _, kv_heads, head_dim, g, group = self._geometry(model)
+        adapter.require_kv_transforms(f"{self._where()}: the pre-RoPE key rotation")
         if adapter.family != "llama" or rotary_embedding(model) is None:
             raise RecipeError(
                 f"{self._where()}: the pre-RoPE key rotation needs a Llama-family model with "

@@ -80,6 +80,12 @@ class ChessArgs(SparsityArgs):
 
 def require_gated_mlp(model: nn.Module, adapter, name: str) -> None:
     """Refuse a family without a gated MLP (``gate_proj``/``up_proj``/``act_fn`` per block)."""
+    if adapter.mlp_act is not None and adapter.mlp_act != ACT:
+        raise RecipeError(
+            f"{name}: thresholds act on a gated MLP's activation at Llama's gate_proj, up_proj "
+            f"and act_fn; {adapter.family} computes gate and up in one fused projection "
+            f"(activation at {adapter.mlp_act}), which the sparse MLP does not take"
+        )
     block = adapter.block_list(model)[0]
     for part in (GATE, UP, ACT):
         try:

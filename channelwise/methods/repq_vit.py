@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from channelwise.adapters import ModelAdapter
 from channelwise.engine import BlockContext
-from channelwise.errors import RecipeError
+from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
@@ -99,6 +99,12 @@ class RepQViT(Method):
             )
         if self.args.reparam:
             adapter.require_folding("RepQ-ViT's scale reparameterization")
+            if adapter.norm_type != "layernorm":
+                raise UnsupportedModelError(
+                    f"{where}: the reparameterization folds per-channel zero points into the "
+                    f"LayerNorm's bias and the next linears' biases; {adapter.family}'s "
+                    f"{adapter.norm_type} has no bias (use smoothquant or osplus on this family)"
+                )
         registry.check_transform_order(self.recipe, self.name, "the reparameterization")
 
     def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:

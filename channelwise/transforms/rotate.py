@@ -30,16 +30,19 @@ RESIDUAL_WRITERS = ("attn_out", "mlp_out")
 _ONLINE_ATTR = "_channelwise_online_hadamard"
 
 
-def require_rmsnorm(adapter: ModelAdapter, what: str = "a residual rotation") -> None:
+def require_rmsnorm(
+    adapter: ModelAdapter, what: str = "a residual rotation", rotating: bool = True
+) -> None:
     """Refuse families whose residual stream cannot be rotated exactly, with a one-line reason:
-    LayerNorm (see the module docstring) or the adapter's ``rotation_unsupported``."""
+    LayerNorm (see the module docstring) or, when ``rotating``, the adapter's
+    ``rotation_unsupported``."""
     if adapter.norm_type != "rmsnorm":
         raise UnsupportedModelError(
             f"{what} needs RMSNorm (Llama, Qwen2, Qwen3, Mistral, Phi-3); {adapter.family} uses "
             f"{adapter.norm_type}, whose mean subtraction is not rotation-invariant without a "
             "SliceGPT-style conversion to RMSNorm, which channelwise does not do"
         )
-    if adapter.rotation_unsupported:
+    if rotating and adapter.rotation_unsupported:
         raise UnsupportedModelError(
             f"{what} cannot be applied to {adapter.family}: {adapter.rotation_unsupported}"
         )
@@ -93,7 +96,7 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> None:
     The final norm folds into the LM head, which is first untied from the embeddings.
     Exact in float.
     """
-    require_rmsnorm(adapter, "fusing norms")
+    require_rmsnorm(adapter, "fusing norms", rotating=False)
     transposed = adapter.transposed_weights
     pairs = [pair for block in adapter.block_list(model) for pair in _norm_readers(block, adapter)]
     if adapter.final_norm is not None:

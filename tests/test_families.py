@@ -1,0 +1,163 @@
+"""Qwen3, Gemma 2/3 and Phi-3: every preset works or is refused with its reason; what is
+particular to each family (fused projections, (1 + w) norms, soft-capped logits) is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import build_tiny_model
+from helpers import logits, relative_error
+
+from channelwise import quantize
+from channelwise.adapters import adapter_for, norm_gain
+from channelwise.adapters.phi3 import SplitLinear
+from channelwise.compress import save_quantized
+from channelwise.errors import UnsupportedModelError
+from channelwise.quant.attention import use_channelwise_attention
+from channelwise.recipe import preset_names
+from channelwise.tiny import preset_trial
+from channelwise.transforms import fold_scales_into_norm
+from channelwise.transforms.rotate import fuse_norms
+
+NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")
+
+QK_NORM = "q_norm/k_norm"
+SANDWICH = "post-attention and post-feedforward RMSNorms"
+LLAMA_ONLY = "Llama"
+ROTATION_PRESETS = ("quarot-rtn-w4a4", "quarot-rtn-w6a6", "quarot-rtn-w8a8")
+ROTATION_PRESETS += ("quarot-w4a4", "quarot-w6a6")
+SPARSITY_PRESETS = ("cats-50", "chess-50", "chess-50-w4a16-g64", "teal-50", "teal-50-w4a16-g64")
+
+
+def expected_refusals(family: str) -> dict[str, str]:
+    """Preset → a phrase its refusal must contain; every other preset must work."""
+    refused = {
+        "ias-vit-w4a4": "Vision Transformer",
+        "ias-vit-w6a6": "Vision Transformer",
+        "repq-vit-w4a4": "has no bias",
+        "repq-vit-w6a6": "has no bias",
+    }
+    key_side = QK_NORM if family in ("qwen3", "gemma3_text") else LLAMA_ONLY
+    for preset in ("cskv-50", "cskv-50-kv4", "rotatekv-kv2", "rotatekv-kv4", "kv_bfp"):
+        refused[preset] = key_side
+    if family.startswith("gemma"):
+        refused |= dict.fromkeys(ROTATION_PRESETS, SANDWICH)
+    if family == "phi3":
+        refused |= dict.fromkeys(SPARSITY_PRESETS, "fused projection")
+    return refused
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_every_preset_works_or_is_refused_with_its_reason(family, tmp_path) -> None:
+    refusals = expected_refusals(family)
+    for preset in preset_names():
+        trial = preset_trial(family, preset, tmp_path / preset)
+        where = f"{family} × {preset}: {trial.reason}"
+        assert trial.status != "failed", where
+        if preset in refusals:
+            assert trial.status == "refused" and refusals[preset] in trial.reason, where
+            continue
+        assert trial.status == "ok", where
+        # Tiny random models at 3 bits lose much; a broken model loses everything (≈ 1.4).
+        bound = 0.1 if "w8" in preset else 1.0
+        assert trial.error is not None and 0 <= trial.error < bound, (where, trial.error)
+        if preset == "fp":
+            assert trial.error == 0
+        assert trial.packed in (None, True), f"{where}: the packed reload differs"
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_channelwise_attention_matches_eager(family, token_ids) -> None:
+    """Gemma 2 soft-caps its attention logits; both Gemmas mix sliding-window layers."""
+    model = build_tiny_model(family, attn_implementation="eager")
+    before = logits(model, token_ids)
+    use_channelwise_attention(model)
+    assert model.config._attn_implementation == "channelwise"
+    torch.testing.assert_close(logits(model, token_ids), before, rtol=0, atol=1e-5)
+
+
+def test_gemma2_soft_capping_is_applied_by_the_channelwise_attention(token_ids) -> None:
+    capped = build_tiny_model("gemma2", attn_logit_softcapping=0.01, attn_implementation="eager")
+    uncapped = build_tiny_model("gemma2", attn_logit_softcapping=None)
+    expected = logits(capped, token_ids)
+    for model in (capped, uncapped):
+        use_channelwise_attention(model)
+    torch.testing.assert_close(logits(capped, token_ids), expected, rtol=0, atol=1e-5)
+    assert relative_error(logits(uncapped, token_ids), expected) > 1e-3, "the cap must matter"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_scales_fold_through_one_plus_weight_norms(family, token_ids) -> None:
+    model = build_tiny_model(family)
+    generator = torch.Generator().manual_seed(3)
+    adapter = adapter_for(model)
+    for block in adapter.block_list(model):
+        for subset in adapter.subsets:
+            if subset.prev_kind == "norm":
+                norm = block.get_submodule(subset.prev)
+                norm.weight.data.normal_(0, 0.5, generator=generator)
+    before = logits(model, token_ids)
+    for block in adapter.block_list(model):
+        norm = block.input_layernorm
+        s = torch.rand(norm.weight.numel(), generator=generator) * 4 + 0.25
+        gain = norm_gain(norm).clone()
+        attention = [block.get_submodule(n) for n in adapter.subsets[0].linears]
+        fold_scales_into_norm(norm, attention, s, False)
+        torch.testing.assert_close(norm_gain(norm), gain / s)
+    assert relative_error(logits(model, token_ids), before) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_norm_fusion_sets_a_gemma_gain_to_one(family, token_ids) -> None:
+    model = build_tiny_model(family)
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.weight.data.uniform_(-0.5, 0.5)
+    adapter = adapter_for(model)
+    before = logits(model, token_ids)
+    fuse_norms(model, adapter)
+    assert torch.all(norm_gain(adapter.block_list(model)[0].input_layernorm) == 1)
+    assert relative_error(logits(model, token_ids), before) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_residual_rotation_is_refused_under_sandwich_norms(family) -> None:
+    model = build_tiny_model(family)
+    with pytest.raises(UnsupportedModelError, match="post-attention and post-feedforward"):
+        quantize(model, "quarot-rtn-w8a8", progress=False)
+
+
+def test_phi3_fused_projections_split_exactly_and_save_fused(token_ids, tmp_path) -> None:
+    model = build_tiny_model("phi3")
+    before = logits(model, token_ids)
+    keys = set(model.state_dict())
+    adapter = adapter_for(model)  # splits
+    block = adapter.block_list(model)[0]
+    assert isinstance(block.self_attn.qkv_proj, SplitLinear)
+    assert [n for n, _ in block.mlp.gate_up_proj.named_children()] == ["gate_proj", "up_proj"]
+    torch.testing.assert_close(logits(model, token_ids), before, rtol=0, atol=1e-6)
+    assert set(model.state_dict()) == keys, "the float layout stays Phi-3's"
+    adapter_for(model)  # idempotent
+    assert isinstance(block.self_attn.qkv_proj.q_proj, torch.nn.Linear)
+
+    quantize(model, "gptq-w4a16-g64", torch.randint(0, 128, (4, 16)), progress=False)
+    expected = logits(model, token_ids)
+    folder = save_quantized(model, None, tmp_path / "out")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert isinstance(plain.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    reloaded = logits(plain, token_ids)  # one fused GEMM: equal up to summation order
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+
+
+def test_split_linear_loads_a_fused_state_dict() -> None:
+    fused = torch.nn.Linear(8, 6, bias=True)
+    split = SplitLinear.of(fused, {"a": 2, "b": 4})
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(split(x), fused(x), rtol=0, atol=1e-6)
+    assert set(split.state_dict()) == {"weight", "bias"}
+    other = SplitLinear.of(torch.nn.Linear(8, 6, bias=True), {"a": 2, "b": 4})
+    other.load_state_dict(split.state_dict())
+    assert torch.equal(other(x), split(x))
+    with pytest.raises(ValueError, match="do not add up"):
+        SplitLinear.of(fused, {"a": 2, "b": 3})

@@ -188,11 +188,12 @@ def _is_unreadable_checkpoint(exc: Exception) -> bool:
     return isinstance(exc, SafetensorError | StrictDataclassError)
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype) -> nn.Module:
+def _from_pretrained(source: str | Path, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     """transformers' loader, from safetensors only (a pickle can run code when it is read),
     with a compressed-tensors folder's options (see
     :func:`~channelwise.deploy.compressed_tensors.transformers_load_options`); a checkpoint that
-    lacks a tensor the model needs is refused, not filled with random values."""
+    lacks a tensor the model needs is refused, not filled with random values. Returns the model
+    and the saved tensors it has no place for (transformers drops them)."""
     from transformers import AutoModelForCausalLM
 
     options = {}
@@ -223,7 +224,19 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype) -> nn.Module:
             f"{source}: {len(missing)} tensor(s) the model needs are not in its checkpoint "
             f"(first: {missing[0]}){hint}; refusing to fill them with random values"
         )
-    return model
+    return model, sorted(info.get("unexpected_keys") or ())
+
+
+def _check_nothing_dropped(model: nn.Module, source: Path, unexpected: list[str]) -> None:
+    """Refuse a folder channelwise wrote whose saved tensors the loaded model lacks, once its
+    steps restored what they create (e.g. OS+'s biases on a family without bias flags)."""
+    state = model.state_dict()
+    dropped = [key for key in unexpected if key not in state]
+    if dropped:
+        raise CheckpointError(
+            f"{source}: {len(dropped)} saved tensor(s) have no place in the model its config "
+            f"describes (first: {dropped[0]}); loading would silently drop them"
+        )
 
 
 def load_model(
@@ -239,7 +252,7 @@ def load_model(
     source = resolve_model(spec)
     hf_logging.disable_progress_bar()
     marker = Path(source) / MARKER_FILE if isinstance(source, Path) else None
-    layout = None
+    layout, unexpected = None, []
     if marker is not None and marker.is_file():
         from channelwise.deploy.checkpoint import read_marker
 
@@ -250,7 +263,7 @@ def load_model(
 
             model = load_packed(Path(source), layout, dtype)
         else:
-            model = _from_pretrained(source, dtype)
+            model, unexpected = _from_pretrained(source, dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
@@ -277,4 +290,5 @@ def load_model(
         from channelwise.compress import restore_quantized
 
         restore_quantized(model, Path(source))
+        _check_nothing_dropped(model, Path(source), unexpected)
     return model, tokenizer

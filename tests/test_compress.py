@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
 from helpers import logits
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -393,3 +394,15 @@ def test_save_never_writes_over_the_models_own_folder(
     with pytest.raises(OutputExistsError, match="input model"):
         save_quantized(model, None, out, force=True)
     assert folder_contents(tmp_path) == before
+
+
+def test_a_saved_tensor_the_model_would_drop_is_refused_on_load(calibration_ids, tmp_path) -> None:
+    from channelwise.errors import CheckpointError
+
+    model = build_tiny_model("llama")
+    quantize(model, "rtn-w8a16", calibration_ids, progress=False)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.bias = nn.Parameter(torch.ones(q_proj.out_features))  # config says: no bias
+    folder = save_quantized(model, build_tiny_tokenizer(), tmp_path / "out")
+    with pytest.raises(CheckpointError, match="q_proj.bias"):
+        load_model(folder)

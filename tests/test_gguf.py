@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import GGUFReader  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from channelwise import quantize  # noqa: E402
+from channelwise import load_model, quantize  # noqa: E402
 from channelwise.deploy import pack_model  # noqa: E402
 from channelwise.deploy.gguf import (  # noqa: E402
     export_gguf,
@@ -263,8 +263,8 @@ def test_online_hadamard_is_refused_as_inexpressible(calibration_ids, tmp_path):
 
 
 def test_other_families_and_unpacked_models_are_refused(tmp_path):
-    with pytest.raises(ExportError, match="llama architecture only"):
-        export(packed_model(recipe(weights(4, True)), family="qwen2"), tmp_path)
+    with pytest.raises(ExportError, match="the GGUF exporter writes gemma2, gemma3_text"):
+        export(packed_model(recipe(weights(4, True)), family="opt"), tmp_path)
     model = build_tiny_model("llama")
     quantize(model, recipe(weights(4, True)), None, progress=False)
     with pytest.raises(ExportError, match="pack_model"):
@@ -347,3 +347,43 @@ def test_smollm2_q4_1_export_reproduces_its_source_gguf_byte_for_byte(tmp_path):
     for name, tensor in theirs.items():
         assert ours[name].tensor_type == tensor.tensor_type, name
         assert np.array_equal(np.asarray(ours[name].data), np.asarray(tensor.data)), name
+
+
+# --- other architectures ----------------------------------------------------------------------
+
+#: Config overrides that make a tiny model what transformers rebuilds from its GGUF (it reads no
+#: query_pre_attn_scalar, layer pattern or Qwen3 head_dim: their defaults).
+GGUF_FAMILIES = {
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": dict(head_dim=128),
+    "gemma2": dict(query_pre_attn_scalar=256),
+    "gemma3_text": dict(query_pre_attn_scalar=256, layer_types=None),
+}
+
+
+@pytest.mark.parametrize("family", list(GGUF_FAMILIES))
+def test_other_architectures_export_and_reload(
+    family, calibration_ids, token_ids, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))  # the GGUF → float cache
+    model = packed_model(load_recipe("rtn-w4a16-q4_0"), family=family, **GGUF_FAMILIES[family])
+    for module in model.modules():  # Gemma's norms start at w = 0: make 1 + w matter
+        if type(module).__name__.endswith("RMSNorm"):
+            module.weight.data.uniform_(-0.5, 0.5)
+    path = export(model, tmp_path)
+    assert verify_gguf(path, model) == 0.0
+    arch = GGUFReader(str(path)).fields["general.architecture"].contents()
+    assert arch == {"mistral": "llama", "gemma3_text": "gemma3"}.get(family, family)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    assert reloaded.config.model_type == {"mistral": "llama"}.get(family, family)
+    torch.testing.assert_close(
+        logits(reloaded, token_ids), logits(model, token_ids), atol=1e-5, rtol=0
+    )
+    loaded, _ = load_model(path)  # channelwise's own loader, then a recipe on top
+    quantize(loaded, "rtn-w8a8", calibration_ids, progress=False)
+    assert torch.isfinite(logits(loaded, token_ids)).all()

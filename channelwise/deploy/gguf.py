@@ -1,4 +1,5 @@
-"""Export a packed Llama-family model to one GGUF file, the format llama.cpp loads.
+"""Export a packed model to one GGUF file, the format llama.cpp loads: Llama, Mistral, Qwen2,
+Qwen3, Gemma 2 and Gemma 3 (:data:`GGUF_ARCHITECTURES`).
 
 Each quantized linear's codes and scales are written, as they are, into GGUF's 32-element blocks
 (built here byte by byte, :func:`gguf_blocks`); nothing is re-quantized. What maps exactly:
@@ -18,12 +19,16 @@ Everything else is refused with :class:`ExportError` before anything is written:
 widths or group sizes, float32 scales (GGUF stores float16), integer zero points (``(q − z)·s``
 is not ``d·q + m`` bit for bit), activation or attention quantizers (llama.cpp runs float
 activations), online ops such as QuaRot's online Hadamard (GGUF cannot express a runtime
-rotation), non-Llama architectures. Rotations and smoothing folded into the weights need
-nothing at runtime and export as they are.
+rotation), other architectures (Phi-3's fused projections, OPT, GPT-2, GPT-NeoX). Rotations
+and smoothing folded into the weights need nothing at runtime and export as they are.
 
-Tensors use llama.cpp's names (``token_embd``, ``blk.N.attn_q`` …, ``output_norm``, ``output``
-when untied) and its row order for Q and K (``convert_hf_to_gguf.py``'s ``permute``, which
-transformers' GGUF loader undoes). Norms are F32; unquantized embedding/head F32 or F16.
+Tensors use llama.cpp's names, from the ``gguf`` package's own per-architecture map
+(``token_embd``, ``blk.N.attn_q`` …, ``output_norm``, ``output`` when untied; Qwen3's
+``attn_q_norm``/``attn_k_norm``, Gemma's ``post_attention_norm``/``post_ffw_norm``), its row
+order for Q and K in the ``llama`` architecture (``convert_hf_to_gguf.py``'s ``permute``, which
+transformers' GGUF loader undoes), and its Gemma norms: the factor ``1 + w`` itself, as
+llama.cpp's converter writes them (transformers' loader subtracts the 1 again). Norms are
+F32; unquantized embedding/head F32 or F16.
 :func:`verify_gguf` reads the file back with ``gguf.GGUFReader`` and de-quantizes every tensor
 with ``gguf.quants.dequantize``: the values must equal ours exactly (both compute ``d·u`` and
 ``d·u + m`` as separately rounded float32 products and sums).
@@ -32,13 +37,13 @@ with ``gguf.quants.dequantize``: the values must equal ours exactly (both comput
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from channelwise.adapters import norm_gain
 from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
 from channelwise.deploy.gguf_tokenizer import add_tokenizer
 from channelwise.deploy.packed_modules import PackedCodes, PackedTiedHead
@@ -49,18 +54,35 @@ from channelwise.state import RECIPE_ATTR
 
 BLOCK = 32
 FLOAT_TYPES = ("F32", "F16")
-_BLOCK_NAMES = {  # HF module name inside a Llama decoder layer → llama.cpp tensor name
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+#: Hugging Face ``model_type`` → the llama.cpp architecture its GGUF declares.
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
 }
-_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_architecture(config) -> str:
+    """The llama.cpp architecture name of ``config``'s model, or :class:`ExportError`."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GGUF_ARCHITECTURES:
+        raise ExportError(
+            f"a {model_type or type(config).__name__} model; the GGUF exporter writes "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))} models"
+        )
+    return GGUF_ARCHITECTURES[model_type]
+
+
+def _name_map(config):
+    """gguf's own Hugging Face → llama.cpp tensor-name map for ``config``'s architecture (the
+    one llama.cpp's converter and transformers' GGUF loader use)."""
+    import gguf
+
+    arch = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[gguf_architecture(config)]
+    return gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
 
 def gguf_type(spec: QuantSpec, where: str = "weight"):
@@ -143,7 +165,7 @@ def export_gguf(
     float_type: str = "F32",
     force: bool = False,
 ) -> Path:
-    """Write packed Llama ``model`` (after :func:`~channelwise.deploy.pack_model`) as one GGUF.
+    """Write packed ``model`` (after :func:`~channelwise.deploy.pack_model`) as one GGUF.
 
     ``out`` is a ``.gguf`` file, or a folder that gets ``<recipe name>.gguf``. The tokenizer is
     copied from ``tokenizer_gguf`` (the GGUF the model came from: every ``tokenizer.*`` key) or
@@ -165,11 +187,11 @@ def export_gguf(
     config = model.config
 
     with staged_file(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), gguf_architecture(config))
         writer.add_name(f"{Path(str(config.name_or_path or 'model')).name} {recipe.name}")
         writer.add_string("general.quantized_by", "channelwise")
         writer.add_string("channelwise.recipe", getattr(model, RECIPE_ATTR).to_yaml())
-        _add_llama_metadata(writer, config)
+        _add_metadata(writer, config)
         writer.add_file_type(_file_type(tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, config, tokenizer, tokenizer_gguf)
@@ -197,11 +219,7 @@ def gguf_path(out: str | os.PathLike, recipe_name: str) -> Path:
 
 def _check_exportable(model: nn.Module):
     recipe = exported_recipe(model)
-    if getattr(model.config, "model_type", None) != "llama":
-        raise ExportError(
-            f"a {getattr(model.config, 'model_type', type(model).__name__)} model; the GGUF "
-            "exporter writes the llama architecture only"
-        )
+    gguf_architecture(model.config)
     scaling = getattr(model.config, "rope_scaling", None) or {}
     if scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise ExportError(f"rope scaling {scaling}; the GGUF exporter writes plain RoPE only")
@@ -225,11 +243,16 @@ def _check_exportable(model: nn.Module):
     return recipe
 
 
-def _gguf_name(name: str) -> str | None:
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"blk.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
-    return _TOP_NAMES.get(name)
+def _named_tensors(model: nn.Module):
+    """``(module name, module, gguf base name)`` of every module written to the file."""
+    names = _name_map(model.config)
+    for name, module in model.named_modules():
+        base = names.get_name(name) if name else None
+        if base is None or isinstance(module, PackedTiedHead):
+            continue
+        if name == "lm_head" and module.weight is model.get_input_embeddings().weight:
+            continue  # tied: llama.cpp reads token_embd when output is absent
+        yield name, module, base
 
 
 def _tensors(model: nn.Module, float_type: str):
@@ -237,12 +260,7 @@ def _tensors(model: nn.Module, float_type: str):
     from gguf import GGMLQuantizationType as T
 
     mapped: set[int] = set()
-    for name, module in model.named_modules():
-        base = _gguf_name(name)
-        if base is None or isinstance(module, PackedTiedHead):
-            continue
-        if name == "lm_head" and module.weight is model.get_input_embeddings().weight:
-            continue  # tied: llama.cpp reads token_embd when output is absent
+    for name, module, base in _named_tensors(model):
         perm = _row_permutation(model.config, name)
         if isinstance(module, PackedCodes):
             qtype = gguf_type(module.spec, name)
@@ -253,7 +271,7 @@ def _tensors(model: nn.Module, float_type: str):
                 zero = None if zero is None else zero[perm]
             yield f"{base}.weight", gguf_blocks(codes, scale, zero, module.spec), qtype
         else:
-            weight = module.weight.detach().float().cpu()
+            weight = norm_gain(module).detach().float().cpu()  # Gemma's norms: 1 + w
             weight = weight if perm is None else weight[perm]
             f16 = float_type == "F16" and weight.ndim == 2
             data = weight.half() if f16 else weight
@@ -266,10 +284,16 @@ def _tensors(model: nn.Module, float_type: str):
             yield f"{base}.bias", (bias if perm is None else bias[perm]).numpy(), T.F32
     for key, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in mapped:
-            raise ExportError(f"'{key}' has no place in llama.cpp's llama architecture")
+            raise ExportError(
+                f"'{key}' has no place in llama.cpp's {gguf_architecture(model.config)} "
+                "architecture"
+            )
 
 
 def _row_permutation(config, name: str) -> Tensor | None:
+    """llama.cpp's Q/K row order; only its ``llama`` architecture permutes."""
+    if gguf_architecture(config) != "llama":
+        return None
     heads = config.num_attention_heads
     if name.endswith("self_attn.q_proj"):
         return qk_permutation(config.hidden_size // heads * heads, heads)
@@ -283,7 +307,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_llama_metadata(writer, config) -> None:
+def _add_metadata(writer, config) -> None:
     heads = config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -295,9 +319,17 @@ def _add_llama_metadata(writer, config) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(_head_dim(config))
-    if _head_dim(config) * heads != config.hidden_size:
+    if _head_dim(config) * heads != config.hidden_size or config.model_type.startswith("gemma"):
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
+    if getattr(config, "sliding_window", None) and config.model_type.startswith("gemma"):
+        writer.add_sliding_window(int(config.sliding_window))
+    for key, add in (
+        ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+        ("final_logit_softcapping", writer.add_final_logit_softcapping),
+    ):
+        if getattr(config, key, None) is not None:
+            add(float(getattr(config, key)))
 
 
 def _rope_theta(config) -> float:
@@ -325,9 +357,10 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> float:
 
     Every tensor is de-quantized by ``gguf.quants.dequantize`` (Q/K rows put back in the HF
     order) and compared with the model's own weight (:meth:`PackedCodes.dequantized` for packed
-    ones); the llama metadata must match ``model.config``. Returns the largest absolute
-    difference over all tensors: 0.0 for a faithful export (F16 float tensors are compared with
-    the float16 rounding of ours). A missing tensor or wrong metadata raises :class:`ExportError`.
+    ones; a Gemma norm's ``1 + w``); the metadata must match ``model.config``. Returns the
+    largest absolute difference over all tensors: 0.0 for a faithful export (F16 float tensors
+    are compared with the float16 rounding of ours). A missing tensor or wrong metadata raises
+    :class:`ExportError`.
     """
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFReader
@@ -337,13 +370,8 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> float:
     _check_metadata(reader, model.config, path)
     stored = {t.name: t for t in reader.tensors}
     expected = {}
-    for name, module in model.named_modules():
-        base = _gguf_name(name)
-        if base is None or isinstance(module, PackedTiedHead):
-            continue
-        if name == "lm_head" and module.weight is model.get_input_embeddings().weight:
-            continue
-        weight = module.dequantized() if isinstance(module, PackedCodes) else module.weight
+    for name, module, base in _named_tensors(model):
+        weight = module.dequantized() if isinstance(module, PackedCodes) else norm_gain(module)
         expected[f"{base}.weight"] = (name, weight)
         if getattr(module, "bias", None) is not None:
             expected[f"{base}.bias"] = (name, module.bias)
@@ -372,21 +400,23 @@ def _check_metadata(reader, config, path) -> None:
             raise ExportError(f"{path}: metadata '{key}' is missing")
         return field.contents()
 
-    if value("general.architecture") != "llama":
-        raise ExportError(f"{path}: architecture {value('general.architecture')!r}, not llama")
+    arch = gguf_architecture(config)
+    if value("general.architecture") != arch:
+        raise ExportError(f"{path}: architecture {value('general.architecture')!r}, not {arch}")
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     want = {
-        "llama.block_count": config.num_hidden_layers,
-        "llama.context_length": config.max_position_embeddings,
-        "llama.embedding_length": config.hidden_size,
-        "llama.feed_forward_length": config.intermediate_size,
-        "llama.attention.head_count": config.num_attention_heads,
-        "llama.attention.head_count_kv": kv,
-        "llama.rope.dimension_count": _head_dim(config),
-        "llama.vocab_size": config.vocab_size,
-        "llama.rope.freq_base": np.float32(_rope_theta(config)),
-        "llama.attention.layer_norm_rms_epsilon": np.float32(config.rms_norm_eps),
+        "block_count": config.num_hidden_layers,
+        "context_length": config.max_position_embeddings,
+        "embedding_length": config.hidden_size,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": config.num_attention_heads,
+        "attention.head_count_kv": kv,
+        "rope.dimension_count": _head_dim(config),
+        "vocab_size": config.vocab_size,
+        "rope.freq_base": np.float32(_rope_theta(config)),
+        "attention.layer_norm_rms_epsilon": np.float32(config.rms_norm_eps),
     }
+    want = {f"{arch}.{key}": expected for key, expected in want.items()}
     for key, expected in want.items():
         if value(key) != expected:
             raise ExportError(f"{path}: {key} is {value(key)}, the model has {expected}")

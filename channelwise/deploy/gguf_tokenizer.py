@@ -63,6 +63,9 @@ def hf_tokenizer_section(writer, config, tokenizer) -> int:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
+    # Not read by llama.cpp's BPE, but transformers' GGUF readers of some architectures (Qwen2,
+    # Gemma) rebuild a tokenizer from scores: rank order, earlier ids first.
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("merges", [])]
     writer.add_token_merges(merges)
     for what in ("bos", "eos", "unk", "pad"):

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter
+from channelwise.adapters.mixtral import every_expert_sees_every_token
 from channelwise.errors import NonFiniteError
 
 
@@ -243,9 +244,16 @@ def run_blockwise(
     """Apply ``block_fn`` to each block in order, on calibration ``input_ids`` ``(n, seq)``.
 
     Each block is moved to ``device`` (default: where the model is) while it is worked on and
-    back afterwards. Returns the last block's outputs (hidden states per batch).
+    back afterwards; a mixture of experts runs every expert on every token meanwhile
+    (:func:`~channelwise.adapters.mixtral.every_expert_sees_every_token`). Returns the last
+    block's outputs (hidden states per batch).
     """
     device = torch.device(device) if device is not None else model_device(model)
+    with every_expert_sees_every_token(model):
+        return _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress)
+
+
+def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress):
     inputs, kwargs = capture_block_inputs(model, adapter, input_ids, batch_size)
     blocks = adapter.block_list(model)
     per_block = (

@@ -15,8 +15,8 @@ import torch
 import transformers
 from torch import nn
 
-#: Every supported text family with a tiny config (a Hugging Face ``model_type``; the first seven
-#: have RMSNorms and a gated MLP).
+#: Every supported text family with a tiny config (a Hugging Face ``model_type``; the first eight
+#: have RMSNorms and gated MLPs).
 FAMILIES = (
     "llama",
     "qwen2",
@@ -25,11 +25,12 @@ FAMILIES = (
     "gemma2",
     "gemma3_text",
     "phi3",
+    "mixtral",
     "opt",
     "gpt2",
     "gpt_neox",
 )
-RMS_FAMILIES = FAMILIES[:7]
+RMS_FAMILIES = FAMILIES[:8]
 
 HIDDEN = 64
 LAYERS = 2
@@ -51,6 +52,7 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
         "phi3": transformers.Phi3Config,
+        "mixtral": transformers.MixtralConfig,
     }
     if family in llama_like:
         kwargs = dict(
@@ -74,6 +76,8 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
                 eos_token_id=1,
                 pad_token_id=0,
             )
+        if family == "mixtral":  # 4 experts of width 128, 2 per token
+            kwargs.update(num_local_experts=4, num_experts_per_tok=2)
         if family == "phi3":
             kwargs.update(bos_token_id=0, eos_token_id=1, pad_token_id=0)
         return llama_like[family](**{**kwargs, **overrides})

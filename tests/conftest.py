@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import FAMILIES
 from torch import nn
 
 from channelwise.tiny import (  # noqa: F401 (re-exported to the test files)
-    FAMILIES,
     VOCAB,
     build_tiny_model,
     build_tiny_tokenizer,

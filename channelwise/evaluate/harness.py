@@ -1,0 +1,178 @@
+"""A bridge to EleutherAI's lm-evaluation-harness: any model channelwise loads, packed included.
+
+:func:`run_tasks` wraps the (possibly quantized) model in lm-eval's ``HFLM`` and runs
+``simple_evaluate`` on the named tasks. Two local tasks are built from the embedded *Pride and
+Prejudice* (the benchmark's evaluation text, never a calibration text), so the bridge works with
+no network:
+
+* ``austen_pride_perplexity``: rolling log-likelihood over passages of :data:`PASSAGE_WORDS`
+  words (word and byte perplexity, bits per byte);
+* ``austen_pride_next_word``: which of four words comes next after :data:`CONTEXT_WORDS` words
+  of the novel (the true one and three others drawn from the novel, seeded): accuracy.
+
+Their data and YAML are written once under ``<channelwise_home>/lm_eval_tasks``. Every other
+task name is lm-eval's own; one whose dataset lives on the Hugging Face hub fails, offline,
+with a one-line error naming the local tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from channelwise.errors import ChannelwiseError
+from channelwise.paths import channelwise_home, write_atomic
+
+PERPLEXITY_TASK = "austen_pride_perplexity"
+NEXT_WORD_TASK = "austen_pride_next_word"
+LOCAL_TASKS = (PERPLEXITY_TASK, NEXT_WORD_TASK)
+PASSAGE_WORDS = 256
+CONTEXT_WORDS = 40
+NEXT_WORD_ITEMS = 500
+SEED = 0
+#: Bump when the local tasks' data or definitions change (a new cache folder).
+TASKS_VERSION = 1
+
+
+def _words() -> list[str]:
+    from channelwise.data.austen import austen_text
+
+    return austen_text("prideprejudice").split()
+
+
+def _perplexity_docs(words: list[str]) -> list[dict]:
+    return [
+        {"text": " ".join(words[i : i + PASSAGE_WORDS])}
+        for i in range(0, len(words) - PASSAGE_WORDS + 1, PASSAGE_WORDS)
+    ]
+
+
+def _next_word_docs(words: list[str]) -> list[dict]:
+    rng = random.Random(SEED)
+    vocabulary = sorted(set(words))
+    docs = []
+    for start in rng.sample(range(len(words) - CONTEXT_WORDS - 1), NEXT_WORD_ITEMS):
+        answer = words[start + CONTEXT_WORDS]
+        others: list[str] = []
+        while len(others) < 3:
+            word = rng.choice(vocabulary)
+            if word != answer and word not in others:
+                others.append(word)
+        label = rng.randrange(4)
+        choices = others[:label] + [answer] + others[label:]
+        context = " ".join(words[start : start + CONTEXT_WORDS])
+        docs.append({"context": context, "choices": choices, "label": label})
+    return docs
+
+
+def _task_yaml(task: str, data: Path, cache: Path) -> dict:
+    common = {
+        "task": task,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
+        "test_split": "test",
+    }
+    if task == PERPLEXITY_TASK:
+        metrics = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+        return common | {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [
+                {"metric": m, "aggregation": "bits_per_byte" if m == "bits_per_byte" else
+                 "weighted_perplexity", "higher_is_better": False}
+                for m in metrics
+            ],
+        }  # fmt: skip
+    return common | {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+
+
+def local_task_folder() -> Path:
+    """The folder of the local tasks' YAML and data (written on first use)."""
+    folder = channelwise_home() / "lm_eval_tasks" / f"v{TASKS_VERSION}"
+    if all((folder / f"{task}.yaml").is_file() for task in LOCAL_TASKS):
+        return folder
+    import yaml
+
+    words = _words()
+    docs = {PERPLEXITY_TASK: _perplexity_docs(words), NEXT_WORD_TASK: _next_word_docs(words)}
+    for task in LOCAL_TASKS:
+        data = folder / f"{task}.jsonl"
+        write_atomic(data, "".join(json.dumps(doc) + "\n" for doc in docs[task]))
+        spec = _task_yaml(task, data, folder / "datasets-cache")
+        write_atomic(folder / f"{task}.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
+def _harness():
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ChannelwiseError(
+            "the lm-evaluation-harness is not installed (pip install lm-eval)"
+        ) from exc
+    return simple_evaluate, HFLM, TaskManager
+
+
+def run_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of ``model`` on lm-eval ``tasks`` (the first ``limit``
+    documents of each, all by default)."""
+    tasks = [task.strip() for task in tasks if task.strip()]
+    if not tasks:
+        raise ChannelwiseError(f"no task given; the local tasks are {', '.join(LOCAL_TASKS)}")
+    if limit is not None and limit < 1:
+        raise ChannelwiseError(f"limit must be a positive number of documents, got {limit}")
+    simple_evaluate, hflm, task_manager_class = _harness()
+    manager = task_manager_class(include_path=str(local_task_folder()), verbosity="ERROR")
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ChannelwiseError(
+            f"unknown lm-eval task {unknown[0]!r}; the local tasks are {', '.join(LOCAL_TASKS)} "
+            "(every name `lm-eval ls tasks` lists is accepted too)"
+        )
+    lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        output = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR"
+        )
+    except ChannelwiseError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a dataset the machine cannot fetch, said in one line)
+        hub = [task for task in tasks if task not in LOCAL_TASKS]
+        if not hub:
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ChannelwiseError(
+            f"lm-eval could not run {', '.join(hub)}: {first}. Their datasets come from the "
+            f"Hugging Face hub, which this machine may not reach; the local tasks "
+            f"({', '.join(LOCAL_TASKS)}) need no network"
+        ) from exc
+    results = {}
+    for task in tasks:
+        values = output["results"].get(task, {})
+        results[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in values.items()
+            if "," in key and "stderr" not in key and isinstance(value, int | float)
+        }
+    return results

@@ -144,6 +144,14 @@ def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError, struct.error) as exc:  # struct: a cut header
         raise ModelNotFoundError(f"could not read GGUF file {gguf_path}: {exc}") from exc
+    except RuntimeError as exc:  # transformers' load report: tensors that misfit the config
+        if "mismatched" not in str(exc):
+            raise
+        raise CheckpointError(
+            f"{gguf_path}: its tensors do not fit the model transformers builds from its "
+            "metadata (the load report above lists them; transformers reads no head_dim for "
+            "some architectures, e.g. Qwen3, and assumes the default)"
+        ) from exc
     # save_pretrained refuses a GGUF-quantized model: rebuild it as a plain float model.
     if hasattr(config, "quantization_config"):
         del config.quantization_config

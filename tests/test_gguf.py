@@ -30,6 +30,7 @@ from channelwise.deploy.gguf import (  # noqa: E402
 )
 from channelwise.deploy.packed import use_kernels  # noqa: E402
 from channelwise.errors import (  # noqa: E402
+    CheckpointError,
     ExportError,
     OutputExistsError,
     OutputPathError,
@@ -387,3 +388,12 @@ def test_other_architectures_export_and_reload(
     loaded, _ = load_model(path)  # channelwise's own loader, then a recipe on top
     quantize(loaded, "rtn-w8a8", calibration_ids, progress=False)
     assert torch.isfinite(logits(loaded, token_ids)).all()
+
+
+def test_a_gguf_that_transformers_rebuilds_wrongly_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """transformers reads no Qwen3 head_dim from a GGUF (it assumes 128): a one-line error."""
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    model = packed_model(load_recipe("rtn-w4a16-q4_0"), family="qwen3")  # head_dim 16
+    path = export(model, tmp_path)
+    with pytest.raises(CheckpointError, match="do not fit the model transformers builds"):
+        load_model(path)

@@ -200,21 +200,25 @@ def varying_layer_kwargs(model: nn.Module) -> bool:
 
 def capture_layer_kwargs(
     model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int
-) -> list[list[dict]]:
-    """Per block, per batch, the keyword arguments the model passes that block (one forward
-    of the float model per batch, stopped at the last block)."""
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Block 0's hidden states per batch, as :func:`capture_block_inputs` gives them, and per
+    block, per batch, the keyword arguments the model passes that block (one forward of the
+    float model per batch, stopped at the last block)."""
     blocks = adapter.block_list(model)
+    inputs: list[torch.Tensor] = []
     per_block: list[list[dict]] = [[] for _ in blocks]
     device = model_device(model)
 
-    def keep(index: int, kwargs: dict) -> None:
+    def keep(index: int, args: tuple, kwargs: dict) -> None:
+        if index == 0:
+            inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
         per_block[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         if index == len(blocks) - 1:
             raise _Captured
 
     handles = [
         block.register_forward_pre_hook(
-            lambda _m, _args, kwargs, index=index: keep(index, kwargs), with_kwargs=True
+            lambda _m, args, kwargs, index=index: keep(index, args, kwargs), with_kwargs=True
         )
         for index, block in enumerate(blocks)
     ]
@@ -229,7 +233,7 @@ def capture_layer_kwargs(
     finally:
         for handle in handles:
             handle.remove()
-    return per_block
+    return inputs, per_block
 
 
 def run_blockwise(
@@ -254,13 +258,12 @@ def run_blockwise(
 
 
 def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress):
-    inputs, kwargs = capture_block_inputs(model, adapter, input_ids, batch_size)
     blocks = adapter.block_list(model)
-    per_block = (
-        capture_layer_kwargs(model, adapter, input_ids, batch_size)
-        if varying_layer_kwargs(model)
-        else [kwargs] * len(blocks)
-    )
+    if varying_layer_kwargs(model):
+        inputs, per_block = capture_layer_kwargs(model, adapter, input_ids, batch_size)
+    else:
+        inputs, kwargs = capture_block_inputs(model, adapter, input_ids, batch_size)
+        per_block = [kwargs] * len(blocks)
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress, leave=False):
         block = blocks[index]
         home = model_device(block)

@@ -82,6 +82,9 @@ def install_block_input_quantizers(
     with ctx.capture_inputs(tuple(linears)) as captured:
         ctx.forward()
     for name, module in linears.items():
-        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]])
+        batches = [x.reshape(-1, x.shape[-1]) for x in captured[name]]
+        if ctx.group is not None:  # every process's rows, in one process's order
+            batches = ctx.group.gather_batches(batches)
+        rows = torch.cat(batches)
         own = replace(spec, granularity=PerColumn()) if name in per_channel else spec
         install_input_quantizer(module, InputQuantizer(own, compute_qparams(rows, own)))

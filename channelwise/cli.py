@@ -42,6 +42,17 @@ def _protocol(args):
 
 
 def cmd_quantize(args) -> None:
+    """Under ``torchrun --nproc_per_node N`` every process calibrates its share of the samples
+    (:mod:`channelwise.distributed`); process 0 writes the output."""
+    from channelwise.distributed import process_device, process_group
+    from channelwise.models import resolve_device
+
+    device = resolve_device(args.device)
+    with process_group(device) as group:
+        _quantize(args, process_device(device), group)
+
+
+def _quantize(args, device, group) -> None:
     import torch
 
     from channelwise import load_model, load_recipe, quantize, save_quantized
@@ -78,14 +89,16 @@ def cmd_quantize(args) -> None:
     check_replaceable(out, args.force, kind="gguf" if args.format == "gguf" else "folder")
     check_parent_writable(out)
     if vision:
-        model, tokenizer = load_vision_model(args.model, args.device), None
+        model, tokenizer = load_vision_model(args.model, device), None
         calibration = protocol.calibration_pixels() if needs_calibration(recipe) else None
     else:
-        model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = load_model(args.model, device=device)
         calibration = (
             _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
         )
     result = quantize(model, recipe, calibration, progress=not args.quiet)
+    if group is not None and not group.main:
+        return
     packed = pack_model(model) if args.format != "fake" else []
     if args.float_dtype != "float32":
         if not packed:
@@ -509,12 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_launch(command: str) -> None:
+    from channelwise.distributed import launched_world_size
+
+    if launched_world_size() > 1 and command != "quantize":
+        raise ChannelwiseError(
+            f"'channelwise {command}' runs as one process; only 'channelwise quantize' "
+            "calibrates across the processes torchrun starts"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect" and args.calib_samples is None:
         args.calib_samples = 16
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
+        _check_launch(args.command)
         args.func(args)
     except ChannelwiseError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
 from channelwise.calibrate import quantize_block_activations
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
+from channelwise.distributed import ProcessGroup, current_group
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, CheckpointError, DataSourceError, RecipeError
 from channelwise.evaluate.perplexity import check_positions
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
+from channelwise.methods.registry import method_classes
 from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
@@ -69,12 +71,18 @@ def quantize(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place with ``recipe`` (a preset name, YAML path or ``Recipe``).
 
     ``calibration`` holds token ids ``(n_samples, seq_len)`` (pixel values ``(n, 3, h, w)`` for a
     vision model); methods that observe activations need it. Raises a
     :class:`~channelwise.errors.ChannelwiseError` subclass on anything it cannot do.
+
+    ``distributed``: calibrate across the processes of the initialized ``torch.distributed``
+    group (default: whenever one with more than one process is initialized, e.g. under
+    ``torchrun``). Every process passes the same model and all of ``calibration``; each works
+    on its share of the batches (:mod:`channelwise.distributed`) and ends with the same model.
     """
     recipe = load_recipe(recipe)
     if getattr(model, RECIPE_ATTR, None) is not None:
@@ -99,13 +107,20 @@ def quantize(
             f"calibration samples of {calibration.shape[-1]} tokens",
             "--seqlen",
         )
+    group = _process_group(distributed)
+    kv_method = build_kv_method(recipe)
+    n_samples = 0 if calibration is None or not needs_data else int(calibration.shape[0])
+    if group is not None:
+        check_distributed(recipe, methods, kv_method)
+        progress = progress and group.main
+        if needs_data:
+            calibration = group.shard(calibration, batch_size)
 
     def block_fn(ctx: BlockContext) -> None:
         for method in methods:
             method.apply(ctx)
         quantize_block_activations(model, ctx, recipe)
 
-    kv_method = build_kv_method(recipe)
     start = time.perf_counter()
     with torch.no_grad():
         if kv_method is not None:  # exact weight-side changes come before any weight step
@@ -123,6 +138,7 @@ def quantize(
                 batch_size=batch_size,
                 device=device,
                 progress=progress,
+                group=group,
             )
         else:
             blocks = adapter.block_list(model)
@@ -145,8 +161,38 @@ def quantize(
     setattr(model, RECIPE_ATTR, recipe)
     setattr(model, METHODS_ATTR, methods)
     setattr(model, KV_METHOD_ATTR, kv_method)
-    n = 0 if calibration is None or not needs_data else int(calibration.shape[0])
-    return CompressionResult(recipe, time.perf_counter() - start, n, methods)
+    return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
+
+
+def _process_group(distributed: bool | None) -> ProcessGroup | None:
+    group = current_group() if distributed is not False else None
+    if distributed and group is None:
+        raise ChannelwiseError(
+            "distributed=True needs an initialized torch.distributed group of more than one "
+            "process (launch with torchrun --nproc_per_node N)"
+        )
+    return group
+
+
+def check_distributed(recipe: Recipe, methods: list[Method], kv_method) -> None:
+    """Refuse, before any work, a recipe that cannot calibrate across processes."""
+    where = f"recipe '{recipe.name}' cannot calibrate across processes"
+    supported = sorted(name for name, cls in method_classes().items() if cls.distributed)
+    for method in methods:
+        if not method.distributed:
+            raise RecipeError(
+                f"{where}: step '{method.name}' runs in one process only (across processes: "
+                f"{', '.join(supported)}); run it as one process"
+            )
+    if has_static_attention(recipe):
+        raise RecipeError(
+            f"{where}: static attention ranges are calibrated in one process only; "
+            "run it as one process"
+        )
+    if kv_method is not None and kv_method.needs_calibration:
+        raise RecipeError(
+            f"{where}: its KV-cache method calibrates in one process only; run it as one process"
+        )
 
 
 def needs_calibration(recipe: str | Path | Recipe) -> bool:
@@ -185,12 +231,16 @@ def check_calibration(calibration: torch.Tensor, adapter: ModelAdapter) -> None:
 def has_static_ranges(recipe: Recipe) -> bool:
     """Whether the recipe calibrates activation or attention ranges once (static quantizers)."""
     static = recipe.activations is not None and not recipe.activations.dynamic
-    attention = recipe.attention is not None and any(
+    return static or has_static_attention(recipe)
+
+
+def has_static_attention(recipe: Recipe) -> bool:
+    """Whether the recipe calibrates q/k/v or attention-probability ranges once."""
+    attention = recipe.attention
+    return attention is not None and any(
         args is not None and not args.dynamic
-        for args in (recipe.attention.q, recipe.attention.k, recipe.attention.v,
-                     recipe.attention.probs)
-    )  # fmt: skip
-    return static or attention
+        for args in (attention.q, attention.k, attention.v, attention.probs)
+    )
 
 
 def plan(model: nn.Module, recipe: Recipe) -> list[Method]:

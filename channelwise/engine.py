@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter
 from channelwise.adapters.mixtral import every_expert_sees_every_token
+from channelwise.distributed import ProcessGroup
 from channelwise.errors import NonFiniteError
 
 
@@ -74,7 +75,9 @@ class BlockContext:
     ``inputs`` holds one hidden-state tensor per calibration batch, ``(batch, seq, hidden)``;
     ``kwargs`` the matching keyword arguments for the block's forward; ``progress`` whether a
     method may show its own progress bar for long work on the block; ``last`` whether this is
-    the model's last block.
+    the model's last block; ``group`` the calibration processes when calibration is spread over
+    several (``inputs`` are then this process's share, and a method reduces what it observes
+    across them, :mod:`channelwise.distributed`).
     """
 
     index: int
@@ -85,6 +88,7 @@ class BlockContext:
     device: torch.device
     progress: bool = False
     last: bool = False
+    group: ProcessGroup | None = None
 
     def forward(self) -> list[torch.Tensor]:
         """Run the block on every calibration batch; outputs stay on the compute device."""
@@ -244,20 +248,25 @@ def run_blockwise(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    group: ProcessGroup | None = None,
 ) -> list[torch.Tensor]:
     """Apply ``block_fn`` to each block in order, on calibration ``input_ids`` ``(n, seq)``.
 
     Each block is moved to ``device`` (default: where the model is) while it is worked on and
     back afterwards; a mixture of experts runs every expert on every token meanwhile
-    (:func:`~channelwise.adapters.mixtral.every_expert_sees_every_token`). Returns the last
-    block's outputs (hidden states per batch).
+    (:func:`~channelwise.adapters.mixtral.every_expert_sees_every_token`). With ``group``,
+    ``input_ids`` are this process's share and every process runs this in step (each block's
+    context carries the group). Returns the last block's outputs (hidden states per batch).
     """
     device = torch.device(device) if device is not None else model_device(model)
+    progress = progress and (group is None or group.main)
     with every_expert_sees_every_token(model):
-        return _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress)
+        return _run_blockwise(
+            model, adapter, input_ids, block_fn, batch_size, device, progress, group
+        )
 
 
-def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress):
+def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress, group):
     blocks = adapter.block_list(model)
     if varying_layer_kwargs(model):
         inputs, per_block = capture_layer_kwargs(model, adapter, input_ids, batch_size)
@@ -270,16 +279,18 @@ def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, prog
         block.to(device)
         ctx = BlockContext(
             index, block, adapter, inputs, _to(per_block[index], device), device,
-            progress=progress, last=index == len(blocks) - 1,
+            progress=progress, last=index == len(blocks) - 1, group=group,
         )  # fmt: skip
         block_fn(ctx)
         outputs = ctx.forward()
-        for out in outputs:
-            if not torch.isfinite(out).all():
-                raise NonFiniteError(
-                    f"block {index} produced NaN/inf activations during calibration; the model "
-                    "or the recipe overflows here (try a float32 model or a wider bit-width)"
-                )
+        finite = all(bool(torch.isfinite(out).all()) for out in outputs)
+        if group is not None:
+            finite = not group.any(not finite)
+        if not finite:
+            raise NonFiniteError(
+                f"block {index} produced NaN/inf activations during calibration; the model "
+                "or the recipe overflows here (try a float32 model or a wider bit-width)"
+            )
         inputs = [out.to(home) for out in outputs]
         block.to(home)
     return inputs

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from channelwise.adapters import adapter_for
+from channelwise.distributed import ProcessGroup
 from channelwise.engine import BlockContext, run_blockwise
+from channelwise.errors import ChannelwiseError
 
 
 @dataclass
@@ -48,6 +50,20 @@ class ChannelStats:
             self.absmax = torch.maximum(self.absmax, absmax)
             self.abssum = self.abssum + abssum
         self.tokens += rows.shape[0]
+
+    def all_reduce(self, group: ProcessGroup | None) -> None:
+        """Combine the statistics of every calibration process (no-op without ``group``)."""
+        if group is None:
+            return
+        if self.sample_rows > 0:
+            raise ChannelwiseError(
+                "percentile statistics (a reservoir sample) cannot be combined across processes"
+            )
+        if self.tokens == 0:
+            raise ChannelwiseError("a calibration process observed no tokens")
+        for name, op in (("min", "min"), ("max", "max"), ("absmax", "max"), ("abssum", "sum")):
+            group.all_reduce_(getattr(self, name), op)
+        self.tokens = int(group.all_reduce_(torch.tensor([self.tokens], dtype=torch.int64)).item())
 
     @property
     def absmean(self) -> torch.Tensor:

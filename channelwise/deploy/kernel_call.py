@@ -140,7 +140,8 @@ class KernelDispatch(nn.Module):
         int8 = self._int8_codes() if self.int8_gemm else None
         if self.int8_rows:
             if int8_input:
-                packed = kernels.prepack_int8(int8) if on_cpu else None
+                onednn = on_cpu and kernels.onednn_int8_fast()
+                packed = kernels.prepack_int8(int8) if onednn else None
                 unsigned = kernels.unsigned_codes(self._uint8_codes()) if on_cpu else None
                 return _KernelCall(
                     kernels.w8a8_linear, (int8, scale[:, 0]), watched, w_packed=packed,

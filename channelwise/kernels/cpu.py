@@ -36,6 +36,7 @@ non-finite activation makes its token's whole output row non-finite in every ker
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
@@ -299,13 +300,71 @@ def small_m_kernel(m: int, have_codes: bool = True) -> bool:
 def prepack_int8(w: Tensor) -> Tensor | None:
     """``w`` ``(out, in)`` int8 in oneDNN's blocked layout, for :func:`w8a8_linear`'s
     ``w_packed`` (a second copy of the weight: 1 byte per weight), or None where this torch has
-    no oneDNN int8 linear (then ``torch._int_mm`` serves)."""
+    no oneDNN int8 linear (then ``torch._int_mm`` serves). Packed modules pack only where
+    :func:`onednn_int8_fast`."""
     _check_weight(w, torch.int8, "w")
     try:
         return torch.ops.onednn.qlinear_prepack(w, [1, w.shape[1]])
     except (AttributeError, RuntimeError, NotImplementedError) as error:
         log.info("oneDNN int8 prepack unavailable (%s); torch._int_mm serves W8A8", error)
         return None
+
+
+#: oneDNN's int8 linear may take this many times ``torch._int_mm``'s time and still serve.
+_ONEDNN_SLOWER_AT_MOST = 2.0
+_onednn_verdict: list[bool] = []
+
+
+def onednn_int8_fast() -> bool:
+    """Whether oneDNN's int8 linear on a pre-packed weight (:func:`prepack_int8`) is at least
+    about as fast as ``torch._int_mm`` on this CPU; measured once per process on a 64×512×512
+    product (a few ms, or ~0.2 s where it is slow). On some hosts oneDNN falls back to a
+    reference kernel ~4,000× slower than ``_int_mm`` (AMD EPYC under torch 2.13: 11.9 s against
+    3.1 ms for a 512-token SmolLM2 gate), so the choice cannot be made from the torch build."""
+    if not _onednn_verdict:
+        _onednn_verdict.append(_measure_onednn_int8())
+    return _onednn_verdict[0]
+
+
+def _measure_onednn_int8() -> bool:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
+    xq = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+    packed = prepack_int8(w)
+    if packed is None:
+        return False
+    scale, zeros = torch.ones(512), torch.zeros(512, dtype=torch.int64)
+
+    def onednn() -> None:
+        torch.ops.onednn.qlinear_pointwise(
+            xq, 1.0, 0, packed, scale, zeros, None, 1.0, 0, torch.float32, "none", [None], ""
+        )
+
+    def int_mm() -> None:
+        torch._int_mm(xq, w.T)
+
+    def best_of(run, n: int) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        int_mm()
+        reference = best_of(int_mm, 5)
+        first = best_of(onednn, 1)  # builds the primitive; a slow kernel shows here already
+        if first > 50 * _ONEDNN_SLOWER_AT_MOST * reference + 0.05:
+            fast = False
+        else:
+            fast = best_of(onednn, 5) <= _ONEDNN_SLOWER_AT_MOST * reference
+    except RuntimeError as error:
+        log.info("oneDNN int8 linear failed (%s); torch._int_mm serves W8A8", error)
+        return False
+    if not fast:
+        log.info("oneDNN's int8 linear is slow on this CPU; torch._int_mm serves W8A8")
+    return fast
 
 
 _zeros: dict[int, Tensor] = {}

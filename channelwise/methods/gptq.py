@@ -42,6 +42,7 @@ Deviations from the paper and its reference code:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -72,6 +73,7 @@ class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
     quantizes_weights = True
+    distributed = True
     Args = GPTQArgs
 
     def check(self, model, adapter) -> None:
@@ -88,19 +90,51 @@ class GPTQ(Method):
         stages = [(s,) for s in subsets] if self.args.true_sequential else [subsets]
         for stage in stages:
             hessians = observe_hessians(ctx, stage)
-            for subset in stage:
-                for name in subset.linears:
-                    self._quantize_linear(ctx, name, hessians[subset.name], spec)
+            jobs = [(name, hessians[subset.name]) for subset in stage for name in subset.linears]
+            quantize_linears(ctx, jobs, spec, self._quantize_weight)
 
-    def _quantize_linear(self, ctx: BlockContext, name: str, hessian: Tensor, spec) -> None:
-        module = ctx.block.get_submodule(name)
-        weight = linear_weight(module, ctx.adapter.transposed_weights)
+    def _quantize_weight(self, ctx: BlockContext, name: str, weight: Tensor, hessian, spec):
         a = self.args
-        quantized, qparams = gptq_quantize(
+        return gptq_quantize(
             weight, hessian, spec, a.damp, a.block_size, a.act_order, a.static_groups,
             name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
         )  # fmt: skip
+
+
+def quantize_linears(
+    ctx: BlockContext,
+    jobs: list[tuple[str, Tensor]],
+    spec: QuantSpec,
+    solve: Callable[[BlockContext, str, Tensor, Tensor, QuantSpec], tuple[Tensor, QParams | None]],
+) -> None:
+    """Quantize each ``(linear name, Hessian)`` of the block with ``solve(ctx, name, weight,
+    hessian, spec) -> (weight, grid)``, writing the weight and recording its grid.
+
+    Across processes (``ctx.group``) each linear is solved once, by its owner, and the weight
+    and grid are broadcast to every process."""
+    transposed = ctx.adapter.transposed_weights
+    modules = [ctx.block.get_submodule(name) for name, _ in jobs]
+
+    def job(index: int):
+        name, hessian = jobs[index]
+        weight = linear_weight(modules[index], transposed)
+        quantized, qparams = solve(ctx, name, weight, hessian, spec)
         weight.copy_(quantized.to(weight.dtype))
+        return qparams
+
+    if ctx.group is None:
+        grids = [job(index) for index in range(len(jobs))]
+    else:
+        owned = ctx.group.run_owned([lambda i=i: job(i) for i in range(len(jobs))])
+        grids = []
+        for index, module in enumerate(modules):
+            owner = ctx.group.owner(index)
+            ctx.group.broadcast_(module.weight, owner)
+            mine = owned[index]
+            if mine is not None:
+                mine = QParams(mine.scale.cpu(), mine.zero_point.cpu())
+            grids.append(ctx.group.broadcast_object(mine, owner))
+    for module, qparams in zip(modules, grids, strict=True):
         if qparams is not None:
             record_grid(module, spec, qparams)
 
@@ -127,7 +161,8 @@ def observe_hessians(ctx: BlockContext, subsets: tuple[Subset, ...]) -> dict[str
     """``H = (2/n) Σ xᵀx`` ``(in, in)`` per subset over every calibration token, float64.
 
     The subset's first linear is observed (its linears share one input); each batch's forward
-    stops as soon as every observed linear has seen it.
+    stops as soon as every observed linear has seen it. Across processes the sums and token
+    counts are reduced, so every process holds the Hessian of the whole calibration set.
     """
     first = {subset.linears[0]: subset.name for subset in subsets}
     sums: dict[str, Tensor] = {}
@@ -141,6 +176,11 @@ def observe_hessians(ctx: BlockContext, subsets: tuple[Subset, ...]) -> dict[str
         counts[key] += rows.shape[0]
 
     ctx.observe(tuple(first), update)
+    if ctx.group is not None:
+        for key in sorted(sums):
+            ctx.group.all_reduce_(sums[key])
+        totals = torch.tensor([counts[key] for key in sorted(counts)], dtype=torch.int64)
+        counts = dict(zip(sorted(counts), ctx.group.all_reduce_(totals).tolist(), strict=True))
     if missing := sorted(set(first.values()) - set(sums)):
         raise ChannelwiseError(
             f"GPTQ: in block {ctx.index} the linears of subsets {missing} never ran on the "

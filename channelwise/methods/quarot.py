@@ -137,6 +137,7 @@ class QuaRot(Method):
 
     name = "quarot"
     needs_calibration = False
+    distributed = True  # data-free and seeded: every process rotates alike
     quantizes_weights = False
     Args: ClassVar[type[BaseModel]] = QuaRotArgs
 

@@ -28,6 +28,9 @@ class Method:
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
     quantizes_weights: ClassVar[bool] = False
+    #: Whether the method calibrates across processes (:mod:`channelwise.distributed`): it
+    #: reduces what it observes over ``ctx.group`` and quantizes each linear once.
+    distributed: ClassVar[bool] = False
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, recipe: Recipe, args: BaseModel) -> None:
@@ -78,6 +81,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def method_classes() -> dict[str, type[Method]]:
+    """Every registered method's class, by name."""
+    return dict(_METHODS)
 
 
 def validated_args(model: type[BaseModel], args: dict, where: str) -> BaseModel:

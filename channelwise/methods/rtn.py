@@ -25,6 +25,7 @@ def rtn_block(block: nn.Module, adapter: ModelAdapter, spec: QuantSpec) -> None:
 class RTN(Method):
     name = "rtn"
     quantizes_weights = True
+    distributed = True
 
     def apply(self, ctx: BlockContext) -> None:
         rtn_block(ctx.block, ctx.adapter, self.recipe.weights.spec("weight"))

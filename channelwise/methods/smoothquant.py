@@ -102,6 +102,7 @@ class SmoothQuant(Method):
 
     name = "smoothquant"
     needs_calibration = True
+    distributed = True
     quantizes_weights = False
     Args: ClassVar[type[BaseModel]] = SmoothQuantArgs
 
@@ -178,6 +179,7 @@ class SmoothQuant(Method):
         with torch.no_grad():
             ctx.observe(tuple(observed), lambda linear, x: stats[observed[linear]].update(x))
             for subset in self.subsets:
+                stats[subset.name].all_reduce(ctx.group)
                 act_absmax = stats[subset.name].absmax
                 if act_absmax is None:
                     raise RecipeError(

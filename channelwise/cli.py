@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="packed",
         help="packed: integer codes at their bit width (default); fake: float weights on the "
         "grid; compressed-tensors: the format vLLM loads; gguf: one llama.cpp file (Llama, "
-        "Mistral, Qwen2, Qwen3, Gemma 2/3; weights in groups of 32 with float16 scales, e.g. "
-        "presets rtn-w4a16-q4_0, rtn-w4a16-q4_1, rtn-w8a16-q8_0 → Q4_0, Q4_1, Q8_0)",
+        "Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3; weights in groups of 32 with float16 scales, "
+        "e.g. presets rtn-w4a16-q4_0, rtn-w4a16-q4_1, rtn-w8a16-q8_0 → Q4_0, Q4_1, Q8_0)",
     )
     p.add_argument(
         "--gguf-float",

@@ -47,8 +47,6 @@ def expected_refusals(family: str) -> dict[str, str]:
         refused[preset] = key_side
     if family.startswith("gemma"):
         refused |= dict.fromkeys(ROTATION_PRESETS, SANDWICH)
-    if family == "phi3":
-        refused |= dict.fromkeys(SPARSITY_PRESETS, "fused projection")
     if family == "mixtral":
         folding = [p for p in preset_names() if p.split("-")[0] in FOLDING_METHODS]
         refused |= dict.fromkeys(folding, "router (mlp.gate) reads")
@@ -169,6 +167,39 @@ def test_split_linear_loads_a_fused_state_dict() -> None:
     assert torch.equal(other(x), split(x))
     with pytest.raises(ValueError, match="do not add up"):
         SplitLinear.of(fused, {"a": 2, "b": 3})
+
+
+def phi3_from_llama(llama: torch.nn.Module) -> torch.nn.Module:
+    """A tiny Phi-3 holding ``llama``'s weights, q/k/v and gate/up fused: the same function."""
+    phi3 = build_tiny_model("phi3", rms_norm_eps=llama.config.rms_norm_eps)
+    state = dict(llama.state_dict())
+    for i in range(llama.config.num_hidden_layers):
+        at, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        parts = [state.pop(f"{at}{p}_proj.weight") for p in "qkv"]
+        state[f"{at}qkv_proj.weight"] = torch.cat(parts)
+        parts = [state.pop(f"{mlp}{p}_proj.weight") for p in ("gate", "up")]
+        state[f"{mlp}gate_up_proj.weight"] = torch.cat(parts)
+    phi3.load_state_dict(state)
+    return phi3
+
+
+@pytest.mark.parametrize("preset", ["chess-50", "cats-50", "teal-50"])
+def test_sparsity_on_phi3_is_sparsity_on_the_same_llama(preset, calibration_ids, token_ids):
+    # Phi-3's fused projections are thresholded as their split parts: on a Phi-3 holding a
+    # Llama's weights every threshold, and so every logit, is the Llama's.
+    llama = build_tiny_model("llama")
+    phi3 = phi3_from_llama(llama)
+    torch.testing.assert_close(logits(phi3, token_ids), logits(llama, token_ids), atol=1e-5, rtol=0)
+    results = [quantize(m, preset, calibration_ids, progress=False) for m in (llama, phi3)]
+    states = [r.methods[0].saved_state() for r in results]
+    assert sorted(states[0]) == sorted(states[1]) and states[0]
+    for key, threshold in states[0].items():
+        torch.testing.assert_close(states[1][key], threshold, atol=1e-5, rtol=1e-5)
+    sparse = logits(phi3, token_ids)
+    assert not torch.allclose(sparse, logits(phi3_from_llama(build_tiny_model("llama")), token_ids))
+    torch.testing.assert_close(sparse, logits(llama, token_ids), atol=1e-4, rtol=0)
+    down = phi3.model.layers[0].mlp.down_proj
+    assert getattr(down, "_channelwise_sparse_input", False)
 
 
 def test_mixtral_experts_split_exactly_and_save_fused(token_ids, tmp_path) -> None:

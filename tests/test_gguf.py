@@ -274,6 +274,15 @@ def test_other_families_and_unpacked_models_are_refused(tmp_path):
         export(build_tiny_model("llama"), tmp_path)
 
 
+def test_a_fused_phi3_projection_whose_parts_differ_is_refused(tmp_path):
+    model = packed_model(load_recipe("rtn-w4a16-q4_0"), family="phi3")
+    split = model.model.layers[1].self_attn.qkv_proj
+    split.k_proj = torch.nn.Linear(split.k_proj.in_features, split.k_proj.out_features, bias=False)
+    with pytest.raises(ExportError, match="qkv_proj: its parts .* are quantized differently"):
+        export(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 
@@ -360,6 +369,7 @@ GGUF_FAMILIES = {
     "qwen3": dict(head_dim=128),
     "gemma2": dict(query_pre_attn_scalar=256),
     "gemma3_text": dict(query_pre_attn_scalar=256, layer_types=None),
+    "phi3": {},  # fused qkv_proj / gate_up_proj, quantized as parts, written fused
 }
 
 
@@ -376,8 +386,14 @@ def test_other_architectures_export_and_reload(
             module.weight.data.uniform_(-0.5, 0.5)
     path = export(model, tmp_path)
     assert verify_gguf(path, model) == 0.0
-    arch = GGUFReader(str(path)).fields["general.architecture"].contents()
-    assert arch == {"mistral": "llama", "gemma3_text": "gemma3"}.get(family, family)
+    reader = GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == {
+        "mistral": "llama",
+        "gemma3_text": "gemma3",
+    }.get(family, family)
+    if family == "phi3":
+        names = {t.name for t in reader.tensors}
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names
     reloaded = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32
     ).eval()

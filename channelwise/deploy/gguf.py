@@ -1,5 +1,5 @@
 """Export a packed model to one GGUF file, the format llama.cpp loads: Llama, Mistral, Qwen2,
-Qwen3, Gemma 2 and Gemma 3 (:data:`GGUF_ARCHITECTURES`).
+Qwen3, Gemma 2, Gemma 3 and Phi-3 (:data:`GGUF_ARCHITECTURES`).
 
 Each quantized linear's codes and scales are written, as they are, into GGUF's 32-element blocks
 (built here byte by byte, :func:`gguf_blocks`); nothing is re-quantized. What maps exactly:
@@ -19,8 +19,8 @@ Everything else is refused with :class:`ExportError` before anything is written:
 widths or group sizes, float32 scales (GGUF stores float16), integer zero points (``(q − z)·s``
 is not ``d·q + m`` bit for bit), activation or attention quantizers (llama.cpp runs float
 activations), online ops such as QuaRot's online Hadamard (GGUF cannot express a runtime
-rotation), other architectures (Phi-3's fused projections, OPT, GPT-2, GPT-NeoX). Rotations
-and smoothing folded into the weights need nothing at runtime and export as they are.
+rotation), other architectures (OPT, GPT-2, GPT-NeoX). Rotations and smoothing folded into the
+weights need nothing at runtime and export as they are.
 
 Tensors use llama.cpp's names, from the ``gguf`` package's own per-architecture map
 (``token_embd``, ``blk.N.attn_q`` …, ``output_norm``, ``output`` when untied; Qwen3's
@@ -28,7 +28,10 @@ Tensors use llama.cpp's names, from the ``gguf`` package's own per-architecture 
 order for Q and K in the ``llama`` architecture (``convert_hf_to_gguf.py``'s ``permute``, which
 transformers' GGUF loader undoes), and its Gemma norms: the factor ``1 + w`` itself, as
 llama.cpp's converter writes them (transformers' loader subtracts the 1 again). Norms are
-F32; unquantized embedding/head F32 or F16.
+F32; unquantized embedding/head F32 or F16. Phi-3's fused ``qkv_proj`` and ``gate_up_proj``,
+quantized as separate parts (:class:`~channelwise.adapters.phi3.SplitLinear`), are written fused
+again as ``attn_qkv`` and ``ffn_up``: their rows concatenated, each row's blocks as they are (a
+GGUF block never spans two rows, so this is exact), and refused if the parts' grids differ.
 :func:`verify_gguf` reads the file back with ``gguf.GGUFReader`` and de-quantizes every tensor
 with ``gguf.quants.dequantize``: the values must equal ours exactly (both compute ``d·u`` and
 ``d·u + m`` as separately rounded float32 products and sums).
@@ -44,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from channelwise.adapters import norm_gain
+from channelwise.adapters.phi3 import SplitLinear
 from channelwise.deploy.exportable import exported_recipe, packed_linears, refuse_online_steps
 from channelwise.deploy.gguf_tokenizer import add_tokenizer
 from channelwise.deploy.packed_modules import PackedCodes, PackedTiedHead
@@ -62,6 +66,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",
 }
 
 
@@ -262,23 +267,27 @@ def _tensors(model: nn.Module, float_type: str):
     mapped: set[int] = set()
     for name, module, base in _named_tensors(model):
         perm = _row_permutation(model.config, name)
-        if isinstance(module, PackedCodes):
-            qtype = gguf_type(module.spec, name)
-            codes, scale = module.codes(), module.scale
-            zero = module.zero if module.spec.float_zero else None
+        parts = _fused_parts(module, name)
+        if isinstance(parts[0], PackedCodes):
+            spec = parts[0].spec
+            qtype = gguf_type(spec, name)
+            codes = torch.cat([part.codes() for part in parts])
+            scale = torch.cat([part.scale for part in parts])
+            zero = torch.cat([part.zero for part in parts]) if spec.float_zero else None
             if perm is not None:
                 codes, scale = codes[perm], scale[perm]
                 zero = None if zero is None else zero[perm]
-            yield f"{base}.weight", gguf_blocks(codes, scale, zero, module.spec), qtype
+            yield f"{base}.weight", gguf_blocks(codes, scale, zero, spec), qtype
         else:
-            weight = norm_gain(module).detach().float().cpu()  # Gemma's norms: 1 + w
+            weight = _float_weight(parts).detach().float().cpu()
             weight = weight if perm is None else weight[perm]
             f16 = float_type == "F16" and weight.ndim == 2
             data = weight.half() if f16 else weight
             yield f"{base}.weight", data.numpy(), T.F16 if f16 else T.F32
-        mapped.update(id(t) for t in module.parameters(recurse=False))
-        mapped.update(id(t) for t in module.buffers(recurse=False))
-        bias = getattr(module, "bias", None)
+        for part in parts:
+            mapped.update(id(t) for t in part.parameters(recurse=False))
+            mapped.update(id(t) for t in part.buffers(recurse=False))
+        bias = _fused_bias(parts)
         if bias is not None:
             bias = bias.detach().float().cpu()
             yield f"{base}.bias", (bias if perm is None else bias[perm]).numpy(), T.F32
@@ -288,6 +297,40 @@ def _tensors(model: nn.Module, float_type: str):
                 f"'{key}' has no place in llama.cpp's {gguf_architecture(model.config)} "
                 "architecture"
             )
+
+
+def _fused_parts(module: nn.Module, name: str) -> list[nn.Module]:
+    """The modules one GGUF tensor is made of: a split fused linear's parts (same grid), else
+    ``module`` itself."""
+    if not isinstance(module, SplitLinear):
+        return [module]
+    parts = list(module.children())
+    specs = {part.spec if isinstance(part, PackedCodes) else None for part in parts}
+    if len(specs) != 1:
+        raise ExportError(
+            f"{name}: its parts ({', '.join(n for n, _ in module.named_children())}) are "
+            "quantized differently; llama.cpp stores them as one fused tensor of one type"
+        )
+    return parts
+
+
+def _float_weight(parts: list[nn.Module]) -> Tensor:
+    """A float tensor's values as written (a Gemma norm's ``1 + w``; a fused linear's rows)."""
+    if len(parts) == 1:
+        return norm_gain(parts[0])
+    return torch.cat([part.weight for part in parts])
+
+
+def _fused_bias(parts: list[nn.Module]) -> Tensor | None:
+    biases = [getattr(part, "bias", None) for part in parts]
+    return None if any(b is None for b in biases) else torch.cat(biases)
+
+
+def _dequantized(module: nn.Module, name: str) -> Tensor:
+    parts = _fused_parts(module, name)
+    if isinstance(parts[0], PackedCodes):
+        return torch.cat([part.dequantized() for part in parts])
+    return _float_weight(parts)
 
 
 def _row_permutation(config, name: str) -> Tensor | None:
@@ -307,6 +350,11 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _rope_dims(config) -> int:
+    """Rotary dimensions per head (Phi-3 variants may rotate a fraction of each head)."""
+    return int(_head_dim(config) * (getattr(config, "partial_rotary_factor", None) or 1.0))
+
+
 def _add_metadata(writer, config) -> None:
     heads = config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
@@ -318,11 +366,11 @@ def _add_metadata(writer, config) -> None:
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(_head_dim(config))
+    writer.add_rope_dimension_count(_rope_dims(config))
     if _head_dim(config) * heads != config.hidden_size or config.model_type.startswith("gemma"):
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
-    if getattr(config, "sliding_window", None) and config.model_type.startswith("gemma"):
+    if getattr(config, "sliding_window", None) and config.model_type.startswith(("gemma", "phi3")):
         writer.add_sliding_window(int(config.sliding_window))
     for key, add in (
         ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
@@ -371,10 +419,10 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> float:
     stored = {t.name: t for t in reader.tensors}
     expected = {}
     for name, module, base in _named_tensors(model):
-        weight = module.dequantized() if isinstance(module, PackedCodes) else norm_gain(module)
-        expected[f"{base}.weight"] = (name, weight)
-        if getattr(module, "bias", None) is not None:
-            expected[f"{base}.bias"] = (name, module.bias)
+        expected[f"{base}.weight"] = (name, _dequantized(module, name))
+        bias = _fused_bias(_fused_parts(module, name))
+        if bias is not None:
+            expected[f"{base}.bias"] = (name, bias)
     if set(stored) != set(expected):
         missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
         raise ExportError(f"{path}: tensors missing {missing[:5]}, unexpected {extra[:5]}")
@@ -411,7 +459,7 @@ def _check_metadata(reader, config, path) -> None:
         "feed_forward_length": config.intermediate_size,
         "attention.head_count": config.num_attention_heads,
         "attention.head_count_kv": kv,
-        "rope.dimension_count": _head_dim(config),
+        "rope.dimension_count": _rope_dims(config),
         "vocab_size": config.vocab_size,
         "rope.freq_base": np.float32(_rope_theta(config)),
         "attention.layer_norm_rms_epsilon": np.float32(config.rms_norm_eps),

@@ -68,9 +68,11 @@ def hf_tokenizer_section(writer, config, tokenizer) -> int:
     writer.add_token_scores([-float(i) for i in range(len(tokens))])
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("merges", [])]
     writer.add_token_merges(merges)
-    for what in ("bos", "eos", "unk", "pad"):
+    for what in ("bos", "eos", "unk", "pad"):  # the tokenizer's, else the model config's
         token_id = getattr(tokenizer, f"{what}_token_id", None)
-        if token_id is not None:
+        if token_id is None:
+            token_id = getattr(config, f"{what}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < config.vocab_size:
             getattr(writer, f"add_{what}_token_id")(token_id)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)

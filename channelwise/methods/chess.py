@@ -22,7 +22,9 @@ fraction ``sparsity`` of them is zeroed:
 The zeroing is a forward hook on the MLP's activation module and forward pre-hooks on ``q_proj``
 and ``o_proj`` (the weights are unchanged: a following quantizing step sees them as they were);
 the thresholds are the step's saved state, re-installed on load. Gated-MLP families only (Llama,
-Qwen2, Mistral): the others are refused.
+Qwen2, Mistral, Qwen3, Gemma 2/3, Phi-3): the others are refused. Phi-3's fused ``gate_up_proj``
+is quantized and thresholded as its two parts; its MLP keeps transformers' dense forward (the
+zeroed channels give the same output), and only ``down_proj`` takes the sparse-input kernel.
 
 Deviations and ambiguities:
 
@@ -62,6 +64,16 @@ from channelwise.methods.registry import Method, register
 
 GATE, UP, ACT = "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn"
 ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.o_proj")
+#: The block linears of Llama's layout, the names thresholds are saved under in every family.
+BLOCK_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    GATE,
+    UP,
+    "mlp.down_proj",
+)
 #: Quantiles of a longer row are taken on an even subsample of this many entries (the rank error,
 #: ~1/√n = 0.4%, is far below the spread between sequences; a full sort of a 512-token SmolLM2
 #: sequence's 786k activations took 20 s per block for 128 sequences).
@@ -78,26 +90,36 @@ class ChessArgs(SparsityArgs):
     attention: bool = True
 
 
-def require_gated_mlp(model: nn.Module, adapter, name: str) -> None:
-    """Refuse a family without a gated MLP (``gate_proj``/``up_proj``/``act_fn`` per block)."""
-    if adapter.mlp_act is not None and adapter.mlp_act != ACT:
-        raise RecipeError(
-            f"{name}: thresholds act on a gated MLP's activation at Llama's gate_proj, up_proj "
-            f"and act_fn; {adapter.family} computes gate and up in one fused projection "
-            f"(activation at {adapter.mlp_act}), which the sparse MLP does not take"
-        )
-    block = adapter.block_list(model)[0]
-    for part in (GATE, UP, ACT):
+def gated_mlp_paths(model: nn.Module, adapter, name: str) -> dict[str, str]:
+    """Llama's block paths (:data:`BLOCK_LINEARS` and ``mlp.act_fn``) → ``adapter``'s family's
+    (Phi-3: the parts of its split fused projections, ``mlp.activation_fn``); refuses a family
+    without a gated MLP."""
+    linears = adapter.linear_names()
+    paths = {}
+    for canonical in BLOCK_LINEARS:
+        group, leaf = canonical.split(".")[0], canonical.rsplit(".", 1)[1]
+        found = [n for n in linears if n.split(".")[0] == group and n.rsplit(".", 1)[1] == leaf]
+        paths[canonical] = found[0] if len(found) == 1 else canonical
+    paths[ACT] = adapter.mlp_act or ACT
+    blocks = adapter.block_list(model)
+    mlp_first = sorted(paths, key=lambda canonical: not canonical.startswith("mlp."))
+    for path in (paths[canonical] for canonical in mlp_first):
         try:
-            block.get_submodule(part)
+            blocks[0].get_submodule(path)
         except AttributeError:
             raise RecipeError(
-                f"{name}: thresholds act on a gated MLP's activation (gate_proj, up_proj, "
-                f"act_fn); a {adapter.family} block has no {part}"
+                f"{name}: thresholds act on a gated MLP (gate_proj, up_proj, its activation, "
+                f"down_proj) and the attention linears; {adapter.family} blocks have no {path}"
             ) from None
-    acts = [id(b.get_submodule(ACT)) for b in adapter.block_list(model)]
+    acts = [id(b.get_submodule(paths[ACT])) for b in blocks]
     if len(set(acts)) != len(acts):
         raise RecipeError(f"{name}: the blocks share one activation module; cannot hook each")
+    return paths
+
+
+def llama_layout(paths: dict[str, str]) -> bool:
+    """Whether the block is laid out as Llama's (its MLP can become a ``SparseGatedMLP``)."""
+    return all(path == canonical for canonical, path in paths.items())
 
 
 def sequence_quantile(values: Tensor, q: float) -> Tensor:
@@ -122,6 +144,7 @@ class _ThresholdMethod(Method):
     def __init__(self, recipe, args) -> None:
         super().__init__(recipe, args)
         self.thresholds: dict[str, Tensor] = {}
+        self.paths: dict[str, str] = {}
 
     @property
     def attention(self) -> bool:
@@ -130,7 +153,8 @@ class _ThresholdMethod(Method):
 
     def check(self, model: nn.Module, adapter) -> None:
         super().check(model, adapter)
-        require_gated_mlp(model, adapter, f"recipe '{self.recipe.name}', step '{self.name}'")
+        where = f"recipe '{self.recipe.name}', step '{self.name}'"
+        self.paths = gated_mlp_paths(model, adapter, where)
 
     def mlp_threshold(self, act: Tensor, up: Tensor | None) -> Tensor:
         """The activation threshold (scalar or per channel) from ``act``/``up`` outputs
@@ -143,12 +167,12 @@ class _ThresholdMethod(Method):
         found: list[tuple[str, Tensor, bool]] = []
         if self.attention:
             for name in ATTENTION_INPUTS:
-                x = torch.cat(ctx.capture(name)).abs()
+                x = torch.cat(ctx.capture(self.paths[name])).abs()
                 found.append((name, sequence_quantile(x, self.args.sparsity), False))
                 del x
-        gate, up, act = (block.get_submodule(n) for n in (GATE, UP, ACT))
+        gate, up, act = (block.get_submodule(self.paths[n]) for n in (GATE, UP, ACT))
         with torch.no_grad():
-            mlp_inputs = ctx.capture(GATE)
+            mlp_inputs = ctx.capture(self.paths[GATE])
             acts = torch.cat([act(gate(x)) for x in mlp_inputs])
             ups = torch.cat([up(x) for x in mlp_inputs]) if self.reads_up else None
         found.append((ACT, self.mlp_threshold(acts, ups), True))
@@ -158,16 +182,19 @@ class _ThresholdMethod(Method):
     def _install(self, index: int, block, name: str, threshold: Tensor, on_output: bool) -> None:
         threshold = threshold.detach().float().cpu()
         self.thresholds[f"{index}.{name}"] = threshold
-        install_threshold_hook(block.get_submodule(name), threshold, on_output)
-        if name == ACT:
+        install_threshold_hook(block.get_submodule(self.paths[name]), threshold, on_output)
+        if name != ACT:
+            mark_sparse_input(block.get_submodule(self.paths[name]))
+        elif llama_layout(self.paths):
             use_sparse_mlp(block)
-        else:
-            mark_sparse_input(block.get_submodule(name))
+        else:  # a fused gate/up runs dense; down_proj still skips the zeroed channels
+            mark_sparse_input(block.get_submodule(self.paths["mlp.down_proj"]))
 
     def saved_state(self) -> dict[str, Tensor]:
         return {key: value.reshape(-1) for key, value in self.thresholds.items()}
 
     def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
+        self.paths = gated_mlp_paths(model, adapter, f"step '{self.name}'")
         blocks = adapter.block_list(model)
         names = (ACT, *ATTENTION_INPUTS) if self.attention else (ACT,)
         for index, block in enumerate(blocks):

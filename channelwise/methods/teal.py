@@ -18,7 +18,8 @@ even where inputs are shared (q/k/v read one tensor, gate/up another). The block
   the target than the one before;
 * ``allocation: uniform``: every linear at ``S_p = sparsity``.
 
-Gated-MLP families only (Llama, Qwen2, Mistral), like CHESS.
+Gated-MLP families only, like CHESS (Phi-3's fused projections as their split parts, each with
+its own threshold).
 
 Deviations and ambiguities:
 
@@ -54,8 +55,8 @@ from torch import Tensor, nn
 from channelwise.adapters import linear_weight
 from channelwise.deploy.sparse import install_threshold_hook, mark_sparse_input
 from channelwise.engine import BlockContext, hidden_state
-from channelwise.errors import ChannelwiseError, RecipeError
-from channelwise.methods.chess import SparsityArgs, require_gated_mlp
+from channelwise.errors import ChannelwiseError
+from channelwise.methods.chess import SparsityArgs, gated_mlp_paths
 from channelwise.methods.registry import Method, register
 
 #: The 7 sparsified linears of a block and the linear whose input each one shares.
@@ -111,19 +112,15 @@ class Teal(Method):
         super().__init__(recipe, args)
         self.thresholds: dict[str, Tensor] = {}
         self.levels: dict[str, float] = {}  # "block.linear" -> the level it was given
+        self.paths: dict[str, str] = {}  # Llama's name -> the family's path (Phi-3's parts)
 
     def check(self, model: nn.Module, adapter) -> None:
         super().check(model, adapter)
-        require_gated_mlp(model, adapter, f"recipe '{self.recipe.name}', step '{self.name}'")
-        block = adapter.block_list(model)[0]
-        for name in LINEARS:
-            try:
-                block.get_submodule(name)
-            except AttributeError:
-                raise RecipeError(
-                    f"recipe '{self.recipe.name}', step 'teal': a {adapter.family} block has no "
-                    f"{name}"
-                ) from None
+        where = f"recipe '{self.recipe.name}', step '{self.name}'"
+        self.paths = gated_mlp_paths(model, adapter, where)
+
+    def _linear(self, block: nn.Module, name: str) -> nn.Module:
+        return block.get_submodule(self.paths[name])
 
     def apply(self, ctx: BlockContext) -> None:
         block = ctx.block
@@ -134,12 +131,13 @@ class Teal(Method):
         def keep(name: str, x: Tensor) -> None:
             seen[name].append(sorted_magnitudes([x], budget))
 
-        ctx.observe(tuple(inputs), keep)
+        canonical = {self.paths[name]: name for name in inputs}
+        ctx.observe(tuple(canonical), lambda path, x: keep(canonical[path], x))
         magnitudes = {name: torch.cat(parts).sort().values for name, parts in seen.items()}
         thresholds = {name: torch.zeros(()) for name in LINEARS}
         for name, threshold in thresholds.items():
-            install_threshold_hook(block.get_submodule(name), threshold, on_output=False)
-            mark_sparse_input(block.get_submodule(name))
+            install_threshold_hook(self._linear(block, name), threshold, on_output=False)
+            mark_sparse_input(self._linear(block, name))
 
         def set_level(name: str, level: float) -> None:
             thresholds[name].fill_(level_threshold(magnitudes[LINEARS[name]], level))
@@ -155,7 +153,7 @@ class Teal(Method):
 
     def _greedy(self, ctx: BlockContext, block: nn.Module, set_level) -> dict[str, float]:
         """The paper's block-wise greedy allocation (see the module docstring)."""
-        sizes = {n: linear_weight(block.get_submodule(n), ctx.adapter.transposed_weights).numel()
+        sizes = {n: linear_weight(self._linear(block, n), ctx.adapter.transposed_weights).numel()
                  for n in LINEARS}  # fmt: skip
         total = sum(sizes.values())
         unit = sizes["self_attn.q_proj"]
@@ -213,6 +211,7 @@ class Teal(Method):
         return {key: value.reshape(-1).clone() for key, value in self.thresholds.items()}
 
     def restore(self, model: nn.Module, adapter, state: dict[str, Tensor]) -> None:
+        self.paths = gated_mlp_paths(model, adapter, "step 'teal'")
         for index, block in enumerate(adapter.block_list(model)):
             for name in LINEARS:
                 key = f"{index}.{name}"
@@ -223,8 +222,8 @@ class Teal(Method):
                     )
                 threshold = state[key].reshape(()).float()
                 self.thresholds[key] = threshold
-                install_threshold_hook(block.get_submodule(name), threshold, on_output=False)
-                mark_sparse_input(block.get_submodule(name))
+                install_threshold_hook(self._linear(block, name), threshold, on_output=False)
+                mark_sparse_input(self._linear(block, name))
 
 
 def slice_batch(value, shape: tuple[int, int], keep: tuple[int, int]):

@@ -326,8 +326,7 @@ def _fused_bias(parts: list[nn.Module]) -> Tensor | None:
     return None if any(b is None for b in biases) else torch.cat(biases)
 
 
-def _dequantized(module: nn.Module, name: str) -> Tensor:
-    parts = _fused_parts(module, name)
+def _dequantized(parts: list[nn.Module]) -> Tensor:
     if isinstance(parts[0], PackedCodes):
         return torch.cat([part.dequantized() for part in parts])
     return _float_weight(parts)
@@ -419,8 +418,9 @@ def verify_gguf(path: str | os.PathLike, model: nn.Module) -> float:
     stored = {t.name: t for t in reader.tensors}
     expected = {}
     for name, module, base in _named_tensors(model):
-        expected[f"{base}.weight"] = (name, _dequantized(module, name))
-        bias = _fused_bias(_fused_parts(module, name))
+        parts = _fused_parts(module, name)
+        expected[f"{base}.weight"] = (name, _dequantized(parts))
+        bias = _fused_bias(parts)
         if bias is not None:
             expected[f"{base}.bias"] = (name, bias)
     if set(stored) != set(expected):

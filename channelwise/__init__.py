@@ -13,6 +13,7 @@ from channelwise.errors import ChannelwiseError
 from channelwise.evaluate import perplexity
 from channelwise.kvcache import chunked_perplexity, make_cache
 from channelwise.models import DEFAULT_MODEL, load_model
+from channelwise.offload import load_offloaded
 from channelwise.protocol import Protocol
 from channelwise.recipe import QuantArgs, Recipe, Step, load_recipe, preset_names
 
@@ -27,6 +28,7 @@ __all__ = [
     "adapter_for",
     "chunked_perplexity",
     "load_model",
+    "load_offloaded",
     "load_recipe",
     "make_cache",
     "perplexity",

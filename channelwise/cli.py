@@ -55,7 +55,7 @@ def cmd_quantize(args) -> None:
 def _quantize(args, device, group) -> None:
     import torch
 
-    from channelwise import load_model, load_recipe, quantize, save_quantized
+    from channelwise import load_recipe, quantize, save_quantized
     from channelwise.compress import needs_calibration
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
@@ -63,6 +63,13 @@ def _quantize(args, device, group) -> None:
     from channelwise.vision import is_vision_model, load_vision_model
 
     recipe = load_recipe(args.recipe)
+    if args.format is None:
+        args.format = "fake" if args.offload else "packed"
+    if args.offload and args.format != "fake":
+        raise ChannelwiseError(
+            f"--offload saves float weights on the grid (--format fake); --format {args.format} "
+            "needs the whole model in memory"
+        )
     if args.float_dtype != "float32" and args.format != "packed":
         raise ChannelwiseError("--float-dtype needs --format packed")
     if args.gguf_float != "F32" and args.format != "gguf":
@@ -88,11 +95,15 @@ def _quantize(args, device, group) -> None:
     out = out.expanduser().resolve()
     check_replaceable(out, args.force, kind="gguf" if args.format == "gguf" else "folder")
     check_parent_writable(out)
+    if group is not None and args.offload:
+        raise ChannelwiseError("--offload runs in one process; launch it without torchrun")
+    if vision and args.offload:
+        raise ChannelwiseError("--offload supports causal language models only")
     if vision:
         model, tokenizer = load_vision_model(args.model, device), None
         calibration = protocol.calibration_pixels() if needs_calibration(recipe) else None
     else:
-        model, tokenizer = load_model(args.model, device=device)
+        model, tokenizer = _load_text_model(args.model, device, args.offload)
         calibration = (
             _protocol(args).calibration_tokens(tokenizer) if needs_calibration(recipe) else None
         )
@@ -134,6 +145,27 @@ def _quantize(args, device, group) -> None:
         f"{recipe.name}: calibrated in {result.calib_seconds:.1f} s; wrote {path} ({how}; "
         f"{_written_bytes(Path(path)) / 1e6:.1f} MB)"
     )
+    if args.offload:
+        print(_peak_rss_line(model))
+
+
+def _load_text_model(spec, device, offload: bool):
+    """``load_model``, or :func:`channelwise.offload.load_offloaded` with ``--offload``."""
+    from channelwise import load_model
+    from channelwise.offload import load_offloaded
+
+    return load_offloaded(spec, device=device) if offload else load_model(spec, device=device)
+
+
+def _peak_rss_line(model) -> str:
+    """The process's peak resident memory beside what the model would take whole in memory."""
+    from channelwise.memory import peak_resident_bytes
+    from channelwise.offload import offloaded_bytes
+
+    return (
+        f"peak resident memory {peak_resident_bytes() / 2**20:,.0f} MiB; the model whole in "
+        f"memory would take {offloaded_bytes(model) / 2**20:,.0f} MiB"
+    )
 
 
 def _written_bytes(path: Path) -> int:
@@ -155,11 +187,13 @@ def _source_gguf(spec: str | None) -> Path | None:
 
 
 def cmd_eval(args) -> None:
-    from channelwise import load_model, perplexity
+    from channelwise import perplexity
     from channelwise.kvcache import chunked_perplexity
     from channelwise.kvcache.cache import KV_CONFIG_ATTR
     from channelwise.report import write_atomic
 
+    if args.tasks and args.offload:
+        raise ChannelwiseError("--offload evaluates the perplexity protocol; it takes no --tasks")
     if args.tasks:
         return _eval_tasks(args)
     if args.limit is not None:
@@ -167,7 +201,7 @@ def cmd_eval(args) -> None:
     protocol = _protocol(args)
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, args.model)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = _load_text_model(args.model, args.device, args.offload)
     windows = protocol.eval_tokens(tokenizer)
     start = time.perf_counter()
     kv = getattr(model, KV_CONFIG_ATTR, None)
@@ -189,6 +223,8 @@ def cmd_eval(args) -> None:
         f"({protocol.windows}×{protocol.seqlen} tokens from {protocol.start}"
         + (", through the compressed KV cache in 32-token chunks)" if kv is not None else ")")
     )
+    if args.offload:
+        print(_peak_rss_line(model))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2))
 
@@ -422,11 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         choices=("packed", "fake", "compressed-tensors", "gguf"),
-        default="packed",
-        help="packed: integer codes at their bit width (default); fake: float weights on the "
-        "grid; compressed-tensors: the format vLLM loads; gguf: one llama.cpp file (Llama, "
-        "Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3; weights in groups of 32 with float16 scales, "
-        "e.g. presets rtn-w4a16-q4_0, rtn-w4a16-q4_1, rtn-w8a16-q8_0 → Q4_0, Q4_1, Q8_0)",
+        help="packed: integer codes at their bit width (default; fake with --offload); fake: "
+        "float weights on the grid; compressed-tensors: the format vLLM loads; gguf: one "
+        "llama.cpp file (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3; weights in groups of "
+        "32 with float16 scales, e.g. presets rtn-w4a16-q4_0, rtn-w4a16-q4_1, rtn-w8a16-q8_0 "
+        "→ Q4_0, Q4_1, Q8_0)",
     )
     p.add_argument(
         "--gguf-float",
@@ -440,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="storage of the tensors left unquantized (embedding, norms): float16 halves them, "
         "as llama.cpp and the other toolkits store them, at a rounding the eval then includes",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="leave the decoder blocks' weights on disk and read one block at a time: for a "
+        "model larger than memory (steps that work block by block: rtn, gptq, smoothquant, awq)",
     )
     data_options(p, evaluation=False)
     p.set_defaults(func=cmd_quantize)
@@ -458,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="with --tasks: the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=8, help="with --tasks: lm-eval batch size")
     p.add_argument("--json", help="write {'ppl': …} (or the tasks' metrics) here")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="an uncompressed checkpoint larger than memory: each block read from disk as it runs",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy text from a model (or a quantized folder), timed")

@@ -28,6 +28,7 @@ from channelwise.evaluate.perplexity import check_positions
 from channelwise.kvcache.methods import attach_kv_config, build_kv_method
 from channelwise.methods import Method, build_method
 from channelwise.methods.registry import method_classes
+from channelwise.offload import OffloadError, block_on_device, offloaded, save_offloaded
 from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, spec_from_dict, spec_to_dict
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
@@ -110,6 +111,8 @@ def quantize(
     group = _process_group(distributed)
     kv_method = build_kv_method(recipe)
     n_samples = 0 if calibration is None or not needs_data else int(calibration.shape[0])
+    if offloaded(model) is not None:
+        check_offloadable(recipe, methods, kv_method)
     if group is not None:
         check_distributed(recipe, methods, kv_method)
         progress = progress and group.main
@@ -146,7 +149,8 @@ def quantize(
             for index in tqdm(
                 range(len(blocks)), desc=recipe.name, disable=not progress, leave=False
             ):
-                block_fn(BlockContext(index, blocks[index], adapter, [], [], where))
+                with block_on_device(model, blocks[index], where):
+                    block_fn(BlockContext(index, blocks[index], adapter, [], [], where))
         if recipe.embedding is not None:
             embedding = model.get_input_embeddings()
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
@@ -193,6 +197,22 @@ def check_distributed(recipe: Recipe, methods: list[Method], kv_method) -> None:
         raise RecipeError(
             f"{where}: its KV-cache method calibrates in one process only; run it as one process"
         )
+
+
+def check_offloadable(recipe: Recipe, methods: list[Method], kv_method) -> None:
+    """Refuse, before any work, a recipe an offloaded model cannot run block by block."""
+    where = f"recipe '{recipe.name}' cannot run on a model offloaded to disk"
+    supported = sorted(name for name, cls in method_classes().items() if cls.offloadable)
+    for method in methods:
+        if not method.offloadable:
+            raise OffloadError(
+                f"{where}: step '{method.name}' changes the whole model at once (steps that "
+                f"work block by block: {', '.join(supported)})"
+            )
+    if kv_method is not None:
+        raise OffloadError(f"{where}: compressed KV caches are not supported offloaded yet")
+    if has_static_attention(recipe):
+        raise OffloadError(f"{where}: static attention ranges are not supported offloaded yet")
 
 
 def needs_calibration(recipe: str | Path | Recipe) -> bool:
@@ -333,6 +353,8 @@ def _write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe | None, tmp: P
     layout = packed_layout(model)
     if layout:  # our own module types: write the state dict as it is (no key renaming)
         save_packed_weights(model, tmp)
+    elif offloaded(model) is not None:
+        save_offloaded(model, tmp)
     else:
         model.save_pretrained(tmp)
     if tokenizer is not None:

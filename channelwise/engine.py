@@ -23,6 +23,7 @@ from channelwise.adapters import ModelAdapter
 from channelwise.adapters.mixtral import every_expert_sees_every_token
 from channelwise.distributed import ProcessGroup
 from channelwise.errors import NonFiniteError
+from channelwise.offload import block_on_device, home_device
 
 
 class _Captured(Exception):
@@ -275,14 +276,14 @@ def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, prog
         per_block = [kwargs] * len(blocks)
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress, leave=False):
         block = blocks[index]
-        home = model_device(block)
-        block.to(device)
-        ctx = BlockContext(
-            index, block, adapter, inputs, _to(per_block[index], device), device,
-            progress=progress, last=index == len(blocks) - 1, group=group,
-        )  # fmt: skip
-        block_fn(ctx)
-        outputs = ctx.forward()
+        home = home_device(model, block)
+        with block_on_device(model, block, device):
+            ctx = BlockContext(
+                index, block, adapter, inputs, _to(per_block[index], device), device,
+                progress=progress, last=index == len(blocks) - 1, group=group,
+            )  # fmt: skip
+            block_fn(ctx)
+            outputs = ctx.forward()
         finite = all(bool(torch.isfinite(out).all()) for out in outputs)
         if group is not None:
             finite = not group.any(not finite)
@@ -292,7 +293,6 @@ def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, prog
                 "or the recipe overflows here (try a float32 model or a wider bit-width)"
             )
         inputs = [out.to(home) for out in outputs]
-        block.to(home)
     return inputs
 
 

@@ -25,6 +25,16 @@ def resident_bytes() -> int:
         return 0
 
 
+def peak_resident_bytes() -> int:
+    """The most resident memory this process has held since it started (``ru_maxrss``), in
+    bytes; 0 where the platform does not say."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class PeakMemory:
     """``with PeakMemory(device) as peak: …`` then ``peak.added_mb``: the peak above the start."""
 

@@ -33,6 +33,11 @@ def test_recipes_lists_every_preset(capsys):
         (("eval", "--json", "/tmp/report.csv"), "expected a file ending in .json"),
         (("quantize", "--recipe", "fp", "--format", "gguf", "--out", "/x"), "nothing to export"),
         (("quantize", "--recipe", "rtn-w8a16", "--gguf-float", "F16", "--out", "/x"), "needs --"),
+        (
+            ("quantize", "--recipe", "rtn-w8a16", "--offload", "--format", "packed", "--out", "/x"),
+            "needs the whole model in memory",
+        ),
+        (("eval", "--offload", "--tasks", "austen_pride_next_word"), "takes no --tasks"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

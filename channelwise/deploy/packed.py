@@ -45,7 +45,7 @@ from channelwise.methods.registry import quantizes_weights
 from channelwise.quant import quantize
 from channelwise.quant.dual_grained import recorded_dual_grained
 from channelwise.quant.grid import weight_grid
-from channelwise.state import RECIPE_ATTR
+from channelwise.state import OFFLOAD_ATTR, RECIPE_ATTR
 
 __all__ = [
     "DYNAMIC",
@@ -99,6 +99,11 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
     Forward hooks (input quantizers, online Hadamards) move to the packed modules.
     Returns the names of the packed modules.
     """
+    if getattr(model, OFFLOAD_ATTR, None) is not None:
+        raise PackingError(
+            "this model's blocks wait on disk (load_offloaded); packing needs it whole in memory, "
+            "so save it as it is (float weights on the grid) and pack a loaded copy"
+        )
     adapter = adapter or adapter_for(model)
     recipe = getattr(model, RECIPE_ATTR, None)
     if recipe is None:

@@ -161,6 +161,7 @@ class AWQ(Method):
     name = "awq"
     needs_calibration = True
     quantizes_weights = False
+    offloadable = True
     Args: ClassVar[type[BaseModel]] = AWQArgs
 
     def __init__(self, recipe, args) -> None:

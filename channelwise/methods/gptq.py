@@ -74,6 +74,7 @@ class GPTQ(Method):
     needs_calibration = True
     quantizes_weights = True
     distributed = True
+    offloadable = True
     Args = GPTQArgs
 
     def check(self, model, adapter) -> None:

@@ -31,6 +31,9 @@ class Method:
     #: Whether the method calibrates across processes (:mod:`channelwise.distributed`): it
     #: reduces what it observes over ``ctx.group`` and quantizes each linear once.
     distributed: ClassVar[bool] = False
+    #: Whether the method runs on a model whose blocks wait on disk (:mod:`channelwise.offload`):
+    #: it changes a block only while the engine holds that block (no whole-model work).
+    offloadable: ClassVar[bool] = False
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, recipe: Recipe, args: BaseModel) -> None:

@@ -26,6 +26,7 @@ class RTN(Method):
     name = "rtn"
     quantizes_weights = True
     distributed = True
+    offloadable = True
 
     def apply(self, ctx: BlockContext) -> None:
         rtn_block(ctx.block, ctx.adapter, self.recipe.weights.spec("weight"))

@@ -103,6 +103,7 @@ class SmoothQuant(Method):
     name = "smoothquant"
     needs_calibration = True
     distributed = True
+    offloadable = True
     quantizes_weights = False
     Args: ClassVar[type[BaseModel]] = SmoothQuantArgs
 

@@ -1,0 +1,446 @@
+"""Models larger than RAM: block weights left on disk, one block materialised at a time.
+
+:func:`load_offloaded` builds the model with every decoder block's parameters on PyTorch's
+``meta`` device (no memory) and reads only what lies outside the blocks (embeddings, final
+norm, LM head). The safetensors files are opened lazily (memory-mapped, one tensor read at a
+time). A block is materialised from disk when it runs and dropped right after, so a forward
+pass (perplexity, generation) holds one block at a time; :func:`block_on_device` lets the
+calibration engine hold a block while a method works on it and writes the changed block back
+to a private overlay folder, from which every later read of that block comes. Saving
+(:func:`save_offloaded`) writes the model shard by shard, one block per file.
+
+Peak memory is then the resident parts + one block + the calibration activations, instead of
+the whole model. Only steps that work on one block at a time can run this way (a method opts
+in with ``Method.offloadable``); a step that changes every block at once in ``prepare_model``
+(rotations, global searches), a compressed KV cache, and a family that reshapes its modules on
+first use (Phi-3's split projections, Mixtral's split experts) are refused before any work.
+Packing an offloaded model is not supported yet: it saves in the fake-quant format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from channelwise.errors import ChannelwiseError, CheckpointError
+from channelwise.paths import channelwise_home
+from channelwise.state import MARKER_FILE, OFFLOAD_ATTR
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class OffloadError(ChannelwiseError):
+    """What an offloaded model cannot do (a step, a family or a format), said before any work."""
+
+
+class SafetensorsFolder:
+    """Tensors by name from safetensors files, read one at a time from memory-mapped files."""
+
+    def __init__(self, folder: Path, files: dict[str, Path]) -> None:
+        self.folder = folder
+        self.files = files
+
+    @classmethod
+    def open(cls, folder: Path) -> SafetensorsFolder:
+        """A checkpoint folder: ``model.safetensors``, or the shards its
+        ``model.safetensors.index.json`` lists."""
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = {str(key): folder / str(name) for key, name in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from exc
+            missing = sorted({path.name for path in files.values() if not path.is_file()})
+            if missing:
+                raise CheckpointError(
+                    f"{folder}: shard {missing[0]} named in {INDEX_FILE} is missing"
+                )
+            return cls(folder, files)
+        if (folder / "model.safetensors").is_file():
+            return cls.of_file(folder / "model.safetensors")
+        raise CheckpointError(
+            f"{folder} holds no model.safetensors (nor a {INDEX_FILE}); offloading reads a "
+            "safetensors checkpoint folder"
+        )
+
+    @classmethod
+    def of_file(cls, path: Path) -> SafetensorsFolder:
+        with safe_open(str(path), "pt") as handle:
+            return cls(path.parent, dict.fromkeys(handle.keys(), path))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors named ``keys``, each a private copy: every file is opened, read and
+        closed again (a tensor left on the memory map would share the file's pages, and an
+        in-place change would stay in the mapping for the next read)."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(str(path), "pt") as handle:
+                for key in names:
+                    out[key] = handle.get_tensor(key).clone()
+        return out
+
+
+class DiskWeights:
+    """Where an offloaded model's block parameters live: the source checkpoint, or this
+    object's overlay folder once a block was changed and written back."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[nn.Module],
+        source: SafetensorsFolder,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        names = {id(module): name for name, module in model.named_modules()}
+        self.blocks = blocks
+        self.prefixes = [names[id(block)] + "." for block in blocks]
+        self.source = source
+        self.dtype = dtype
+        self.device = device
+        root = channelwise_home() / "offload"
+        root.mkdir(parents=True, exist_ok=True)
+        self.overlay = Path(tempfile.mkdtemp(prefix="blocks-", dir=root))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.overlay, True)
+        self.written: set[int] = set()
+        self.held: set[int] = set()
+        self.transient: set[int] = set()
+        self.loads = 0
+        for index, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda _m, _a, index=index: self._on_call(index))
+            block.register_forward_hook(lambda _m, _a, _o, index=index: self._after_call(index))
+
+    def materialised(self, index: int) -> bool:
+        return not any(p.is_meta for p in self.blocks[index].parameters())
+
+    def load(self, index: int, device: torch.device | None = None) -> None:
+        """Read block ``index``'s parameters from disk (its overlay file once written back)."""
+        block, prefix = self.blocks[index], self.prefixes[index]
+        written = index in self.written
+        source = SafetensorsFolder.of_file(self.overlay_file(index)) if written else self.source
+        slots = _meta_slots(block, prefix)
+        missing = [key for _m, _n, key in slots if key not in source]
+        if missing:
+            raise CheckpointError(
+                f"{self.source.folder}: tensor {missing[0]} is not in the checkpoint; refusing "
+                "to fill it with random values"
+            )
+        _fill(slots, source.read([key for *_, key in slots]), device or self.device, self.dtype)
+        self.loads += 1
+
+    def release(self, index: int) -> None:
+        """Drop block ``index``'s parameters (back to ``meta``); its buffers stay."""
+        for module in self.blocks[index].modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and not param.is_meta:
+                    module._parameters[name] = nn.Parameter(
+                        param.detach().to("meta"), requires_grad=param.requires_grad
+                    )
+
+    def write_back(self, index: int) -> None:
+        """Save block ``index``'s current parameters; later loads read them instead."""
+        params = self.blocks[index].named_parameters(
+            self.prefixes[index].rstrip("."), remove_duplicate=False
+        )
+        tensors = {name: param.detach().to("cpu").contiguous() for name, param in params}
+        target = self.overlay_file(index)
+        partial = target.with_suffix(".partial")
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        partial.replace(target)
+        self.written.add(index)
+
+    @contextmanager
+    def holding(
+        self, index: int, device: torch.device | None = None, keep_changes: bool = False
+    ) -> Iterator[nn.Module]:
+        """Block ``index`` materialised on ``device`` for the duration; its changes written back
+        on exit when ``keep_changes``."""
+        self._drop_transient()
+        self.load(index, device)
+        self.held.add(index)
+        try:
+            yield self.blocks[index]
+            if keep_changes:
+                self.write_back(index)
+        finally:
+            self.held.discard(index)
+            self.release(index)
+
+    def overlay_file(self, index: int) -> Path:
+        return self.overlay / f"block-{index:05d}.safetensors"
+
+    def _on_call(self, index: int) -> None:
+        if index in self.held or self.materialised(index):
+            return
+        self._drop_transient()
+        self.load(index)
+        self.transient.add(index)
+
+    def _after_call(self, index: int) -> None:
+        if index in self.transient:
+            self.transient.discard(index)
+            self.release(index)
+
+    def _drop_transient(self) -> None:
+        for index in list(self.transient):  # a forward stopped inside a block skips its hook
+            self.transient.discard(index)
+            self.release(index)
+
+
+def offloaded(model: nn.Module) -> DiskWeights | None:
+    """The model's :class:`DiskWeights` when it was loaded by :func:`load_offloaded`."""
+    return getattr(model, OFFLOAD_ATTR, None)
+
+
+def load_offloaded(
+    spec: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` with the decoder blocks' weights left on disk.
+
+    ``spec`` is what :func:`channelwise.load_model` takes (a local checkpoint folder, an
+    embedded name, a ``.gguf`` converted once). Only the parts outside the blocks are read now;
+    each block is read when it runs. A compressed channelwise folder saved with float weights
+    (``--format fake``, what an offloaded model saves) loads with its input quantizers; a packed
+    one is refused (load it with ``load_model``).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from channelwise.adapters import adapter_for_config
+    from channelwise.models import ModelNotFoundError, resolve_device, resolve_model
+
+    device = resolve_device(device)
+    _return_freed_blocks_to_the_system()
+    source = resolve_model(spec)
+    if not isinstance(source, Path):
+        raise ModelNotFoundError(
+            f"offloading reads a local checkpoint folder, and '{spec}' is not one"
+        )
+    compressed = (source / MARKER_FILE).is_file()
+    if compressed:
+        from channelwise.deploy.checkpoint import read_marker
+
+        if read_marker(source).get("format") != "fake-quant":
+            raise OffloadError(
+                f"{source} holds packed integer codes; offloading reads float weights (a "
+                "folder saved with --format fake): load this one with load_model"
+            )
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"could not read the config of '{spec}': {exc}") from exc
+    adapter = adapter_for_config(config)
+    if adapter.prepare is not None:
+        raise OffloadError(
+            f"architecture '{config.model_type}' reshapes its modules on first use (split "
+            "projections or experts), so its blocks cannot be read from the checkpoint as "
+            "they are; offloading it is not supported"
+        )
+    if adapter.modality != "text":
+        raise OffloadError("offloading supports causal language models only")
+    checkpoint = SafetensorsFolder.open(source)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.name_or_path = str(source)
+    blocks = list(adapter.block_list(model))
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    slots = [
+        slot for slot in _meta_slots(model, "") if id(slot[0]._parameters[slot[1]]) not in in_blocks
+    ]
+    slots = [slot for slot in slots if slot[2] in checkpoint]  # a tied head: tie_weights below
+    _fill(slots, checkpoint.read([key for *_, key in slots]), device, dtype)
+    expected = set(model.state_dict())
+    strangers = sorted(key for key in checkpoint.files if key not in expected)
+    if strangers:
+        raise OffloadError(
+            f"{source}: {len(strangers)} saved tensor(s) are named differently from the model's "
+            f"parameters (first: {strangers[0]}); offloading reads a checkpoint whose tensor "
+            "names are the model's own, with no renaming"
+        )
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in in_blocks]
+    if left:
+        raise CheckpointError(
+            f"{source}: {len(left)} tensor(s) the model needs are not in its checkpoint "
+            f"(first: {left[0]}); refusing to fill them with random values"
+        )
+    model.requires_grad_(False)
+    weights = DiskWeights(model, blocks, checkpoint, dtype, device)
+    setattr(model, OFFLOAD_ATTR, weights)
+    if compressed:
+        _restore_offloaded(model, source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"could not load the tokenizer of '{spec}': {exc}") from exc
+    return model.eval(), tokenizer
+
+
+def _restore_offloaded(model: nn.Module, folder: Path) -> None:
+    """Re-install a compressed folder's runtime ops (input quantizers) on an offloaded model,
+    after refusing a recipe that could not have run offloaded."""
+    from channelwise.compress import check_offloadable, restore_quantized
+    from channelwise.deploy.checkpoint import read_marker
+    from channelwise.kvcache.methods import build_kv_method
+    from channelwise.methods import build_method
+    from channelwise.recipe import Recipe
+
+    recipe = Recipe.from_dict(read_marker(folder).get("recipe"), origin=str(folder / MARKER_FILE))
+    methods = [build_method(step, recipe) for step in recipe.steps]
+    check_offloadable(recipe, methods, build_kv_method(recipe))
+    restore_quantized(model, folder)
+
+
+def _meta_slots(root: nn.Module, prefix: str) -> list[tuple[nn.Module, str, str]]:
+    """``(module, parameter name, checkpoint key)`` of each parameter under ``root`` that is on
+    ``meta``; keys are ``prefix`` + the parameter's path under ``root``."""
+    slots = []
+    for module_name, module in root.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                path = f"{module_name}.{name}" if module_name else name
+                slots.append((module, name, prefix + path))
+    return slots
+
+
+def _fill(
+    slots: list[tuple[nn.Module, str, str]],
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Give each slot's parameter the tensor under its key, as ``dtype`` on ``device``."""
+    for module, name, key in slots:
+        param, value = module._parameters[name], tensors[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor {key} has shape {tuple(value.shape)}; the model its config describes "
+                f"expects {tuple(param.shape)}"
+            )
+        value = value.to(device=device, dtype=dtype)
+        module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
+
+
+def offloaded_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters take whole in memory, those waiting on disk included."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _return_freed_blocks_to_the_system() -> None:
+    """Serve every allocation of 1 MiB or more by its own memory map (glibc only).
+
+    By default glibc raises that threshold after large frees, so the blocks read and dropped
+    one after another end up in the heap, which is rarely given back: on SmolLM2 the process
+    then held about the whole model again after one pass (RTN, 1,305 MiB peak against 694 MiB
+    with the threshold fixed). A process-wide setting, harmless to the rest."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def block_on_device(model: nn.Module, block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Hold ``block`` on ``device`` while a method works on it: an ordinary model moves it
+    there and back; an offloaded one reads it from disk and writes the changed block back."""
+    weights = offloaded(model)
+    if weights is None:
+        home = next(block.parameters()).device
+        block.to(device)
+        try:
+            yield
+        finally:
+            block.to(home)
+        return
+    with weights.holding(weights.blocks.index(block), device, keep_changes=True):
+        yield
+
+
+def home_device(model: nn.Module, block: nn.Module) -> torch.device:
+    """Where a block's outputs go between steps: the device of its parameters, or of the
+    resident parts for an offloaded model."""
+    weights = offloaded(model)
+    return weights.device if weights is not None else next(block.parameters()).device
+
+
+def save_offloaded(model: nn.Module, folder: Path) -> None:
+    """Write an offloaded model as a sharded safetensors checkpoint transformers loads: the
+    resident parts in one shard, then one shard per block. A block written back after a step is
+    its overlay file, hard-linked into ``folder`` (copied across file systems), so a model
+    larger than memory is not read and written a second time."""
+    weights = offloaded(model)
+    blocks = len(weights.blocks)
+    total = blocks + 1
+    shard = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    prefixes = tuple(weights.prefixes)
+    resident = {
+        key: value
+        for key, value in model.state_dict().items()
+        if not key.startswith(prefixes) and not value.is_meta
+    }
+    weight_map: dict[str, str] = {}
+    size = _save_shard(_untied(resident, model), folder / shard[0], weight_map)
+    for index, prefix in enumerate(prefixes):
+        block, target = weights.blocks[index], folder / shard[index + 1]
+        params = dict(block.named_parameters(prefix.rstrip("."), remove_duplicate=False))
+        if index in weights.written and set(block.state_dict(prefix=prefix)) == set(params):
+            _link_or_copy(weights.overlay_file(index), target)  # the written-back block as is
+            weight_map.update(dict.fromkeys(params, target.name))
+            size += sum(p.numel() * p.element_size() for p in params.values())
+            continue
+        with weights.holding(index):
+            size += _save_shard(block.state_dict(prefix=prefix), target, weight_map)
+    index_json = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index_json, indent=2))
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _untied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without the second name of a shared tensor (a tied LM head), as transformers
+    saves it."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        out[key] = value
+    return out
+
+
+def _save_shard(state: dict[str, torch.Tensor], path: Path, weight_map: dict[str, str]) -> int:
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, path.name))
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,192 @@
+"""Models larger than RAM: block weights left on disk (channelwise.offload)."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
+
+from channelwise import load_model, quantize, save_quantized
+from channelwise.cli import main
+from channelwise.deploy import pack_model
+from channelwise.errors import CheckpointError, PackingError
+from channelwise.offload import OffloadError, load_offloaded, offloaded
+
+OFFLOADABLE = ("llama", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2")
+
+
+def save_tiny(folder: Path, family: str = "llama", shards: bool = True) -> Path:
+    layers = {} if family.startswith("gemma") else {"num_hidden_layers": 3}
+    model = build_tiny_model(family, **layers)
+    model.save_pretrained(folder, max_shard_size="40KB" if shards else "1GB")
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.iterdir())
+    }
+
+
+def materialised_blocks(model) -> int:
+    weights = offloaded(model)
+    return sum(weights.materialised(i) for i in range(len(weights.blocks)))
+
+
+@pytest.mark.parametrize("family", OFFLOADABLE)
+def test_offloaded_model_computes_what_the_loaded_model_does(tmp_path, family, token_ids):
+    folder = save_tiny(tmp_path / "src", family)
+    assert len(list(folder.glob("model-*.safetensors"))) > 1  # a sharded checkpoint
+    loaded, _ = load_model(folder)
+    model, _ = load_offloaded(folder)
+    assert materialised_blocks(model) == 0
+    most = []
+    for block in offloaded(model).blocks:
+        block.register_forward_pre_hook(lambda *_: most.append(materialised_blocks(model)))
+    with torch.no_grad():
+        expected = loaded(token_ids).logits
+        got = model(token_ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert max(most) == 1  # one block at a time
+    assert materialised_blocks(model) == 0
+
+
+@pytest.mark.parametrize(
+    "recipe", ["rtn-w4a16-g64", "rtn-w8a8", "gptq-w4a16-g64", "smoothquant-w8a8", "awq-w4a16-g64"]
+)
+def test_quantizing_offloaded_saves_what_quantizing_in_memory_saves(
+    tmp_path, recipe, calibration_ids, token_ids
+):
+    folder = save_tiny(tmp_path / "src")
+    before = digest(folder)
+    loaded, tokenizer = load_model(folder)
+    quantize(loaded, recipe, calibration_ids, progress=False)
+    save_quantized(loaded, tokenizer, tmp_path / "memory")
+    model, tokenizer = load_offloaded(folder)
+    quantize(model, recipe, calibration_ids, progress=False)
+    assert materialised_blocks(model) == 0
+    with torch.no_grad():
+        offloaded_logits = model(token_ids).logits
+        memory_logits = loaded(token_ids).logits
+    torch.testing.assert_close(offloaded_logits, memory_logits, rtol=0, atol=1e-5)
+    save_quantized(model, tokenizer, tmp_path / "disk")
+    assert len(list((tmp_path / "disk").glob("model-*.safetensors"))) == 4  # resident + 3 blocks
+    assert digest(folder) == before  # the input is never written
+    from_memory, _ = load_model(tmp_path / "memory")
+    from_disk, _ = load_model(tmp_path / "disk")
+    memory_state, disk_state = from_memory.state_dict(), from_disk.state_dict()
+    assert memory_state.keys() == disk_state.keys()
+    for key, value in memory_state.items():
+        torch.testing.assert_close(disk_state[key], value, rtol=0, atol=1e-6, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(from_disk(token_ids).logits, memory_logits, rtol=0, atol=1e-5)
+    shards = sorted((tmp_path / "disk").glob("model-*.safetensors"))
+    assert all(shard.stat().st_nlink == 2 for shard in shards[1:])  # the written-back blocks
+    overlay = offloaded(model).overlay
+    del model
+    gc.collect()
+    assert not overlay.exists()  # the private copies go with the model, the saved folder stays
+    again, _ = load_model(tmp_path / "disk")
+    with torch.no_grad():
+        torch.testing.assert_close(again(token_ids).logits, memory_logits, rtol=0, atol=1e-5)
+
+
+def test_a_single_file_checkpoint_offloads_too(tmp_path, token_ids):
+    folder = save_tiny(tmp_path / "src", shards=False)
+    assert (folder / "model.safetensors").is_file()
+    loaded, _ = load_model(folder)
+    model, _ = load_offloaded(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, loaded(token_ids).logits)
+
+
+def test_whole_model_steps_and_reshaping_families_are_refused(tmp_path, calibration_ids):
+    folder = save_tiny(tmp_path / "src")
+    model, _ = load_offloaded(folder)
+    with pytest.raises(OffloadError, match="step 'quarot' changes the whole model at once"):
+        quantize(model, "quarot-rtn-w8a8", calibration_ids, progress=False)
+    with pytest.raises(OffloadError, match="compressed KV caches"):
+        quantize(model, "kivi-kv4", calibration_ids, progress=False)
+    phi3 = save_tiny(tmp_path / "phi3", "phi3")
+    with pytest.raises(OffloadError, match="reshapes its modules"):
+        load_offloaded(phi3)
+    neox = save_tiny(tmp_path / "neox", "gpt_neox")  # its checkpoint says embed_out, not lm_head
+    with pytest.raises(OffloadError, match="named differently .* embed_out"):
+        load_offloaded(neox)
+
+
+def test_broken_checkpoints_are_clear_errors(tmp_path):
+    folder = save_tiny(tmp_path / "src")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.rename(tmp_path / "away.safetensors")
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_offloaded(folder)
+    (tmp_path / "away.safetensors").rename(shard)
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
+        load_offloaded(folder)
+
+
+def test_a_missing_block_tensor_is_refused_when_the_block_is_read(tmp_path, token_ids):
+    folder = tmp_path / "src"
+    model = build_tiny_model("llama", num_hidden_layers=3)
+    state = {k: v for k, v in model.state_dict().items() if "layers.2.mlp.up_proj" not in k}
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    model.config.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    offloaded_model, _ = load_offloaded(folder)
+    with pytest.raises(
+        CheckpointError, match="layers.2.mlp.up_proj.weight is not in the checkpoint"
+    ):
+        offloaded_model(token_ids)
+
+
+def test_a_saved_fake_quant_folder_loads_offloaded_and_a_packed_one_is_refused(
+    tmp_path, calibration_ids, token_ids
+):
+    folder = save_tiny(tmp_path / "src")
+    model, tokenizer = load_model(folder)
+    quantize(model, "rtn-w8a8", calibration_ids, progress=False)
+    save_quantized(model, tokenizer, tmp_path / "fake")
+    loaded, _ = load_model(tmp_path / "fake")
+    again, _ = load_offloaded(tmp_path / "fake")
+    with torch.no_grad():  # the dynamic int8 input quantizers are back: equal logits
+        torch.testing.assert_close(again(token_ids).logits, loaded(token_ids).logits)
+        assert not torch.allclose(again(token_ids).logits, model_fp_logits(folder, token_ids))
+    pack_model(model)
+    save_quantized(model, tokenizer, tmp_path / "packed")
+    with pytest.raises(OffloadError, match="packed integer codes"):
+        load_offloaded(tmp_path / "packed")
+    with pytest.raises(PackingError, match="blocks wait on disk"):
+        pack_model(again)
+
+
+def model_fp_logits(folder: Path, token_ids: torch.Tensor) -> torch.Tensor:
+    model, _ = load_model(folder)
+    return model(token_ids).logits
+
+
+def test_the_cli_quantizes_and_evaluates_offloaded(tmp_path, capsys):
+    folder = save_tiny(tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{i % 128}" for i in range(400)))
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(folder), "--offload", "--recipe", "rtn-w4a16-g64",
+                 "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "float weights on the quantized grid" in printed
+    assert "peak resident memory" in printed
+    data = ["--data", str(text), "--windows", "2", "--seqlen", "32", "--start", "0"]
+    assert main(["-q", "eval", "--offload", str(out), *data]) == 0
+    offloaded_ppl = capsys.readouterr().out.splitlines()[0]
+    assert main(["-q", "eval", str(out), *data]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == offloaded_ppl  # "perplexity X on …"

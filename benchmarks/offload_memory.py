@@ -72,22 +72,26 @@ def largest_difference(a: Path, b: Path) -> float:
     return worst
 
 
-def write_synthetic_qwen2_7b(folder: Path) -> None:
-    """A Qwen2 checkpoint with a 7B model's sizes and random bfloat16 weights, block by block."""
+QWEN2_7B = {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "dtype": "bfloat16",
+}  # fmt: skip
+
+
+def write_synthetic_qwen2(folder: Path, sizes: dict = QWEN2_7B) -> None:
+    """A Qwen2 checkpoint of ``sizes`` with random bfloat16 weights, written block by block."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen2Config
 
     from channelwise.models import resolve_model
 
-    config = Qwen2Config(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, dtype="bfloat16",
-    )  # fmt: skip
+    config = Qwen2Config(**sizes)
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    h, i, kv = config.hidden_size, config.intermediate_size, 4 * 128
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
 
     def normal(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
@@ -135,20 +139,37 @@ def main() -> None:
     args = p.parse_args()
     if args.synthetic_qwen2_7b is not None:
         if not args.synthetic_qwen2_7b.exists():
-            write_synthetic_qwen2_7b(args.synthetic_qwen2_7b)
+            write_synthetic_qwen2(args.synthetic_qwen2_7b)
         args.model = str(args.synthetic_qwen2_7b)
     from channelwise.models import resolve_model
 
     model = str(resolve_model(args.model))
     modes = (True,) if args.only_offload else (False, True)
-    rows = []
+    rows: list[dict] = []
+    fp32_mib = _parameter_mib(model)
+
+    def keep(row: dict) -> None:
+        """Print a row and rewrite the JSON report with every row so far (a long run that is
+        stopped keeps what it measured)."""
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            report = {
+                "model": model,
+                "fp32_parameter_mib": fp32_mib,
+                "samples": args.samples,
+                "windows": args.windows,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "torch": torch.__version__,
+                "rows": rows,
+            }
+            write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="offload-bench-", dir=Path(model).parent) as tmp:
         work = Path(tmp)
         for offload in modes:
             row = {"recipe": "fp", "offload": offload, "calib_s": 0.0, "calib_peak_mib": None}
-            row |= evaluate(model, offload, args.windows, work / "eval.json")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            keep(row | evaluate(model, offload, args.windows, work / "eval.json"))
         for recipe in args.recipes.split(","):
             outs = {}
             for offload in modes:
@@ -161,14 +182,12 @@ def main() -> None:
                 row = {"recipe": recipe, "offload": offload, "calib_s": seconds}
                 row |= {"calib_peak_mib": peak}
                 row |= evaluate(str(out), offload, args.windows, work / "eval.json")
+                if outs:
+                    row["max_abs_diff_to_memory"] = largest_difference(outs[False], out)
                 outs[offload] = out
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            if len(outs) == 2:
-                rows[-1]["max_abs_diff_to_memory"] = largest_difference(outs[False], outs[True])
+                keep(row)
             for out in outs.values():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-    fp32_mib = _parameter_mib(model)
     print(f"\nmodel: {model} ({fp32_mib:,.0f} MiB of float32 parameters)")
     print("| recipe | weights | quantize s | quantize peak MiB | ppl | eval s | eval peak MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -179,17 +198,6 @@ def main() -> None:
             f"| {r['recipe']} | {where} | {r['calib_s']:.0f} | {calib} | {r['ppl']:.3f} "
             f"| {r['eval_s']:.0f} | {r['eval_peak_mib']:,.0f} |"
         )
-    if args.json:
-        report = {
-            "model": model,
-            "fp32_parameter_mib": fp32_mib,
-            "samples": args.samples,
-            "windows": args.windows,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "torch": torch.__version__,
-            "rows": rows,
-        }
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
 
 
 def _parameter_mib(model: str) -> float:

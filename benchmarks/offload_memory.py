@@ -17,7 +17,7 @@ of a 7B model (28 blocks, hidden 3584, 7.6 B parameters: 30 GB in float32) and r
 perplexity is that of random weights; what it shows is the memory.
 
     .venv/bin/python benchmarks/offload_memory.py [--model DIR] [--recipes rtn-w4a16-g64,...]
-        [--samples 32] [--windows 16] [--only-offload] [--synthetic-qwen2-7b DIR]
+        [--samples 32] [--windows 16] [--only-offload] [--no-fp] [--synthetic-qwen2-7b DIR]
         [--json docs/runs/offload-memory.json]
 """
 
@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="calibration samples (of 512 tokens)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows (of 512 tokens)")
     p.add_argument("--only-offload", action="store_true", help="skip the in-memory runs")
+    p.add_argument("--no-fp", action="store_true", help="skip evaluating the float model")
     p.add_argument("--synthetic-qwen2-7b", type=Path, help="write that model here first")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -167,7 +168,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="offload-bench-", dir=Path(model).parent) as tmp:
         work = Path(tmp)
-        for offload in modes:
+        for offload in () if args.no_fp else modes:
             row = {"recipe": "fp", "offload": offload, "calib_s": 0.0, "calib_peak_mib": None}
             keep(row | evaluate(model, offload, args.windows, work / "eval.json"))
         for recipe in args.recipes.split(","):

@@ -20,7 +20,8 @@ from channelwise.quant.attention import use_channelwise_attention
 from channelwise.recipe import preset_names
 from channelwise.tiny import preset_trial
 from channelwise.transforms import fold_scales_into_norm
-from channelwise.transforms.rotate import fuse_norms
+from channelwise.transforms.rotate import fuse_norms, rotate_residual
+from channelwise.transforms.shift import shift_norm_output
 
 NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
 
@@ -29,8 +30,7 @@ SANDWICH = "post-attention and post-feedforward RMSNorms"
 LLAMA_ONLY = "Llama"
 ROTATION_PRESETS = ("quarot-rtn-w4a4", "quarot-rtn-w6a6", "quarot-rtn-w8a8")
 ROTATION_PRESETS += ("quarot-w4a4", "quarot-w6a6")
-FOLDING_METHODS = ("awq", "dgq", "osplus", "outliertune", "quarot", "repq", "smoothquant")
-FOLDING_METHODS += ("smoothquant_plus",)
+SHIFTING_METHODS = ("osplus", "outliertune")
 SPARSITY_PRESETS = ("cats-50", "chess-50", "chess-50-w4a16-g64", "teal-50", "teal-50-w4a16-g64")
 
 
@@ -48,8 +48,8 @@ def expected_refusals(family: str) -> dict[str, str]:
     if family.startswith("gemma"):
         refused |= dict.fromkeys(ROTATION_PRESETS, SANDWICH)
     if family == "mixtral":
-        folding = [p for p in preset_names() if p.split("-")[0] in FOLDING_METHODS]
-        refused |= dict.fromkeys(folding, "router (mlp.gate) reads")
+        shifting = [p for p in preset_names() if p.split("-")[0] in SHIFTING_METHODS]
+        refused |= dict.fromkeys(shifting, "has no bias to absorb a shift")
         refused |= dict.fromkeys(SPARSITY_PRESETS, "no mlp.gate_proj")
     return refused
 
@@ -253,3 +253,43 @@ def test_every_expert_is_calibrated_on_every_token(calibration_ids) -> None:
     quantize(model, "gptq-w4a16-g64", calibration_ids, progress=False)
     assert not torch.equal(expert.down_proj.weight, original), "GPTQ quantized expert 3 too"
     assert torch.isfinite(logits(model, ids)).all()
+
+
+def mixtral_with_folds(declare_router: bool = True) -> tuple[torch.nn.Module, object]:
+    model = build_tiny_model("mixtral")
+    adapter = adapter_for(model)
+    if not declare_router:  # the negative control: the router left out of every fold
+        for layer in adapter.block_list(model):
+            delattr(layer.post_attention_layernorm, "_channelwise_column_readers")
+    return model, adapter
+
+
+@pytest.mark.parametrize("declare_router", [True, False])
+def test_mixtral_folds_and_rotations_reach_the_router(token_ids, declare_router) -> None:
+    """Scales folded into the post-attention norm, fused norm gains and a residual rotation
+    leave the logits as they were because the router's columns take them too; left out, the
+    routing changes."""
+    model, adapter = mixtral_with_folds(declare_router)
+    before = logits(model, token_ids)
+    generator = torch.Generator().manual_seed(3)
+    for layer in adapter.block_list(model):
+        norm = layer.post_attention_layernorm
+        experts = [layer.get_submodule(n) for n in adapter.subsets[2].linears]
+        fold_scales_into_norm(norm, experts, torch.rand(64, generator=generator) + 0.5, False)
+    folded = relative_error(logits(model, token_ids), before)
+    fuse_norms(model, adapter)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))
+    rotate_residual(model, adapter, q)
+    rotated = relative_error(logits(model, token_ids), before)
+    if declare_router:
+        assert folded < 1e-5 and rotated < 1e-5, (folded, rotated)
+    else:
+        assert folded > 1e-3 and rotated > 1e-3, (folded, rotated)
+
+
+def test_mixtral_refuses_shifting_the_norm_the_router_reads() -> None:
+    model, adapter = mixtral_with_folds()
+    layer = adapter.block_list(model)[0]
+    experts = [layer.get_submodule(n) for n in adapter.subsets[2].linears]
+    with pytest.raises(UnsupportedModelError, match="no bias to absorb the shift"):
+        shift_norm_output(layer.post_attention_layernorm, experts, torch.ones(64), False)

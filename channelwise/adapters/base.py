@@ -48,6 +48,9 @@ class ModelAdapter:
     attention_module: str = "self_attn"
     transposed_weights: bool = False
     folding_unsupported: str | None = None
+    #: Why a norm's output cannot be shifted (OS+/OutlierTune): a reader of the norm that is not
+    #: quantized and has no bias to absorb the shift (Mixtral's router).
+    shift_unsupported: str | None = None
     #: ``"text"`` (token ids in, ``model(ids)``) or ``"vision"`` (``model(pixel_values=…)``).
     modality: str = "text"
     #: Keyword arguments the model class is built with (e.g. no pooler for a ViT backbone).
@@ -105,6 +108,31 @@ class ModelAdapter:
         """Refuse a transform that folds into norms when the architecture makes it inexact."""
         if self.folding_unsupported:
             raise UnsupportedModelError(f"{what} cannot be applied: {self.folding_unsupported}")
+
+    def require_shifting(self, what: str) -> None:
+        """Refuse a transform that shifts a norm's output when a reader cannot absorb it."""
+        self.require_folding(what)
+        if self.shift_unsupported:
+            raise UnsupportedModelError(f"{what} cannot be applied: {self.shift_unsupported}")
+
+
+_COLUMN_READERS_ATTR = "_channelwise_column_readers"
+
+
+def add_column_readers(norm: nn.Module, readers: list[nn.Module]) -> None:
+    """Declare modules with an ``(out, in)`` ``weight`` that read ``norm``'s output but are
+    neither quantized nor observed (a mixture's router). Every channel transform folded into
+    ``norm`` (scales, fused gains, a residual rotation) is applied to their columns too, so it
+    stays exact. A family's ``prepare`` declares them; repeated calls add no duplicate."""
+    known = getattr(norm, _COLUMN_READERS_ATTR, [])
+    setattr(
+        norm, _COLUMN_READERS_ATTR, known + [r for r in readers if all(r is not k for k in known)]
+    )
+
+
+def column_readers(norm: nn.Module) -> list[nn.Module]:
+    """The column-only readers declared for ``norm`` (see :func:`add_column_readers`)."""
+    return list(getattr(norm, _COLUMN_READERS_ATTR, []))
 
 
 _FACTORIES: dict[str, callable] = {}

@@ -13,9 +13,13 @@ turns it on for the block-wise pass), each expert runs on every token, so its st
 Hessians come from all of them, as llm-compressor's ``calibrate_all_experts`` does; the layer's
 output still uses only the routed experts' rows, so it equals the float model's.
 
-Refused: transforms that fold scales into the post-attention norm or rotate the residual
-stream (the router reads the normalized stream too, and channelwise does not fold into it), and
-the gated-MLP activation sparsity of CHESS/CATS/TEAL.
+The router (``mlp.gate``) reads the post-attention norm's output as the experts do, but is
+neither quantized nor observed: ``prepare`` declares it a column-only reader of that norm
+(:func:`~channelwise.adapters.add_column_readers`), so a channel scale folded into the norm
+(SmoothQuant, AWQ), a fused norm gain or a residual rotation (QuaRot) reaches its columns too and
+the routing is unchanged. Refused: shifting the norm's output (OS+, OutlierTune with ``shift``),
+since the router has no bias to absorb it, and the gated-MLP activation sparsity of
+CHESS/CATS/TEAL.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
+from channelwise.adapters.base import ModelAdapter, Subset, add_column_readers, register_adapter
 from channelwise.adapters.llama import gated_block_adapter
 
-ROUTER_READS_NORM = (
-    "the router (mlp.gate) reads the post-attention norm's output too, and channelwise does not "
-    "fold scales or rotations into it"
+ROUTER_HAS_NO_BIAS = (
+    "the router (mlp.gate) reads the post-attention norm's output too and has no bias to "
+    "absorb a shift"
 )
 
 
@@ -126,10 +130,12 @@ def _split_state(module: SplitExperts, state: dict, prefix: str, *_args) -> None
 
 
 def split_experts(model: nn.Module) -> None:
-    """Replace every layer's fused experts by :class:`SplitExperts` (idempotent)."""
+    """Replace every layer's fused experts by :class:`SplitExperts` and declare its router a
+    column-only reader of the post-attention norm (idempotent)."""
     for layer in model.model.layers:
         if not isinstance(layer.mlp.experts, SplitExperts):
             layer.mlp.experts = SplitExperts.of(layer.mlp.experts)
+        add_column_readers(layer.post_attention_layernorm, [layer.mlp.gate])
 
 
 @contextmanager
@@ -151,8 +157,7 @@ def mixtral_adapter(config) -> ModelAdapter:
     base = gated_block_adapter(
         config,
         "mixtral",
-        folding_unsupported=ROUTER_READS_NORM,
-        rotation_unsupported=ROUTER_READS_NORM,
+        shift_unsupported=ROUTER_HAS_NO_BIAS,
         prepare=split_experts,
     )
     experts = range(config.num_local_experts)

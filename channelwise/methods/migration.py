@@ -39,6 +39,8 @@ class ShiftMigration(Method):
         super().check(model, adapter)
         check_transform_order(self.recipe, self.name)
         self.subsets = norm_subsets(adapter, self.name)
+        if self.args.shift:
+            adapter.require_shifting(f"{self.name} with shift (args {{shift: false}} scales only)")
 
     def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
         if self.args.shift:

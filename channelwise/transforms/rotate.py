@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from channelwise.adapters import ModelAdapter, linear_weight, norm_gain, set_norm_gain
+from channelwise.adapters import (
+    ModelAdapter,
+    column_readers,
+    linear_weight,
+    norm_gain,
+    set_norm_gain,
+)
 from channelwise.errors import ChannelwiseError, UnsupportedModelError
 from channelwise.transforms.hadamard import hadamard_matrix, hadamard_transform
 
@@ -49,22 +55,29 @@ def require_rmsnorm(
 
 
 def _norm_readers(block: nn.Module, adapter: ModelAdapter) -> list[tuple[nn.Module, list]]:
-    """``(norm, [linears reading it])`` for every norm subset of ``block``."""
-    return [
-        (block.get_submodule(s.prev), [block.get_submodule(n) for n in s.linears])
-        for s in adapter.subsets
-        if s.prev_kind == "norm"
-    ]
+    """``(norm, [linears reading it])`` for every norm subset of ``block``, the norm's
+    column-only readers (a router) included."""
+    pairs = []
+    for subset in adapter.subsets:
+        if subset.prev_kind == "norm":
+            norm = block.get_submodule(subset.prev)
+            linears = [block.get_submodule(n) for n in subset.linears]
+            pairs.append((norm, linears + column_readers(norm)))
+    return pairs
 
 
 def _writers(block: nn.Module, adapter: ModelAdapter) -> list[nn.Module]:
-    names = {s.name: s for s in adapter.subsets}
-    missing = [n for n in RESIDUAL_WRITERS if n not in names]
+    """The linears writing the residual stream: the ``attn_out`` and ``mlp_out`` subsets (a
+    mixture's per-expert ``mlp_out.<e>`` subsets)."""
+    writers = {
+        w: [s for s in adapter.subsets if s.name.split(".")[0] == w] for w in RESIDUAL_WRITERS
+    }
+    missing = [w for w, subsets in writers.items() if not subsets]
     if missing:
         raise UnsupportedModelError(
             f"{adapter.family} declares no subsets {missing}; cannot find the residual writers"
         )
-    return [block.get_submodule(n) for w in RESIDUAL_WRITERS for n in names[w].linears]
+    return [block.get_submodule(n) for w in RESIDUAL_WRITERS for s in writers[w] for n in s.linears]
 
 
 def _set(weight: Tensor, value: Tensor) -> None:

@@ -30,8 +30,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from channelwise.adapters import ModelAdapter, linear_weight
-from channelwise.errors import NonFiniteError, RecipeError
+from channelwise.adapters import ModelAdapter, column_readers, linear_weight
+from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 from channelwise.transforms.smooth import (
     NORM_SHIFT_ATTR,
     _as_list,
@@ -112,8 +112,16 @@ def fold_shift_into_linears(linears: Iterable[nn.Module], z: Tensor, transposed:
 def shift_norm_output(
     norm: nn.Module, linears: Iterable[nn.Module], z: Tensor, transposed: bool
 ) -> None:
-    """Shift a norm's output by ``−z`` and compensate in its consumers (exact in float)."""
+    """Shift a norm's output by ``−z`` and compensate in its consumers (exact in float).
+
+    A norm with column-only readers (a router, :func:`~channelwise.adapters.column_readers`) is
+    refused: they have no bias to take ``W·z``."""
     linears = _as_list(linears, "shift_norm_output")
+    if column_readers(norm):
+        raise UnsupportedModelError(
+            f"cannot shift the output of {type(norm).__name__}: a module that is not quantized "
+            "(a router) reads it too and has no bias to absorb the shift"
+        )
     channels = _norm_channels(norm)
     z = _check_shift(z, channels, f"{type(norm).__name__} with {channels} channels")
     for index, module in enumerate(linears):

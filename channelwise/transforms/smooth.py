@@ -47,7 +47,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from channelwise.adapters import linear_weight, norm_gain, set_norm_gain
+from channelwise.adapters import column_readers, linear_weight, norm_gain, set_norm_gain
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 
 #: Floor of both terms of the SmoothQuant ratio, and of the resulting factor.
@@ -108,8 +108,10 @@ def weight_input_absmax(linears: Iterable[nn.Module], transposed: bool) -> Tenso
 def fold_scales_into_norm(
     norm: nn.Module, linears: Iterable[nn.Module], s: Tensor, transposed: bool
 ) -> None:
-    """Divide ``norm``'s weight (and bias) by ``s`` and multiply each linear's columns by ``s``."""
+    """Divide ``norm``'s weight (and bias) by ``s`` and multiply each linear's columns by ``s``
+    (and those of the norm's column-only readers, :func:`~channelwise.adapters.column_readers`)."""
     linears = _as_list(linears, "fold_scales_into_norm")
+    linears += [r for r in column_readers(norm) if all(r is not m for m in linears)]
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 1:
         raise UnsupportedModelError(

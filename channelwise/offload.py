@@ -118,12 +118,12 @@ class DiskWeights:
         self.device = device
         root = channelwise_home() / "offload"
         root.mkdir(parents=True, exist_ok=True)
-        self.overlay = Path(tempfile.mkdtemp(prefix="blocks-", dir=root))
+        _remove_stale_overlays(root)
+        self.overlay = Path(tempfile.mkdtemp(prefix=f"blocks-{os.getpid()}-", dir=root))
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.overlay, True)
         self.written: set[int] = set()
         self.held: set[int] = set()
         self.transient: set[int] = set()
-        self.loads = 0
         for index, block in enumerate(blocks):
             block.register_forward_pre_hook(lambda _m, _a, index=index: self._on_call(index))
             block.register_forward_hook(lambda _m, _a, _o, index=index: self._after_call(index))
@@ -144,7 +144,6 @@ class DiskWeights:
                 "to fill it with random values"
             )
         _fill(slots, source.read([key for *_, key in slots]), device or self.device, self.dtype)
-        self.loads += 1
 
     def release(self, index: int) -> None:
         """Drop block ``index``'s parameters (back to ``meta``); its buffers stay."""
@@ -204,6 +203,25 @@ class DiskWeights:
         for index in list(self.transient):  # a forward stopped inside a block skips its hook
             self.transient.discard(index)
             self.release(index)
+
+
+def _remove_stale_overlays(root: Path) -> None:
+    """Remove the overlay folders of processes that no longer run (killed before their
+    clean-up): a block's written-back copy of a large model is gigabytes."""
+    for folder in root.glob("blocks-*-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def offloaded(model: nn.Module) -> DiskWeights | None:

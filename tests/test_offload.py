@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,22 @@ def test_the_cli_quantizes_and_evaluates_offloaded(tmp_path, capsys):
     offloaded_ppl = capsys.readouterr().out.splitlines()[0]
     assert main(["-q", "eval", str(out), *data]) == 0
     assert capsys.readouterr().out.splitlines()[0] == offloaded_ppl  # "perplexity X on …"
+
+
+def test_a_killed_process_leaves_no_overlay_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    root = tmp_path / "home" / "offload"
+    dead = _pid_of_a_finished_process()
+    (root / f"blocks-{dead}-abc").mkdir(parents=True)
+    (root / f"blocks-{dead}-abc" / "block-00000.safetensors").write_bytes(b"x")
+    (root / f"blocks-{os.getpid()}-live").mkdir()
+    model, _ = load_offloaded(save_tiny(tmp_path / "src"))
+    assert not (root / f"blocks-{dead}-abc").exists()
+    assert (root / f"blocks-{os.getpid()}-live").exists()  # this process's: still in use
+    assert offloaded(model).overlay.parent == root
+
+
+def _pid_of_a_finished_process() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -181,13 +181,10 @@ def _process_group(distributed: bool | None) -> ProcessGroup | None:
 def check_distributed(recipe: Recipe, methods: list[Method], kv_method) -> None:
     """Refuse, before any work, a recipe that cannot calibrate across processes."""
     where = f"recipe '{recipe.name}' cannot calibrate across processes"
-    supported = sorted(name for name, cls in method_classes().items() if cls.distributed)
-    for method in methods:
-        if not method.distributed:
-            raise RecipeError(
-                f"{where}: step '{method.name}' runs in one process only (across processes: "
-                f"{', '.join(supported)}); run it as one process"
-            )
+    _refuse_steps_without(
+        "distributed", methods, RecipeError, where,
+        "runs in one process only (across processes: {}); run it as one process",
+    )  # fmt: skip
     if has_static_attention(recipe):
         raise RecipeError(
             f"{where}: static attention ranges are calibrated in one process only; "
@@ -199,16 +196,24 @@ def check_distributed(recipe: Recipe, methods: list[Method], kv_method) -> None:
         )
 
 
+def _refuse_steps_without(
+    flag: str, methods: list[Method], error: type[ChannelwiseError], where: str, why: str
+) -> None:
+    """Raise ``error`` for the first step whose class lacks ``flag``; ``why`` gets the list of
+    steps that have it."""
+    supported = sorted(name for name, cls in method_classes().items() if getattr(cls, flag))
+    for method in methods:
+        if not getattr(method, flag):
+            raise error(f"{where}: step '{method.name}' {why.format(', '.join(supported))}")
+
+
 def check_offloadable(recipe: Recipe, methods: list[Method], kv_method) -> None:
     """Refuse, before any work, a recipe an offloaded model cannot run block by block."""
     where = f"recipe '{recipe.name}' cannot run on a model offloaded to disk"
-    supported = sorted(name for name, cls in method_classes().items() if cls.offloadable)
-    for method in methods:
-        if not method.offloadable:
-            raise OffloadError(
-                f"{where}: step '{method.name}' changes the whole model at once (steps that "
-                f"work block by block: {', '.join(supported)})"
-            )
+    _refuse_steps_without(
+        "offloadable", methods, OffloadError, where,
+        "changes the whole model at once (steps that work block by block: {})",
+    )  # fmt: skip
     if kv_method is not None:
         raise OffloadError(f"{where}: compressed KV caches are not supported offloaded yet")
     if has_static_attention(recipe):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 import weakref
@@ -119,14 +120,17 @@ class DiskWeights:
         root = channelwise_home() / "offload"
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_overlays(root)
-        self.overlay = Path(tempfile.mkdtemp(prefix=f"blocks-{os.getpid()}-", dir=root))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.overlay, True)
+        self.overlay = Path(tempfile.mkdtemp(prefix=f"{_overlay_prefix()}-", dir=root))
+        _OWN_OVERLAYS.add(self.overlay)
+        self._finalizer = weakref.finalize(self, _remove_overlay, self.overlay)
         self.written: set[int] = set()
         self.held: set[int] = set()
         self.transient: set[int] = set()
         for index, block in enumerate(blocks):
             block.register_forward_pre_hook(lambda _m, _a, index=index: self._on_call(index))
-            block.register_forward_hook(lambda _m, _a, _o, index=index: self._after_call(index))
+            block.register_forward_hook(
+                lambda _m, _a, _o, index=index: self._after_call(index), always_call=True
+            )
 
     def materialised(self, index: int) -> bool:
         return not any(p.is_meta for p in self.blocks[index].parameters())
@@ -205,13 +209,40 @@ class DiskWeights:
             self.release(index)
 
 
+#: The overlay folders this process made (a folder of its process id that is not among them was
+#: left by an earlier process that had the same id).
+_OWN_OVERLAYS: set[Path] = set()
+
+
+def _overlay_prefix() -> str:
+    """``blocks-<boot id>-<pid>``: a process id names this process only on this machine since
+    its boot (a cache folder may be shared between machines or containers)."""
+    return f"blocks-{_boot_id()}-{os.getpid()}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return platform.node().replace("-", "") or "host"
+
+
 def _remove_stale_overlays(root: Path) -> None:
-    """Remove the overlay folders of processes that no longer run (killed before their
-    clean-up): a block's written-back copy of a large model is gigabytes."""
-    for folder in root.glob("blocks-*-*"):
-        pid = folder.name.split("-")[1]
-        if pid.isdigit() and not _running(int(pid)):
+    """Remove the overlay folders this machine's processes left when they were killed before
+    their clean-up (a large model's written-back blocks are gigabytes). Folders made on another
+    machine or container (another boot id) are left alone."""
+    prefix = f"blocks-{_boot_id()}-"
+    for folder in root.glob(prefix + "*-*"):
+        pid = folder.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit() or folder in _OWN_OVERLAYS:
+            continue
+        if int(pid) == os.getpid() or not _running(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_overlay(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    _OWN_OVERLAYS.discard(folder)
 
 
 def _running(pid: int) -> bool:

@@ -20,7 +20,7 @@ from channelwise.quant.attention import use_channelwise_attention
 from channelwise.recipe import preset_names
 from channelwise.tiny import preset_trial
 from channelwise.transforms import fold_scales_into_norm
-from channelwise.transforms.rotate import fuse_norms, rotate_residual
+from channelwise.transforms.rotate import fuse_norms, online_hadamard, rotate_residual
 from channelwise.transforms.shift import shift_norm_output
 
 NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral")
@@ -293,3 +293,11 @@ def test_mixtral_refuses_shifting_the_norm_the_router_reads() -> None:
     experts = [layer.get_submodule(n) for n in adapter.subsets[2].linears]
     with pytest.raises(UnsupportedModelError, match="no bias to absorb the shift"):
         shift_norm_output(layer.post_attention_layernorm, experts, torch.ones(64), False)
+
+
+def test_quarot_on_mixtral_rotates_every_expert_down_proj_input(calibration_ids) -> None:
+    model = build_tiny_model("mixtral")
+    quantize(model, "quarot-rtn-w4a4", calibration_ids, progress=False)
+    for layer in adapter_for(model).block_list(model):
+        assert all(online_hadamard(expert.down_proj) is not None for expert in layer.mlp.experts)
+        assert online_hadamard(layer.self_attn.o_proj) is not None

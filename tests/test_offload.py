@@ -16,7 +16,7 @@ from channelwise import load_model, quantize, save_quantized
 from channelwise.cli import main
 from channelwise.deploy import pack_model
 from channelwise.errors import CheckpointError, PackingError
-from channelwise.offload import OffloadError, load_offloaded, offloaded
+from channelwise.offload import OffloadError, _overlay_prefix, load_offloaded, offloaded
 
 OFFLOADABLE = ("llama", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2")
 
@@ -197,17 +197,37 @@ def test_the_cli_quantizes_and_evaluates_offloaded(tmp_path, capsys):
 def test_a_killed_process_leaves_no_overlay_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
     root = tmp_path / "home" / "offload"
-    dead = _pid_of_a_finished_process()
-    (root / f"blocks-{dead}-abc").mkdir(parents=True)
-    (root / f"blocks-{dead}-abc" / "block-00000.safetensors").write_bytes(b"x")
-    (root / f"blocks-{os.getpid()}-live").mkdir()
+    here = _overlay_prefix().rsplit("-", 1)[0]  # blocks-<this machine's boot id>
+    dead = root / f"{here}-{_pid_of_a_finished_process()}-abc"
+    reused = root / f"{here}-{os.getpid()}-old"  # an earlier process that had our id
+    live = root / f"{here}-1-live"  # process 1 runs
+    elsewhere = root / f"blocks-othermachine-{_pid_of_a_finished_process()}-x"
+    for folder in (dead, reused, live, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "block-00000.safetensors").write_bytes(b"x")
     model, _ = load_offloaded(save_tiny(tmp_path / "src"))
-    assert not (root / f"blocks-{dead}-abc").exists()
-    assert (root / f"blocks-{os.getpid()}-live").exists()  # this process's: still in use
-    assert offloaded(model).overlay.parent == root
+    assert not dead.exists() and not reused.exists()
+    assert live.exists() and elsewhere.exists()
+    mine = offloaded(model).overlay
+    other, _ = load_offloaded(save_tiny(tmp_path / "src2"))  # this process's own: kept
+    assert mine.exists() and offloaded(other).overlay != mine
 
 
 def _pid_of_a_finished_process() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_an_error_inside_a_block_leaves_no_block_in_memory(tmp_path, token_ids):
+    model, _ = load_offloaded(save_tiny(tmp_path / "src"))
+    blocks = offloaded(model).blocks
+
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    handle = blocks[1].mlp.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(token_ids)
+    handle.remove()
+    assert materialised_blocks(model) == 0

@@ -32,6 +32,11 @@ class Subset:
     prev: str | None = None
     prev_kind: str | None = None
 
+    @property
+    def role(self) -> str:
+        """The name without a per-expert suffix: a mixture's ``mlp_out.3`` plays ``mlp_out``."""
+        return self.name.split(".")[0]
+
 
 @dataclass(frozen=True)
 class ModelAdapter:

@@ -174,7 +174,7 @@ class DGQ(Method):
             self.smoothed = tuple(
                 s
                 for s in adapter.subsets
-                if s.prev_kind == "norm" or (s.name == "mlp_out" and s.prev_kind == "linear")
+                if s.prev_kind == "norm" or (s.role == "mlp_out" and s.prev_kind == "linear")
             )
 
     def _check_activations(self, where: str) -> None:

@@ -129,7 +129,7 @@ class OSPlus(ShiftMigration):
 
     def check(self, model, adapter: ModelAdapter) -> None:
         super().check(model, adapter)  # step order, norm → linear subsets
-        up_down = [s for s in adapter.subsets if s.name == "mlp_out" and s.prev_kind == "linear"]
+        up_down = [s for s in adapter.subsets if s.role == "mlp_out" and s.prev_kind == "linear"]
         if self.args.scale_down_proj is None:
             self.subsets = (*self.subsets, *up_down)  # the paper's Llama code: on by default
         elif self.args.scale_down_proj:

@@ -98,7 +98,7 @@ def _dims(model: nn.Module) -> dict[str, int]:
 
 
 def _online_modules(model: nn.Module, adapter: ModelAdapter, online_o: bool) -> list[nn.Module]:
-    names = [s.linears[0] for s in adapter.subsets if s.name == "mlp_out"]
+    names = [n for s in adapter.subsets if s.role == "mlp_out" for n in s.linears]
     if online_o:
         names.append(adapter.attention["o"])
     return [block.get_submodule(n) for block in adapter.block_list(model) for n in names]

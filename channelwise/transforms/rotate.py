@@ -57,21 +57,22 @@ def require_rmsnorm(
 def _norm_readers(block: nn.Module, adapter: ModelAdapter) -> list[tuple[nn.Module, list]]:
     """``(norm, [linears reading it])`` for every norm subset of ``block``, the norm's
     column-only readers (a router) included."""
-    pairs = []
+    readers: dict[str, list[nn.Module]] = {}  # one entry per norm, however many subsets read it
     for subset in adapter.subsets:
         if subset.prev_kind == "norm":
-            norm = block.get_submodule(subset.prev)
-            linears = [block.get_submodule(n) for n in subset.linears]
-            pairs.append((norm, linears + column_readers(norm)))
-    return pairs
+            readers.setdefault(subset.prev, []).extend(
+                block.get_submodule(n) for n in subset.linears
+            )
+    return [
+        (block.get_submodule(name), linears + column_readers(block.get_submodule(name)))
+        for name, linears in readers.items()
+    ]
 
 
 def _writers(block: nn.Module, adapter: ModelAdapter) -> list[nn.Module]:
     """The linears writing the residual stream: the ``attn_out`` and ``mlp_out`` subsets (a
     mixture's per-expert ``mlp_out.<e>`` subsets)."""
-    writers = {
-        w: [s for s in adapter.subsets if s.name.split(".")[0] == w] for w in RESIDUAL_WRITERS
-    }
+    writers = {w: [s for s in adapter.subsets if s.role == w] for w in RESIDUAL_WRITERS}
     missing = [w for w, subsets in writers.items() if not subsets]
     if missing:
         raise UnsupportedModelError(

@@ -66,7 +66,12 @@ from torch import Tensor
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError
-from channelwise.methods.gptq import gptq_quantize, is_per_column, observe_hessians
+from channelwise.methods.gptq import (
+    SharedInverse,
+    gptq_quantize,
+    is_per_column,
+    observe_hessians,
+)
 from channelwise.methods.registry import Method, register
 from channelwise.observe import ChannelStats
 from channelwise.quant import QuantSpec, fake_quantize
@@ -179,7 +184,11 @@ class AdaDim(Method):
         use_gptq = self.args.quantizer == "gptq"
         cached: dict[str, list[Tensor]] = {}  # measure point → its output in the current state
         for subset in ctx.adapter.subsets:
-            hessian = observe_hessians(ctx, (subset,))[subset.name] if use_gptq else None
+            if use_gptq:
+                hessian = SharedInverse(
+                    observe_hessians(ctx, (subset,))[subset.name], self.args.damp,
+                    self.args.act_order, f"{ctx.adapter.blocks}.{ctx.index}.{subset.linears[0]}",
+                )  # fmt: skip
             for name in subset.linears:
                 module = ctx.block.get_submodule(name)
                 weight = linear_weight(module, ctx.adapter.transposed_weights)
@@ -188,7 +197,7 @@ class AdaDim(Method):
                 if use_gptq:
                     a = self.args
                     quantized, qparams = gptq_quantize(
-                        original, hessian, specs[choice], a.damp, a.block_size, a.act_order,
+                        original, hessian(), specs[choice], a.damp, a.block_size, a.act_order,
                         a.static_groups and choice == "per_oc",
                         name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
                     )  # fmt: skip

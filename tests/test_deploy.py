@@ -288,6 +288,31 @@ def test_checkpoint_with_a_missing_tensor_is_refused(packed_folder):
         load_model(packed_folder)
 
 
+def test_packed_folder_loads_without_building_the_float_model(packed_folder, monkeypatch):
+    """A packed 7B model must load where its float32 weights (30 GB) do not fit: the model is
+    built on meta and every tensor comes from the files."""
+    import transformers
+
+    built = []
+    real = transformers.AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        built.append(all(p.is_meta for p in model.parameters()))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", spy)
+    model, _ = load_model(packed_folder)
+    assert built == [True]
+    assert not any(t.is_meta for t in model.state_dict().values())
+
+
+def test_packed_folder_missing_an_unpacked_tensor_is_refused(packed_folder):
+    drop_tensor(packed_folder, "model.embed_tokens.weight")
+    with pytest.raises(CheckpointError, match="missing.*embed_tokens"):
+        load_model(packed_folder)
+
+
 def test_dgq_stores_its_4bit_codes_and_widens_them_to_the_same_int8_rows(
     calibration_ids, token_ids, tmp_path
 ):

@@ -10,6 +10,7 @@ name, and reads the safetensors files (never a pickle) with every key, shape and
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -70,14 +71,20 @@ def save_packed_weights(model: nn.Module, folder: Path) -> None:
 
 def load_packed(folder: Path, layout: dict[str, dict], dtype: torch.dtype) -> nn.Module:
     """The model saved in ``folder`` with its packed linears, on the CPU, in eval mode."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     adapter = adapter_for_config(config)  # refuse an unknown architecture
     vision = adapter.modality == "vision"
-    model = (AutoModel if vision else AutoModelForCausalLM).from_config(
-        config, dtype=dtype, **adapter.build_kwargs
-    )
+    # Parameters on meta, filled from the files: a packed 7B model is never float32 in memory.
+    # A family reshaped on first use keeps views into its fused tensors: built for real.
+    empty = init_empty_weights(include_buffers=False) if adapter.prepare is None else nullcontext()
+    with empty:
+        model = (AutoModel if vision else AutoModelForCausalLM).from_config(
+            config, dtype=dtype, **adapter.build_kwargs
+        )
+    model.tie_weights()  # accelerate's meta parameters are not tied yet
     if adapter.prepare is not None:  # the packed parts are saved under their split names
         adapter.prepare(model)
     embeddings: dict[str, PackedEmbedding] = {}
@@ -164,15 +171,38 @@ def _load_state(model: nn.Module, folder: Path) -> dict[str, torch.dtype]:
             f"{folder}: missing tensors: {', '.join(sorted(missing)[:5])}; the checkpoint is "
             "incomplete"
         )
-    model.load_state_dict(state, strict=False)
+    empty = any(tensor.is_meta for tensor in expected.values())
+    model.load_state_dict(state, strict=False, assign=empty)
+    if empty:
+        _retie(model, twins)
+        left = [key for key, tensor in model.state_dict().items() if tensor.is_meta]
+        if left:
+            raise CheckpointError(
+                f"{folder}: missing tensors: {', '.join(left[:5])}; the checkpoint is incomplete"
+            )
     return stored
 
 
+def _retie(model: nn.Module, twins: dict[str, set[str]]) -> None:
+    """After ``load_state_dict(assign=True)`` a tied tensor not in the files (an LM head) still
+    holds its meta parameter: share its loaded twin again."""
+    params = model.state_dict(keep_vars=True)
+    for key, others in twins.items():
+        loaded = [other for other in others if not params[other].is_meta]
+        if params[key].is_meta and loaded:
+            path, _, name = key.rpartition(".")
+            module = model.get_submodule(path)
+            slots = module._parameters if name in module._parameters else module._buffers
+            slots[name] = params[loaded[0]]
+
+
 def _shared_storage(model: nn.Module) -> dict[str, set[str]]:
-    """For each state-dict key, the other keys sharing its storage (tied embeddings)."""
+    """For each state-dict key, the other keys sharing its storage (tied embeddings); on
+    ``meta`` (no storage) the keys of one parameter object."""
     by_storage: dict[tuple, set[str]] = {}
-    for key, tensor in model.state_dict().items():
-        by_storage.setdefault(storage_key(tensor), set()).add(key)
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        where = ("meta", id(tensor)) if tensor.is_meta else storage_key(tensor)
+        by_storage.setdefault(where, set()).add(key)
     return {key: group - {key} for group in by_storage.values() for key in group}
 
 

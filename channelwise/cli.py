@@ -64,12 +64,14 @@ def _quantize(args, device, group) -> None:
 
     recipe = load_recipe(args.recipe)
     if args.format is None:
-        args.format = "fake" if args.offload else "packed"
-    if args.offload and args.format != "fake":
+        args.format = "packed"
+    if args.offload and args.format not in ("packed", "fake"):
         raise ChannelwiseError(
-            f"--offload saves float weights on the grid (--format fake); --format {args.format} "
-            "needs the whole model in memory"
+            f"--offload saves --format packed or fake; --format {args.format} needs the whole "
+            "model in memory"
         )
+    if args.offload and args.float_dtype != "float32":
+        raise ChannelwiseError("--float-dtype is not supported with --offload yet")
     if args.float_dtype != "float32" and args.format != "packed":
         raise ChannelwiseError("--float-dtype needs --format packed")
     if args.gguf_float != "F32" and args.format != "gguf":
@@ -458,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         choices=("packed", "fake", "compressed-tensors", "gguf"),
-        help="packed: integer codes at their bit width (default; fake with --offload); fake: "
+        help="packed: integer codes at their bit width (default); fake: "
         "float weights on the grid; compressed-tensors: the format vLLM loads; gguf: one "
         "llama.cpp file (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3; weights in groups of "
         "32 with float16 scales, e.g. presets rtn-w4a16-q4_0, rtn-w4a16-q4_1, rtn-w8a16-q8_0 "

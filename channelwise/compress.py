@@ -356,10 +356,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
 
 def _write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe | None, tmp: Path) -> None:
     layout = packed_layout(model)
-    if layout:  # our own module types: write the state dict as it is (no key renaming)
+    if offloaded(model) is not None:
+        layout |= save_offloaded(model, tmp)
+    elif layout:  # our own module types: write the state dict as it is (no key renaming)
         save_packed_weights(model, tmp)
-    elif offloaded(model) is not None:
-        save_offloaded(model, tmp)
     else:
         model.save_pretrained(tmp)
     if tokenizer is not None:

@@ -14,7 +14,8 @@ the whole model. Only steps that work on one block at a time can run this way (a
 in with ``Method.offloadable``); a step that changes every block at once in ``prepare_model``
 (rotations, global searches), a compressed KV cache, and a family that reshapes its modules on
 first use (Phi-3's split projections, Mixtral's split experts) are refused before any work.
-Packing an offloaded model is not supported yet: it saves in the fake-quant format.
+Saving packs the block linears one block at a time after :func:`channelwise.deploy.pack_model`
+(the packed format), or writes the float weights on the grid (the fake-quant format).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class DiskWeights:
         _OWN_OVERLAYS.add(self.overlay)
         self._finalizer = weakref.finalize(self, _remove_overlay, self.overlay)
         self.written: set[int] = set()
+        self.pack_on_save = False  # set by pack_model: save_offloaded packs each block
         self.held: set[int] = set()
         self.transient: set[int] = set()
         for index, block in enumerate(blocks):
@@ -443,11 +445,18 @@ def home_device(model: nn.Module, block: nn.Module) -> torch.device:
     return weights.device if weights is not None else next(block.parameters()).device
 
 
-def save_offloaded(model: nn.Module, folder: Path) -> None:
-    """Write an offloaded model as a sharded safetensors checkpoint transformers loads: the
-    resident parts in one shard, then one shard per block. A block written back after a step is
-    its overlay file, hard-linked into ``folder`` (copied across file systems), so a model
-    larger than memory is not read and written a second time."""
+def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
+    """Write an offloaded model as a sharded safetensors checkpoint: the resident parts in one
+    shard, then one shard per block. Returns the packed linears' layout (``channelwise.json``).
+
+    Float weights (the fake-quant format, which transformers loads): a block written back after
+    a step is its overlay file, hard-linked into ``folder`` (copied across file systems), so a
+    model larger than memory is not read and written a second time. After
+    :func:`channelwise.deploy.pack_model`, each block is read once more and its linears are
+    written as integer codes (the packed format, which :func:`channelwise.load_model` loads
+    without building the float model)."""
+    from channelwise.adapters import adapter_for
+
     weights = offloaded(model)
     blocks = len(weights.blocks)
     total = blocks + 1
@@ -459,22 +468,46 @@ def save_offloaded(model: nn.Module, folder: Path) -> None:
         if not key.startswith(prefixes) and not value.is_meta
     }
     weight_map: dict[str, str] = {}
+    layout: dict[str, dict] = {}
     size = _save_shard(_untied(resident, model), folder / shard[0], weight_map)
+    adapter = adapter_for(model) if weights.pack_on_save else None
     for index, prefix in enumerate(prefixes):
         block, target = weights.blocks[index], folder / shard[index + 1]
         params = dict(block.named_parameters(prefix.rstrip("."), remove_duplicate=False))
-        if index in weights.written and set(block.state_dict(prefix=prefix)) == set(params):
+        linkable = index in weights.written and set(block.state_dict(prefix=prefix)) == set(params)
+        if linkable and adapter is None:
             _link_or_copy(weights.overlay_file(index), target)  # the written-back block as is
             weight_map.update(dict.fromkeys(params, target.name))
             size += sum(p.numel() * p.element_size() for p in params.values())
             continue
         with weights.holding(index):
-            size += _save_shard(block.state_dict(prefix=prefix), target, weight_map)
+            state = block.state_dict(prefix=prefix)
+            if adapter is not None:
+                layout |= _pack_block(block, prefix, adapter, state)
+            size += _save_shard(state, target, weight_map)
     index_json = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_FILE).write_text(json.dumps(index_json, indent=2))
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
+    return layout
+
+
+def _pack_block(block: nn.Module, prefix: str, adapter, state: dict) -> dict[str, dict]:
+    """Replace the block linears' float tensors in ``state`` by their packed codes; their
+    layout entries. The model keeps its float modules (it is still offloaded)."""
+    from channelwise.deploy.checkpoint import layout_entry
+    from channelwise.deploy.packed import pack_linear
+
+    layout = {}
+    for name, module in adapter.block_linears(block).items():
+        where = prefix + name
+        packed = pack_linear(module, adapter.transposed_weights, where)
+        for key in module.state_dict(prefix=f"{where}."):
+            del state[key]
+        state.update(packed.state_dict(prefix=f"{where}."))
+        layout[where] = layout_entry(packed)
+    return layout
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -34,7 +34,7 @@ def test_recipes_lists_every_preset(capsys):
         (("quantize", "--recipe", "fp", "--format", "gguf", "--out", "/x"), "nothing to export"),
         (("quantize", "--recipe", "rtn-w8a16", "--gguf-float", "F16", "--out", "/x"), "needs --"),
         (
-            ("quantize", "--recipe", "rtn-w8a16", "--offload", "--format", "packed", "--out", "/x"),
+            ("quantize", "--recipe", "rtn-w8a16", "--offload", "--format", "gguf", "--out", "/x"),
             "needs the whole model in memory",
         ),
         (("eval", "--offload", "--tasks", "austen_pride_next_word"), "takes no --tasks"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 from channelwise import load_model, quantize, save_quantized
 from channelwise.cli import main
 from channelwise.deploy import pack_model
+from channelwise.deploy.packed import round_float_tensors_
 from channelwise.errors import CheckpointError, PackingError
 from channelwise.offload import OffloadError, _overlay_prefix, load_offloaded, offloaded
 
@@ -168,8 +170,65 @@ def test_a_saved_fake_quant_folder_loads_offloaded_and_a_packed_one_is_refused(
     save_quantized(model, tokenizer, tmp_path / "packed")
     with pytest.raises(OffloadError, match="packed integer codes"):
         load_offloaded(tmp_path / "packed")
-    with pytest.raises(PackingError, match="blocks wait on disk"):
-        pack_model(again)
+    with pytest.raises(PackingError, match="without recording the grid"):
+        pack_model(again)  # a reloaded fake-quant folder carries no grids to pack
+
+
+@pytest.mark.parametrize(
+    ("family", "recipe"),
+    [
+        ("llama", "rtn-w4a16-g64"),
+        ("llama", "gptq-w4a16-g64"),
+        ("llama", "rtn-w8a8"),
+        ("llama", "rtn-w4a16-g64-e8"),
+        ("gpt2", "rtn-w4a16-g64"),
+        ("qwen2", "awq-w4a16-g64"),
+    ],
+)
+def test_an_offloaded_model_saves_packed_what_an_in_memory_one_saves_packed(
+    tmp_path, family, recipe, calibration_ids, token_ids
+):
+    folder = save_tiny(tmp_path / "src", family)
+    before = digest(folder)
+    loaded, tokenizer = load_model(folder)
+    quantize(loaded, recipe, calibration_ids, progress=False)
+    expected = pack_model(loaded)
+    save_quantized(loaded, tokenizer, tmp_path / "memory")
+    model, tokenizer = load_offloaded(folder)
+    quantize(model, recipe, calibration_ids, progress=False)
+    assert pack_model(model) == expected
+    assert materialised_blocks(model) == 0
+    save_quantized(model, tokenizer, tmp_path / "disk")
+    assert materialised_blocks(model) == 0 and digest(folder) == before
+    marker = json.loads((tmp_path / "disk" / "channelwise.json").read_text())
+    in_memory = json.loads((tmp_path / "memory" / "channelwise.json").read_text())
+    assert marker["format"] == "packed" and marker == in_memory
+    from_memory, _ = load_model(tmp_path / "memory")
+    from_disk, _ = load_model(tmp_path / "disk")
+    memory_state, disk_state = from_memory.state_dict(), from_disk.state_dict()
+    assert memory_state.keys() == disk_state.keys()
+    for key, value in memory_state.items():
+        assert value.dtype == disk_state[key].dtype, key  # codes stay codes
+        torch.testing.assert_close(disk_state[key], value, rtol=0, atol=1e-6, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            from_disk(token_ids).logits, from_memory(token_ids).logits, rtol=0, atol=1e-5
+        )
+
+
+def test_an_offloaded_model_without_grids_is_refused_before_saving(tmp_path, calibration_ids):
+    from channelwise.recipe import load_recipe
+
+    folder = save_tiny(tmp_path / "src")
+    model, tokenizer = load_offloaded(folder)
+    recipe = load_recipe("gptq-w4a16-g64")
+    step = recipe.steps[0].model_copy(update={"args": {"act_order": True}})
+    quantize(model, recipe.model_copy(update={"steps": (step,)}), calibration_ids, progress=False)
+    with pytest.raises(PackingError, match="static_groups"):
+        pack_model(model)
+    assert not offloaded(model).pack_on_save
+    with pytest.raises(PackingError, match="float32 storage"):
+        round_float_tensors_(model, torch.float16)
 
 
 def model_fp_logits(folder: Path, token_ids: torch.Tensor) -> torch.Tensor:
@@ -183,7 +242,7 @@ def test_the_cli_quantizes_and_evaluates_offloaded(tmp_path, capsys):
     text.write_text(" ".join(f"t{i % 128}" for i in range(400)))
     out = tmp_path / "q"
     assert main(["-q", "quantize", str(folder), "--offload", "--recipe", "rtn-w4a16-g64",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--out", str(out), "--format", "fake"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "float weights on the quantized grid" in printed
     assert "peak resident memory" in printed
@@ -192,6 +251,19 @@ def test_the_cli_quantizes_and_evaluates_offloaded(tmp_path, capsys):
     offloaded_ppl = capsys.readouterr().out.splitlines()[0]
     assert main(["-q", "eval", str(out), *data]) == 0
     assert capsys.readouterr().out.splitlines()[0] == offloaded_ppl  # "perplexity X on …"
+    packed = tmp_path / "packed"  # packed is the default, as in memory
+    assert main(["-q", "quantize", str(folder), "--offload", "--recipe", "rtn-w4a16-g64",
+                 "--out", str(packed)]) == 0  # fmt: skip
+    assert "21 modules packed" in capsys.readouterr().out
+    assert main(["-q", "eval", str(packed), *data]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == offloaded_ppl
+    for flags, message in (
+        (["--format", "gguf"], "--offload saves --format packed or fake"),
+        (["--float-dtype", "float16"], "--float-dtype is not supported with --offload"),
+    ):
+        assert main(["quantize", str(folder), "--offload", "--recipe", "rtn-w4a16-g64",
+                     "--out", str(tmp_path / "x"), *flags]) == 2  # fmt: skip
+        assert message in capsys.readouterr().err
 
 
 def test_a_killed_process_leaves_no_overlay_behind(tmp_path, monkeypatch):

@@ -35,13 +35,18 @@ from channelwise.state import MARKER_FILE
 
 def packed_layout(model: nn.Module) -> dict[str, dict]:
     """``{module name: {"kind", "spec", …}}`` for every packed module of ``model``."""
-    layout = {}
-    for name, module in model.named_modules():
-        if isinstance(module, PackedCodes):
-            layout[name] = {"spec": spec_to_dict(module.spec), **module.layout()}
-        elif isinstance(module, PackedTiedHead):
-            layout[name] = module.layout()
-    return layout
+    return {
+        name: layout_entry(module)
+        for name, module in model.named_modules()
+        if isinstance(module, PackedCodes | PackedTiedHead)
+    }
+
+
+def layout_entry(module: nn.Module) -> dict:
+    """What ``channelwise.json`` says of one packed module."""
+    if isinstance(module, PackedCodes):
+        return {"spec": spec_to_dict(module.spec), **module.layout()}
+    return module.layout()
 
 
 def save_packed_weights(model: nn.Module, folder: Path) -> None:

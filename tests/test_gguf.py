@@ -401,8 +401,12 @@ def test_other_architectures_export_and_reload(
     torch.testing.assert_close(
         logits(reloaded, token_ids), logits(model, token_ids), atol=1e-5, rtol=0
     )
-    loaded, _ = load_model(path)  # channelwise's own loader, then a recipe on top
-    quantize(loaded, "rtn-w8a8", calibration_ids, progress=False)
+    loaded, _ = load_model(path)  # converted one tensor at a time: what transformers builds
+    assert len(list((tmp_path / "home" / "models").glob("*/model-*.safetensors"))) == 3
+    assert loaded.state_dict().keys() == reloaded.state_dict().keys()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    quantize(loaded, "rtn-w8a8", calibration_ids, progress=False)  # then a recipe on top
     assert torch.isfinite(logits(loaded, token_ids)).all()
 
 
@@ -413,3 +417,32 @@ def test_a_gguf_that_transformers_rebuilds_wrongly_is_a_checkpoint_error(tmp_pat
     path = export(model, tmp_path)
     with pytest.raises(CheckpointError, match="do not fit the model transformers builds"):
         load_model(path)
+
+
+def test_a_gguf_missing_a_block_tensor_is_refused_not_randomly_filled(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    path = export(packed_model(load_recipe("rtn-w4a16-q4_0")), tmp_path)
+
+    class WithoutOne(GGUFReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tensors = [t for t in self.tensors if t.name != "blk.1.ffn_up.weight"]
+
+    monkeypatch.setattr(gguf, "GGUFReader", WithoutOne)
+    missing = r"not in the file \(first: .*layers\.1\.mlp\.up_proj"
+    with pytest.raises(CheckpointError, match=missing):
+        load_model(path)
+    assert not any((tmp_path / "home" / "models").iterdir())  # nothing half-converted is cached
+
+
+def test_a_gguf_loads_offloaded_from_its_converted_shards(tmp_path, monkeypatch, token_ids):
+    from channelwise.offload import load_offloaded, offloaded
+
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    path = export(packed_model(load_recipe("rtn-w4a16-q4_0"), family="qwen2"), tmp_path)
+    loaded, _ = load_model(path)
+    model, _ = load_offloaded(path)  # a GGUF larger than memory: converted, then read by block
+    assert not any(offloaded(model).materialised(i) for i in range(2))
+    torch.testing.assert_close(logits(model, token_ids), logits(loaded, token_ids), rtol=0, atol=0)

@@ -12,8 +12,10 @@ to a private overlay folder, from which every later read of that block comes. Sa
 Peak memory is then the resident parts + one block + the calibration activations, instead of
 the whole model. Only steps that work on one block at a time can run this way (a method opts
 in with ``Method.offloadable``); a step that changes every block at once in ``prepare_model``
-(rotations, global searches), a compressed KV cache, and a family that reshapes its modules on
-first use (Phi-3's split projections, Mixtral's split experts) are refused before any work.
+(rotations, global searches) and a compressed KV cache are refused before any work. A family
+that splits fused tensors on first use (Phi-3's projections, Mixtral's experts) is split on
+``meta`` at load; a block read from the checkpoint goes through ``load_state_dict``, whose hooks
+split the fused tensors, and it saves them fused again while its parts are plain linears.
 Saving packs the block linears one block at a time after :func:`channelwise.deploy.pack_model`
 (the packed format), or writes the float weights on the grid (the fake-quant format).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import weakref
@@ -49,9 +52,29 @@ class OffloadError(ChannelwiseError):
 class SafetensorsFolder:
     """Tensors by name from safetensors files, read one at a time from memory-mapped files."""
 
-    def __init__(self, folder: Path, files: dict[str, Path]) -> None:
+    def __init__(
+        self, folder: Path, files: dict[str, Path], stored: dict[str, str] | None = None
+    ) -> None:
         self.folder = folder
         self.files = files
+        self.stored = stored or {}  # a renamed tensor's name in its file
+
+    def renamed(self, renames: tuple[tuple[str, str], ...]) -> SafetensorsFolder:
+        """The same tensors under names rewritten by ``renames`` (regex, replacement), in
+        order; two tensors renamed to one name are an error."""
+        if not renames:
+            return self
+        files: dict[str, Path] = {}
+        stored: dict[str, str] = {}
+        for key, path in self.files.items():
+            name = key
+            for pattern, replacement in renames:
+                name = re.sub(pattern, replacement, name)
+            if name in files:
+                first = stored[name]
+                raise CheckpointError(f"{self.folder}: tensors {first} and {key} both name {name}")
+            files[name], stored[name] = path, self.stored.get(key, key)
+        return SafetensorsFolder(self.folder, files, stored)
 
     @classmethod
     def open(cls, folder: Path) -> SafetensorsFolder:
@@ -96,7 +119,7 @@ class SafetensorsFolder:
         for path, names in by_file.items():
             with safe_open(str(path), "pt") as handle:
                 for key in names:
-                    out[key] = handle.get_tensor(key).clone()
+                    out[key] = handle.get_tensor(self.stored.get(key, key)).clone()
         return out
 
 
@@ -116,6 +139,7 @@ class DiskWeights:
         self.blocks = blocks
         self.prefixes = [names[id(block)] + "." for block in blocks]
         self.source = source
+        self.block_keys = [[k for k in source.files if k.startswith(p)] for p in self.prefixes]
         self.dtype = dtype
         self.device = device
         root = channelwise_home() / "offload"
@@ -140,16 +164,29 @@ class DiskWeights:
     def load(self, index: int, device: torch.device | None = None) -> None:
         """Read block ``index``'s parameters from disk (its overlay file once written back)."""
         block, prefix = self.blocks[index], self.prefixes[index]
-        written = index in self.written
-        source = SafetensorsFolder.of_file(self.overlay_file(index)) if written else self.source
-        slots = _meta_slots(block, prefix)
-        missing = [key for _m, _n, key in slots if key not in source]
+        if index in self.written:
+            source = SafetensorsFolder.of_file(self.overlay_file(index))
+            keys = list(source.files)
+        else:
+            source, keys = self.source, self.block_keys[index]
+        device = device or self.device
+        state = {
+            key.removeprefix(prefix): _cast(value, device, self.dtype)
+            for key, value in source.read(keys).items()
+        }
+        try:  # the hooks of a split module (Phi-3, Mixtral) split its fused tensors
+            block.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+            raise CheckpointError(
+                f"{self.source.folder}: block {prefix.rstrip('.')}: {lines[0] if lines else exc}"
+            ) from exc
+        missing = [name for name, param in block.named_parameters() if param.is_meta]
         if missing:
             raise CheckpointError(
-                f"{self.source.folder}: tensor {missing[0]} is not in the checkpoint; refusing "
-                "to fill it with random values"
+                f"{self.source.folder}: tensor {prefix}{missing[0]} is not in the checkpoint; "
+                "refusing to fill it with random values"
             )
-        _fill(slots, source.read([key for *_, key in slots]), device or self.device, self.dtype)
 
     def release(self, index: int) -> None:
         """Drop block ``index``'s parameters (back to ``meta``); its buffers stay."""
@@ -278,7 +315,7 @@ def load_offloaded(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from channelwise.adapters import adapter_for_config
+    from channelwise.adapters import adapter_for_config, parts_by_name
     from channelwise.models import ModelNotFoundError, resolve_device, resolve_model
 
     device = resolve_device(device)
@@ -301,18 +338,14 @@ def load_offloaded(
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not read the config of '{spec}': {exc}") from exc
     adapter = adapter_for_config(config)
-    if adapter.prepare is not None:
-        raise OffloadError(
-            f"architecture '{config.model_type}' reshapes its modules on first use (split "
-            "projections or experts), so its blocks cannot be read from the checkpoint as "
-            "they are; offloading it is not supported"
-        )
     if adapter.modality != "text":
         raise OffloadError("offloading supports causal language models only")
-    checkpoint = SafetensorsFolder.open(source)
+    checkpoint = SafetensorsFolder.open(source).renamed(adapter.checkpoint_renames)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.name_or_path = str(source)
+    if adapter.prepare is not None:
+        adapter.prepare(model)  # on meta: a split block reads its fused tensors when loaded
     blocks = list(adapter.block_list(model))
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     slots = [
@@ -320,13 +353,16 @@ def load_offloaded(
     ]
     slots = [slot for slot in slots if slot[2] in checkpoint]  # a tied head: tie_weights below
     _fill(slots, checkpoint.read([key for *_, key in slots]), device, dtype)
-    expected = set(model.state_dict())
-    strangers = sorted(key for key in checkpoint.files if key not in expected)
+    with parts_by_name():
+        expected = set(model.state_dict())
+    expected |= set(model.state_dict())  # a split module's fused names too
+    strangers = sorted(checkpoint.stored.get(k, k) for k in checkpoint.files if k not in expected)
     if strangers:
         raise OffloadError(
             f"{source}: {len(strangers)} saved tensor(s) are named differently from the model's "
-            f"parameters (first: {strangers[0]}); offloading reads a checkpoint whose tensor "
-            "names are the model's own, with no renaming"
+            f"parameters (first: {strangers[0]}); offloading reads a checkpoint by the model's "
+            "own tensor names (or the family's known renames), not through transformers' "
+            "conversions"
         )
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in in_blocks]
@@ -392,6 +428,10 @@ def _fill(
         module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
 
 
+def _cast(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+
+
 def offloaded_bytes(model: nn.Module) -> int:
     """Bytes the model's parameters take whole in memory, those waiting on disk included."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -455,7 +495,7 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
     :func:`channelwise.deploy.pack_model`, each block is read once more and its linears are
     written as integer codes (the packed format, which :func:`channelwise.load_model` loads
     without building the float model)."""
-    from channelwise.adapters import adapter_for
+    from channelwise.adapters import adapter_for, parts_by_name
 
     weights = offloaded(model)
     blocks = len(weights.blocks)
@@ -481,9 +521,12 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
             size += sum(p.numel() * p.element_size() for p in params.values())
             continue
         with weights.holding(index):
-            state = block.state_dict(prefix=prefix)
             if adapter is not None:
+                with parts_by_name():  # packed parts save under their own names
+                    state = block.state_dict(prefix=prefix)
                 layout |= _pack_block(block, prefix, adapter, state)
+            else:
+                state = block.state_dict(prefix=prefix)
             size += _save_shard(state, target, weight_map)
     index_json = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_FILE).write_text(json.dumps(index_json, indent=2))

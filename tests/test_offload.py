@@ -20,7 +20,19 @@ from channelwise.deploy.packed import round_float_tensors_
 from channelwise.errors import CheckpointError, PackingError
 from channelwise.offload import OffloadError, _overlay_prefix, load_offloaded, offloaded
 
-OFFLOADABLE = ("llama", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2")
+#: GPT-NeoX's checkpoint names its head ``embed_out`` and Mixtral's its experts
+#: ``block_sparse_moe.experts.N.w1``: read through the adapters' ``checkpoint_renames``.
+OFFLOADABLE = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "opt",
+    "gpt2",
+    "phi3",
+    "mixtral",
+    "gpt_neox",
+)
 
 
 def save_tiny(folder: Path, family: str = "llama", shards: bool = True) -> Path:
@@ -101,6 +113,52 @@ def test_quantizing_offloaded_saves_what_quantizing_in_memory_saves(
         torch.testing.assert_close(again(token_ids).logits, memory_logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("family", "recipe"),
+    [("phi3", "awq-w4a16-g64"), ("mixtral", "rtn-w8a8"), ("gpt_neox", "rtn-w4a16-g64")],
+)
+def test_split_and_renamed_families_offload_and_save_what_transformers_loads(
+    tmp_path, family, recipe, calibration_ids, token_ids
+):
+    """Phi-3's fused projections and Mixtral's fused experts are split on meta, read fused from
+    the checkpoint (Mixtral's under their legacy per-expert names), and saved fused again (float
+    weights on the grid, transformers' own names): what transformers loads."""
+    folder = save_tiny(tmp_path / "src", family)
+    loaded, tokenizer = load_model(folder)
+    quantize(loaded, recipe, calibration_ids, progress=False)
+    save_quantized(loaded, tokenizer, tmp_path / "memory")
+    model, tokenizer = load_offloaded(folder)
+    quantize(model, recipe, calibration_ids, progress=False)
+    assert materialised_blocks(model) == 0
+    save_quantized(model, tokenizer, tmp_path / "disk")
+    from safetensors import safe_open
+
+    def keys(folder: Path) -> set[str]:
+        names = set()
+        for shard in folder.glob("*.safetensors"):
+            with safe_open(str(shard), "pt") as handle:
+                names |= set(handle.keys())
+        return names
+
+    fused = {
+        "phi3": "self_attn.qkv_proj.weight",
+        "mixtral": "mlp.experts.gate_up_proj",
+        "gpt_neox": "lm_head.weight",  # the model's name; its checkpoint said embed_out
+    }[family]
+    assert any(key.endswith(fused) for key in keys(tmp_path / "disk"))
+    assert not any(
+        ".q_proj." in k or ".experts.0." in k
+        for k in keys(tmp_path / "disk")
+        if "qkv" in k or "experts" in k
+    )
+    from_memory, _ = load_model(tmp_path / "memory")
+    from_disk, _ = load_model(tmp_path / "disk")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            from_disk(token_ids).logits, from_memory(token_ids).logits, rtol=0, atol=1e-5
+        )
+
+
 def test_a_single_file_checkpoint_offloads_too(tmp_path, token_ids):
     folder = save_tiny(tmp_path / "src", shards=False)
     assert (folder / "model.safetensors").is_file()
@@ -110,19 +168,21 @@ def test_a_single_file_checkpoint_offloads_too(tmp_path, token_ids):
         torch.testing.assert_close(model(token_ids).logits, loaded(token_ids).logits)
 
 
-def test_whole_model_steps_and_reshaping_families_are_refused(tmp_path, calibration_ids):
+def test_whole_model_steps_and_renamed_checkpoints_are_refused(tmp_path, calibration_ids):
     folder = save_tiny(tmp_path / "src")
     model, _ = load_offloaded(folder)
     with pytest.raises(OffloadError, match="step 'quarot' changes the whole model at once"):
         quantize(model, "quarot-rtn-w8a8", calibration_ids, progress=False)
     with pytest.raises(OffloadError, match="compressed KV caches"):
         quantize(model, "kivi-kv4", calibration_ids, progress=False)
-    phi3 = save_tiny(tmp_path / "phi3", "phi3")
-    with pytest.raises(OffloadError, match="reshapes its modules"):
-        load_offloaded(phi3)
-    neox = save_tiny(tmp_path / "neox", "gpt_neox")  # its checkpoint says embed_out, not lm_head
-    with pytest.raises(OffloadError, match="named differently .* embed_out"):
-        load_offloaded(neox)
+    from safetensors.torch import load_file, save_file
+
+    odd = save_tiny(tmp_path / "odd", shards=False)
+    state = load_file(odd / "model.safetensors")
+    state["model.layers.0.mlp.w_up.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, str(odd / "model.safetensors"))
+    with pytest.raises(OffloadError, match=r"named differently .*layers\.0\.mlp\.w_up"):
+        load_offloaded(odd)
 
 
 def test_broken_checkpoints_are_clear_errors(tmp_path):
@@ -183,6 +243,9 @@ def test_a_saved_fake_quant_folder_loads_offloaded_and_a_packed_one_is_refused(
         ("llama", "rtn-w4a16-g64-e8"),
         ("gpt2", "rtn-w4a16-g64"),
         ("qwen2", "awq-w4a16-g64"),
+        ("phi3", "gptq-w4a16-g64"),
+        ("mixtral", "awq-w4a16-g64"),
+        ("gpt_neox", "gptq-w4a16-g64"),
     ],
 )
 def test_an_offloaded_model_saves_packed_what_an_in_memory_one_saves_packed(

@@ -7,7 +7,8 @@ of walking the model's code; supporting a new family is one small file (see ``ll
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -72,6 +73,11 @@ class ModelAdapter:
     #: A structural change made once before anything reads the blocks (exact in float; the
     #: state-dict layout of a float model is kept), e.g. Phi-3's fused projections split.
     prepare: Callable[[nn.Module], None] | None = None
+    #: ``(regex, replacement)`` pairs renaming the tensors of a checkpoint as the family saves
+    #: them (transformers' legacy names, e.g. Mixtral's ``block_sparse_moe.experts.N.w1``) to
+    #: the names of this model's parameters after ``prepare``; what offloading reads a block
+    #: with, where transformers' own loader converts the names (and merges Mixtral's experts).
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def renamed(self, paths: dict[str, str]) -> ModelAdapter:
         """This adapter with module paths inside a block replaced (``old → new``)."""
@@ -138,6 +144,26 @@ def add_column_readers(norm: nn.Module, readers: list[nn.Module]) -> None:
 def column_readers(norm: nn.Module) -> list[nn.Module]:
     """The column-only readers declared for ``norm`` (see :func:`add_column_readers`)."""
     return list(getattr(norm, _COLUMN_READERS_ATTR, []))
+
+
+_PARTS_BY_NAME: list[bool] = [False]
+
+
+@contextmanager
+def parts_by_name() -> Iterator[None]:
+    """Within, a module that splits a fused tensor into parts (Phi-3's projections, Mixtral's
+    experts) gives its state dict under the parts' own names, as it does once they are packed;
+    outside, while every part is a plain linear, it gives the fused tensor transformers loads."""
+    _PARTS_BY_NAME[0] = True
+    try:
+        yield
+    finally:
+        _PARTS_BY_NAME[0] = False
+
+
+def fused_on_save(plain: bool) -> bool:
+    """Whether a split module with all parts plain (``plain``) saves its fused tensor now."""
+    return plain and not _PARTS_BY_NAME[0]
 
 
 _FACTORIES: dict[str, callable] = {}

@@ -24,4 +24,5 @@ def gpt_neox_adapter(config) -> ModelAdapter:
         norm_type="layernorm",
         attention_module="attention",
         attention={"qkv": "attention.query_key_value", "o": "attention.dense"},
+        checkpoint_renames=((r"^embed_out\.", "lm_head."),),  # transformers saves the head so
     )

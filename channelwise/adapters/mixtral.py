@@ -31,12 +31,28 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from channelwise.adapters.base import ModelAdapter, Subset, add_column_readers, register_adapter
+from channelwise.adapters.base import (
+    ModelAdapter,
+    Subset,
+    add_column_readers,
+    fused_on_save,
+    register_adapter,
+)
 from channelwise.adapters.llama import gated_block_adapter
 
 ROUTER_HAS_NO_BIAS = (
     "the router (mlp.gate) reads the post-attention norm's output too and has no bias to "
     "absorb a shift"
+)
+
+
+#: Mixtral's checkpoints (and transformers' ``save_pretrained``) name each expert's linears
+#: ``block_sparse_moe.experts.N.w1/w3/w2``: the split experts' gate/up/down, one to one.
+LEGACY_NAMES = (
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
+    (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
 )
 
 
@@ -68,8 +84,13 @@ class SplitExperts(nn.ModuleList):
         n, two_i, hidden = gate_up.shape
 
         def linear(weight: torch.Tensor) -> nn.Linear:
-            module = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-            module = module.to(device=weight.device, dtype=weight.dtype)
+            module = nn.Linear(
+                weight.shape[1],
+                weight.shape[0],
+                bias=False,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
             module.weight.data.copy_(weight)
             return module
 
@@ -107,7 +128,7 @@ class SplitExperts(nn.ModuleList):
 
 
 def _fused_state(module: SplitExperts, state: dict, prefix: str, _metadata) -> None:
-    if not module.plain():
+    if not fused_on_save(module.plain()):
         return
     parts = {
         name: [state.pop(f"{prefix}{e}.{name}.weight") for e in range(len(module))]
@@ -160,6 +181,7 @@ def mixtral_adapter(config) -> ModelAdapter:
         shift_unsupported=ROUTER_HAS_NO_BIAS,
         prepare=split_experts,
     )
+    base = replace(base, checkpoint_renames=LEGACY_NAMES)
     experts = range(config.num_local_experts)
     attention = base.subsets[:2]
     mlp_in = Subset(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from channelwise.adapters.base import ModelAdapter, register_adapter
+from channelwise.adapters.base import ModelAdapter, fused_on_save, register_adapter
 from channelwise.adapters.llama import gated_block_adapter
 
 
@@ -58,7 +58,7 @@ class SplitLinear(nn.Module):
 
 
 def _fused_state(module: SplitLinear, state: dict, prefix: str, _metadata) -> None:
-    if not module.plain():
+    if not fused_on_save(module.plain()):
         return
     for key in ("weight", "bias"):
         names = [f"{prefix}{name}.{key}" for name, _ in module.named_children()]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
+from safetensors import safe_open
 
 from channelwise import load_model, quantize, save_quantized
 from channelwise.cli import main
@@ -50,6 +51,18 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
+def quantize_both(folder: Path, recipe: str, calibration_ids, memory_out: Path):
+    """``recipe`` applied to the model whole in memory (saved to ``memory_out``) and offloaded;
+    ``(in-memory model, offloaded model, tokenizer)``."""
+    loaded, tokenizer = load_model(folder)
+    quantize(loaded, recipe, calibration_ids, progress=False)
+    save_quantized(loaded, tokenizer, memory_out)
+    model, tokenizer = load_offloaded(folder)
+    quantize(model, recipe, calibration_ids, progress=False)
+    assert materialised_blocks(model) == 0
+    return loaded, model, tokenizer
+
+
 def materialised_blocks(model) -> int:
     weights = offloaded(model)
     return sum(weights.materialised(i) for i in range(len(weights.blocks)))
@@ -81,12 +94,7 @@ def test_quantizing_offloaded_saves_what_quantizing_in_memory_saves(
 ):
     folder = save_tiny(tmp_path / "src")
     before = digest(folder)
-    loaded, tokenizer = load_model(folder)
-    quantize(loaded, recipe, calibration_ids, progress=False)
-    save_quantized(loaded, tokenizer, tmp_path / "memory")
-    model, tokenizer = load_offloaded(folder)
-    quantize(model, recipe, calibration_ids, progress=False)
-    assert materialised_blocks(model) == 0
+    loaded, model, tokenizer = quantize_both(folder, recipe, calibration_ids, tmp_path / "memory")
     with torch.no_grad():
         offloaded_logits = model(token_ids).logits
         memory_logits = loaded(token_ids).logits
@@ -124,14 +132,8 @@ def test_split_and_renamed_families_offload_and_save_what_transformers_loads(
     the checkpoint (Mixtral's under their legacy per-expert names), and saved fused again (float
     weights on the grid, transformers' own names): what transformers loads."""
     folder = save_tiny(tmp_path / "src", family)
-    loaded, tokenizer = load_model(folder)
-    quantize(loaded, recipe, calibration_ids, progress=False)
-    save_quantized(loaded, tokenizer, tmp_path / "memory")
-    model, tokenizer = load_offloaded(folder)
-    quantize(model, recipe, calibration_ids, progress=False)
-    assert materialised_blocks(model) == 0
+    _, model, tokenizer = quantize_both(folder, recipe, calibration_ids, tmp_path / "memory")
     save_quantized(model, tokenizer, tmp_path / "disk")
-    from safetensors import safe_open
 
     def keys(folder: Path) -> set[str]:
         names = set()

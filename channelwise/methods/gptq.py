@@ -287,22 +287,57 @@ def inverse_cholesky(H: Tensor, damp: float, name: str, *, overwrite: bool = Fal
 
     ``λ = damp · mean diag H``; with ``overwrite`` the factor is computed in ``H``'s memory.
     Raises :class:`ChannelwiseError` naming ``name`` on failure.
+
+    The paper's code factors, inverts and factors again (``n³/3 + 2n³/3 + n³/3`` flops). Here
+    ``U`` is the inverse of the upper ``R`` with ``H + λI = RRᵀ``, which is ``J·L⁻¹·J`` for the
+    lower Cholesky factor ``L`` of ``J(H + λI)J`` (``J`` reverses the order; reversing both
+    axes of a contiguous matrix reverses its memory): one factorization and one triangular
+    inverse, the same ``U`` to rounding, about twice as fast at 2,048–4,096 inputs.
     """
     if not overwrite:
         H = H.clone()
     diagonal = torch.diagonal(H)
     diagonal += damp * diagonal.mean()
     info = torch.empty((), dtype=torch.int32, device=H.device)
+    flat = H.view(-1)
+    _reverse_(flat)
     torch.linalg.cholesky_ex(H, out=(H, info))
     if info.item() == 0:
-        torch.cholesky_inverse(H, out=H)
-        torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
-    if info.item() != 0 or not torch.isfinite(H).all():
+        _invert_lower_triangular_(H)
+        _reverse_(flat)
+    if info.item() != 0 or not torch.isfinite(H.sum()):  # isfinite(H) would allocate n² more
         raise ChannelwiseError(
             f"GPTQ: the Hessian of {name} is not positive definite even with damp={damp}; "
             "use a larger damp (e.g. damp: 0.1) or more calibration samples"
         )
     return H
+
+
+def _reverse_(flat: Tensor, chunk: int = 1 << 20) -> None:
+    """Reverse a 1-D tensor in place, holding at most two ``chunk``-long temporaries."""
+    size = flat.numel()
+    for start in range(0, size // 2, chunk):
+        length = min(chunk, size // 2 - start)
+        front, back = flat[start : start + length], flat[size - start - length : size - start]
+        saved = front.flip(0)
+        front.copy_(back.flip(0))
+        back.copy_(saved)
+
+
+def _invert_lower_triangular_(L: Tensor, block: int = 512) -> None:
+    """Invert a lower-triangular ``L`` (zeros above the diagonal) in place, by column blocks
+    from the bottom right: with the trailing ``C`` already inverted, the block column under a
+    diagonal block ``A`` becomes ``-C⁻¹·B·A⁻¹`` (temporaries of ``n × block``)."""
+    n = L.shape[0]
+    for start in reversed(range(0, n, block)):
+        stop = min(start + block, n)
+        diagonal = L[start:stop, start:stop]
+        eye = torch.eye(stop - start, dtype=L.dtype, device=L.device)
+        inverse = torch.linalg.solve_triangular(diagonal, eye, upper=False)
+        if stop < n:
+            below = L[stop:, start:stop]
+            below.copy_(torch.mm(L[stop:, stop:], below).mm(inverse).neg_())
+        diagonal.copy_(inverse)
 
 
 class _Grid:

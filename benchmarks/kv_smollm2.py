@@ -8,6 +8,12 @@ cache. Calibration (RotateKV's key order, CSKV's factors): ``Protocol().calibrat
 
     .venv/bin/python benchmarks/kv_smollm2.py                     # every preset, 128 samples
     .venv/bin/python benchmarks/kv_smollm2.py --recipes fp,kivi-kv4,kivi-kv2 --threads 1
+    .venv/bin/python benchmarks/kv_smollm2.py --recipes fp,rotatekv-kv2,rotatekv-kv2-nosinks,\
+rotatekv-kv2-noreorder,rotatekv-kv2-g32,cskv-50-kv4,cskv-k25-v75-kv4,kivi-kv2,kivi-kv2-r128
+
+``--recipes`` also takes the ablation variants built here from a preset (``ABLATIONS``: RotateKV
+without attention sinks, without the calibrated reorder, with 32-channel groups; CSKV with the
+official code's 0.25/0.75 key/value split; KIVI with the paper's 128-token float window).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import common  # benchmarks/common.py: this folder is on sys.path when run as a script
 
 from channelwise.compare import ComparisonRow
+from channelwise.recipe import KVCacheArgs, Recipe, load_recipe
 
 RECIPES = (
     "fp",
@@ -26,6 +33,27 @@ RECIPES = (
     "cskv-50",
     "cskv-50-kv4",
 )
+
+
+#: Ablation variants: name → (preset, the cache arguments changed).
+ABLATIONS = {
+    "rotatekv-kv2-nosinks": ("rotatekv-kv2", {"sinks": 0}),
+    "rotatekv-kv2-noreorder": ("rotatekv-kv2", {"reorder": False}),
+    "rotatekv-kv2-g32": ("rotatekv-kv2", {"group_size": 32}),
+    "cskv-k25-v75-kv4": ("cskv-50-kv4", {"density_k": 0.25, "density_v": 0.75}),
+    "kivi-kv2-r128": ("kivi-kv2", {"residual": 128}),
+}
+
+
+def recipe(name: str) -> str | Recipe:
+    """A preset name as is, or the ablation variant ``name`` built from its preset."""
+    if name not in ABLATIONS:
+        return name
+    preset, changes = ABLATIONS[name]
+    base = load_recipe(preset)
+    cache = KVCacheArgs(method=base.kv_cache.method, args={**base.kv_cache.args, **changes})
+    description = f"{preset} with {changes}"
+    return base.model_copy(update={"name": name, "kv_cache": cache, "description": description})
 
 
 def goals(rows: list[ComparisonRow]) -> list[str]:
@@ -61,7 +89,7 @@ def goals(rows: list[ComparisonRow]) -> list[str]:
 
 def main() -> None:
     args = common.parser(__doc__, RECIPES).parse_args()
-    rows = common.run(args, common.recipe_names(args))
+    rows = common.run(args, [recipe(name) for name in common.recipe_names(args)])
     common.report(args, rows)
     print("\n" + "\n".join(goals(rows)))
 

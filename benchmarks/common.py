@@ -14,6 +14,8 @@ never a reported figure).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 from collections.abc import Sequence
 
@@ -22,6 +24,7 @@ import torch
 from channelwise.compare import ComparisonRow, OnRow, compare
 from channelwise.compress import CompressionResult
 from channelwise.models import resolve_device
+from channelwise.paths import write_atomic
 from channelwise.protocol import Protocol
 from channelwise.recipe import Recipe
 from channelwise.report import format_markdown, write_json
@@ -98,3 +101,12 @@ def main(args: argparse.Namespace, recipes: Sequence[str | Recipe]) -> list[Comp
     rows = run(args, recipes)
     report(args, rows)
     return rows
+
+
+def write_raw(path: str, rows: list[dict], **meta) -> None:
+    """A script's raw output: ``meta``, the machine, torch and its threads, then ``rows``."""
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    payload = {**meta, "machine": machine, "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "rows": rows}  # fmt: skip
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")

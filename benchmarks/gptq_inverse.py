@@ -14,16 +14,13 @@ largest difference between the two factors relative to the factor's largest entr
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
+import common  # benchmarks/common.py: this folder is on sys.path when run as a script
 import torch
 
 from channelwise.methods.gptq import inverse_cholesky
-from channelwise.paths import write_atomic
 
 
 def paper_route(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -80,15 +77,7 @@ def main() -> None:
             flush=True,
         )
     if args.json:
-        report = {
-            "threads": args.threads,
-            "repeats": args.repeats,
-            "damp": args.damp,
-            "rows": rows,
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-            "torch": torch.__version__,
-        }
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        common.write_raw(args.json, rows, repeats=args.repeats, damp=args.damp)
 
 
 if __name__ == "__main__":

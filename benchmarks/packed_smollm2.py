@@ -18,8 +18,6 @@ rtn-w4a16-g64-e8,rtn-w8a8,outliertune-w8a8,dgq-w4a8 --json docs/runs/cpu-packed.
 
 from __future__ import annotations
 
-import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -34,7 +32,6 @@ from channelwise.deploy.kernel_call import use_kernels
 from channelwise.deploy.packed import round_float_tensors_
 from channelwise.evaluate import perplexity
 from channelwise.models import load_model
-from channelwise.paths import write_atomic
 from channelwise.recipe import load_recipe
 
 RECIPES = ("rtn-w4a16-g64", "rtn-w8a8")
@@ -101,11 +98,8 @@ def main() -> None:
             flush=True,
         )
     if args.json:
-        meta = {"fp": fp, "samples": protocol.calib_samples, "windows": protocol.windows,
-                "cpu": platform.processor(), "threads": torch.get_num_threads(),
-                "torch": torch.__version__}  # fmt: skip
-        write_atomic(args.json, json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        common.write_raw(args.json, rows, fp=fp, samples=protocol.calib_samples,
+                         windows=protocol.windows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ run; calibration is Emma (``--samples``, default the protocol's 128)::
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import replace
 
@@ -33,7 +31,6 @@ import torch
 from channelwise.compress import quantize
 from channelwise.evaluate import perplexity
 from channelwise.models import load_model
-from channelwise.paths import write_atomic
 from channelwise.quant.activation import InputQuantizer, input_quantizer, remove_input_quantizer
 from channelwise.recipe import QuantArgs, load_recipe
 
@@ -101,11 +98,8 @@ def main() -> None:
             print(f"{recipe.name:18s} {variant:13s} ({changed:3d} linears changed)  "
                   f"ppl {ppl:9.3f}  Δ {row['delta_pct']:+8.2f}%", flush=True)  # fmt: skip
     if args.json:
-        meta = {"samples": protocol.calib_samples, "windows": protocol.windows,
-                "cpu": platform.processor(), "threads": torch.get_num_threads(),
-                "torch": torch.__version__}  # fmt: skip
-        write_atomic(args.json, json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        common.write_raw(args.json, rows, samples=protocol.calib_samples,
+                         windows=protocol.windows)  # fmt: skip
 
 
 if __name__ == "__main__":

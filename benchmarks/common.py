@@ -26,7 +26,7 @@ from channelwise.compress import CompressionResult
 from channelwise.models import resolve_device
 from channelwise.paths import write_atomic
 from channelwise.protocol import Protocol
-from channelwise.recipe import Recipe
+from channelwise.recipe import Recipe, load_recipe
 from channelwise.report import format_markdown, write_json
 
 
@@ -101,6 +101,13 @@ def main(args: argparse.Namespace, recipes: Sequence[str | Recipe]) -> list[Comp
     rows = run(args, recipes)
     report(args, rows)
     return rows
+
+
+def variant(preset: str, name: str, description: str, **changes) -> Recipe:
+    """``preset`` with some of its fields replaced, under a new name: a recipe that is not a
+    preset, built where a script needs it."""
+    update = {"name": name, "description": description, **changes}
+    return load_recipe(preset).model_copy(update=update)
 
 
 def write_raw(path: str, rows: list[dict], **meta) -> None:

@@ -19,17 +19,14 @@ from __future__ import annotations
 import common  # benchmarks/common.py: this folder is on sys.path when run as a script
 
 import channelwise.methods.dgq  # noqa: F401  (registers the method)
-from channelwise.recipe import Recipe, load_recipe
+from channelwise.recipe import Recipe
 
 RECIPES = ("fp", "rtn-w4a8-g64", "dgq-w4a8")
 
 
 def weights_only() -> Recipe:
     """``dgq-w4a8`` with float activations."""
-    base = load_recipe("dgq-w4a8")
-    return base.model_copy(
-        update={"name": "dgq-w4a16", "activations": None, "description": "DGQ weights alone"}
-    )
+    return common.variant("dgq-w4a8", "dgq-w4a16", "DGQ weights alone", activations=None)
 
 
 def main() -> None:

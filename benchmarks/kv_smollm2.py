@@ -50,10 +50,9 @@ def recipe(name: str) -> str | Recipe:
     if name not in ABLATIONS:
         return name
     preset, changes = ABLATIONS[name]
-    base = load_recipe(preset)
-    cache = KVCacheArgs(method=base.kv_cache.method, args={**base.kv_cache.args, **changes})
-    description = f"{preset} with {changes}"
-    return base.model_copy(update={"name": name, "kv_cache": cache, "description": description})
+    cache = load_recipe(preset).kv_cache
+    cache = KVCacheArgs(method=cache.method, args={**cache.args, **changes})
+    return common.variant(preset, name, f"{preset} with {changes}", kv_cache=cache)
 
 
 def goals(rows: list[ComparisonRow]) -> list[str]:

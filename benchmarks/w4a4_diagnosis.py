@@ -32,7 +32,7 @@ from channelwise.compress import quantize
 from channelwise.evaluate import perplexity
 from channelwise.models import load_model
 from channelwise.quant.activation import InputQuantizer, input_quantizer, remove_input_quantizer
-from channelwise.recipe import QuantArgs, load_recipe
+from channelwise.recipe import load_recipe
 
 NORM_FED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 INNER = ("o_proj", "down_proj")
@@ -40,9 +40,9 @@ WIDENED = {"a4": (), "norm-fed a8": NORM_FED, "inner a8": INNER}
 
 
 def w8a4_recipe():
-    base = load_recipe("quarot-rtn-w4a4")
-    weights = QuantArgs(**{**base.weights.model_dump(), "bits": 8})
-    return base.model_copy(update={"name": "quarot-rtn-w8a4", "weights": weights})
+    weights = load_recipe("quarot-rtn-w4a4").weights.model_copy(update={"bits": 8})
+    return common.variant("quarot-rtn-w4a4", "quarot-rtn-w8a4", "quarot-rtn-w4a4 with INT8 weights",
+                          weights=weights)  # fmt: skip
 
 
 def activation_quantizers(model: torch.nn.Module) -> dict[str, InputQuantizer]:

@@ -106,8 +106,8 @@ def main(args: argparse.Namespace, recipes: Sequence[str | Recipe]) -> list[Comp
 def variant(preset: str, name: str, description: str, **changes) -> Recipe:
     """``preset`` with some of its fields replaced, under a new name: a recipe that is not a
     preset, built where a script needs it."""
-    update = {"name": name, "description": description, **changes}
-    return load_recipe(preset).model_copy(update=update)
+    fields = load_recipe(preset).model_dump(exclude_unset=True)
+    return Recipe.model_validate({**fields, "name": name, "description": description, **changes})
 
 
 def write_raw(path: str, rows: list[dict], **meta) -> None:

@@ -31,7 +31,29 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_RECIPES = "rtn-w4a16-q4_0,rtn-w4a16-q4_1,rtn-w8a16-q8_0"
+DEFAULT_RECIPES = "rtn-w4a16-q4_0,rtn-w4a16-q4_1,rtn-w8a16-q8_0,rtn-w4a16-q4_1-e8"
+#: Recipes that are not presets, by name: the embedded file's own layout (Q4_1 linears, a Q8_0
+#: token embedding and the LM head tied to it).
+VARIANTS = {
+    "rtn-w4a16-q4_1-e8": dict(
+        preset="rtn-w4a16-q4_1",
+        description="rtn-w4a16-q4_1 plus the token embedding in Q8_0 (the embedded file's layout)",
+        embedding={"bits": 8, "symmetric": True, "granularity": "group", "group_size": 32,
+                   "scale_dtype": "float16"},
+    ),
+}  # fmt: skip
+
+
+def recipe_named(name: str):
+    """A preset, or one of :data:`VARIANTS`."""
+    if name in VARIANTS:
+        from common import variant  # benchmarks/common.py: this folder is on sys.path
+
+        spec = dict(VARIANTS[name])
+        return variant(spec.pop("preset"), name, spec.pop("description"), **spec)
+    from channelwise import load_recipe
+
+    return load_recipe(name)
 
 
 def score(gguf_file: str, windows_file: str, threads: int) -> list[float]:
@@ -95,7 +117,7 @@ def main() -> None:
 
     import torch
 
-    from channelwise import load_model, load_recipe, perplexity, quantize
+    from channelwise import load_model, perplexity, quantize
     from channelwise.compress import needs_calibration
     from channelwise.deploy import pack_model
     from channelwise.deploy.gguf import export_gguf, verify_gguf
@@ -131,7 +153,7 @@ def main() -> None:
     )
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         start = time.perf_counter()
-        recipe = load_recipe(name)
+        recipe = recipe_named(name)
         model, _ = load_model(None, device="cpu")
         calibration = protocol.calibration_tokens(tokenizer) if needs_calibration(recipe) else None
         quantize(model, recipe, calibration, progress=False)

@@ -44,6 +44,8 @@ VARIANTS = {
     "bf16": "bfloat16 weights and activations",
     "torchao-int8-dyn": "torchao int8 dynamic activations + int8 weights (pip install torchao)",
     "w8a8": "ours: rtn-w8a8 packed (int8 codes, dynamic per-token int8 activations)",
+    "w8a8-outliertune": "ours: outliertune-w8a8 packed (static per-tensor int8 activations; "
+    "calibrates on the protocol's Emma samples when saved)",
     "w8a16": "ours: rtn-w8a16 packed (int8 codes, float activations)",
     "w4a16": "ours: rtn-w4a16-g64 packed (4-bit codes, two per byte, groups of 64)",
     "w4a16-f16": "ours: rtn-w4a16-g64, float tensors stored in fp16 (as the anchors ship "
@@ -59,6 +61,7 @@ VARIANTS = {
 }
 PRESETS = {
     "w8a8": "rtn-w8a8",
+    "w8a8-outliertune": "outliertune-w8a8",
     "w8a16": "rtn-w8a16",
     "w4a16": "rtn-w4a16-g64",
     "w4a16-f16": "rtn-w4a16-g64",

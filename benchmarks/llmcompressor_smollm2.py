@@ -13,7 +13,8 @@ the same schemes, all in this process:
 
 The LM head stays in float in both. llm-compressor is not a project dependency (it pins
 transformers ≤ 5.17): install it in its own venv and point ``--llmc-python`` at it; this script
-runs itself there in ``--export`` mode::
+runs itself there in ``--export`` mode (``-P``: without this folder on its path, whose
+``kernels.py`` would shadow the package transformers imports by that name)::
 
     python3.11 -m venv /tmp/lcvenv
     /tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 transformers==5.17.0
@@ -98,7 +99,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             folder = Path(work) / "llmc"
             start = time.perf_counter()
-            cmd = [args.llmc_python, __file__, "--export", scheme, source, str(folder),
+            cmd = [args.llmc_python, "-P", __file__, "--export", scheme, source, str(folder),
                    str(args.threads)]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:

@@ -70,8 +70,6 @@ def _quantize(args, device, group) -> None:
             f"--offload saves --format packed or fake; --format {args.format} needs the whole "
             "model in memory"
         )
-    if args.offload and args.float_dtype != "float32":
-        raise ChannelwiseError("--float-dtype is not supported with --offload yet")
     if args.float_dtype != "float32" and args.format != "packed":
         raise ChannelwiseError("--float-dtype needs --format packed")
     if args.gguf_float != "F32" and args.format != "gguf":

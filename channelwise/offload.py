@@ -509,7 +509,11 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
     }
     weight_map: dict[str, str] = {}
     layout: dict[str, dict] = {}
-    size = _save_shard(_untied(resident, model), folder / shard[0], weight_map)
+    from channelwise.deploy.packed import FLOAT_DTYPE_ATTR, grid_keys
+
+    storage = getattr(model, FLOAT_DTYPE_ATTR, None)  # set by round_float_tensors_
+    resident = _narrow_floats(_untied(resident, model), storage, grid_keys(model))
+    size = _save_shard(resident, folder / shard[0], weight_map)
     adapter = adapter_for(model) if weights.pack_on_save else None
     for index, prefix in enumerate(prefixes):
         block, target = weights.blocks[index], folder / shard[index + 1]
@@ -524,7 +528,9 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
             if adapter is not None:
                 with parts_by_name():  # packed parts save under their own names
                     state = block.state_dict(prefix=prefix)
-                layout |= _pack_block(block, prefix, adapter, state)
+                packed, grids = _pack_block(block, prefix, adapter, state)
+                state = _narrow_floats(state, storage, grids)
+                layout |= packed
             else:
                 state = block.state_dict(prefix=prefix)
             size += _save_shard(state, target, weight_map)
@@ -536,13 +542,16 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
     return layout
 
 
-def _pack_block(block: nn.Module, prefix: str, adapter, state: dict) -> dict[str, dict]:
+def _pack_block(
+    block: nn.Module, prefix: str, adapter, state: dict
+) -> tuple[dict[str, dict], set[str]]:
     """Replace the block linears' float tensors in ``state`` by their packed codes; their
-    layout entries. The model keeps its float modules (it is still offloaded)."""
+    layout entries, and the state keys of their grids. The model keeps its float modules (it
+    is still offloaded)."""
     from channelwise.deploy.checkpoint import layout_entry
-    from channelwise.deploy.packed import pack_linear
+    from channelwise.deploy.packed import grid_keys, pack_linear
 
-    layout = {}
+    layout, grids = {}, set()
     for name, module in adapter.block_linears(block).items():
         where = prefix + name
         packed = pack_linear(module, adapter.transposed_weights, where)
@@ -550,7 +559,22 @@ def _pack_block(block: nn.Module, prefix: str, adapter, state: dict) -> dict[str
             del state[key]
         state.update(packed.state_dict(prefix=f"{where}."))
         layout[where] = layout_entry(packed)
-    return layout
+        grids |= {where + key for key in grid_keys(packed)}  # its keys start with "."
+    return layout, grids
+
+
+def _narrow_floats(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None, grids: set[str]
+) -> dict[str, torch.Tensor]:
+    """``state`` with its float tensors outside the packed ``grids`` in ``dtype`` (the
+    ``--float-dtype`` storage), as :func:`~channelwise.deploy.checkpoint.save_packed_weights`
+    stores them; unchanged when ``dtype`` is None."""
+    from channelwise.deploy.packed import narrowed
+
+    if dtype is None:
+        return state
+    narrow = {key for key, value in state.items() if value.is_floating_point()} - grids
+    return {key: narrowed(key, v, dtype) if key in narrow else v for key, v in state.items()}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

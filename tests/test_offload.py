@@ -281,6 +281,65 @@ def test_an_offloaded_model_saves_packed_what_an_in_memory_one_saves_packed(
         )
 
 
+def stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
+    dtypes = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            dtypes |= {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    return dtypes
+
+
+@pytest.mark.parametrize(
+    ("family", "recipe", "dtype"),
+    [
+        ("llama", "rtn-w4a16-g64", torch.float16),
+        ("llama", "rtn-w4a16-g64-e8", torch.bfloat16),
+        ("qwen2", "rtn-w8a8", torch.float16),  # q/k/v biases
+        ("gpt2", "rtn-w4a16-g64", torch.float16),  # untied biases everywhere, transposed weights
+    ],
+)
+def test_an_offloaded_model_saves_16_bit_floats_as_an_in_memory_one_does(
+    tmp_path, family, recipe, dtype, token_ids
+):
+    folder = save_tiny(tmp_path / "src", family)
+    loaded, tokenizer = load_model(folder)
+    quantize(loaded, recipe, None, progress=False)
+    pack_model(loaded)
+    round_float_tensors_(loaded, dtype)
+    save_quantized(loaded, tokenizer, tmp_path / "memory")
+    model, tokenizer = load_offloaded(folder)
+    quantize(model, recipe, None, progress=False)
+    pack_model(model)
+    round_float_tensors_(model, dtype)
+    save_quantized(model, tokenizer, tmp_path / "disk")
+    assert materialised_blocks(model) == 0
+    in_memory, on_disk = stored_dtypes(tmp_path / "memory"), stored_dtypes(tmp_path / "disk")
+    assert on_disk == in_memory
+    assert {torch.float16: "F16", torch.bfloat16: "BF16"}[dtype] in set(on_disk.values())
+    from_memory, _ = load_model(tmp_path / "memory")
+    from_disk, _ = load_model(tmp_path / "disk")
+    for key, value in from_memory.state_dict().items():
+        assert torch.equal(from_disk.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.equal(from_disk(token_ids).logits, from_memory(token_ids).logits)
+
+
+def test_an_offloaded_block_value_too_large_for_16_bits_is_refused_when_saved(tmp_path):
+    folder = save_tiny(tmp_path / "src")
+    model, tokenizer = load_offloaded(folder)
+    quantize(model, "rtn-w4a16-g64", None, progress=False)
+    pack_model(model)
+    round_float_tensors_(model, torch.float16)
+    weights = offloaded(model)
+    with weights.holding(1, keep_changes=True) as block:  # a value fp16 cannot hold, on disk
+        block.input_layernorm.weight.data[3] = 1e6
+    with pytest.raises(
+        PackingError, match=r"layers\.1\.input_layernorm\.weight: 1e\+06 does not fit"
+    ):
+        save_quantized(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_offloaded_model_without_grids_is_refused_before_saving(tmp_path, calibration_ids):
     from channelwise.recipe import load_recipe
 
@@ -292,7 +351,7 @@ def test_an_offloaded_model_without_grids_is_refused_before_saving(tmp_path, cal
     with pytest.raises(PackingError, match="static_groups"):
         pack_model(model)
     assert not offloaded(model).pack_on_save
-    with pytest.raises(PackingError, match="float32 storage"):
+    with pytest.raises(PackingError, match="needs the packed format"):
         round_float_tensors_(model, torch.float16)
 
 
@@ -322,9 +381,16 @@ def test_the_cli_quantizes_and_evaluates_offloaded(tmp_path, capsys):
     assert "21 modules packed" in capsys.readouterr().out
     assert main(["-q", "eval", str(packed), *data]) == 0
     assert capsys.readouterr().out.splitlines()[0] == offloaded_ppl
+    half = tmp_path / "half"
+    assert main(["-q", "quantize", str(folder), "--offload", "--recipe", "rtn-w4a16-g64",
+                 "--out", str(half), "--float-dtype", "float16"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert "F16" in set(stored_dtypes(half).values())
+    assert main(["-q", "eval", str(half), *data]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
     for flags, message in (
         (["--format", "gguf"], "--offload saves --format packed or fake"),
-        (["--float-dtype", "float16"], "--float-dtype is not supported with --offload"),
+        (["--float-dtype", "float16", "--format", "fake"], "--float-dtype needs --format packed"),
     ):
         assert main(["quantize", str(folder), "--offload", "--recipe", "rtn-w4a16-g64",
                      "--out", str(tmp_path / "x"), *flags]) == 2  # fmt: skip

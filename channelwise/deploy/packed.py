@@ -57,6 +57,7 @@ __all__ = [
     "grid_keys",
     "int8_input_scale",
     "kernels_enabled",
+    "narrowed",
     "pack_linear",
     "pack_model",
     "round_float_tensors_",
@@ -177,34 +178,44 @@ def storage_key(tensor: Tensor) -> tuple[int, torch.device]:
 def round_float_tensors_(model: nn.Module, dtype: torch.dtype) -> int:
     """Round every saved float tensor that is not a packed grid (embeddings, norms, biases) to
     ``dtype`` and back, in place, so a checkpoint can store them in ``dtype`` losslessly (as the
-    anchors keep their embeddings in fp16). Scales stay float32. Returns the elements rounded."""
+    anchors keep their embeddings in fp16). Scales stay float32. Returns the elements rounded.
+
+    A model whose blocks wait on disk (:func:`channelwise.load_offloaded`) must be packed first
+    (:func:`pack_model`): its resident tensors are rounded here, each block's as
+    :func:`channelwise.save_quantized` writes it (a value that does not fit raises there)."""
     if not dtype.is_floating_point:
         raise PackingError(f"float storage dtype must be a float type, not {dtype}")
-    if getattr(model, OFFLOAD_ATTR, None) is not None:
+    weights = getattr(model, OFFLOAD_ATTR, None)
+    if weights is not None and not weights.pack_on_save:
         raise PackingError(
-            "16-bit storage of the float tensors is not supported for a model whose blocks wait "
-            "on disk (load_offloaded) yet; save it with float32 storage"
+            "16-bit storage of the float tensors needs the packed format: pack_model(model) "
+            "first, or save it with float32 storage"
         )
     grids, seen, todo = grid_keys(model), set(), []
     for key, tensor in model.state_dict().items():
         where = storage_key(tensor)
-        if key in grids or not tensor.is_floating_point() or where in seen:
-            continue
+        if key in grids or not tensor.is_floating_point() or tensor.is_meta or where in seen:
+            continue  # on meta: an offloaded block's, narrowed as it is saved
         seen.add(where)
-        narrow = tensor.to(dtype)
-        overflow = torch.isfinite(tensor) & ~torch.isfinite(narrow)
-        if bool(overflow.any()):  # checked for all before any is written
-            worst = tensor[overflow].abs().max().item()
-            raise PackingError(
-                f"{key}: {worst:.4g} does not fit in {dtype} (max {torch.finfo(dtype).max:.4g}); "
-                "store the float tensors in bfloat16 or float32"
-            )
-        todo.append((tensor, narrow))
+        todo.append((tensor, narrowed(key, tensor, dtype)))  # all checked before any is written
     for tensor, narrow in todo:
         tensor.copy_(narrow.to(tensor.dtype))
     rounded = sum(tensor.numel() for tensor, _ in todo)
     setattr(model, FLOAT_DTYPE_ATTR, dtype)
     return rounded
+
+
+def narrowed(key: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``; :class:`PackingError` naming ``key`` if a finite value overflows."""
+    narrow = tensor.to(dtype)
+    overflow = torch.isfinite(tensor) & ~torch.isfinite(narrow)
+    if bool(overflow.any()):
+        worst = tensor[overflow].abs().max().item()
+        raise PackingError(
+            f"{key}: {worst:.4g} does not fit in {dtype} (max {torch.finfo(dtype).max:.4g}); "
+            "store the float tensors in bfloat16 or float32"
+        )
+    return narrow
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

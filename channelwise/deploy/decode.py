@@ -10,10 +10,9 @@ registered, so the whole decode step is one graph with the packed linears inside
 
 The prompt (prefill) still runs eagerly, as transformers runs it: W8A8's int8 GEMM serves it.
 Inside the compiled graph a W8A8 linear with dynamic per-token int8 inputs runs the small-M
-VNNI kernel (exact int32 sums, as eager); one with a calibrated static input scale
-(OutlierTune, DGQ: reading the scale would break the graph) fake-quantizes its input into the
-weight-only kernel (the same products, summed in float), and 8-bit weights with zero points
-(OutlierTune's) have no weight-only kernel and take the reference path there.
+VNNI kernel (exact int32 sums, as eager); so does one with a calibrated static input scale
+(OutlierTune, DGQ), the scale read once eagerly (``build_kernel_operands``: reading it in the
+graph would break it) and traced as a constant.
 
 The first ``generate`` after it compiles (~30 s for SmolLM2 on 2 CPU cores); a different
 ``max_new_tokens`` or prompt length compiles again (static shapes). By default the compiled

@@ -110,6 +110,26 @@ def variant(preset: str, name: str, description: str, **changes) -> Recipe:
     return Recipe.model_validate({**fields, "name": name, "description": description, **changes})
 
 
+def fp_baseline(args: argparse.Namespace):
+    """Threads set, the float model scored: ``(protocol, tokenizer, ppl, fp)``, where
+    ``ppl(model)`` is a model's perplexity on the protocol's evaluation windows."""
+    from channelwise.evaluate import perplexity
+    from channelwise.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    protocol_ = protocol(args)
+    model, tokenizer = load_model(device=args.device)
+    windows = protocol_.eval_tokens(tokenizer)
+
+    def ppl(m) -> float:
+        return perplexity(m, windows, progress=False)
+
+    fp = ppl(model)
+    print(f"fp {fp:.3f}", flush=True)
+    return protocol_, tokenizer, ppl, fp
+
+
 def write_raw(path: str, rows: list[dict], **meta) -> None:
     """A script's raw output: ``meta``, the machine, torch and its threads, then ``rows``."""
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import common  # benchmarks/common.py: this folder is on sys.path when run as a script
-import torch
 
 from channelwise import quantize
 from channelwise.compress import needs_calibration
@@ -26,7 +25,6 @@ from channelwise.deploy.compressed_tensors import (
     export_compressed_tensors,
     verify_compressed_tensors,
 )
-from channelwise.evaluate import perplexity
 from channelwise.models import load_model
 from channelwise.recipe import load_recipe
 
@@ -35,18 +33,8 @@ RECIPES = ("rtn-w4a16-g64", "gptq-w4a16-g64", "rtn-w8a8")
 
 def main() -> None:
     args = common.parser(__doc__, RECIPES).parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    protocol = common.protocol(args)
-    model, tokenizer = load_model(device=args.device)
-    windows = protocol.eval_tokens(tokenizer)
+    protocol, tokenizer, ppl, fp = common.fp_baseline(args)
     calibration = None
-
-    def ppl(m) -> float:
-        return perplexity(m, windows, progress=False)
-
-    fp = ppl(model)
-    print(f"fp {fp:.3f}", flush=True)
     rows = []
     for name in common.recipe_names(args):
         recipe = load_recipe(name)

@@ -30,7 +30,6 @@ from channelwise.compress import needs_calibration
 from channelwise.deploy import pack_model
 from channelwise.deploy.kernel_call import use_kernels
 from channelwise.deploy.packed import round_float_tensors_
-from channelwise.evaluate import perplexity
 from channelwise.models import load_model
 from channelwise.recipe import load_recipe
 
@@ -51,18 +50,8 @@ def folder_bytes(folder: Path) -> tuple[int, int]:
 
 def main() -> None:
     args = common.parser(__doc__, RECIPES).parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    protocol = common.protocol(args)
-    model, tokenizer = load_model(device=args.device)
-    windows = protocol.eval_tokens(tokenizer)
+    protocol, tokenizer, ppl, fp = common.fp_baseline(args)
     calibration = None
-
-    def ppl(m) -> float:
-        return perplexity(m, windows, progress=False)
-
-    fp = ppl(model)
-    print(f"fp {fp:.3f}", flush=True)
     rows = []
     for name in common.recipe_names(args):
         recipe = load_recipe(name.removesuffix("+f16"))

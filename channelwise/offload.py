@@ -496,6 +496,7 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
     written as integer codes (the packed format, which :func:`channelwise.load_model` loads
     without building the float model)."""
     from channelwise.adapters import adapter_for, parts_by_name
+    from channelwise.deploy.packed import FLOAT_DTYPE_ATTR, grid_keys, narrow_floats
 
     weights = offloaded(model)
     blocks = len(weights.blocks)
@@ -509,10 +510,8 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
     }
     weight_map: dict[str, str] = {}
     layout: dict[str, dict] = {}
-    from channelwise.deploy.packed import FLOAT_DTYPE_ATTR, grid_keys
-
     storage = getattr(model, FLOAT_DTYPE_ATTR, None)  # set by round_float_tensors_
-    resident = _narrow_floats(_untied(resident, model), storage, grid_keys(model))
+    resident = narrow_floats(_untied(resident, model), storage, grid_keys(model))
     size = _save_shard(resident, folder / shard[0], weight_map)
     adapter = adapter_for(model) if weights.pack_on_save else None
     for index, prefix in enumerate(prefixes):
@@ -529,7 +528,7 @@ def save_offloaded(model: nn.Module, folder: Path) -> dict[str, dict]:
                 with parts_by_name():  # packed parts save under their own names
                     state = block.state_dict(prefix=prefix)
                 packed, grids = _pack_block(block, prefix, adapter, state)
-                state = _narrow_floats(state, storage, grids)
+                state = narrow_floats(state, storage, grids)
                 layout |= packed
             else:
                 state = block.state_dict(prefix=prefix)
@@ -561,20 +560,6 @@ def _pack_block(
         layout[where] = layout_entry(packed)
         grids |= {where + key for key in grid_keys(packed)}  # its keys start with "."
     return layout, grids
-
-
-def _narrow_floats(
-    state: dict[str, torch.Tensor], dtype: torch.dtype | None, grids: set[str]
-) -> dict[str, torch.Tensor]:
-    """``state`` with its float tensors outside the packed ``grids`` in ``dtype`` (the
-    ``--float-dtype`` storage), as :func:`~channelwise.deploy.checkpoint.save_packed_weights`
-    stores them; unchanged when ``dtype`` is None."""
-    from channelwise.deploy.packed import narrowed
-
-    if dtype is None:
-        return state
-    narrow = {key for key, value in state.items() if value.is_floating_point()} - grids
-    return {key: narrowed(key, v, dtype) if key in narrow else v for key, v in state.items()}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -21,7 +21,13 @@ from torch import nn
 from channelwise.adapters import adapter_for_config
 from channelwise.deploy.dual_grained import PackedDualGrained
 from channelwise.deploy.half import keep_half_floats
-from channelwise.deploy.packed import FLOAT_DTYPE_ATTR, _set_submodule, grid_keys, storage_key
+from channelwise.deploy.packed import (
+    FLOAT_DTYPE_ATTR,
+    _set_submodule,
+    grid_keys,
+    narrow_floats,
+    storage_key,
+)
 from channelwise.deploy.packed_modules import (
     PackedCodes,
     PackedEmbedding,
@@ -60,17 +66,15 @@ def save_packed_weights(model: nn.Module, folder: Path) -> None:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    storage_dtype = getattr(model, FLOAT_DTYPE_ATTR, None)
-    grids = grid_keys(model)
     tensors, stored = {}, set()
     for key, tensor in model.state_dict().items():
         where = storage_key(tensor)
         if where in stored:
             continue  # tied to a tensor already written
         stored.add(where)
-        if storage_dtype is not None and tensor.is_floating_point() and key not in grids:
-            tensor = tensor.to(storage_dtype)
-        tensors[key] = tensor.detach().cpu().contiguous()
+        tensors[key] = tensor
+    tensors = narrow_floats(tensors, getattr(model, FLOAT_DTYPE_ATTR, None), grid_keys(model))
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "grid_keys",
     "int8_input_scale",
     "kernels_enabled",
+    "narrow_floats",
     "narrowed",
     "pack_linear",
     "pack_model",
@@ -216,6 +217,17 @@ def narrowed(key: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
             "store the float tensors in bfloat16 or float32"
         )
     return narrow
+
+
+def narrow_floats(
+    state: dict[str, Tensor], dtype: torch.dtype | None, grids: set[str]
+) -> dict[str, Tensor]:
+    """``state`` with its float tensors outside the packed ``grids`` in ``dtype``: how a packed
+    checkpoint stores them after :func:`round_float_tensors_`; unchanged when ``dtype`` is None."""
+    if dtype is None:
+        return state
+    narrow = {key for key, value in state.items() if value.is_floating_point()} - grids
+    return {key: narrowed(key, v, dtype) if key in narrow else v for key, v in state.items()}
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -114,19 +114,19 @@ def _register_fakes() -> None:
     def small_w8a8(q: Tensor, x_scale: Tensor, u: Tensor, *_) -> Tensor:
         return x_scale.new_empty((q.shape[0], u.shape[0]))
 
+    def columns_out(x: Tensor, wt: Tensor) -> Tensor:
+        """The output of a product with a columns-form weight: (K, N), or W4 (N/32, K, 16)."""
+        columns = wt.shape[0] * 32 if wt.dtype == torch.uint8 else wt.shape[1]
+        return x.new_empty((*x.shape[:-1], columns))
+
     def sparse_mlp(x: Tensor, a: Tensor, up: Tensor, s: Tensor | None, z: Tensor | None,
                    down_t: Tensor, *_) -> Tensor:  # fmt: skip
-        columns = down_t.shape[1] * (2 if down_t.dtype == torch.uint8 else 1)
-        return x.new_empty((*x.shape[:-1], columns))
+        return columns_out(x, down_t)
 
     shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
-
-    def sparse_input(x: Tensor, wt: Tensor, *_) -> Tensor:
-        columns = wt.shape[1] * (2 if wt.dtype == torch.uint8 else 1)
-        return x.new_empty((*x.shape[:-1], columns))
-
     shapes["sparse_mlp"] = sparse_mlp
-    shapes["sparse_input_mm"] = sparse_input
+    shapes["sparse_input_mm"] = lambda x, wt, *_: columns_out(x, wt)
+
     shapes["sparsify"] = lambda x, _t: torch.empty_like(x)
     shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}

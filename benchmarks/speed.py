@@ -15,10 +15,12 @@ imports it at start-up whenever it is installed).
     python benchmarks/speed.py --variants fp32,w8a8 --repeats 5 --json results/speed.json
     python benchmarks/speed.py --rounds 3   # each variant 3 times, interleaved; medians
     python benchmarks/speed.py --compile    # decode through channelwise.deploy.compile_decode
+    python benchmarks/speed.py --checkpoints ckpt   # keep the packed checkpoints; reuse them
 
-The activation-sparsity variants (``chess-50``, ``cats-50``, ``teal-50`` and their ``w4a16-``
-forms) calibrate on the protocol's Emma samples when saved (minutes on 2 cores) and are also
-measured with the sparse kernels off (``decode_tok_s_dense_mlp``: same zeroing, dense products),
+The activation-sparsity variants (``chess-50``, ``cats-50``, ``teal-50``, their ``w4a16-`` forms
+and ``w4a16-e8-chess-50`` / ``w4a16-e8-teal-50`` with the 8-bit embedding/LM head) calibrate on
+the protocol's Emma samples when saved (minutes on 2 cores) and are also measured with the
+sparse kernels off (``decode_tok_s_dense_mlp``: same zeroing, dense products),
 so the kernels' own gain is a ratio within one process.
 
 ``--compile`` runs every variant's decode (fp32's included) through the compiled static-cache loop
@@ -56,9 +58,13 @@ VARIANTS = {
     "w4a16-chess-50": "ours: chess-50-w4a16-g64 packed (CHESS 50% + 4-bit codes, groups of 64)",
     "teal-50": "ours: TEAL 50% (every linear's input) on fp32 weights (sparse-input kernel)",
     "w4a16-teal-50": "ours: teal-50-w4a16-g64 packed (TEAL 50% + 4-bit codes, groups of 64)",
+    "w4a16-e8-chess-50": "ours: chess-50-w4a16-g64 with the tied embedding/LM head in int8 per "
+    "row (as w4a16-e8)",
+    "w4a16-e8-teal-50": "ours: teal-50-w4a16-g64 with the tied embedding/LM head in int8 per row",
     "teal-uniform-50": "ours: TEAL 50% on every linear input, uniform levels (no greedy search)",
     "w4a16-teal-uniform-50": "ours: TEAL uniform 50% + RTN 4-bit codes, groups of 64, packed",
 }
+EMBEDDING_8BIT = {"bits": 8, "symmetric": True, "granularity": "channel"}  # as rtn-w4a16-g64-e8
 PRESETS = {
     "w8a8": "rtn-w8a8",
     "w8a8-outliertune": "outliertune-w8a8",
@@ -71,6 +77,8 @@ PRESETS = {
     "w4a16-chess-50": "chess-50-w4a16-g64",
     "teal-50": "teal-50",
     "w4a16-teal-50": "teal-50-w4a16-g64",
+    "w4a16-e8-chess-50": {"preset": "chess-50-w4a16-g64", "embedding": EMBEDDING_8BIT},
+    "w4a16-e8-teal-50": {"preset": "teal-50-w4a16-g64", "embedding": EMBEDDING_8BIT},
     "teal-uniform-50": {
         "name": "teal-uniform-50",
         "steps": [{"method": "teal", "args": {"sparsity": 0.5, "allocation": "uniform"}}],
@@ -88,6 +96,7 @@ PRESETS = {
 
 def save(variant: str, folder: str) -> None:
     """Quantize with the variant's preset, pack, and write the packed checkpoint to ``folder``."""
+    import common  # benchmarks/common.py, beside this script
     import torch
 
     from channelwise import load_model, quantize
@@ -99,7 +108,11 @@ def save(variant: str, folder: str) -> None:
 
     model, tokenizer = load_model(device="cpu")
     preset = PRESETS[variant]
-    recipe = Recipe.from_dict(preset) if isinstance(preset, dict) else load_recipe(preset)
+    if isinstance(preset, dict) and "preset" in preset:  # a shipped preset with fields changed
+        changes = {k: v for k, v in preset.items() if k != "preset"}
+        recipe = common.variant(preset["preset"], variant, VARIANTS[variant], **changes)
+    else:
+        recipe = Recipe.from_dict(preset) if isinstance(preset, dict) else load_recipe(preset)
     calibration = Protocol().calibration_tokens(tokenizer) if needs_calibration(recipe) else None
     quantize(model, recipe, calibration, progress=False)
     pack_model(model)
@@ -225,6 +238,11 @@ def main() -> None:
         "--compile", action="store_true", help="decode through the compiled static-cache loop"
     )
     parser.add_argument("--json", help="write the rows (and every round) here")
+    parser.add_argument(
+        "--checkpoints",
+        help="keep each variant's packed checkpoint in this folder and reuse one already there "
+        "(a rerun skips quantization and calibration; delete it after changing a preset)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant, print its JSON row
     parser.add_argument("--save", help=argparse.SUPPRESS)  # write one variant's checkpoint
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -246,8 +264,12 @@ def main() -> None:
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {v: str(Path(tmp) / v) for v in variants if v in PRESETS}
+        kept = Path(args.checkpoints or tmp)
+        folders = {v: str(kept / v) for v in variants if v in PRESETS}
         for variant, folder in folders.items():  # quantize in another process, once
+            if Path(folder).is_dir():
+                print(f"{variant:<18} reusing {folder}", flush=True)
+                continue
             cmd = [sys.executable, __file__, "--save", variant, "--folder", folder]
             subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
         for round_ in range(args.rounds):  # variants interleaved: drift hits them all alike

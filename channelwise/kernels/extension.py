@@ -126,7 +126,6 @@ def _register_fakes() -> None:
     shapes = {"w8a16_mm": weight_only, "w4a16_mm": weight_only, "half_mm": weight_only}
     shapes["sparse_mlp"] = sparse_mlp
     shapes["sparse_input_mm"] = lambda x, wt, *_: columns_out(x, wt)
-
     shapes["sparsify"] = lambda x, _t: torch.empty_like(x)
     shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}

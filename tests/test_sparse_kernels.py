@@ -10,6 +10,8 @@ cancel when ``q ≈ z``), so for W4 ``|w|`` in that bound is ``(|q| + |z|)·s`` 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -243,3 +245,14 @@ def test_sparsify_refuses_non_finite_activations(extension, bad) -> None:
     x[1, 37] = bad
     with pytest.raises(NonFiniteError, match="NaN or inf"):
         sk.sparsify(x, torch.tensor(0.5))
+
+
+def test_w4_columns_in_another_layout_are_one_clear_error() -> None:
+    """A W4 columns weight that is not ``transpose_weight``'s block-major ``(N/32, K, 16)``
+    (here the row-major ``(K, N/2)`` codes) is refused, not read as if it were."""
+    if not kernel_available():
+        pytest.skip("the checks are the extension's")
+    weight_t = sk.transpose_weight(random_weight("w4", 64, 128, seed=16))
+    row_major = weight_t.w.permute(1, 0, 2).reshape(128, 32).contiguous()
+    with pytest.raises(KernelInputError, match=r"\(N/32, K, 16\)"):
+        sk.cols_linear(torch.randn(1, 2), torch.tensor([0, 5]), replace(weight_t, w=row_major))

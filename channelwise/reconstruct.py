@@ -1,10 +1,12 @@
-"""Block-output reconstruction: train a block's linear weights and biases so that its output on
-given inputs matches target outputs, through the block's frozen quantizers.
+"""Block-output reconstruction: train a block's linear weights and biases (or other given
+parameters, such as learnable activation clipping bounds) so that its output on given inputs
+matches target outputs, through the block's quantizers.
 
 The quantizers pass gradients straight through (``quant.core.straight_through``); their ranges
-stay fixed. With a weight quantizer, each linear's weight is fake-quantized in the forward pass
-on a grid fixed before training (``weight_grids``), the latent float weight is trained, and the
-caller rounds it onto that grid afterwards. This is the block-wise reconstruction of BRECQ-style
+stay fixed unless they are among the trained parameters. With a weight quantizer, each linear's
+weight is fake-quantized in the forward pass on a grid fixed before training (``weight_grids``),
+the latent float weight is trained, and it is rounded onto that grid afterwards
+(``quantize_weights_by_reconstruction``). This is the block-wise reconstruction of BRECQ-style
 PTQ as I&S-ViT (arXiv 2311.10126, §4.2) uses it: Adam with a cosine learning rate decaying to 0,
 random mini-batches of the calibration samples, and the loss ``(out − target)²`` summed over the
 tokens and averaged over samples and channels (the official code's ``lp_loss``).
@@ -22,9 +24,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from channelwise.adapters import linear_weight
 from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import NonFiniteError
-from channelwise.quant.core import QParams, QuantSpec, fake_quantize
+from channelwise.quant.core import QParams, QuantSpec, compute_qparams, fake_quantize
+from channelwise.quant.grid import round_weight_
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,10 @@ class Reconstruction:
 
 
 @contextmanager
-def only_trainable(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Inside, grad mode is on and of ``module``'s parameters only ``params`` require grad; on
-    exit every flag is as it was."""
-    flags = {p: p.requires_grad for p in module.parameters()}
+def only_trainable(module: nn.Module, params: list[Tensor]) -> Iterator[None]:
+    """Inside, grad mode is on and of ``module``'s parameters (and ``params``) only ``params``
+    require grad; on exit every flag is as it was."""
+    flags = {p: p.requires_grad for p in [*module.parameters(), *params]}
     for param in module.parameters():
         param.requires_grad_(False)
     for param in params:
@@ -75,9 +79,14 @@ def block_loss(
     return total / inputs.shape[0]
 
 
+def linear_parameters(linears: list[nn.Module]) -> list[Tensor]:
+    """The weights and biases of ``linears`` (what a reconstruction trains by default)."""
+    return [p for module in linears for p in module.parameters() if p is not None]
+
+
 def reconstruct_block(
     block: nn.Module,
-    linears: list[nn.Module],
+    trained: list[Tensor],
     inputs: Tensor,
     kwargs: dict,
     targets: Tensor,
@@ -88,13 +97,13 @@ def reconstruct_block(
     seed: int = 0,
     progress: bool = False,
 ) -> Reconstruction:
-    """Train the weights and biases of ``linears`` (all other parameters frozen) so that
-    ``block(inputs, **kwargs)`` approaches ``targets`` (both ``(n, tokens, hidden)``).
+    """Train the tensors ``trained`` (e.g. :func:`linear_parameters`; every other parameter of
+    ``block`` frozen) so that ``block(inputs, **kwargs)`` approaches ``targets`` (both
+    ``(n, tokens, hidden)``).
 
     ``kwargs`` must not depend on the batch (a vision block's: none). Raises NonFiniteError if
     the loss becomes NaN/inf.
     """
-    trained = [p for module in linears for p in module.parameters() if p is not None]
     before = block_loss(block, inputs, kwargs, targets, batch_size)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(trained, lr=lr)
@@ -115,6 +124,35 @@ def reconstruct_block(
             optimizer.step()
             schedule.step()
     return Reconstruction(before, block_loss(block, inputs, kwargs, targets, batch_size))
+
+
+def quantize_weights_by_reconstruction(
+    block: nn.Module,
+    linears: list[nn.Module],
+    inputs: Tensor,
+    kwargs: dict,
+    targets: Tensor,
+    spec: QuantSpec,
+    *,
+    iters: int,
+    **settings,
+) -> Reconstruction | None:
+    """Fix each linear's grid of ``spec`` on its current weight, train the latent float weights
+    and biases through the fake-quantized weights for ``iters`` (:func:`reconstruct_block`
+    with ``settings``; 0: no training, ``None`` returned), then round every weight onto its grid
+    (recorded for packing). The weight stage of I&S-ViT and RepQuant."""
+    grids = [compute_qparams(module.weight.detach(), spec) for module in linears]
+    result = None
+    if iters:
+        with weight_grids(linears, spec, grids):
+            result = reconstruct_block(
+                block, linear_parameters(linears), inputs, kwargs, targets, iters=iters,
+                **settings,
+            )  # fmt: skip
+    with torch.no_grad():
+        for module, grid in zip(linears, grids, strict=True):
+            round_weight_(module, linear_weight(module, False), spec, grid)
+    return result
 
 
 class FloatStream:

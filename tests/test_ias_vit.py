@@ -18,7 +18,7 @@ from channelwise.quant.attention import ShiftLog2Quantizer, attention_quantizers
 from channelwise.quant.granularity import PerRow
 from channelwise.quant.grid import weight_grid
 from channelwise.recipe import Recipe
-from channelwise.reconstruct import block_loss, reconstruct_block, weight_grids
+from channelwise.reconstruct import block_loss, linear_parameters, reconstruct_block, weight_grids
 
 STATIC4 = {"bits": 4, "symmetric": False, "granularity": "tensor", "dynamic": False, "range": "mse"}
 WEIGHTS4 = {"bits": 4, "symmetric": False, "granularity": "channel", "range": "mse"}
@@ -121,7 +121,7 @@ def test_reconstruction_lowers_the_block_loss_and_trains_only_the_linears(tiny_d
             linears[0].weight,
             fake_quantize(linears[0].parametrizations.weight.original.detach(), spec, grids[0]),
         )  # noqa: E501
-        result = reconstruct_block(block, linears, inputs, kwargs, targets,
+        result = reconstruct_block(block, linear_parameters(linears), inputs, kwargs, targets,
                                    iters=60, batch_size=8, lr=3e-3)  # fmt: skip
         assert result.loss_after < 0.7 * result.loss_before, result
         assert result.loss_after == pytest.approx(block_loss(block, inputs, kwargs, targets, 8))

@@ -47,11 +47,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from channelwise.adapters import ModelAdapter, linear_weight
+from channelwise.adapters import ModelAdapter
 from channelwise.calibrate import quantize_block_activations
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError, UnsupportedModelError
@@ -64,15 +63,14 @@ from channelwise.quant.attention import (
     ShiftLog2Quantizer,
     install_attention_quantizers,
 )
-from channelwise.quant.core import compute_qparams
-from channelwise.quant.grid import round_weight_
 from channelwise.reconstruct import (
     FloatStream,
     Reconstruction,
     block_kwargs,
+    linear_parameters,
+    quantize_weights_by_reconstruction,
     reconstruct_block,
     stacked_inputs,
-    weight_grids,
 )
 
 
@@ -166,7 +164,7 @@ class IaSViT(Method):
         }
         if self.iters:  # stage 1: per-channel activations, float weights, float inputs
             self.losses[(ctx.index, 1)] = reconstruct_block(
-                ctx.block, linears, float_inputs, kwargs, targets, **settings
+                ctx.block, linear_parameters(linears), float_inputs, kwargs, targets, **settings
             )
         spec = self.recipe.activations.spec("activation")
         for subset in norm_subsets:  # stage 2: per channel → per tensor, same codes
@@ -174,15 +172,12 @@ class IaSViT(Method):
             reparameterize_norm_input(
                 ctx.block, ctx.adapter, subset, input_quantizer(first).qparams, spec
             )
-        weight_spec = self.recipe.weights.spec("weight")
-        grids = [compute_qparams(module.weight.detach(), weight_spec) for module in linears]
-        if self.iters:  # stage 3: weights quantized too, on the quantized model's inputs
-            with weight_grids(linears, weight_spec, grids):
-                self.losses[(ctx.index, 3)] = reconstruct_block(
-                    ctx.block, linears, quantized_inputs, kwargs, targets, **settings
-                )
-        with torch.no_grad():
-            for module, grid in zip(linears, grids, strict=True):
-                round_weight_(module, linear_weight(module, False), weight_spec, grid)
+        # stage 3: weights quantized too, on the quantized model's inputs; then rounded
+        result = quantize_weights_by_reconstruction(
+            ctx.block, linears, quantized_inputs, kwargs, targets,
+            self.recipe.weights.spec("weight"), **settings,
+        )  # fmt: skip
+        if result is not None:
+            self.losses[(ctx.index, 3)] = result
         if ctx.last:
             self._model = None

@@ -52,6 +52,7 @@ from channelwise.reconstruct import (
     FloatStream,
     Reconstruction,
     block_kwargs,
+    linear_parameters,
     only_trainable,
     reconstruct_block,
     stacked_inputs,
@@ -162,7 +163,7 @@ class LPViT(Method):
         kwargs = block_kwargs(ctx)
         with weight_masks(linears, masks):
             self.losses[ctx.index] = reconstruct_block(
-                ctx.block, linears, stacked_inputs(ctx), kwargs, targets,
+                ctx.block, linear_parameters(linears), stacked_inputs(ctx), kwargs, targets,
                 iters=self.args.reconstruct_iters, batch_size=self.args.batch_size,
                 lr=self.args.lr, seed=self.args.seed, progress=ctx.progress,
             )  # fmt: skip

@@ -12,6 +12,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     outliertune,
     quarot,
     repq_vit,
+    repquant,
     rtn,
     smoothquant,
     smoothquant_plus,

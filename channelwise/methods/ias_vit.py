@@ -56,12 +56,14 @@ from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
-from channelwise.methods.repq_vit import check_static_asymmetric, reparameterize_norm_input
+from channelwise.methods.repq_vit import (
+    check_static_asymmetric,
+    install_softmax_quantizers,
+    reparameterize_norm_input,
+)
 from channelwise.quant.activation import input_quantizer
 from channelwise.quant.attention import (
-    AttentionQuantizers,
     ShiftLog2Quantizer,
-    install_attention_quantizers,
 )
 from channelwise.reconstruct import (
     FloatStream,
@@ -72,6 +74,36 @@ from channelwise.reconstruct import (
     reconstruct_block,
     stacked_inputs,
 )
+
+
+def check_reconstruction_step(
+    recipe, step: str, adapter: ModelAdapter, paper: str, softmax: str | None
+) -> None:
+    """Refuse what a block-reconstructing ViT step cannot do: a model that is not a Vision
+    Transformer, activations the reparameterization cannot carry, a recipe ``attention.probs``
+    quantizer the step's own ``softmax`` quantizer would replace, or the step anywhere but last
+    (it rounds the weights it trained)."""
+    where = f"recipe '{recipe.name}', step '{step}'"
+    if adapter.modality != "vision" or adapter.transposed_weights:
+        raise UnsupportedModelError(
+            f"{where}: {paper} reconstructs Vision Transformer blocks; '{adapter.family}' "
+            "is not one (use gptq or awq for a language model)"
+        )
+    check_static_asymmetric(recipe, step)
+    attention = recipe.attention
+    if softmax is not None and attention is not None and attention.probs:
+        raise RecipeError(
+            f"{where}: the recipe's attention.probs quantizer would be replaced by {softmax}; "
+            "drop attention.probs, or set softmax: none to keep it"
+        )
+    steps = [s.method for s in recipe.steps]
+    if steps[-1] != step or steps.count(step) != 1:
+        raise RecipeError(
+            f"{where}: {paper} rounds the weights it trained, so it must be the last step "
+            f"(and appear once); got steps {steps}"
+        )
+    adapter.require_folding(f"{paper}'s reparameterization")
+    registry.check_transform_order(recipe, step, "the reconstruction")
 
 
 class IaSViTArgs(BaseModel):
@@ -112,40 +144,16 @@ class IaSViT(Method):
 
     def check(self, model, adapter: ModelAdapter) -> None:
         super().check(model, adapter)
-        where = f"recipe '{self.recipe.name}', step '{self.name}'"
-        if adapter.modality != "vision" or adapter.transposed_weights:
-            raise UnsupportedModelError(
-                f"{where}: I&S-ViT reconstructs Vision Transformer blocks; '{adapter.family}' "
-                "is not one (use gptq or awq for a language model)"
-            )
-        check_static_asymmetric(self.recipe, self.name)
-        attention = self.recipe.attention
-        if self.args.softmax == "sulq" and attention is not None and attention.probs:
-            raise RecipeError(
-                f"{where}: the recipe's attention.probs quantizer would be replaced by SULQ; "
-                "drop attention.probs, or set softmax: none to keep it"
-            )
-        steps = [step.method for step in self.recipe.steps]
-        if steps[-1] != self.name or steps.count(self.name) != 1:
-            raise RecipeError(
-                f"{where}: I&S-ViT rounds the weights it trained, so it must be the last step "
-                f"(and appear once); got steps {steps}"
-            )
-        adapter.require_folding("I&S-ViT's reparameterization")
-        registry.check_transform_order(self.recipe, self.name, "the reconstruction")
+        softmax = "SULQ" if self.args.softmax == "sulq" else None
+        check_reconstruction_step(self.recipe, self.name, adapter, "I&S-ViT", softmax)
 
     def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
         """Give every block's attention an uncalibrated SULQ probabilities quantizer."""
         self._model = model
         self._stream = FloatStream(self.args.batch_size)
-        if self.args.softmax != "sulq":
-            return
-        bits = self.args.softmax_bits or self.recipe.activations.bits
-        for block in adapter.block_list(model):
-            attention = block.get_submodule(adapter.attention_module)
-            install_attention_quantizers(
-                model, [attention], AttentionQuantizers(probs=ShiftLog2Quantizer(bits))
-            )
+        if self.args.softmax == "sulq":
+            bits = self.args.softmax_bits or self.recipe.activations.bits
+            install_softmax_quantizers(model, adapter, lambda: ShiftLog2Quantizer(bits))
 
     def apply(self, ctx: BlockContext) -> None:
         kwargs = block_kwargs(ctx)

@@ -110,14 +110,9 @@ class RepQViT(Method):
     def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
         """Give every block's attention an uncalibrated log√2 probabilities quantizer; the block
         loop calibrates each on its block's quantized q and k."""
-        if self.args.softmax != "log_sqrt2":
-            return
-        bits = self.args.softmax_bits or self.recipe.activations.bits
-        for block in adapter.block_list(model):
-            attention = block.get_submodule(adapter.attention_module)
-            install_attention_quantizers(
-                model, [attention], AttentionQuantizers(probs=LogSqrt2Quantizer(bits))
-            )
+        if self.args.softmax == "log_sqrt2":
+            bits = self.args.softmax_bits or self.recipe.activations.bits
+            install_softmax_quantizers(model, adapter, lambda: LogSqrt2Quantizer(bits))
 
     def apply(self, ctx: BlockContext) -> None:
         if self.args.reparam:
@@ -132,6 +127,14 @@ class RepQViT(Method):
         per_channel = compute_qparams(rows, replace(spec, granularity=PerColumn()))
         ratio = reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, spec)
         self.ratios[(ctx.index, subset.name)] = ratio
+
+
+def install_softmax_quantizers(model, adapter: ModelAdapter, make) -> None:
+    """Give every block's attention a new, uncalibrated probabilities quantizer ``make()``; the
+    block loop calibrates each on its block's quantized q and k."""
+    for block in adapter.block_list(model):
+        attention = block.get_submodule(adapter.attention_module)
+        install_attention_quantizers(model, [attention], AttentionQuantizers(probs=make()))
 
 
 def check_static_asymmetric(recipe, step: str) -> None:

@@ -8,12 +8,13 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
 
     .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
         [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
-        [--ablation 4] [--ias-iters 200 --ias-batch 32] [--threads 2] [--device cpu]
+        [--ablation 4] [--recon-iters 200 --recon-batch 32] [--threads 2] [--device cpu]
         [--json out.json]
 
-``--ias-iters``/``--ias-batch`` run the I&S-ViT presets with fewer reconstruction iterations per
-stage or a smaller batch than the paper's (1000 or 200 at batch 64 take hours on a CPU); the rows
-are then named e.g. ``ias-vit-w4a4-i200-b32``.
+``--recon-iters``/``--recon-batch`` (alias ``--ias-iters``/``--ias-batch``) run the block-
+reconstructing presets (I&S-ViT, RepQuant) with fewer iterations per stage or a smaller batch
+than their defaults (1000 or 200 at batch 64 take hours on a CPU); the rows are then named e.g.
+``ias-vit-w4a4-i200-b32``.
 """
 
 from __future__ import annotations
@@ -45,17 +46,30 @@ def repq_ablation(bits: int) -> list[Recipe]:
     return variants
 
 
-def shortened_ias(name: str, iters: int | None, batch: int | None) -> str | Recipe:
-    """Preset ``name``, with its I&S-ViT step's iterations and batch replaced where given."""
-    recipe = load_recipe(name)
+RECONSTRUCTING = ("ias_vit", "repquant")
+
+
+def repquant_ablation(bits: int) -> list[Recipe]:
+    """RepQuant without its learned clipping (the weight reconstruction alone)."""
+    data = load_recipe(f"repquant-w{bits}a{bits}").model_dump(mode="json")
+    data["name"] = f"repquant-noclip-w{bits}a{bits}"
+    data["steps"] = [{"method": "repquant", "args": {"clipping": False}}]
+    return [Recipe.from_dict(data)]
+
+
+def shortened(recipe: str | Recipe, iters: int | None, batch: int | None) -> str | Recipe:
+    """Preset (or recipe) ``recipe``, with its reconstructing step's iterations and batch
+    replaced where given."""
+    loaded = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if (iters is None and batch is None) or not any(
-        step.method == "ias_vit" for step in recipe.steps
+        step.method in RECONSTRUCTING for step in loaded.steps
     ):
-        return name
-    data = recipe.model_dump(mode="json")
+        return recipe
+    data = loaded.model_dump(mode="json")
+    name = loaded.name
     changes = {k: v for k, v in (("iters", iters), ("batch_size", batch)) if v is not None}
     for step in data["steps"]:
-        if step["method"] == "ias_vit":
+        if step["method"] in RECONSTRUCTING:
             step["args"] = {**(step.get("args") or {}), **changes}
     data["name"] = name + "".join(
         f"-{tag}{value}" for tag, value in (("i", iters), ("b", batch)) if value is not None
@@ -75,8 +89,9 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--ablation", type=int, help="add RepQ-ViT's ablation rows at these bits (4)")
-    p.add_argument("--ias-iters", type=int, help="I&S-ViT reconstruction iterations per stage")
-    p.add_argument("--ias-batch", type=int, help="I&S-ViT reconstruction batch size")
+    p.add_argument("--repquant-ablation", type=int, help="add RepQuant without clipping (4)")
+    p.add_argument("--recon-iters", "--ias-iters", type=int, help="iterations per stage")
+    p.add_argument("--recon-batch", "--ias-batch", type=int, help="reconstruction batch size")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,12 +111,17 @@ def main() -> None:
         )
 
     recipes = [
-        shortened_ias(name.strip(), args.ias_iters, args.ias_batch)
+        shortened(name.strip(), args.recon_iters, args.recon_batch)
         for name in args.recipes.split(",")
         if name.strip()
     ]
     if args.ablation:
         recipes += repq_ablation(args.ablation)
+    if args.repquant_ablation:
+        recipes += [
+            shortened(recipe, args.recon_iters, args.recon_batch)
+            for recipe in repquant_ablation(args.repquant_ablation)
+        ]
     rows = compare_vision(
         recipes, args.model, protocol, device=args.device, progress=False, on_row=show
     )

@@ -31,7 +31,7 @@ In a recipe it is the one, last step::
 
 Arguments: ``iters`` per stage (default 1000 at ≤ 4-bit activations, 200 above: I&S-ViT's
 counts, as RepQuant's were not retrieved), ``batch_size`` (64), ``lr`` (4e-5, the weights),
-``clip_lr`` (1e-3, the clipping factors), ``seed``, ``softmax`` (``log_sqrt2`` or ``none``: the
+``clip_lr`` (1e-2, the clipping factors), ``seed``, ``softmax`` (``log_sqrt2`` or ``none``: the
 recipe's ``attention.probs`` quantizer, if any), ``softmax_bits``, ``clipping`` and
 ``reconstruct_weights`` (false: skip stage 2 or the training of stage 4, for the ablation).
 
@@ -39,7 +39,9 @@ Deviations and readings of the paper (its text beyond the abstract was not retri
 
 - The clipping bounds are the calibrated per-channel range times a learnable factor each (α for
   the lower, β for the upper bound, both starting at 1), as OmniQuant's learnable weight
-  clipping parameterizes them; the paper's parameterization and initialisation may differ.
+  clipping parameterizes them (and with its learning rate, 1e-2: on DINOv2-S's calibration
+  images, 100 iterations at 1e-3 lowered the block losses by under 1%, at 1e-2 by 8–31%); the
+  paper's parameterization and initialisation may differ.
 - The bounds are learned with float weights before the reparameterization, and the weights are
   reconstructed after it (the order the method's description implies: the weights that are
   quantized are the reparameterized ones); the stage schedule, iteration counts and learning
@@ -83,7 +85,7 @@ class RepQuantArgs(BaseModel):
     iters: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=4e-5, gt=0)
-    clip_lr: float = Field(default=1e-3, gt=0)
+    clip_lr: float = Field(default=1e-2, gt=0)
     seed: int = 0
     softmax: Literal["log_sqrt2", "none"] = "log_sqrt2"
     softmax_bits: int | None = Field(default=None, ge=2, le=8)

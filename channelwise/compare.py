@@ -17,6 +17,7 @@ from channelwise.errors import RecipeError
 from channelwise.evaluate import perplexity
 from channelwise.kvcache import chunked_perplexity, kv_bytes
 from channelwise.memory import PeakMemory
+from channelwise.methods import build_method
 from channelwise.models import load_model
 from channelwise.protocol import Protocol
 from channelwise.recipe import Recipe, load_recipe
@@ -61,18 +62,31 @@ class ComparisonRow:
 OnRow = Callable[[ComparisonRow, CompressionResult | None], None]
 
 
+def bits_label(recipe: Recipe) -> str:
+    """The recipe's bit-width label, or a step's own (:meth:`Method.bits_label`)."""
+    for step in recipe.steps:
+        own = build_method(step, recipe).bits_label()
+        if own is not None:
+            return own
+    return recipe.bits_label()
+
+
 def weight_bits(recipe: Recipe, model: nn.Module) -> float:
     """Bits a packed checkpoint stores per weight of the block linears under ``recipe``'s weight
     spec: the codes plus each group's scale (32 or 16 bits) and zero point (8 bits for an
     integer zero, a scale's width for a float minimum, none when symmetric), averaged over the
     linears of one block. A recipe that leaves the weights float counts
     :data:`FLOAT_WEIGHT_BITS` (the 16-bit checkpoints other toolkits compare against)."""
+    adapter = adapter_for(model)
+    for step in recipe.steps:
+        own = build_method(step, recipe).weight_bits(model, adapter)
+        if own is not None:
+            return own
     if recipe.weights is None:
         return FLOAT_WEIGHT_BITS
     spec = recipe.weights.spec("weight")
     scale_bits = 16 if spec.scale_dtype == "float16" else 32
     zero_bits = 0 if spec.symmetric else 8 if spec.zero_point == "integer" else scale_bits
-    adapter = adapter_for(model)
     weights = bits = 0
     for module in adapter.block_linears(adapter.block_list(model)[0]).values():
         rows, cols = linear_weight(module, adapter.transposed_weights).shape
@@ -153,7 +167,7 @@ def compare(
         baseline = baseline if baseline is not None else ppl
         row = ComparisonRow(
             recipe.name,
-            recipe.bits_label(),
+            bits_label(recipe),
             ppl,
             100.0 * (ppl / baseline - 1.0),
             calib_s,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from channelwise.adapters import adapter_for_config
-from channelwise.compare import recipes_fp_first, weight_bits
+from channelwise.compare import bits_label, recipes_fp_first, weight_bits
 from channelwise.compress import needs_calibration, plan, quantize, restore_quantized
 from channelwise.data.images import ImageSet, image_source_identity, load_images, seeded_subset
 from channelwise.deploy.checkpoint import load_packed, read_marker
@@ -259,7 +259,7 @@ def compare_vision(
         baseline = rows[0].top1 if rows else top1.top1
         row = VisionRow(
             recipe.name,
-            recipe.bits_label(),
+            bits_label(recipe),
             top1.top1,
             top1.top1 - baseline,
             top1.agreement,

@@ -41,6 +41,7 @@ def expected_refusals(family: str) -> dict[str, str]:
         "ias-vit-w6a6": "Vision Transformer",
         "repquant-w4a4": "Vision Transformer",
         "repquant-w6a6": "Vision Transformer",
+        "bivit": "Vision Transformer",
         "repq-vit-w4a4": "has no bias",
         "repq-vit-w6a6": "has no bias",
     }

@@ -3,6 +3,7 @@
 from channelwise.methods import (  # noqa: F401  (registration)
     adadim,
     awq,
+    bivit,
     chess,
     dgq,
     gptq,

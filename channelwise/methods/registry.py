@@ -34,6 +34,8 @@ class Method:
     #: Whether the method runs on a model whose blocks wait on disk (:mod:`channelwise.offload`):
     #: it changes a block only while the engine holds that block (no whole-model work).
     offloadable: ClassVar[bool] = False
+    #: Whether a model this method compressed can be saved (``compress.save_quantized``).
+    saveable: ClassVar[bool] = True
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, recipe: Recipe, args: BaseModel) -> None:
@@ -60,6 +62,16 @@ class Method:
 
     def apply(self, ctx: BlockContext) -> None:
         raise NotImplementedError
+
+    def bits_label(self) -> str | None:
+        """A label of what this step leaves quantized, where the recipe's quantizers do not say
+        it (a method that binarizes by itself). Default: None (the recipe's label)."""
+        return None
+
+    def weight_bits(self, model: nn.Module, adapter) -> float | None:
+        """Bits per block-linear weight this step leaves, where the recipe's ``weights`` does
+        not say it. Default: None."""
+        return None
 
     def saved_state(self) -> dict[str, Tensor]:
         """Tensors a saved checkpoint needs to re-install this step's runtime ops (hooks that

@@ -1,0 +1,199 @@
+"""BiViT: a short quantization-aware training demonstration of binary Vision Transformers.
+
+He, Lou, Qian, Zhuang, Li, "BiViT: Extremely Compressed Binary Vision Transformers", ICCV 2023,
+arXiv 2211.07091 (code ``ThisisBillhe/BiViT``, partial). The building blocks are in
+:mod:`channelwise.quant.binary`.
+
+BiViT is quantization-aware *training*: the network is trained with its binarized parts in the
+forward pass and straight-through gradients. Cross-layer binarization trains in two stages:
+
+1. **Binary attention**: the q/k/v and output projections get binary weights
+   ``α ⊙ sign(W − mean_row W)`` and sign inputs; q, k and v are binarized by sign; each row of
+   attention probabilities by softmax-aware binarization ``1[a ≥ β·max(a)]``. The MLP stays
+   float. The network is trained.
+2. **Binary MLP weights**: fc1 and fc2 get binary weights too (their inputs stay float), and
+   training continues.
+
+Training is distillation from the float model (teacher) on the calibration images, Adam with a
+cosine learning rate; every block parameter is trained (latent weights, ``α``, biases,
+LayerNorms, LayerScale), the embeddings stay frozen. At the end the binary weights are written
+into the linears (``α·sign``) and the sign and binarizing quantizers stay installed.
+
+In a recipe it is the only step, with no ``weights``/``activations``/``attention`` quantizers
+(it binarizes by itself)::
+
+    steps: [{method: bivit, args: {steps: 200}}]
+
+Arguments: ``steps`` per stage (default 200), ``batch_size`` (32), ``lr`` (5e-4, the paper's),
+``beta`` (0.25, the paper's; 0.25–0.45 work there), ``mlp`` (false: stage 1 only), ``seed``.
+
+This is a demonstration, not the paper's training:
+
+- The paper trains 300 epochs (150 + 150) on ImageNet with labels and knowledge distillation
+  from a classifier's logits; here a few hundred steps on the calibration images, the loss the
+  mean squared error between the student's and the float model's last hidden states (DINOv2 has
+  no classifier; its probe is fitted on those features). Expect large losses of accuracy.
+- ``sign(0)`` is +1, so activations take exactly two levels.
+- The binary weights are stored as float ``α·sign`` values: nothing packs them into bits yet, so
+  a BiViT model is evaluated in the process that trained it and cannot be saved (refused with
+  an error).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from channelwise.adapters import ModelAdapter
+from channelwise.engine import BlockContext
+from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
+from channelwise.methods.registry import Method, register
+from channelwise.quant.activation import install_input_quantizer
+from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
+from channelwise.quant.binary import BinaryWeight, SignInput, SignQuantizer, SoftmaxBinarizer
+from channelwise.reconstruct import Reconstruction, only_trainable
+
+
+class BiViTArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=200, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    beta: float = Field(default=0.25, gt=0, le=1)
+    mlp: bool = True
+    seed: int = 0
+
+
+@register
+class BiViT(Method):
+    """Binary attention (weights, inputs, q/k/v, probabilities), then binary MLP weights, each
+    stage trained by distillation from the float model."""
+
+    name = "bivit"
+    needs_calibration = True
+    saveable = False
+    Args: ClassVar[type[BaseModel]] = BiViTArgs
+
+    def __init__(self, recipe, args) -> None:
+        super().__init__(recipe, args)
+        #: ``losses[stage]``: the distillation loss on all calibration images, before and after.
+        self.losses: dict[int, Reconstruction] = {}
+
+    def check(self, model, adapter: ModelAdapter) -> None:
+        where = f"recipe '{self.recipe.name}', step '{self.name}'"
+        if adapter.modality != "vision" or adapter.transposed_weights:
+            raise UnsupportedModelError(
+                f"{where}: BiViT binarizes Vision Transformer blocks; '{adapter.family}' is not one"
+            )
+        recipe = self.recipe
+        if recipe.weights or recipe.activations or recipe.attention or len(recipe.steps) != 1:
+            raise RecipeError(
+                f"{where}: BiViT binarizes weights, inputs and attention itself; it must be the "
+                "recipe's only step, with no weights/activations/attention quantizers"
+            )
+
+    def prepare_model(self, model, adapter: ModelAdapter, calibration: Tensor) -> None:
+        with torch.no_grad():
+            targets = torch.cat([
+                _features(model, adapter, calibration[i : i + self.args.batch_size])
+                for i in range(0, calibration.shape[0], self.args.batch_size)
+            ])  # fmt: skip
+        blocks = adapter.block_list(model)
+        attention, mlp = _split_linears(adapter, blocks)
+        for block in blocks:
+            install_attention_quantizers(
+                model,
+                [block.get_submodule(adapter.attention_module)],
+                AttentionQuantizers(
+                    q=SignQuantizer(), k=SignQuantizer(), v=SignQuantizer(),
+                    probs=SoftmaxBinarizer(self.args.beta),
+                ),
+            )  # fmt: skip
+        for linear in attention:
+            parametrize.register_parametrization(linear, "weight", BinaryWeight(linear.weight))
+            install_input_quantizer(linear, SignInput())
+        stages = [(1, attention)]
+        if self.args.mlp:
+            stages.append((2, mlp))
+        binarized = list(attention)
+        for stage, linears in stages:
+            if stage == 2:
+                for linear in linears:
+                    weight = linear.weight
+                    parametrize.register_parametrization(linear, "weight", BinaryWeight(weight))
+                binarized += linears
+            trained = [p for block in blocks for p in block.parameters()]
+            self.losses[stage] = self._train(model, adapter, calibration, targets, trained)
+        for linear in binarized:  # write α·sign into the weight; α is folded away
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+
+    def bits_label(self) -> str:
+        return "W1A1 attention" + (", W1 MLP" if self.args.mlp else "")
+
+    def weight_bits(self, model, adapter: ModelAdapter) -> float:
+        """One bit per binary weight plus a float32 ``α`` per row; float MLP weights count 16."""
+        block = adapter.block_list(model)[0]
+        prefix = adapter.attention_module + "."
+        weights = bits = 0
+        for name, module in adapter.block_linears(block).items():
+            rows, cols = module.weight.shape
+            binary = name.startswith(prefix) or self.args.mlp
+            weights += rows * cols
+            bits += rows * (cols + 32) if binary else rows * cols * 16
+        return bits / weights
+
+    def apply(self, ctx: BlockContext) -> None:
+        """Nothing per block: the whole network was trained in ``prepare_model``."""
+
+    def _train(self, model, adapter, pixels: Tensor, targets: Tensor, trained) -> Reconstruction:
+        batch = self.args.batch_size
+
+        def loss_on_all() -> float:
+            total = 0.0
+            with torch.no_grad():
+                for i in range(0, pixels.shape[0], batch):
+                    out = _features(model, adapter, pixels[i : i + batch])
+                    part = targets[i : i + batch]
+                    total += (out - part).square().mean().item() * part.shape[0]
+            return total / pixels.shape[0]
+
+        before = loss_on_all()
+        steps = self.args.steps
+        if not steps:
+            return Reconstruction(before, before)
+        generator = torch.Generator().manual_seed(self.args.seed)
+        optimizer = torch.optim.Adam(trained, lr=self.args.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        with only_trainable(model, trained):
+            for _ in tqdm(range(steps), desc="bivit", leave=False):
+                pick = torch.randperm(pixels.shape[0], generator=generator)[:batch]
+                out = _features(model, adapter, pixels[pick.to(pixels.device)])
+                loss = (out - targets[pick.to(targets.device)]).square().mean()
+                if not torch.isfinite(loss):
+                    raise NonFiniteError("BiViT training diverged (NaN/inf loss); lower lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        return Reconstruction(before, loss_on_all())
+
+
+def _features(model: nn.Module, adapter: ModelAdapter, pixels: Tensor) -> Tensor:
+    """The backbone's last hidden state (what the probe's features come from)."""
+    return adapter.run(model, pixels).last_hidden_state.float()
+
+
+def _split_linears(adapter: ModelAdapter, blocks) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Every block's attention linears and its other (MLP) linears."""
+    prefix = adapter.attention_module + "."
+    attention, mlp = [], []
+    for block in blocks:
+        for name, module in adapter.block_linears(block).items():
+            (attention if name.startswith(prefix) else mlp).append(module)
+    return attention, mlp

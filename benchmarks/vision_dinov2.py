@@ -11,9 +11,9 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
         [--ablation 4] [--recon-iters 200 --recon-batch 32] [--threads 2] [--device cpu]
         [--json out.json]
 
-``--recon-iters``/``--recon-batch`` (alias ``--ias-iters``/``--ias-batch``) run the block-
-reconstructing presets (I&S-ViT, RepQuant) with fewer iterations per stage or a smaller batch
-than their defaults (1000 or 200 at batch 64 take hours on a CPU); the rows are then named e.g.
+``--recon-iters``/``--recon-batch`` (alias ``--ias-iters``/``--ias-batch``) run the training
+presets (I&S-ViT, RepQuant, BiViT) with fewer iterations per stage or a smaller batch than
+their defaults (1000 or 200 at batch 64 take hours on a CPU); the rows are then named e.g.
 ``ias-vit-w4a4-i200-b32``.
 """
 
@@ -46,7 +46,8 @@ def repq_ablation(bits: int) -> list[Recipe]:
     return variants
 
 
-RECONSTRUCTING = ("ias_vit", "repquant")
+#: Training steps and the argument holding their iteration count.
+RECONSTRUCTING = {"ias_vit": "iters", "repquant": "iters", "bivit": "steps"}
 
 
 def repquant_ablation(bits: int) -> list[Recipe]:
@@ -67,9 +68,10 @@ def shortened(recipe: str | Recipe, iters: int | None, batch: int | None) -> str
         return recipe
     data = loaded.model_dump(mode="json")
     name = loaded.name
-    changes = {k: v for k, v in (("iters", iters), ("batch_size", batch)) if v is not None}
     for step in data["steps"]:
         if step["method"] in RECONSTRUCTING:
+            count = RECONSTRUCTING[step["method"]]
+            changes = {k: v for k, v in ((count, iters), ("batch_size", batch)) if v is not None}
             step["args"] = {**(step.get("args") or {}), **changes}
     data["name"] = name + "".join(
         f"-{tag}{value}" for tag, value in (("i", iters), ("b", batch)) if value is not None

@@ -59,17 +59,10 @@ def _quantize(args, device, group) -> None:
     from channelwise.compress import needs_calibration
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import round_float_tensors_
-    from channelwise.methods import build_method
     from channelwise.methods.registry import quantizes_weights
     from channelwise.vision import is_vision_model, load_vision_model
 
     recipe = load_recipe(args.recipe)
-    unsaveable = [s.method for s in recipe.steps if not build_method(s, recipe).saveable]
-    if unsaveable:
-        raise ChannelwiseError(
-            f"recipe '{recipe.name}': a model compressed by {', '.join(unsaveable)} cannot be "
-            f"saved yet; evaluate it with channelwise compare --recipes {recipe.name}"
-        )
     if args.format is None:
         args.format = "packed"
     if args.offload and args.format not in ("packed", "fake"):

@@ -348,12 +348,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
     leaves nothing half-written at ``out_dir``.
     """
     recipe: Recipe | None = getattr(model, RECIPE_ATTR, None)
-    unsaveable = [m.name for m in getattr(model, METHODS_ATTR, None) or () if not m.saveable]
-    if unsaveable:
-        raise RecipeError(
-            f"a model compressed by {', '.join(unsaveable)} cannot be saved yet (its runtime "
-            "ops have no checkpoint form); evaluate it in the process that made it"
-        )
     out = output_folder(out_dir, model, force)
     with staged_folder(out) as tmp:
         _write_checkpoint(model, tokenizer, recipe, tmp)

@@ -17,10 +17,12 @@ from channelwise.quant.binary import (
     SoftmaxBinarizer,
     binarize_softmax,
     binary_weight,
+    has_sign_input,
     initial_alpha,
     sign_straight_through,
 )
 from channelwise.recipe import Recipe
+from channelwise.vision import load_vision_model
 
 
 @pytest.fixture
@@ -133,9 +135,14 @@ def test_bivit_binarizes_attention_then_mlp_and_training_lowers_the_distillation
         for name, (rows, cols) in shapes.items()
     )
     assert weight_bits(_bivit(mlp=False), reference) == pytest.approx(attention_only / total)
-    with pytest.raises(RecipeError, match="bivit cannot be saved"):
-        save_quantized(tiny_dinov2, None, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with torch.no_grad():
+        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    folder = save_quantized(tiny_dinov2, None, tmp_path / "out")
+    loaded = load_vision_model(folder, "cpu")
+    assert all(has_sign_input(layer.attention.q_proj) for layer in loaded.encoder.layer)
+    assert not has_sign_input(loaded.encoder.layer[0].mlp.fc1)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
 
 
 def test_bivit_recipe_errors_are_clear(tiny_dinov2, make_tiny_model):

@@ -32,7 +32,6 @@ def test_recipes_lists_every_preset(capsys):
         (("inspect", "--out", "/tmp/heat.txt"), "expected a file ending in"),
         (("eval", "--json", "/tmp/report.csv"), "expected a file ending in .json"),
         (("quantize", "--recipe", "fp", "--format", "gguf", "--out", "/x"), "nothing to export"),
-        (("quantize", "dinov2-small", "--recipe", "bivit", "--out", "/x"), "cannot be saved yet"),
         (("quantize", "--recipe", "rtn-w8a16", "--gguf-float", "F16", "--out", "/x"), "needs --"),
         (
             ("quantize", "--recipe", "rtn-w8a16", "--offload", "--format", "gguf", "--out", "/x"),

@@ -34,9 +34,9 @@ This is a demonstration, not the paper's training:
   mean squared error between the student's and the float model's last hidden states (DINOv2 has
   no classifier; its probe is fitted on those features). Expect large losses of accuracy.
 - ``sign(0)`` is +1, so activations take exactly two levels.
-- The binary weights are stored as float ``α·sign`` values: nothing packs them into bits yet, so
-  a BiViT model is evaluated in the process that trained it and cannot be saved (refused with
-  an error).
+- The binary weights are stored as float ``α·sign`` values (a saved model is a fake-quant
+  checkpoint): nothing packs them into bits or runs them on a binary kernel yet. Loading
+  re-installs the sign inputs and the binarized attention from the recipe (``restore``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,13 @@ from channelwise.adapters import ModelAdapter
 from channelwise.engine import BlockContext
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 from channelwise.methods.registry import Method, register
-from channelwise.quant.activation import install_input_quantizer
 from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
-from channelwise.quant.binary import BinaryWeight, SignInput, SignQuantizer, SoftmaxBinarizer
+from channelwise.quant.binary import (
+    BinaryWeight,
+    SignQuantizer,
+    SoftmaxBinarizer,
+    install_sign_input,
+)
 from channelwise.reconstruct import Reconstruction, only_trainable
 
 
@@ -77,7 +81,6 @@ class BiViT(Method):
 
     name = "bivit"
     needs_calibration = True
-    saveable = False
     Args: ClassVar[type[BaseModel]] = BiViTArgs
 
     def __init__(self, recipe, args) -> None:
@@ -106,18 +109,9 @@ class BiViT(Method):
             ])  # fmt: skip
         blocks = adapter.block_list(model)
         attention, mlp = _split_linears(adapter, blocks)
-        for block in blocks:
-            install_attention_quantizers(
-                model,
-                [block.get_submodule(adapter.attention_module)],
-                AttentionQuantizers(
-                    q=SignQuantizer(), k=SignQuantizer(), v=SignQuantizer(),
-                    probs=SoftmaxBinarizer(self.args.beta),
-                ),
-            )  # fmt: skip
+        self._install_binary_attention(model, adapter)
         for linear in attention:
             parametrize.register_parametrization(linear, "weight", BinaryWeight(linear.weight))
-            install_input_quantizer(linear, SignInput())
         stages = [(1, attention)]
         if self.args.mlp:
             stages.append((2, mlp))
@@ -150,6 +144,23 @@ class BiViT(Method):
 
     def apply(self, ctx: BlockContext) -> None:
         """Nothing per block: the whole network was trained in ``prepare_model``."""
+
+    def restore(self, model, adapter: ModelAdapter, state) -> None:
+        """A loaded model's weights are already binary: re-install the sign inputs and the
+        binarized attention."""
+        self._install_binary_attention(model, adapter)
+
+    def _install_binary_attention(self, model, adapter: ModelAdapter) -> None:
+        """Sign inputs on every attention linear; sign q/k/v and binarized probabilities."""
+        blocks = adapter.block_list(model)
+        for linear in _split_linears(adapter, blocks)[0]:
+            install_sign_input(linear)
+        modules = [block.get_submodule(adapter.attention_module) for block in blocks]
+        entries = AttentionQuantizers(
+            q=SignQuantizer(), k=SignQuantizer(), v=SignQuantizer(),
+            probs=SoftmaxBinarizer(self.args.beta),
+        )  # fmt: skip
+        install_attention_quantizers(model, modules, entries)
 
     def _train(self, model, adapter, pixels: Tensor, targets: Tensor, trained) -> Reconstruction:
         batch = self.args.batch_size

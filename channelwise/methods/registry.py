@@ -34,8 +34,6 @@ class Method:
     #: Whether the method runs on a model whose blocks wait on disk (:mod:`channelwise.offload`):
     #: it changes a block only while the engine holds that block (no whole-model work).
     offloadable: ClassVar[bool] = False
-    #: Whether a model this method compressed can be saved (``compress.save_quantized``).
-    saveable: ClassVar[bool] = True
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, recipe: Recipe, args: BaseModel) -> None:

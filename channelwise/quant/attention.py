@@ -229,10 +229,13 @@ class AttentionQuantizers:
         )
 
     def static(self) -> dict[str, StaticEntry]:
+        """The calibrated entries a checkpoint stores (not those a method re-installs)."""
         return {
             name: entry
             for name in ATTENTION_INPUTS
-            if (entry := getattr(self, name)) is not None and not isinstance(entry, QuantSpec)
+            if (entry := getattr(self, name)) is not None
+            and not isinstance(entry, QuantSpec)
+            and not getattr(entry, "restored_by_method", False)
         }
 
 

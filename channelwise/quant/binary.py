@@ -18,6 +18,7 @@ He, Lou, Qian, Zhuang, Li, "BiViT: Extremely Compressed Binary Vision Transforme
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -63,47 +64,47 @@ class BinaryWeight(nn.Module):
         return binary_weight(weight, self.alpha)
 
 
-class SignInput:
-    """Forward pre-hook binarizing a linear's input with :func:`sign_straight_through`."""
+_SIGN_INPUT_ATTR = "_channelwise_sign_input"
 
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        return (sign_straight_through(args[0]), *args[1:])
 
-    def __repr__(self) -> str:
-        return "SignInput()"
+def install_sign_input(module: nn.Module) -> None:
+    """Binarize ``module``'s input with :func:`sign_straight_through` from now on (a forward
+    pre-hook, once). Not an input *quantizer*: a checkpoint does not list it; the method that
+    installed it re-installs it on load (``Method.restore``)."""
+    if getattr(module, _SIGN_INPUT_ATTR, None) is None:
+        hook = module.register_forward_pre_hook(
+            lambda _module, args: (sign_straight_through(args[0]), *args[1:])
+        )
+        setattr(module, _SIGN_INPUT_ATTR, hook)
+
+
+def has_sign_input(module: nn.Module) -> bool:
+    return getattr(module, _SIGN_INPUT_ATTR, None) is not None
 
 
 @dataclass
 class SignQuantizer:
-    """Attention-input entry (q, k or v): :func:`sign_straight_through`."""
+    """Attention-input entry (q, k or v): :func:`sign_straight_through`. Re-installed by its
+    method on load, so a checkpoint does not store it (``restored_by_method``)."""
 
     calibrated: bool = True
+    restored_by_method: ClassVar[bool] = True
 
     def __call__(self, x: Tensor) -> Tensor:
         return sign_straight_through(x)
 
-    def describe(self) -> dict:
-        return {"kind": "sign"}
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {}
-
 
 @dataclass
 class SoftmaxBinarizer:
-    """Attention-probabilities entry: ``1[a ≥ β·max_row(a)]``, straight through to ``a``."""
+    """Attention-probabilities entry: ``1[a ≥ β·max_row(a)]``, straight through to ``a``;
+    re-installed by its method on load, like :class:`SignQuantizer`."""
 
     beta: float = 0.25
     calibrated: bool = True
+    restored_by_method: ClassVar[bool] = True
 
     def __call__(self, probs: Tensor) -> Tensor:
         return binarize_softmax(probs, self.beta)
-
-    def describe(self) -> dict:
-        return {"kind": "binary_softmax", "beta": self.beta}
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {}
 
 
 def binarize_softmax(probs: Tensor, beta: float) -> Tensor:

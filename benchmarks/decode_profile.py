@@ -73,7 +73,6 @@ def part_of(key: str, shapes: list) -> str:
 def profile(variant: str, folder: str, tokens: int, threads: int | None) -> dict:
     import torch
     import torch._inductor.config as inductor_config
-
     from speed import build  # benchmarks/speed.py, beside this script
 
     from channelwise.deploy.decode import compile_decode

@@ -16,6 +16,7 @@ imports it at start-up whenever it is installed).
     python benchmarks/speed.py --rounds 3   # each variant 3 times, interleaved; medians
     python benchmarks/speed.py --compile    # decode through channelwise.deploy.compile_decode
     python benchmarks/speed.py --checkpoints ckpt   # keep the packed checkpoints; reuse them
+    python benchmarks/speed.py --compile --cpp-wrapper   # kernels called from generated C++
 
 The activation-sparsity variants (``chess-50``, ``cats-50``, ``teal-50``, their ``w4a16-`` forms
 and ``w4a16-e8-chess-50`` / ``w4a16-e8-teal-50`` with the 8-bit embedding/LM head) calibrate on
@@ -139,7 +140,9 @@ def build(variant: str, folder: str | None):
     return model, tokenizer, None
 
 
-def measure(variant: str, repeats: int, folder: str | None, compiled: bool = False) -> dict:
+def measure(
+    variant: str, repeats: int, folder: str | None, compiled: bool = False, cpp: bool = False
+) -> dict:
     import torch
 
     from channelwise.deploy.decode import compile_decode
@@ -173,7 +176,7 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
     if compiled:  # the compiled loop must generate what the eager one does (a broken one did)
         decode()
         eager_tokens = generated[0]
-        compile_decode(model)
+        compile_decode(model, cpp_wrapper=cpp)
     prefill(), decode()  # warm-up (first-call allocations, kernel builds, compilation)
     row = {
         "variant": variant,
@@ -184,6 +187,7 @@ def measure(variant: str, repeats: int, folder: str | None, compiled: bool = Fal
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "compiled_decode": compiled,
+        "cpp_wrapper": cpp,
     }
     from channelwise.deploy import sparse as deploy_sparse
 
@@ -237,6 +241,10 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="decode through the compiled static-cache loop"
     )
+    parser.add_argument(
+        "--cpp-wrapper", action="store_true",
+        help="with --compile: inductor's C++ wrapper (compile_decode(cpp_wrapper=True))",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the rows (and every round) here")
     parser.add_argument(
         "--checkpoints",
@@ -247,12 +255,14 @@ def main() -> None:
     parser.add_argument("--save", help=argparse.SUPPRESS)  # write one variant's checkpoint
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpp_wrapper and not args.compile:
+        sys.exit("--cpp-wrapper applies to the compiled decode loop: add --compile")
     if args.one:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        row = measure(args.one, args.repeats, args.folder, args.compile)
+        row = measure(args.one, args.repeats, args.folder, args.compile, args.cpp_wrapper)
         print("ROW " + json.dumps(row), flush=True)
         return
     if args.save:
@@ -277,6 +287,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(args.repeats)]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 cmd += ["--compile"] if args.compile else []
+                cmd += ["--cpp-wrapper"] if args.cpp_wrapper else []
                 cmd += ["--folder", folders[variant]] if variant in folders else []
                 done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
                 line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
@@ -316,7 +327,8 @@ def report(rows: list[dict]) -> None:
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
     print(f"\nfp16 checkpoint of this model: {fp16_bytes / 1e6:.1f} MB")
     if any(r.get("compiled_decode") for r in rows):
-        print("decode: static KV cache, compiled forward (deploy.decode.compile_decode)")
+        wrapper = " (C++ wrapper)" if any(r.get("cpp_wrapper") for r in rows) else ""
+        print(f"decode: static KV cache, compiled forward{wrapper} (deploy.decode.compile_decode)")
     print()
     print(
         "| variant | prefill tok/s | × fp32 | decode tok/s | × fp32 | file × fp16 | RSS MB "

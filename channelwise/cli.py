@@ -273,6 +273,7 @@ def cmd_generate(args) -> None:
         max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat,
         compiled=args.compile,
+        cpp_wrapper=args.cpp_wrapper,
     )
     print(result.text)
     seconds = result.compile_seconds
@@ -516,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="decode through the compiled static-cache loop (compiles first, ~30 s)",
+    )
+    p.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="with --compile: call the step's kernels from generated C++ (faster decode; the "
+        "first compilation takes minutes)",
     )
     p.set_defaults(func=cmd_generate)
 

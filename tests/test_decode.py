@@ -201,3 +201,27 @@ def test_cli_generate_prints_the_text_and_the_rate(packed_folder, capsys):
     expected = generate_text(model, tokenizer, PROMPT, max_new_tokens=6, chat=False)
     assert out == expected.text + "\n"
     assert "6 new tokens after a 4-token prompt in " in err and "tok/s" in err
+
+
+def test_cpp_wrapper_decode_matches_the_fake_quant_model(calibration_ids, fresh_dynamo):
+    """Inductor's C++ wrapper calls the same kernels (the W4 product and the sparse MLP op):
+    same tokens and scores as eager."""
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, "chess-50-w4a16-g64", calibration_ids, progress=False)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(9))
+    expected_ids, expected_scores = greedy(model, ids)
+    pack_model(model)
+    before = use_kernels(True)
+    try:
+        compile_decode(model, cpp_wrapper=True)
+        assert model.generation_config.compile_config.options["cpp_wrapper"] is True
+        with torch.profiler.profile() as profile:
+            got_ids, got_scores = greedy(model, ids)
+    finally:
+        use_kernels(before)
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    if kernels.kernel_available():
+        ran = {event.key for event in profile.key_averages()}
+        assert "channelwise_cpu::sparse_mlp" in ran, sorted(ran)

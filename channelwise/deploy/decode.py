@@ -43,11 +43,16 @@ from channelwise.errors import ChannelwiseError
 from channelwise.kernels import kernel_available
 
 
-def compile_decode(model: nn.Module, *, skip_module_guards: bool = True) -> nn.Module:
+def compile_decode(
+    model: nn.Module, *, skip_module_guards: bool = True, cpp_wrapper: bool = False
+) -> nn.Module:
     """Make ``model.generate(...)`` decode through a static KV cache with its forward compiled
     (CPU included); returns ``model``. Packed linears keep their integer kernels inside the graph.
     ``skip_module_guards=False`` keeps dynamo's guards on module attributes (slower, and safe
-    against changing the model afterwards)."""
+    against changing the model afterwards). ``cpp_wrapper`` has inductor call the step's
+    kernels from generated C++ instead of Python (inductor's ``cpp_wrapper``): less overhead per
+    kernel call, which a batch-1 step of a small packed model makes ~1,000 of, at the cost of a
+    much longer first compilation (minutes; cached afterwards)."""
     config = getattr(model, "generation_config", None)
     if config is None or not callable(getattr(model, "generate", None)):
         raise ChannelwiseError(
@@ -64,17 +69,17 @@ def compile_decode(model: nn.Module, *, skip_module_guards: bool = True) -> nn.M
         module.build_kernel_operands()
     if sparse:
         build_sparse_weights(model)
-    options = (
-        {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if skip_module_guards
-        else None
-    )
+    options = {}
+    if skip_module_guards:
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
     # mode and options are exclusive in torch.compile; the default mode is what CPU supports
     compile_config = CompileConfig(
         fullgraph=skip_module_guards,  # unguarded pieces of a broken graph could be misapplied
         dynamic=False,
         mode=None if options else "default",
-        options=options,
+        options=options or None,
     )
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only
     config.cache_implementation = "static"
@@ -105,12 +110,13 @@ def generate_text(
     max_new_tokens: int = 128,
     chat: bool = True,
     compiled: bool = False,
+    cpp_wrapper: bool = False,
 ) -> Generation:
     """Greedy continuation of ``prompt`` (through the tokenizer's chat template when it has one
     and ``chat``), timed after an untimed warm-up (two tokens; with ``compiled``,
     :func:`compile_decode` and a whole ``generate`` of the same shapes, which compiles the step:
-    ``compile_seconds``). A model quantized with a ``kv_cache`` recipe decodes through its
-    compressed cache."""
+    ``compile_seconds``; ``cpp_wrapper``: see :func:`compile_decode`). A model quantized with a
+    ``kv_cache`` recipe decodes through its compressed cache."""
     if not prompt.strip():
         raise ChannelwiseError("the prompt is empty")
     if max_new_tokens < 1:
@@ -121,6 +127,8 @@ def generate_text(
     from channelwise.kvcache.cache import KV_CONFIG_ATTR, make_cache
     from channelwise.kvcache.evaluate import cache_kwarg
 
+    if cpp_wrapper and not compiled:
+        raise ChannelwiseError("cpp_wrapper applies to the compiled decode loop (add --compile)")
     compressed_kv = getattr(model, KV_CONFIG_ATTR, None) is not None
     if compiled and compressed_kv:
         raise ChannelwiseError(
@@ -158,7 +166,7 @@ def generate_text(
 
     compile_seconds = None
     if compiled:
-        compile_decode(model)
+        compile_decode(model, cpp_wrapper=cpp_wrapper)
         start = time.perf_counter()
         run()
         compile_seconds = time.perf_counter() - start

@@ -112,18 +112,14 @@ class BiViT(Method):
         self._install_binary_attention(model, adapter)
         for linear in attention:
             parametrize.register_parametrization(linear, "weight", BinaryWeight(linear.weight))
-        stages = [(1, attention)]
-        if self.args.mlp:
-            stages.append((2, mlp))
+        trained = lambda: [p for block in blocks for p in block.parameters()]  # noqa: E731
+        self.losses[1] = self._train(model, adapter, calibration, targets, trained())
         binarized = list(attention)
-        for stage, linears in stages:
-            if stage == 2:
-                for linear in linears:
-                    weight = linear.weight
-                    parametrize.register_parametrization(linear, "weight", BinaryWeight(weight))
-                binarized += linears
-            trained = [p for block in blocks for p in block.parameters()]
-            self.losses[stage] = self._train(model, adapter, calibration, targets, trained)
+        if self.args.mlp:
+            for linear in mlp:
+                parametrize.register_parametrization(linear, "weight", BinaryWeight(linear.weight))
+            binarized += mlp
+            self.losses[2] = self._train(model, adapter, calibration, targets, trained())
         for linear in binarized:  # write α·sign into the weight; α is folded away
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
 

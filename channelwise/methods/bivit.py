@@ -14,10 +14,10 @@ forward pass and straight-through gradients. Cross-layer binarization trains in 
 2. **Binary MLP weights**: fc1 and fc2 get binary weights too (their inputs stay float), and
    training continues.
 
-Training is distillation from the float model (teacher) on the calibration images, Adam with a
-cosine learning rate; every block parameter is trained (latent weights, ``α``, biases,
-LayerNorms, LayerScale), the embeddings stay frozen. At the end the binary weights are written
-into the linears (``α·sign``) and the sign and binarizing quantizers stay installed.
+Training is distillation from the float model (teacher) on the calibration images
+(:func:`channelwise.distill.distill`); every block parameter is trained (latent weights, ``α``,
+biases, LayerNorms, LayerScale), the embeddings stay frozen. At the end the binary weights are
+written into the linears (``α·sign``) and the sign and binarizing quantizers stay installed.
 
 In a recipe it is the only step, with no ``weights``/``activations``/``attention`` quantizers
 (it binarizes by itself)::
@@ -43,15 +43,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter
+from channelwise.distill import distill, teacher_features
 from channelwise.engine import BlockContext
-from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
+from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods.registry import Method, register
 from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
 from channelwise.quant.binary import (
@@ -60,7 +59,7 @@ from channelwise.quant.binary import (
     SoftmaxBinarizer,
     install_sign_input,
 )
-from channelwise.reconstruct import Reconstruction, only_trainable
+from channelwise.reconstruct import Reconstruction
 
 
 class BiViTArgs(BaseModel):
@@ -102,11 +101,7 @@ class BiViT(Method):
             )
 
     def prepare_model(self, model, adapter: ModelAdapter, calibration: Tensor) -> None:
-        with torch.no_grad():
-            targets = torch.cat([
-                _features(model, adapter, calibration[i : i + self.args.batch_size])
-                for i in range(0, calibration.shape[0], self.args.batch_size)
-            ])  # fmt: skip
+        targets = teacher_features(model, adapter, calibration, self.args.batch_size)
         blocks = adapter.block_list(model)
         attention, mlp = _split_linears(adapter, blocks)
         self._install_binary_attention(model, adapter)
@@ -159,41 +154,11 @@ class BiViT(Method):
         install_attention_quantizers(model, modules, entries)
 
     def _train(self, model, adapter, pixels: Tensor, targets: Tensor, trained) -> Reconstruction:
-        batch = self.args.batch_size
-
-        def loss_on_all() -> float:
-            total = 0.0
-            with torch.no_grad():
-                for i in range(0, pixels.shape[0], batch):
-                    out = _features(model, adapter, pixels[i : i + batch])
-                    part = targets[i : i + batch]
-                    total += (out - part).square().mean().item() * part.shape[0]
-            return total / pixels.shape[0]
-
-        before = loss_on_all()
-        steps = self.args.steps
-        if not steps:
-            return Reconstruction(before, before)
-        generator = torch.Generator().manual_seed(self.args.seed)
-        optimizer = torch.optim.Adam(trained, lr=self.args.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        with only_trainable(model, trained):
-            for _ in tqdm(range(steps), desc="bivit", leave=False):
-                pick = torch.randperm(pixels.shape[0], generator=generator)[:batch]
-                out = _features(model, adapter, pixels[pick.to(pixels.device)])
-                loss = (out - targets[pick.to(targets.device)]).square().mean()
-                if not torch.isfinite(loss):
-                    raise NonFiniteError("BiViT training diverged (NaN/inf loss); lower lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        return Reconstruction(before, loss_on_all())
-
-
-def _features(model: nn.Module, adapter: ModelAdapter, pixels: Tensor) -> Tensor:
-    """The backbone's last hidden state (what the probe's features come from)."""
-    return adapter.run(model, pixels).last_hidden_state.float()
+        args = self.args
+        return distill(
+            model, adapter, pixels, targets, trained, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        )  # fmt: skip
 
 
 def _split_linears(adapter: ModelAdapter, blocks) -> tuple[list[nn.Module], list[nn.Module]]:

@@ -18,7 +18,10 @@ Arguments: ``flops`` (the share of the block linears' FLOPs kept, default 0.5), 
 ``allocation`` (``curves``, the paper's, or ``uniform``: every linear pruned alike, the
 ablation), ``reconstruct_iters`` (default 0; ``lr``, ``seed``): block-output reconstruction of
 the kept weights after pruning (:mod:`channelwise.reconstruct`, as I&S-ViT trains its blocks),
-a post-training stand-in for the paper's fine-tuning.
+a post-training stand-in for the paper's fine-tuning; ``finetune_steps`` (default 0;
+``finetune_lr``): after every block is pruned, the whole backbone fine-tuned by distillation
+from the float model on the calibration images (:func:`channelwise.distill.distill`), the pruned
+blocks held at zero.
 
 Deviations from the paper and the official code:
 
@@ -28,8 +31,9 @@ Deviations from the paper and the official code:
   LayerNorm output has a near-constant energy, whose gradient carries little signal.
 - The hardware power term of the paper's objective (``λ·P(a)``) is left out: the target is
   FLOPs, which every kept block costs alike on a CPU.
-- No fine-tuning after pruning (the paper fine-tunes the pruned network); the optional
-  block-wise reconstruction is this toolkit's post-training substitute, not the paper's.
+- The paper fine-tunes the pruned network with labels on ImageNet; ``finetune_steps`` fine-tunes
+  it by feature distillation on the calibration images (no labels, a few hundred steps), and
+  the optional block-wise reconstruction is a post-training substitute. Neither is the paper's.
 - The masks are computed for the whole model in ``prepare_model`` (the allocation is global)
   and applied block by block in ``apply``.
 - The second-order term and the curves' EMA smoothing (options in the official code) are not
@@ -45,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from channelwise.adapters import ModelAdapter
+from channelwise.distill import distill, teacher_features
 from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods.registry import Method, register
@@ -72,6 +77,8 @@ class LPViTArgs(BaseModel):
     allocation: Literal["curves", "uniform"] = "curves"
     reconstruct_iters: int = Field(default=0, ge=0)
     lr: float = Field(default=4e-5, gt=0)
+    finetune_steps: int = Field(default=0, ge=0)
+    finetune_lr: float = Field(default=1e-4, gt=0)
     seed: int = 0
 
 
@@ -92,6 +99,9 @@ class LPViT(Method):
         self.kept_flops: float | None = None
         #: ``losses[block]``: the block-output loss before and after reconstruction.
         self.losses: dict[int, Reconstruction] = {}
+        #: The distillation loss before and after fine-tuning (``finetune_steps``).
+        self.finetune: Reconstruction | None = None
+        self._teacher: tuple[nn.Module, Tensor, Tensor] | None = None
         self._masks: dict[str, Tensor] = {}
         self._stream = FloatStream(self.args.batch_size)
 
@@ -114,6 +124,9 @@ class LPViT(Method):
                 )
 
     def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+        if self.args.finetune_steps:  # the dense model's features: the fine-tuning's targets
+            targets = teacher_features(model, adapter, calibration, self.args.batch_size)
+            self._teacher = (model, calibration, targets)
         linears = {
             f"{adapter.blocks}.{index}.{name}": module
             for index, block in enumerate(adapter.block_list(model))
@@ -147,7 +160,8 @@ class LPViT(Method):
 
     def apply(self, ctx: BlockContext) -> None:
         """Zero the block's pruned weight blocks; with ``reconstruct_iters``, then train its kept
-        weights to reproduce the dense block's outputs (on the pruned model's inputs)."""
+        weights to reproduce the dense block's outputs (on the pruned model's inputs); with
+        ``finetune_steps``, after the last block, fine-tune the whole backbone."""
         block_linears = ctx.adapter.block_linears(ctx.block)
         prefix = f"{ctx.adapter.blocks}.{ctx.index}."
         masks = [self._masks[prefix + name].to(ctx.device) for name in block_linears]
@@ -158,14 +172,36 @@ class LPViT(Method):
             for module, mask in zip(linears, masks, strict=True):
                 module.weight.mul_(mask.to(module.weight.dtype))
                 setattr(module, MASK_ATTR, mask)
-        if not self.args.reconstruct_iters:
-            return
+        if self.args.reconstruct_iters:
+            self._reconstruct(ctx, linears, masks, targets)
+        if ctx.last and self._teacher is not None:
+            self._finetune(ctx.adapter)
+
+    def _reconstruct(self, ctx: BlockContext, linears, masks, targets: Tensor) -> None:
         kwargs = block_kwargs(ctx)
         with weight_masks(linears, masks):
             self.losses[ctx.index] = reconstruct_block(
                 ctx.block, linear_parameters(linears), stacked_inputs(ctx), kwargs, targets,
                 iters=self.args.reconstruct_iters, batch_size=self.args.batch_size,
                 lr=self.args.lr, seed=self.args.seed, progress=ctx.progress,
+            )  # fmt: skip
+        with torch.no_grad():
+            for module, mask in zip(linears, masks, strict=True):
+                module.weight.mul_(mask.to(module.weight.dtype))
+
+    def _finetune(self, adapter: ModelAdapter) -> None:
+        """Distil the whole pruned backbone from the dense one, the pruned blocks held at 0."""
+        model, pixels, targets = self._teacher
+        self._teacher = None
+        blocks = adapter.block_list(model)
+        linears = [m for block in blocks for m in adapter.block_linears(block).values()]
+        masks = [getattr(m, MASK_ATTR) for m in linears]
+        with weight_masks(linears, masks):
+            self.finetune = distill(
+                model, adapter, pixels, targets,
+                [p for block in blocks for p in block.parameters()],
+                steps=self.args.finetune_steps, batch_size=self.args.batch_size,
+                lr=self.args.finetune_lr, seed=self.args.seed,
             )  # fmt: skip
         with torch.no_grad():
             for module, mask in zip(linears, masks, strict=True):

@@ -32,12 +32,14 @@ def greedy(model, ids: torch.Tensor, steps: int = 6):
     return greedy_generate(model, ids, steps)
 
 
-def assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, counters) -> set:
+def assert_compiled_decode_matches(
+    model, ids, expected_ids, expected_scores, counters, cpp_wrapper: bool = False
+) -> set:
     """Compile ``model``'s decode loop, generate with the kernels on, and check: the expected
     tokens, scores within 1e-4, no graph break, one graph. Returns the ops that ran."""
     before = use_kernels(True)
     try:
-        compile_decode(model)
+        compile_decode(model, cpp_wrapper=cpp_wrapper)
         with torch.profiler.profile() as profile:
             got_ids, got_scores = greedy(model, ids)
     finally:
@@ -211,17 +213,9 @@ def test_cpp_wrapper_decode_matches_the_fake_quant_model(calibration_ids, fresh_
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(9))
     expected_ids, expected_scores = greedy(model, ids)
     pack_model(model)
-    before = use_kernels(True)
-    try:
-        compile_decode(model, cpp_wrapper=True)
-        assert model.generation_config.compile_config.options["cpp_wrapper"] is True
-        with torch.profiler.profile() as profile:
-            got_ids, got_scores = greedy(model, ids)
-    finally:
-        use_kernels(before)
-    assert torch.equal(got_ids, expected_ids)
-    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
-    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    ran = assert_compiled_decode_matches(
+        model, ids, expected_ids, expected_scores, fresh_dynamo, cpp_wrapper=True
+    )
+    assert model.generation_config.compile_config.options["cpp_wrapper"] is True
     if kernels.kernel_available():
-        ran = {event.key for event in profile.key_averages()}
         assert "channelwise_cpu::sparse_mlp" in ran, sorted(ran)

@@ -5,11 +5,13 @@ Top-1 (through the frozen probe, ``channelwise.vision`` protocol) of fp and of L
 uniform ablation; then the images/s of the float model against the same model pruned at the
 first ``--flops`` with its pruned linears turned block-sparse
 (``channelwise.deploy.block_sparse``), on one batch of test images, the median of
-``--repeats`` forwards after a warm-up, rounds interleaved. No fine-tuning after pruning.
+``--repeats`` forwards after a warm-up, rounds interleaved. ``--finetune-steps N`` adds LPViT
+at the first ``--flops`` with N steps of whole-backbone distillation after pruning
+(``finetune_steps``); the timed model is the one without fine-tuning (same sparsity pattern).
 
     .venv/bin/python benchmarks/vision_lpvit.py [--flops 0.5,0.9] [--block 16]
-        [--reconstruct-iters 100] [--eval-images N] [--batch 32] [--repeats 5] [--rounds 2]
-        [--threads 2] [--json out]
+        [--reconstruct-iters 100] [--finetune-steps 200] [--eval-images N] [--batch 32]
+        [--repeats 5] [--rounds 2] [--threads 2] [--json out]
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ from channelwise.recipe import Recipe
 from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
 
 
-def lpvit(flops: float, block: int, allocation: str = "curves", iters: int = 0) -> Recipe:
+def lpvit(
+    flops: float, block: int, allocation: str = "curves", iters: int = 0, finetune: int = 0
+) -> Recipe:
     args = {"flops": flops, "block": [block, block], "allocation": allocation}
     name = f"lpvit-{round(flops * 100)}" + ("" if allocation == "curves" else "-uniform")
     if iters:
         args["reconstruct_iters"] = iters
         name += f"-reconstructed-i{iters}"
+    if finetune:
+        args["finetune_steps"] = finetune
+        name += f"-finetuned-{finetune}"
     return Recipe.from_dict({"name": name, "steps": [{"method": "lpvit", "args": args}]})
 
 
@@ -45,6 +52,10 @@ def main() -> None:
     p.add_argument(
         "--reconstruct-iters", type=int, default=0,
         help="also LPViT at the first --flops with block reconstruction of this many iterations",
+    )  # fmt: skip
+    p.add_argument(
+        "--finetune-steps", type=int, default=0,
+        help="also LPViT at the first --flops fine-tuned by distillation for this many steps",
     )  # fmt: skip
     p.add_argument("--calib-images", type=int)
     p.add_argument("--eval-images", type=int)
@@ -61,6 +72,8 @@ def main() -> None:
     recipes = ["fp"] + [lpvit(f, args.block, a) for f in shares for a in ("curves", "uniform")]
     if args.reconstruct_iters:
         recipes.append(lpvit(shares[0], args.block, iters=args.reconstruct_iters))
+    if args.finetune_steps:
+        recipes.append(lpvit(shares[0], args.block, finetune=args.finetune_steps))
     rows = compare_vision(recipes, None, protocol, device="cpu", progress=False)
     out = {}
     for row in rows:

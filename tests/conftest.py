@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import FAMILIES
+from helpers import FAMILIES, tiny_dinov2_config
 from torch import nn
 
 from channelwise.tiny import (  # noqa: F401 (re-exported to the test files)
@@ -61,3 +61,12 @@ def calibration_ids() -> torch.Tensor:
 def tiny_tokenizer():
     """:func:`build_tiny_tokenizer`."""
     return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_dinov2():
+    """A tiny random ``Dinov2Model`` (:func:`helpers.tiny_dinov2_config`), seeded, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.Dinov2Model(tiny_dinov2_config()).eval()

@@ -74,6 +74,13 @@ def count_calls(monkeypatch, owner, name: str) -> list[int]:
     return calls
 
 
+#: Static per-tensor asymmetric 4-bit activations, per-channel 4-bit weights, and 4-bit q/k/v:
+#: the W4A4 fields the ViT method tests build recipes from.
+STATIC4 = {"bits": 4, "symmetric": False, "granularity": "tensor", "dynamic": False, "range": "mse"}
+WEIGHTS4 = {"bits": 4, "symmetric": False, "granularity": "channel", "range": "mse"}
+ATTENTION4 = {"q": STATIC4, "k": STATIC4, "v": STATIC4}
+
+
 def tiny_dinov2_config(**overrides) -> transformers.Dinov2Config:
     kwargs = dict(
         hidden_size=32,

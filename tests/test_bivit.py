@@ -25,12 +25,6 @@ from channelwise.recipe import Recipe
 from channelwise.vision import load_vision_model
 
 
-@pytest.fixture
-def tiny_dinov2() -> transformers.Dinov2Model:
-    torch.manual_seed(0)
-    return transformers.Dinov2Model(tiny_dinov2_config()).eval()
-
-
 def _adversarial(generator: torch.Generator) -> torch.Tensor:
     x = torch.randn(6, 9, generator=generator)
     x[0] = 0.0  # zeros

@@ -169,6 +169,7 @@ def test_generate_text_decodes_through_a_compressed_kv_cache(calibration_ids, fr
         (["--prompt", "  "], "the prompt is empty"),
         (["--prompt", "t1", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
         (["--prompt", "t1 t2", "--max-new-tokens", "63"], "exceed the model's 64 positions"),
+        (["--prompt", "t1", "--cpp-wrapper"], "cpp_wrapper applies to the compiled decode loop"),
     ],
 )
 def test_cli_generate_refuses_bad_input(packed_folder, capsys, args, message):

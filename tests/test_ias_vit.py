@@ -8,8 +8,7 @@ from copy import deepcopy
 
 import pytest
 import torch
-import transformers
-from helpers import tiny_dinov2_config
+from helpers import ATTENTION4, STATIC4, WEIGHTS4
 
 from channelwise.compress import plan, quantize
 from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
@@ -19,16 +18,6 @@ from channelwise.quant.granularity import PerRow
 from channelwise.quant.grid import weight_grid
 from channelwise.recipe import Recipe
 from channelwise.reconstruct import block_loss, linear_parameters, reconstruct_block, weight_grids
-
-STATIC4 = {"bits": 4, "symmetric": False, "granularity": "tensor", "dynamic": False, "range": "mse"}
-WEIGHTS4 = {"bits": 4, "symmetric": False, "granularity": "channel", "range": "mse"}
-ATTENTION4 = {"q": STATIC4, "k": STATIC4, "v": STATIC4}
-
-
-@pytest.fixture
-def tiny_dinov2() -> transformers.Dinov2Model:
-    torch.manual_seed(0)
-    return transformers.Dinov2Model(tiny_dinov2_config()).eval()
 
 
 def _sulq_reference(x: torch.Tensor, bits: int, eta: float, lo: float, hi: float) -> torch.Tensor:

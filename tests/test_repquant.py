@@ -7,8 +7,7 @@ from copy import deepcopy
 
 import pytest
 import torch
-import transformers
-from helpers import tiny_dinov2_config
+from helpers import ATTENTION4, STATIC4, WEIGHTS4
 
 from channelwise.compress import plan, quantize, save_quantized
 from channelwise.errors import NonFiniteError, QuantConfigError, RecipeError, UnsupportedModelError
@@ -21,16 +20,6 @@ from channelwise.quant.granularity import PerTensor
 from channelwise.quant.grid import weight_grid
 from channelwise.recipe import Recipe
 from channelwise.vision import load_vision_model
-
-STATIC4 = {"bits": 4, "symmetric": False, "granularity": "tensor", "dynamic": False, "range": "mse"}
-WEIGHTS4 = {"bits": 4, "symmetric": False, "granularity": "channel", "range": "mse"}
-ATTENTION4 = {"q": STATIC4, "k": STATIC4, "v": STATIC4}
-
-
-@pytest.fixture
-def tiny_dinov2() -> transformers.Dinov2Model:
-    torch.manual_seed(0)
-    return transformers.Dinov2Model(tiny_dinov2_config()).eval()
 
 
 def _reference(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int):

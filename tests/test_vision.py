@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import tiny_dinov2_config, tiny_vision_model
+from helpers import STATIC4, tiny_dinov2_config, tiny_vision_model
 from PIL import Image
 
 from channelwise.adapters import adapter_for
@@ -40,12 +40,6 @@ from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-
-
-@pytest.fixture
-def tiny_dinov2() -> transformers.Dinov2Model:
-    torch.manual_seed(0)
-    return transformers.Dinov2Model(tiny_dinov2_config()).eval()
 
 
 @pytest.fixture
@@ -513,9 +507,6 @@ def test_channelwise_attention_is_bidirectional_in_a_vision_transformer(tiny_din
     with torch.no_grad():
         got = tiny_dinov2(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-STATIC4 = {"bits": 4, "symmetric": False, "granularity": "tensor", "dynamic": False, "range": "mse"}
 
 
 def _repq_only(**args):

@@ -8,7 +8,8 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
 
     .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
         [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
-        [--ablation 4] [--recon-iters 200 --recon-batch 32] [--threads 2] [--device cpu]
+        [--ablation 4] [--lrp-ablation 4] [--recon-iters 200 --recon-batch 32] [--threads 2]
+        [--device cpu]
         [--json out.json]
 
 ``--recon-iters``/``--recon-batch`` (alias ``--ias-iters``/``--ias-batch``) run the training
@@ -58,6 +59,21 @@ def repquant_ablation(bits: int) -> list[Recipe]:
     return [Recipe.from_dict(data)]
 
 
+def lrp_ablation(bits: int) -> list[Recipe]:
+    """LRP-QViT's parts one at a time: the clipped reparameterization alone (one candidate: every
+    layer at ``bits``) and mixed weight bits with every input at ``bits``."""
+    data = load_recipe(f"lrp-qvit-w{bits}a{bits}").model_dump(mode="json")
+    variants = []
+    for name, args in (
+        ("clip-only", {"candidates": [bits]}),
+        ("fixed-act", {"activations": "fixed"}),
+    ):
+        recipe = dict(data, name=f"lrp-qvit-{name}-w{bits}a{bits}")
+        recipe["steps"] = [{"method": "lrp_qvit", "args": args}]
+        variants.append(Recipe.from_dict(recipe))
+    return variants
+
+
 def shortened(recipe: str | Recipe, iters: int | None, batch: int | None) -> str | Recipe:
     """Preset (or recipe) ``recipe``, with its reconstructing step's iterations and batch
     replaced where given."""
@@ -92,6 +108,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--ablation", type=int, help="add RepQ-ViT's ablation rows at these bits (4)")
     p.add_argument("--repquant-ablation", type=int, help="add RepQuant without clipping (4)")
+    p.add_argument("--lrp-ablation", type=int, help="add LRP-QViT's ablation rows at these bits")
     p.add_argument("--recon-iters", "--ias-iters", type=int, help="iterations per stage")
     p.add_argument("--recon-batch", "--ias-batch", type=int, help="reconstruction batch size")
     args = p.parse_args()
@@ -124,6 +141,8 @@ def main() -> None:
             shortened(recipe, args.recon_iters, args.recon_batch)
             for recipe in repquant_ablation(args.repquant_ablation)
         ]
+    if args.lrp_ablation:
+        recipes += lrp_ablation(args.lrp_ablation)
     rows = compare_vision(
         recipes, args.model, protocol, device=args.device, progress=False, on_row=show
     )

@@ -56,6 +56,15 @@ def quantize_block_activations(
         install_block_input_quantizers(ctx, recipe, per_channel=per_channel)
 
 
+INPUT_BITS_ATTR = "_channelwise_input_bits"
+
+
+def set_input_bits(module: nn.Module, bits: int) -> None:
+    """Quantize ``module``'s input to ``bits`` instead of the recipe's activation bits (a
+    mixed-precision method's per-layer choice; the rest of the recipe's spec stays)."""
+    setattr(module, INPUT_BITS_ATTR, bits)
+
+
 def install_block_input_quantizers(
     ctx: BlockContext,
     recipe: Recipe,
@@ -65,7 +74,8 @@ def install_block_input_quantizers(
     """Quantize every linear input of the block (or the linears named in ``only``): dynamic
     per call, or static from calibration (per channel for the linears in ``per_channel``).
 
-    Linears that a method already gave an input quantizer of its own keep it.
+    Linears that a method already gave an input quantizer of its own keep it; a linear given
+    its own bits (:func:`set_input_bits`) gets the recipe's spec at those bits.
     """
     spec = recipe.activations.spec("activation")
     linears = {
@@ -75,9 +85,13 @@ def install_block_input_quantizers(
     }
     if not linears:
         return
+    specs = {
+        name: replace(spec, bits=getattr(module, INPUT_BITS_ATTR, spec.bits))
+        for name, module in linears.items()
+    }
     if recipe.activations.dynamic:
-        for module in linears.values():
-            install_input_quantizer(module, InputQuantizer(spec))
+        for name, module in linears.items():
+            install_input_quantizer(module, InputQuantizer(specs[name]))
         return
     with ctx.capture_inputs(tuple(linears)) as captured:
         ctx.forward()
@@ -86,5 +100,5 @@ def install_block_input_quantizers(
         if ctx.group is not None:  # every process's rows, in one process's order
             batches = ctx.group.gather_batches(batches)
         rows = torch.cat(batches)
-        own = replace(spec, granularity=PerColumn()) if name in per_channel else spec
+        own = replace(specs[name], granularity=PerColumn()) if name in per_channel else specs[name]
         install_input_quantizer(module, InputQuantizer(own, compute_qparams(rows, own)))

@@ -20,6 +20,7 @@ from channelwise.memory import PeakMemory
 from channelwise.methods import build_method
 from channelwise.models import load_model
 from channelwise.protocol import Protocol
+from channelwise.quant.grid import stored_bits
 from channelwise.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ def bits_label(recipe: Recipe) -> str:
 
 def weight_bits(recipe: Recipe, model: nn.Module) -> float:
     """Bits a packed checkpoint stores per weight of the block linears under ``recipe``'s weight
-    spec: the codes plus each group's scale (32 or 16 bits) and zero point (8 bits for an
-    integer zero, a scale's width for a float minimum, none when symmetric), averaged over the
-    linears of one block. A recipe that leaves the weights float counts
+    spec (:func:`~channelwise.quant.grid.stored_bits`), averaged over the linears of one block,
+    or a step's own count (:meth:`Method.weight_bits`; a mixed-precision step reads the grids
+    of ``model`` once it is compressed). A recipe that leaves the weights float counts
     :data:`FLOAT_WEIGHT_BITS` (the 16-bit checkpoints other toolkits compare against)."""
     adapter = adapter_for(model)
     for step in recipe.steps:
@@ -85,14 +86,11 @@ def weight_bits(recipe: Recipe, model: nn.Module) -> float:
     if recipe.weights is None:
         return FLOAT_WEIGHT_BITS
     spec = recipe.weights.spec("weight")
-    scale_bits = 16 if spec.scale_dtype == "float16" else 32
-    zero_bits = 0 if spec.symmetric else 8 if spec.zero_point == "integer" else scale_bits
     weights = bits = 0
     for module in adapter.block_linears(adapter.block_list(model)[0]).values():
         rows, cols = linear_weight(module, adapter.transposed_weights).shape
-        scale_rows, scale_cols = spec.granularity.scale_shape(rows, cols)
         weights += rows * cols
-        bits += rows * cols * spec.bits + scale_rows * scale_cols * (scale_bits + zero_bits)
+        bits += stored_bits(rows, cols, spec)
     return bits / weights
 
 

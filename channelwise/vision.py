@@ -266,7 +266,7 @@ def compare_vision(
             top1.feature_cosine,
             calib_s,
             eval_s,
-            weight_bits(recipe, reference),
+            weight_bits(recipe, fresh),
             top1.images,
         )
         rows.append(row)

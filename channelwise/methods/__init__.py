@@ -9,6 +9,7 @@ from channelwise.methods import (  # noqa: F401  (registration)
     gptq,
     ias_vit,
     lpvit,
+    lrp_qvit,
     osplus,
     outliertune,
     quarot,

@@ -424,3 +424,32 @@ def recording(
 
 def attention_quantizers(module: nn.Module) -> AttentionQuantizers | None:
     return getattr(module, _ATTR, None)
+
+
+class _DetachedProbabilities:
+    """A probabilities entry that passes values on and stops their gradient."""
+
+    calibrated = True
+    restored_by_method = True
+
+    def __call__(self, probs: Tensor) -> Tensor:
+        return probs.detach()
+
+
+@contextmanager
+def probabilities_detached(model: nn.Module, modules: list[nn.Module]) -> Iterator[None]:
+    """Inside, ``modules``' attention probabilities carry no gradient (constants to autograd,
+    as conservative LRP treats them); on exit every module's entries are as they were."""
+    use_channelwise_attention(model)
+    before = {module: attention_quantizers(module) for module in modules}
+    for module, quant in before.items():
+        detached = replace(quant or AttentionQuantizers(), probs=_DetachedProbabilities())
+        setattr(module, _ATTR, detached)
+    try:
+        yield
+    finally:
+        for module, quant in before.items():
+            if quant is None:
+                delattr(module, _ATTR)
+            else:
+                setattr(module, _ATTR, quant)

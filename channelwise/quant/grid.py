@@ -49,3 +49,13 @@ def round_weight_(
         qparams = compute_qparams(weight, spec)
     weight.copy_(fake_quantize(weight, spec, qparams))
     record_grid(module, spec, qparams)
+
+
+def stored_bits(rows: int, cols: int, spec: QuantSpec) -> int:
+    """Bits a packed ``(rows, cols)`` weight on ``spec``'s grid stores: the codes plus each
+    block's scale (32 or 16 bits) and zero point (8 bits for an integer zero, a scale's width
+    for a float minimum, none when symmetric)."""
+    scale_bits = 16 if spec.scale_dtype == "float16" else 32
+    zero_bits = 0 if spec.symmetric else 8 if spec.zero_point == "integer" else scale_bits
+    scale_rows, scale_cols = spec.granularity.scale_shape(rows, cols)
+    return rows * cols * spec.bits + scale_rows * scale_cols * (scale_bits + zero_bits)

@@ -60,18 +60,27 @@ def repquant_ablation(bits: int) -> list[Recipe]:
 
 
 def lrp_ablation(bits: int) -> list[Recipe]:
-    """LRP-QViT's parts one at a time: the clipped reparameterization alone (one candidate: every
-    layer at ``bits``) and mixed weight bits with every input at ``bits``."""
+    """LRP-QViT's parts one at a time: the clipped reparameterization alone (every layer at
+    ``bits``), the mixed precision without clipping, mixed weight bits with every input at
+    ``bits``, and mixed weight bits alone (no clipping, inputs at ``bits``)."""
     data = load_recipe(f"lrp-qvit-w{bits}a{bits}").model_dump(mode="json")
-    variants = []
-    for name, args in (
-        ("clip-only", {"candidates": [bits]}),
-        ("fixed-act", {"activations": "fixed"}),
-    ):
-        recipe = dict(data, name=f"lrp-qvit-{name}-w{bits}a{bits}")
-        recipe["steps"] = [{"method": "lrp_qvit", "args": args}]
-        variants.append(Recipe.from_dict(recipe))
-    return variants
+    fixed = {"activations": "fixed"}
+    parts = {
+        "clip-only": {"candidates": [bits]},
+        "no-clip": {"clip": None},
+        "fixed-act": fixed,
+        "weights-only": {**fixed, "clip": None},
+    }
+    return [
+        Recipe.from_dict(
+            dict(
+                data,
+                name=f"lrp-qvit-{name}-w{bits}a{bits}",
+                steps=[{"method": "lrp_qvit", "args": args}],
+            )
+        )  # fmt: skip
+        for name, args in parts.items()
+    ]
 
 
 def shortened(recipe: str | Recipe, iters: int | None, batch: int | None) -> str | Recipe:

@@ -14,7 +14,7 @@ from helpers import ATTENTION4, STATIC4, WEIGHTS4, tiny_dinov2_config
 from torch import nn
 
 from channelwise.adapters import adapter_for
-from channelwise.compare import weight_bits
+from channelwise.compare import bits_label, weight_bits
 from channelwise.compress import plan, quantize, save_quantized
 from channelwise.deploy import pack_model
 from channelwise.deploy.packed import use_kernels
@@ -138,6 +138,7 @@ def test_with_one_candidate_and_no_clipping_it_is_repq_vit(tiny_dinov2):
         with torch.no_grad():
             outputs.append(model(pixel_values=pixels).last_hidden_state)
     assert torch.equal(outputs[0], outputs[1])
+    assert bits_label(_lrp(candidates=[4], clip=None)) == "W4A4"
 
 
 def test_every_layer_is_rounded_and_read_at_its_bits_and_saves_and_loads_back(
@@ -148,6 +149,7 @@ def test_every_layer_is_rounded_and_read_at_its_bits_and_saves_and_loads_back(
     method = quantize(tiny_dinov2, recipe, pixels, progress=False).methods[0]
     adapter = adapter_for(tiny_dinov2)
     assert len(set(method.bits.values())) > 1, method.bits
+    assert bits_label(recipe) == "W4.5A4.5 mixed"
     weights = code_bits = stored = 0
     for index, block in enumerate(tiny_dinov2.encoder.layer):
         for subset in adapter.subsets:
@@ -185,6 +187,7 @@ def test_fixed_activations_keep_the_recipes_input_bits(tiny_dinov2):
     pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     method = quantize(tiny_dinov2, _lrp(activations="fixed"), pixels, progress=False).methods[0]
     assert len(set(method.bits.values())) > 1
+    assert method.bits_label() == "W4A4 mixed W"
     for block in tiny_dinov2.encoder.layer:
         for linear in adapter_for(tiny_dinov2).block_linears(block).values():
             assert input_quantizer(linear).spec.bits == 4

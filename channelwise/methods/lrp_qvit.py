@@ -196,8 +196,13 @@ class LRPQViT(Method):
                 round_weight_(module, linear_weight(module, False), spec)
 
     def bits_label(self) -> str:
-        a = f"{self.budget:g}" if self.args.activations == "mixed" else self.recipe.activations.bits
-        return f"W{self.budget:g}A{a} mixed"
+        """``W4A4 mixed`` (weights and inputs averaging the budget), ``W4A4 mixed W`` (inputs at
+        the recipe's bits), ``W4A4`` (one candidate: no mixing)."""
+        if len(self.candidates) == 1:
+            return f"W{self.budget:g}A{self.recipe.activations.bits}"
+        if self.args.activations == "mixed":
+            return f"W{self.budget:g}A{self.budget:g} mixed"
+        return f"W{self.budget:g}A{self.recipe.activations.bits} mixed W"
 
     def weight_bits(self, model, adapter: ModelAdapter) -> float | None:
         """Stored bits per block-linear weight, read from the grids each linear was rounded to

@@ -19,7 +19,7 @@ from channelwise.compress import plan, quantize, save_quantized
 from channelwise.deploy import pack_model
 from channelwise.deploy.packed import use_kernels
 from channelwise.engine import hidden_state
-from channelwise.errors import RecipeError, UnsupportedModelError
+from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 from channelwise.methods.lrp_qvit import allocate_bits, input_relevance
 from channelwise.quant.activation import input_quantizer
 from channelwise.quant.attention import attention_quantizers
@@ -215,3 +215,11 @@ def test_lrp_qvit_recipe_errors_are_clear(tiny_dinov2, make_tiny_model):
         }))  # fmt: skip
     with pytest.raises(UnsupportedModelError, match="Vision Transformer"):
         plan(make_tiny_model("llama"), _lrp())
+
+
+def test_non_finite_relevance_is_refused_in_one_line(tiny_dinov2):
+    with torch.no_grad():
+        tiny_dinov2.encoder.layer[1].mlp.fc1.weight[0, 0] = float("inf")
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(NonFiniteError, match="relevance is NaN/inf"):
+        quantize(tiny_dinov2, _lrp(), pixels, progress=False)

@@ -46,6 +46,7 @@ What the paper's text available to us does not say, and what this module chose i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -58,7 +59,7 @@ from torch import Tensor, nn
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.calibrate import set_input_bits
 from channelwise.engine import BlockContext, hidden_state
-from channelwise.errors import RecipeError, UnsupportedModelError
+from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
 from channelwise.methods.repq_vit import (
@@ -166,6 +167,11 @@ class LRPQViT(Method):
                 )
         relevance = input_relevance(model, adapter, list(inputs.values()), calibration,
                                     self.args.batch_size)  # fmt: skip
+        if not all(math.isfinite(r) for r in relevance):
+            raise NonFiniteError(
+                "LRP-QViT: the relevance is NaN/inf (non-finite activations or gradients in "
+                "the float model on the calibration images)"
+            )
         total = sum(relevance) or 1.0
         self.scores = {layer: r / total for layer, r in zip(inputs, relevance, strict=True)}
         self.bits = allocate_bits(self.scores, sizes, self.candidates, self.budget)

@@ -25,7 +25,11 @@ from channelwise.distributed import ProcessGroup, current_group
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, CheckpointError, DataSourceError, RecipeError
 from channelwise.evaluate.perplexity import check_positions
-from channelwise.kvcache.methods import attach_kv_config, build_kv_method
+from channelwise.kvcache.methods import (
+    attach_kv_config,
+    build_kv_method,
+    offloadable_kv_methods,
+)
 from channelwise.methods import Method, build_method
 from channelwise.methods.registry import method_classes
 from channelwise.offload import OffloadError, block_on_device, offloaded, save_offloaded
@@ -214,8 +218,12 @@ def check_offloadable(recipe: Recipe, methods: list[Method], kv_method) -> None:
         "offloadable", methods, OffloadError, where,
         "changes the whole model at once (steps that work block by block: {})",
     )  # fmt: skip
-    if kv_method is not None:
-        raise OffloadError(f"{where}: compressed KV caches are not supported offloaded yet")
+    if kv_method is not None and not kv_method.offloadable:
+        runs = ", ".join(offloadable_kv_methods())
+        raise OffloadError(
+            f"{where}: KV-cache method '{kv_method.name}' changes the whole model's weights at "
+            f"once (KV-cache methods that run offloaded: {runs})"
+        )
     if has_static_attention(recipe):
         raise OffloadError(f"{where}: static attention ranges are not supported offloaded yet")
 

@@ -478,6 +478,18 @@ def block_on_device(model: nn.Module, block: nn.Module, device: torch.device) ->
         yield
 
 
+@contextmanager
+def block_readable(model: nn.Module, block: nn.Module) -> Iterator[None]:
+    """Hold ``block``'s weights readable for the duration: an offloaded block is read from disk
+    (nothing written back); an ordinary model's block is left where it is."""
+    weights = offloaded(model)
+    if weights is None:
+        yield
+        return
+    with weights.holding(weights.blocks.index(block)):
+        yield
+
+
 def home_device(model: nn.Module, block: nn.Module) -> torch.device:
     """Where a block's outputs go between steps: the device of its parameters, or of the
     resident parts for an offloaded model."""

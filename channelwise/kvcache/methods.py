@@ -31,6 +31,7 @@ from channelwise.errors import KVCacheError, RecipeError
 from channelwise.kvcache.cache import KVCacheConfig, kv_geometry
 from channelwise.kvcache.codecs import BFPCodec, GroupQuantCodec
 from channelwise.methods.registry import validated_args
+from channelwise.offload import block_readable
 from channelwise.state import KV_CONFIG_ATTR
 
 
@@ -40,6 +41,9 @@ class KVMethod:
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    #: Runs on a model whose blocks stay on disk (:mod:`channelwise.offload`): it changes no
+    #: weight, and reads a block's weights (if at all) through ``offload.block_readable``.
+    offloadable: ClassVar[bool] = False
     Args: ClassVar[type[BaseModel]]
 
     def __init__(self, recipe_name: str, args: BaseModel) -> None:
@@ -85,6 +89,11 @@ def kv_method_names() -> list[str]:
     return sorted(_KV_METHODS)
 
 
+def offloadable_kv_methods() -> list[str]:
+    """The registered KV-cache methods that run on a model offloaded to disk."""
+    return sorted(name for name, cls in _KV_METHODS.items() if cls.offloadable)
+
+
 def build_kv_method(recipe) -> KVMethod | None:
     """The recipe's KV-cache method, its arguments validated; ``None`` without ``kv_cache``."""
     spec = recipe.kv_cache
@@ -120,6 +129,7 @@ class KiviArgs(BaseModel):
 @register_kv
 class Kivi(KVMethod):
     name = "kivi"
+    offloadable = True
     Args = KiviArgs
 
     def check(self, model: nn.Module, adapter) -> None:
@@ -189,6 +199,7 @@ def ksort_order(w_k: Tensor, kv_heads: int, rope_pairs: bool) -> Tensor:
 @register_kv
 class KvBfp(KVMethod):
     name = "kv_bfp"
+    offloadable = True
     Args = BfpArgs
 
     def check(self, model: nn.Module, adapter) -> None:
@@ -216,9 +227,11 @@ class KvBfp(KVMethod):
             _, kv_heads, _ = kv_geometry(model)
             orders = []
             for block in adapter.block_list(model):
-                k_proj = block.get_submodule(adapter.attention["k"])
-                w_k = linear_weight(k_proj, adapter.transposed_weights).detach()
-                orders.append(ksort_order(w_k, kv_heads, rope_pairs=adapter.family == "llama"))
+                with block_readable(model, block):
+                    k_proj = block.get_submodule(adapter.attention["k"])
+                    w_k = linear_weight(k_proj, adapter.transposed_weights).detach()
+                    rope_pairs = adapter.family == "llama"
+                    orders.append(ksort_order(w_k, kv_heads, rope_pairs=rope_pairs))
             transform = ChannelOrder(orders)
         return KVCacheConfig(codec, codec, residual=0, key_transform=transform)
 

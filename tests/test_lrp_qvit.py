@@ -213,7 +213,10 @@ def test_lrp_qvit_recipe_errors_are_clear(tiny_dinov2, make_tiny_model):
             "weights": WEIGHTS4, "activations": {**STATIC4, "dynamic": True},
             "steps": [{"method": "lrp_qvit"}],
         }))  # fmt: skip
-    with pytest.raises(UnsupportedModelError, match="Vision Transformer"):
+    with pytest.raises(RecipeError, match="needs a 'weights' quantizer"):
+        plan(tiny_dinov2, Recipe.from_dict({
+            "activations": STATIC4, "steps": [{"method": "lrp_qvit"}]}))  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="allocates bits over Vision Transformer"):
         plan(make_tiny_model("llama"), _lrp())
 
 

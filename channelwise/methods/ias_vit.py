@@ -77,17 +77,19 @@ from channelwise.reconstruct import (
 
 
 def check_reconstruction_step(
-    recipe, step: str, adapter: ModelAdapter, paper: str, softmax: str | None
-) -> None:
-    """Refuse what a block-reconstructing ViT step cannot do: a model that is not a Vision
-    Transformer, activations the reparameterization cannot carry, a recipe ``attention.probs``
-    quantizer the step's own ``softmax`` quantizer would replace, or the step anywhere but last
-    (it rounds the weights it trained)."""
+    recipe, step: str, adapter: ModelAdapter, paper: str, softmax: str | None,
+    does: str = "reconstructs Vision Transformer blocks",
+) -> None:  # fmt: skip
+    """Refuse what a weight-rounding ViT step with RepQ-ViT's reparameterization cannot do: a
+    model that is not a Vision Transformer (the step ``does`` what only a ViT allows),
+    activations the reparameterization cannot carry, a recipe ``attention.probs`` quantizer the
+    step's own ``softmax`` quantizer would replace, or the step anywhere but last (it rounds
+    the weights itself)."""
     where = f"recipe '{recipe.name}', step '{step}'"
     if adapter.modality != "vision" or adapter.transposed_weights:
         raise UnsupportedModelError(
-            f"{where}: {paper} reconstructs Vision Transformer blocks; '{adapter.family}' "
-            "is not one (use gptq or awq for a language model)"
+            f"{where}: {paper} {does}; '{adapter.family}' is not one (use gptq or awq for a "
+            "language model)"
         )
     check_static_asymmetric(recipe, step)
     attention = recipe.attention
@@ -99,7 +101,7 @@ def check_reconstruction_step(
     steps = [s.method for s in recipe.steps]
     if steps[-1] != step or steps.count(step) != 1:
         raise RecipeError(
-            f"{where}: {paper} rounds the weights it trained, so it must be the last step "
+            f"{where}: {paper} rounds the weights itself, so it must be the last step "
             f"(and appear once); got steps {steps}"
         )
     adapter.require_folding(f"{paper}'s reparameterization")

@@ -59,14 +59,10 @@ from torch import Tensor, nn
 from channelwise.adapters import ModelAdapter, linear_weight
 from channelwise.calibrate import set_input_bits
 from channelwise.engine import BlockContext, hidden_state
-from channelwise.errors import NonFiniteError, RecipeError, UnsupportedModelError
-from channelwise.methods import registry
+from channelwise.errors import NonFiniteError, RecipeError
+from channelwise.methods.ias_vit import check_reconstruction_step
 from channelwise.methods.registry import Method, register
-from channelwise.methods.repq_vit import (
-    check_static_asymmetric,
-    install_softmax_quantizers,
-    reparameterize_norm_input,
-)
+from channelwise.methods.repq_vit import install_softmax_quantizers, reparameterize_norm_input
 from channelwise.quant.attention import LogSqrt2Quantizer, probabilities_detached
 from channelwise.quant.core import compute_qparams
 from channelwise.quant.granularity import PerColumn
@@ -123,37 +119,16 @@ class LRPQViT(Method):
         return tuple(b for b in range(centre - 1, centre + 3) if 2 <= b <= 8)
 
     def check(self, model, adapter: ModelAdapter) -> None:
-        where = f"recipe '{self.recipe.name}', step '{self.name}'"
-        if adapter.modality != "vision" or adapter.transposed_weights:
-            raise UnsupportedModelError(
-                f"{where}: LRP-QViT allocates bits over Vision Transformer layers; "
-                f"'{adapter.family}' is not one"
-            )
-        if self.recipe.weights is None:
-            raise RecipeError(
-                f"{where}: needs the recipe's weights quantizer (its bits are the budget; "
-                "each layer's bits replace them)"
-            )
-        check_static_asymmetric(self.recipe, self.name)
-        if self.recipe.attention is not None and self.recipe.attention.probs:
-            raise RecipeError(
-                f"{where}: the recipe's attention.probs quantizer would be replaced by the "
-                "log√2 one; drop attention.probs"
-            )
+        super().check(model, adapter)
+        check_reconstruction_step(self.recipe, self.name, adapter, "LRP-QViT", "the log√2 one",
+                                  does="allocates bits over Vision Transformer layers")  # fmt: skip
         low, high = min(self.candidates), max(self.candidates)
         if not low <= self.budget <= high:
             raise RecipeError(
-                f"{where}: a budget of {self.budget:g} bits is outside the candidates "
+                f"recipe '{self.recipe.name}', step '{self.name}': a budget of "
+                f"{self.budget:g} bits is outside the candidates "
                 f"{list(self.candidates)}"
             )
-        steps = [s.method for s in self.recipe.steps]
-        if steps[-1] != self.name or steps.count(self.name) != 1:
-            raise RecipeError(
-                f"{where}: LRP-QViT rounds the weights at its own bits, so it must be the last "
-                f"step (and appear once); got steps {steps}"
-            )
-        adapter.require_folding("LRP-QViT's reparameterization")
-        registry.check_transform_order(self.recipe, self.name, "the reparameterization")
 
     def prepare_model(self, model, adapter: ModelAdapter, calibration: Tensor) -> None:
         """Score every layer by relevance on the calibration images, allocate the bits, then

@@ -46,6 +46,7 @@ What the paper's text available to us does not say, and what this module chose i
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,8 @@ from channelwise.quant.attention import LogSqrt2Quantizer, probabilities_detache
 from channelwise.quant.core import compute_qparams
 from channelwise.quant.granularity import PerColumn
 from channelwise.quant.grid import round_weight_, stored_bits, weight_grid
+
+log = logging.getLogger(__name__)
 
 #: A layer: (block index, subset name).
 Layer = tuple[int, str]
@@ -150,6 +153,8 @@ class LRPQViT(Method):
         total = sum(relevance) or 1.0
         self.scores = {layer: r / total for layer, r in zip(inputs, relevance, strict=True)}
         self.bits = allocate_bits(self.scores, sizes, self.candidates, self.budget)
+        counts = {b: sum(1 for v in self.bits.values() if v == b) for b in self.candidates}
+        log.info("LRP-QViT: layers per bit-width %s (budget %g)", counts, self.budget)
         bits = self.args.softmax_bits or self.recipe.activations.bits
         install_softmax_quantizers(model, adapter, lambda: LogSqrt2Quantizer(bits))
 

@@ -42,6 +42,8 @@ def expected_refusals(family: str) -> dict[str, str]:
         "repquant-w4a4": "Vision Transformer",
         "repquant-w6a6": "Vision Transformer",
         "bivit": "Vision Transformer",
+        "lrp-qvit-w4a4": "Vision Transformer",
+        "lrp-qvit-w6a6": "Vision Transformer",
         "repq-vit-w4a4": "has no bias",
         "repq-vit-w6a6": "has no bias",
     }

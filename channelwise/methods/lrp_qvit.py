@@ -26,8 +26,9 @@ What the paper's text available to us does not say, and what this module chose i
 - **Relevance rule.** Conservative propagation (Ali et al., "XAI for Transformers: Better
   Explanations through Conservative Propagation", arXiv 2202.07304): gradient × input with
   the LayerNorms' standard deviations and the attention probabilities held constant, which makes
-  every block linear in its input, so relevance is conserved through attention and
-  normalisation (tested: the block input's relevance equals the output's). The paper follows
+  attention and normalisation linear in their input, so relevance is conserved through them
+  (biases and GELU keep some; tested on a tiny ViT without either: every block input's relevance
+  equals the output's). The paper follows
   Chefer et al.'s rules; the two agree on linear layers and differ at GELU and in how
   attention's two operands share relevance.
 - **Where relevance starts.** The paper starts from the target class's logit. A headless
@@ -212,7 +213,8 @@ def input_relevance(
     """The relevance reaching each module's input, summed over the calibration images: the sum
     of ``|x ⊙ ∂L/∂x|`` (``absolute``; else signed) with ``L = ½·Σ f²``, ``f`` the last block's
     output, under conservative propagation (LayerNorm deviations and attention probabilities
-    held constant), so ``x ⊙ ∂L/∂x`` sums to ``Σ f²`` at any cut through the residual stream."""
+    held constant); in a network without biases and with a linear MLP activation,
+    ``x ⊙ ∂L/∂x`` then sums to ``Σ f²`` at any cut through the residual stream (tested)."""
     blocks = adapter.block_list(model)
     attentions = [block.get_submodule(adapter.attention_module) for block in blocks]
     captured: dict[int, Tensor] = {}

@@ -315,9 +315,9 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
                 ) from None
     if recipe.attention is not None:
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
+        attention = block.get_submodule(adapter.attention_module)
+        head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+        head_dim = head_dim or config.hidden_size // config.num_attention_heads
         for name in ("q", "k", "v", "probs"):
             args = getattr(recipe.attention, name)
             if args is None or name == "probs":
@@ -503,7 +503,7 @@ def restore_quantized(model: nn.Module, folder: Path) -> None:
     saved = marker.get("input_quantizers")
     if saved is None and recipe.activations is not None:  # written before per-module specs
         saved = {
-            f"{adapter.blocks}.{index}.{name}": {
+            f"{adapter.block_path(index)}.{name}": {
                 "spec": spec_to_dict(recipe.activations.spec("activation")),
                 "static": not recipe.activations.dynamic,
             }

@@ -10,6 +10,7 @@ to sit on the compute device; peak memory is one block plus the calibration acti
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,7 +79,8 @@ class BlockContext:
     method may show its own progress bar for long work on the block; ``last`` whether this is
     the model's last block; ``group`` the calibration processes when calibration is spread over
     several (``inputs`` are then this process's share, and a method reduces what it observes
-    across them, :mod:`channelwise.distributed`).
+    across them, :mod:`channelwise.distributed`); ``model`` the whole model (what runs between
+    blocks reads it).
     """
 
     index: int
@@ -90,6 +92,17 @@ class BlockContext:
     progress: bool = False
     last: bool = False
     group: ProcessGroup | None = None
+    model: nn.Module | None = None
+
+    def to_next_block(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """What the next block reads, given this block's output ``hidden`` on a batch it ran
+        with ``kwargs``: ``hidden`` itself, or the adapter's transition between the two
+        (Swin's patch merging after a stage's last block)."""
+        if self.adapter.between_blocks is None:
+            return hidden
+        if self.model is None:
+            raise ValueError("a block context without its model cannot run the transition")
+        return self.adapter.between_blocks(self.model, self.index, hidden, kwargs)
 
     def forward(self) -> list[torch.Tensor]:
         """Run the block on every calibration batch; outputs stay on the compute device."""
@@ -191,14 +204,37 @@ def capture_block_inputs(
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         args, kw = run_until(first, "call", lambda ids=ids: adapter.run(model, ids))
-        inputs.append((args[0] if args else kw["hidden_states"]).detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        hidden, rest = split_block_call(first, args, kw)
+        inputs.append(hidden)
+        kwargs.append(rest)
     return inputs, kwargs
 
 
-def varying_layer_kwargs(model: nn.Module) -> bool:
+def split_block_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call's hidden states (detached) and everything else as keyword arguments:
+    positional ones after the hidden states are named by the block's ``forward`` signature
+    (Swin passes ``input_dimensions`` positionally)."""
+    if not args:
+        return kwargs["hidden_states"].detach(), {
+            k: v for k, v in kwargs.items() if k != "hidden_states"
+        }
+    rest = dict(kwargs)
+    if len(args) > 1:
+        names = [
+            name
+            for name, param in inspect.signature(block.forward).parameters.items()
+            if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+        ]
+        rest.update(zip(names[1:], args[1:], strict=False))
+    return args[0].detach(), rest
+
+
+def varying_layer_kwargs(model: nn.Module, adapter: ModelAdapter | None = None) -> bool:
     """Whether blocks get different keyword arguments: a model mixing layer types (Gemma's
-    sliding-window and global layers take their own masks and rotary embeddings)."""
+    sliding-window and global layers take their own masks and rotary embeddings), or one whose
+    blocks change shape between stages (Swin's input dimensions halve after each merge)."""
+    if adapter is not None and adapter.between_blocks is not None:
+        return True
     layer_types = getattr(getattr(model, "config", None), "layer_types", None)
     return bool(layer_types) and len(set(layer_types)) > 1
 
@@ -215,9 +251,10 @@ def capture_layer_kwargs(
     device = model_device(model)
 
     def keep(index: int, args: tuple, kwargs: dict) -> None:
+        hidden, rest = split_block_call(blocks[index], args, kwargs)
         if index == 0:
-            inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
-        per_block[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            inputs.append(hidden)
+        per_block[index].append(rest)
         if index == len(blocks) - 1:
             raise _Captured
 
@@ -269,7 +306,7 @@ def run_blockwise(
 
 def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, progress, group):
     blocks = adapter.block_list(model)
-    if varying_layer_kwargs(model):
+    if varying_layer_kwargs(model, adapter):
         inputs, per_block = capture_layer_kwargs(model, adapter, input_ids, batch_size)
     else:
         inputs, kwargs = capture_block_inputs(model, adapter, input_ids, batch_size)
@@ -280,10 +317,13 @@ def _run_blockwise(model, adapter, input_ids, block_fn, batch_size, device, prog
         with block_on_device(model, block, device):
             ctx = BlockContext(
                 index, block, adapter, inputs, _to(per_block[index], device), device,
-                progress=progress, last=index == len(blocks) - 1, group=group,
+                progress=progress, last=index == len(blocks) - 1, group=group, model=model,
             )  # fmt: skip
             block_fn(ctx)
-            outputs = ctx.forward()
+            outputs = [
+                ctx.to_next_block(out, kw)
+                for out, kw in zip(ctx.forward(), ctx.kwargs, strict=True)
+            ]
         finite = all(bool(torch.isfinite(out).all()) for out in outputs)
         if group is not None:
             finite = not group.any(not finite)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from channelwise.adapters import adapter_for
@@ -109,8 +110,12 @@ class ModelChannelStats:
     stats: dict[str, list[ChannelStats]] = field(default_factory=dict)
 
     def absmax_matrix(self, subset: str) -> torch.Tensor:
-        """``(n_blocks, channels)`` abs-max of the subset's input."""
-        return torch.stack([s.absmax for s in self.stats[subset]])
+        """``(n_blocks, channels)`` abs-max of the subset's input; where blocks differ in width
+        (Swin's stages), a narrower block's missing channels are NaN."""
+        rows = [s.absmax for s in self.stats[subset]]
+        width = max(row.numel() for row in rows)
+        nan = float("nan")
+        return torch.stack([F.pad(row, (0, width - row.numel()), value=nan) for row in rows])
 
 
 def collect_channel_stats(

@@ -177,7 +177,8 @@ class FloatStream:
                 hidden_state(ctx.block(inputs[i : i + self.batch_size], **kwargs))
                 for i in range(0, inputs.shape[0], self.batch_size)
             ])  # fmt: skip
-        self._inputs = None if ctx.last else outputs.to(ctx.inputs[0].device)
+        following = None if ctx.last else ctx.to_next_block(outputs, kwargs)
+        self._inputs = None if following is None else following.to(ctx.inputs[0].device)
         return inputs, outputs
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -233,8 +234,8 @@ def plot_channel_heatmap(
     )
     for row, name in enumerate(names):
         matrices = [s.absmax_matrix(name).clamp_min(1e-6).log10().numpy() for _, s in columns]
-        vmin = min(float(m.min()) for m in matrices)
-        vmax = max(float(m.max()) for m in matrices)
+        vmin = min(float(np.nanmin(m)) for m in matrices)
+        vmax = max(float(np.nanmax(m)) for m in matrices)
         for col, ((label, column), matrix) in enumerate(zip(columns, matrices, strict=True)):
             ax = axes[row, col]
             image = ax.imshow(
@@ -287,9 +288,11 @@ def plot_softmax_distribution(
 
 
 def outlier_ratio(stats: ModelChannelStats, subset: str) -> torch.Tensor:
-    """``(n_blocks, channels)``: each channel's abs-max over its block's median channel."""
+    """``(n_blocks, channels)``: each channel's abs-max over its block's median channel (0 for
+    the channels a narrower block lacks, see :meth:`ModelChannelStats.absmax_matrix`)."""
     matrix = stats.absmax_matrix(subset)
-    return matrix / matrix.median(dim=1).values.clamp_min(1e-12)[:, None]
+    ratio = matrix / matrix.nanmedian(dim=1).values.clamp_min(1e-12)[:, None]
+    return ratio.nan_to_num(nan=0.0)
 
 
 def outlier_change_summary(before: ModelChannelStats, after: ModelChannelStats) -> str:

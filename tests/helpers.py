@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -94,13 +95,41 @@ def tiny_dinov2_config(**overrides) -> transformers.Dinov2Config:
     return transformers.Dinov2Config(**{**kwargs, **overrides})
 
 
+def tiny_swin_config(**overrides) -> transformers.SwinConfig:
+    """Two stages of two blocks (the second of each in shifted windows), 8×8 then 4×4 tokens."""
+    kwargs = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], image_size=16, patch_size=2)
+    kwargs |= dict(window_size=2, mlp_ratio=2.0)
+    return transformers.SwinConfig(**{**kwargs, **overrides})
+
+
 def tiny_vision_model(family: str) -> nn.Module:
-    """A tiny random backbone of a vision ``family`` (dinov2, vit, deit), 16 px images."""
+    """A tiny random backbone of a vision ``family`` (dinov2, vit, deit, swin), 16 px images."""
     torch.manual_seed(0)
     if family == "dinov2":
         return transformers.Dinov2Model(tiny_dinov2_config()).eval()
+    if family == "swin":
+        model = transformers.SwinModel(tiny_swin_config(), add_pooling_layer=False).eval()
+        with torch.no_grad():  # a trained Swin's relative-position biases are not zero
+            for name, param in model.named_parameters():
+                if name.endswith("relative_position_bias_table"):
+                    param.normal_(0.0, 0.5)
+        return model
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     common |= dict(intermediate_size=64, image_size=16, patch_size=4)
     if family == "vit":
         return transformers.ViTModel(transformers.ViTConfig(**common)).eval()
     return transformers.DeiTModel(transformers.DeiTConfig(**common)).eval()
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, seed: int = 0) -> Path:
+    """Class ``c``'s images are noise around grey level ``60·c + 40``: separable by brightness."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            level = 60 * c + 40
+            pixels = np.clip(rng.normal(level, 10, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root

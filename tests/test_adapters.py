@@ -94,7 +94,7 @@ def test_adapter_for_names_the_family(tiny_model: nn.Module, family: str) -> Non
 
 
 def test_supported_model_types_are_the_registered_families() -> None:
-    vision = {"dinov2", "vit", "deit"}  # tests/test_vision.py
+    vision = {"dinov2", "vit", "deit", "swin"}  # tests/test_vision.py, tests/test_swin.py
     moe = {"mixtral"}  # tests/test_families.py
     assert set(supported_model_types()) == set(EXPECTED_FAMILY) | vision | moe
 

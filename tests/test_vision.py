@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import STATIC4, tiny_dinov2_config, tiny_vision_model
+from helpers import STATIC4, tiny_dinov2_config, tiny_vision_model, write_image_folder
 from PIL import Image
 
 from channelwise.adapters import adapter_for
@@ -47,18 +47,6 @@ def tiny_dinov2_folder(tiny_dinov2, tmp_path: Path) -> Path:
     folder = tmp_path / "tiny-dinov2"
     tiny_dinov2.save_pretrained(folder)
     return folder
-
-
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, seed: int = 0) -> Path:
-    """Class ``c``'s images are noise around grey level ``60·c + 40``: separable by brightness."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            level = 60 * c + 40
-            pixels = np.clip(rng.normal(level, 10, (20, 20, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 # --- the embedded backbone ----------------------------------------------------------------
@@ -318,10 +306,10 @@ def test_load_vision_model_refuses_what_it_cannot_take(tmp_path: Path, tiny_dino
     ).save_pretrained(llama)
     with pytest.raises(UnsupportedModelError, match="language model"):
         load_vision_model(str(llama))
-    swin = tmp_path / "swin"
-    transformers.SwinConfig(embed_dim=16, depths=[1], num_heads=[2]).save_pretrained(swin)
-    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'swin'"):
-        load_vision_model(str(swin))
+    swinv2 = tmp_path / "swinv2"
+    transformers.Swinv2Config(embed_dim=16, depths=[1], num_heads=[2]).save_pretrained(swinv2)
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'swinv2'"):
+        load_vision_model(str(swinv2))
     pickled = tmp_path / "pickled"
     tiny_dinov2.config.save_pretrained(pickled)
     torch.save(tiny_dinov2.state_dict(), pickled / "pytorch_model.bin")
@@ -443,11 +431,11 @@ def test_cli_quantize_saves_a_vit_with_its_static_attention_ranges(
     assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("family", ["vit", "deit"])
-def test_vit_and_deit_compress_exactly_like_dinov2(family: str, tmp_path: Path) -> None:
-    """The engine reproduces the forward, RepQ-ViT's reparameterization is exact in float, and a
-    compressed model saves and loads back identically; a classification checkpoint loads as
-    its backbone."""
+@pytest.mark.parametrize("family", ["vit", "deit", "swin"])
+def test_vit_deit_and_swin_compress_exactly_like_dinov2(family: str, tmp_path: Path) -> None:
+    """The engine reproduces the forward (Swin's patch merging run between its stages),
+    RepQ-ViT's reparameterization is exact in float, and a compressed model saves and loads back
+    identically; a classification checkpoint loads as its backbone."""
     from channelwise.compress import save_quantized
     from channelwise.deploy.packed import use_kernels
 
@@ -477,9 +465,10 @@ def test_vit_and_deit_compress_exactly_like_dinov2(family: str, tmp_path: Path) 
             assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, quantized)
     finally:
         use_kernels(before)
-    head = getattr(transformers, f"{'ViT' if family == 'vit' else 'DeiT'}ForImageClassification")
+    prefix = {"vit": "ViT", "deit": "DeiT", "swin": "Swin"}[family]
+    head = getattr(transformers, f"{prefix}ForImageClassification")
     torch.manual_seed(0)
-    classifier = head(tiny_vision_model(family).config)
+    classifier = head(tiny_vision_model(family).config).eval()  # Swin's drop-path is random
     classifier.save_pretrained(tmp_path / "classifier")
     backbone = load_vision_model(tmp_path / "classifier", "cpu")
     base = getattr(classifier, classifier.base_model_prefix)
@@ -506,6 +495,27 @@ def test_channelwise_attention_is_bidirectional_in_a_vision_transformer(tiny_din
     install_attention_quantizers(tiny_dinov2, modules, identity)
     with torch.no_grad():
         got = tiny_dinov2(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["sdpa-path", "softmax-path"])
+def test_channelwise_attention_adds_swins_relative_position_bias_and_shift_mask(probs) -> None:
+    """Swin hands its attention an additive float mask (relative-position bias plus the
+    shifted-window mask): both of channelwise's paths add it, as eager attention does; a test
+    that turned it into a boolean mask (its former softmax path) fails here."""
+    from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
+
+    model = tiny_vision_model("swin")
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    adapter = adapter_for(model)
+    modules = [b.get_submodule(adapter.attention_module) for b in adapter.block_list(model)]
+    identity = AttentionQuantizers(probs=lambda x: x) if probs else AttentionQuantizers()
+    install_attention_quantizers(model, modules, identity)
+    with torch.no_grad():
+        got = model(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ from channelwise.adapters import (  # noqa: F401 (registration)
     mixtral,
     opt,
     phi3,
+    swin,
     vit,
 )
 from channelwise.adapters.base import (

@@ -78,6 +78,16 @@ class ModelAdapter:
     #: the names of this model's parameters after ``prepare``; what offloading reads a block
     #: with, where transformers' own loader converts the names (and merges Mixtral's experts).
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    #: The blocks' own paths, in execution order, where they do not sit in one list at
+    #: ``blocks`` (Swin's stages: ``encoder.layers.S.blocks.J``); empty: ``blocks.0``, ``blocks.1``…
+    block_paths: tuple[str, ...] = ()
+    #: What runs between two blocks, outside them and in float: ``(model, index, hidden, kwargs)``
+    #: → the next block's input, given block ``index``'s output and the keyword arguments it
+    #: ran with (Swin's patch merging after a stage's last block); None: nothing.
+    between_blocks: Callable[[nn.Module, int, torch.Tensor, dict], torch.Tensor] | None = None
+    #: Whether a vision backbone's first token is a class token (ViT, DINOv2) or every token is
+    #: a patch (Swin): what the image features are pooled from.
+    class_token: bool = True
 
     def renamed(self, paths: dict[str, str]) -> ModelAdapter:
         """This adapter with module paths inside a block replaced (``old → new``)."""
@@ -99,7 +109,13 @@ class ModelAdapter:
         return model(batch, use_cache=False)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
+        if self.block_paths:
+            return nn.ModuleList(model.get_submodule(path) for path in self.block_paths)
         return model.get_submodule(self.blocks)
+
+    def block_path(self, index: int) -> str:
+        """Block ``index``'s module path in the model (what its tensors' names start with)."""
+        return self.block_paths[index] if self.block_paths else f"{self.blocks}.{index}"
 
     def linear_names(self) -> tuple[str, ...]:
         """Every quantizable linear of a block, in execution order."""

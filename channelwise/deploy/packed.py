@@ -110,7 +110,7 @@ def pack_model(model: nn.Module, adapter: ModelAdapter | None = None) -> list[st
     if not any(quantizes_weights(step.method) for step in recipe.steps):
         return _pack_embedding(model)
     todo = [
-        (f"{adapter.blocks}.{index}.{name}", block, name, module)
+        (f"{adapter.block_path(index)}.{name}", block, name, module)
         for index, block in enumerate(adapter.block_list(model))
         for name, module in adapter.block_linears(block).items()
         if not isinstance(module, PackedLinear)

@@ -4,7 +4,8 @@ A backbone has no classifier of its own here (the embedded DINOv2 is self-superv
 linear probe is fitted once on the float model's features of training images and then frozen:
 every compressed model is scored through the same probe. Features are the final-LayerNorm class
 token concatenated with the mean of the patch tokens (DINOv2's linear-evaluation features,
-arXiv 2304.07193 §7). The probe is ridge regression onto one-hot labels in closed form, on
+arXiv 2304.07193 §7); a backbone without a class token (Swin) gives the mean of its tokens, as
+its own pooler does. The probe is ridge regression onto one-hot labels in closed form, on
 standardised features, its ridge chosen from a fixed grid by accuracy on a held-out tenth of the
 probe's training images (never on the evaluation images).
 """
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from channelwise.adapters import adapter_for_config
 from channelwise.data.images import ImageSet
 from channelwise.engine import model_device
 from channelwise.errors import CheckpointError, DataSourceError, NonFiniteError
@@ -40,7 +42,9 @@ def image_features(
     progress: bool = True,
 ) -> torch.Tensor:
     """``(n, 2·hidden)`` float32 features: ``[class token, mean of patch tokens]`` of the
-    backbone's last hidden state (after its final LayerNorm)."""
+    backbone's last hidden state (after its final LayerNorm); ``(n, hidden)``, the mean of all
+    tokens, for a backbone without a class token (Swin)."""
+    class_token = adapter_for_config(model.config).class_token
     device = model_device(model)
     out = []
     for start in tqdm(
@@ -53,7 +57,10 @@ def image_features(
                 f"the model produced NaN/inf features on images {start}..{start + batch_size}; "
                 "the recipe overflows (try a wider bit-width)"
             )
-        out.append(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1).cpu())
+        pooled = hidden.mean(dim=1)
+        if class_token:
+            pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
+        out.append(pooled.cpu())
     return torch.cat(out)
 
 

@@ -187,7 +187,7 @@ class AdaDim(Method):
             if use_gptq:
                 hessian = SharedInverse(
                     observe_hessians(ctx, (subset,))[subset.name], self.args.damp,
-                    self.args.act_order, f"{ctx.adapter.blocks}.{ctx.index}.{subset.linears[0]}",
+                    self.args.act_order, f"{ctx.adapter.block_path(ctx.index)}.{subset.linears[0]}",
                 )  # fmt: skip
             for name in subset.linears:
                 module = ctx.block.get_submodule(name)
@@ -199,7 +199,7 @@ class AdaDim(Method):
                     quantized, qparams = gptq_quantize(
                         original, hessian(), specs[choice], a.damp, a.block_size, a.act_order,
                         a.static_groups and choice == "per_oc",
-                        name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
+                        name=f"{ctx.adapter.block_path(ctx.index)}.{name}",
                     )  # fmt: skip
                     weight.copy_(quantized.to(weight.dtype))
                     if qparams is not None:

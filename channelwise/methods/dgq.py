@@ -240,7 +240,7 @@ class DGQ(Method):
             for name in subset.linears:
                 module = ctx.block.get_submodule(name)
                 weight = linear_weight(module, ctx.adapter.transposed_weights)
-                label = f"{ctx.adapter.blocks}.{ctx.index}.{name}"
+                label = f"{ctx.adapter.block_path(ctx.index)}.{name}"
                 dgw = dgq_quantize(weight, H, self.group_size, name=label)
                 weight.copy_(dequantize(dgw).to(weight.dtype))
                 # The A8W4 GEMM runs on W_int8 = S2·(q − z) with per-row scale s1: pack that.

@@ -94,7 +94,7 @@ class GPTQ(Method):
             hessians = observe_hessians(ctx, stage)
             jobs = []
             for subset in stage:
-                where = f"{ctx.adapter.blocks}.{ctx.index}.{subset.linears[0]}"
+                where = f"{ctx.adapter.block_path(ctx.index)}.{subset.linears[0]}"
                 shared = SharedInverse(
                     hessians.pop(subset.name), self.args.damp, self.args.act_order, where
                 )
@@ -105,7 +105,7 @@ class GPTQ(Method):
         a = self.args
         return gptq_quantize(
             weight, shared(), spec, a.damp, a.block_size, a.act_order, a.static_groups,
-            name=f"{ctx.adapter.blocks}.{ctx.index}.{name}",
+            name=f"{ctx.adapter.block_path(ctx.index)}.{name}",
         )  # fmt: skip
 
 

@@ -128,7 +128,7 @@ class LPViT(Method):
             targets = teacher_features(model, adapter, calibration, self.args.batch_size)
             self._teacher = (model, calibration, targets)
         linears = {
-            f"{adapter.blocks}.{index}.{name}": module
+            f"{adapter.block_path(index)}.{name}": module
             for index, block in enumerate(adapter.block_list(model))
             for name, module in adapter.block_linears(block).items()
         }
@@ -163,7 +163,7 @@ class LPViT(Method):
         weights to reproduce the dense block's outputs (on the pruned model's inputs); with
         ``finetune_steps``, after the last block, fine-tune the whole backbone."""
         block_linears = ctx.adapter.block_linears(ctx.block)
-        prefix = f"{ctx.adapter.blocks}.{ctx.index}."
+        prefix = f"{ctx.adapter.block_path(ctx.index)}."
         masks = [self._masks[prefix + name].to(ctx.device) for name in block_linears]
         linears = list(block_linears.values())
         if self.args.reconstruct_iters:

@@ -324,7 +324,9 @@ def channelwise_attention(
         scores = torch.tanh(scores / softcap) * softcap
     # The most negative finite value, as eager attention does: a fully masked (padding) row gets
     # uniform probabilities instead of NaN.
-    if causal or attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        scores = scores + attention_mask  # an additive mask or bias (Swin's relative positions)
+    elif causal or attention_mask is not None:
         scores = scores.masked_fill(
             ~_keep_mask(attention_mask, query, key), torch.finfo(scores.dtype).min
         )
@@ -347,7 +349,7 @@ def _align(mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor | None:
 def _keep_mask(mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor:
     """Boolean ``(…, q_len, kv_len)``: True where a query may attend to a key."""
     if mask is not None:
-        return mask if mask.dtype == torch.bool else mask == 0
+        return mask
     q_len, kv_len = query.shape[2], key.shape[2]
     rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
     return torch.arange(kv_len, device=query.device)[None, :] <= rows

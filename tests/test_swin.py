@@ -1,0 +1,177 @@
+"""Swin Transformers: every Vision Transformer method runs across its stages and patch merging.
+
+The tiny Swin has two stages of two blocks (the second in shifted windows), a patch merging
+between them, and random relative-position biases (tests/helpers.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import STATIC4, tiny_vision_model, write_image_folder
+
+from channelwise.adapters import adapter_for
+from channelwise.compress import quantize, save_quantized
+from channelwise.data.images import ImageSet
+from channelwise.deploy import pack_model
+from channelwise.deploy.packed import use_kernels
+from channelwise.engine import run_blockwise
+from channelwise.evaluate.top1 import image_features
+from channelwise.recipe import Recipe
+from channelwise.vision import load_vision_model
+
+WEIGHTS4 = {"bits": 4, "symmetric": False, "granularity": "channel", "range": "mse"}
+ATTENTION4 = {"q": STATIC4, "k": STATIC4, "v": STATIC4}
+
+
+def _recipe(method: str, **args) -> Recipe:
+    spec = {"name": f"{method}-swin-test", "steps": [{"method": method, "args": args}]}
+    if method in ("ias_vit", "repquant", "lrp_qvit"):
+        spec |= {"weights": WEIGHTS4, "activations": STATIC4, "attention": ATTENTION4}
+    return Recipe.from_dict(spec)
+
+
+def _pixels(n: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    adapter = adapter_for(model)
+    return {
+        f"{adapter.block_path(i)}.{name}": module.weight.detach().clone()
+        for i, block in enumerate(adapter.block_list(model))
+        for name, module in adapter.block_linears(block).items()
+    }
+
+
+def test_the_adapter_lists_every_stages_blocks_and_merges_between_stages() -> None:
+    model = tiny_vision_model("swin")
+    adapter = adapter_for(model)
+    assert [adapter.block_path(i) for i in range(4)] == [
+        "encoder.layers.0.blocks.0", "encoder.layers.0.blocks.1",
+        "encoder.layers.1.blocks.0", "encoder.layers.1.blocks.1",
+    ]  # fmt: skip
+    stages = [*model.encoder.layers[0].blocks, *model.encoder.layers[1].blocks]
+    assert all(a is b for a, b in zip(adapter.block_list(model), stages, strict=True))
+    pixels = _pixels(5)
+    outputs = run_blockwise(model, adapter, pixels, lambda ctx: None, batch_size=2, progress=False)
+    assert [tuple(o.shape) for o in outputs] == [(2, 16, 32), (2, 16, 32), (1, 16, 32)]
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(model.layernorm(torch.cat(outputs)), expected)
+
+
+CASES = {
+    "vit-rtn-w4a4": "vit-rtn-w4a4",
+    "repq-vit-w4a4": "repq-vit-w4a4",
+    "ias_vit": _recipe("ias_vit", iters=3, batch_size=8),
+    "repquant": _recipe("repquant", iters=3, batch_size=8),
+    "lrp_qvit": _recipe("lrp_qvit", batch_size=8),
+    "bivit": _recipe("bivit", steps=3, batch_size=8),
+    "lpvit": _recipe("lpvit", flops=0.6, block=[8, 8]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_vit_method_runs_on_swin_and_reloads_bit_identically(case, tmp_path: Path):
+    """Each method changes the weights of every stage's blocks (the trained ones read their
+    float targets through the patch merging), the model stays close to float, and its saved
+    folder loads back computing the same outputs."""
+    model = tiny_vision_model("swin")
+    pixels = _pixels()
+    before = _weights(model)
+    with torch.no_grad():
+        reference = model(pixel_values=pixels).last_hidden_state
+    quantize(model, CASES[case], pixels, progress=False)
+    after = _weights(model)
+    changed = {
+        name.split(".blocks.")[0] for name in before if not torch.equal(before[name], after[name])
+    }
+    assert changed == {"encoder.layers.0", "encoder.layers.1"}
+    with torch.no_grad():
+        out = model(pixel_values=pixels).last_hidden_state
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(1), reference.flatten(1))
+    assert cosine.min() > (0.5 if case == "bivit" else 0.95)
+    loaded = load_vision_model(save_quantized(model, None, tmp_path / "out"), "cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, out)
+
+
+def test_a_packed_swin_saves_and_loads_back_identically(tmp_path: Path) -> None:
+    model = tiny_vision_model("swin")
+    pixels = _pixels()
+    quantize(model, "repq-vit-w4a4", pixels, progress=False)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    pack_model(model)
+    before = use_kernels(False)
+    try:
+        loaded = load_vision_model(save_quantized(model, None, tmp_path / "packed"), "cpu")
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
+    finally:
+        use_kernels(before)
+
+
+def test_swin_features_are_the_mean_of_all_tokens() -> None:
+    """No class token: the probe reads the mean of the last hidden state, as Swin's pooler."""
+    model = tiny_vision_model("swin")
+    grey = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    images = ImageSet(grey, torch.tensor([0, 1, 0]), ("a", "b"), "random")
+    features = image_features(model, images, 16, (0.5,) * 3, (0.25,) * 3, progress=False)
+    pixels = images.pixels(0, 3, 16, (0.5,) * 3, (0.25,) * 3)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state
+    assert features.shape == (3, 32)
+    torch.testing.assert_close(features, hidden.mean(dim=1))
+
+
+def test_cli_compares_and_inspects_a_local_swin_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A user's Swin folder goes through ``channelwise vision`` (fp measured first, one probe)
+    and ``channelwise inspect`` as a ViT does."""
+    import json
+
+    from channelwise.cli import main
+
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "tiny-swin"
+    tiny_vision_model("swin").save_pretrained(folder)
+    train = write_image_folder(tmp_path / "train", seed=1)
+    test = write_image_folder(tmp_path / "test", seed=2)
+    out = tmp_path / "rows.json"
+    argv = ["-q", "--device", "cpu", "vision", "--model", str(folder), "--calib-data", str(train)]
+    argv += ["--eval-data", str(test), "--resolution", "16", "--calib-images", "6"]
+    argv += ["--plot", str(tmp_path / "vision.png")]
+    assert main(argv + ["--recipes", "vit-rtn-w8a8,repq-vit-w4a4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows["fp"]["agreement"] == 100.0 and rows["fp"]["images"] == 24
+    assert rows["vit-rtn-w8a8"]["feature_cosine"] > rows["repq-vit-w4a4"]["feature_cosine"]
+    picture = tmp_path / "inspect.png"
+    assert (
+        main(
+            [
+                "-q",
+                "--device",
+                "cpu",
+                "inspect",
+                str(folder),
+                "--calib-data",
+                str(train),
+                "--calib-samples",
+                "6",
+                "--recipe",
+                "repq-vit-w4a4",
+                "--out",
+                str(picture),
+            ]
+        )
+        == 0
+    )
+    assert "after repq-vit-w4a4" in capsys.readouterr().out
+    for path in (picture, tmp_path / "inspect-softmax.png"):
+        assert path.read_bytes()[:4] == b"\x89PNG"

@@ -224,8 +224,6 @@ def check_offloadable(recipe: Recipe, methods: list[Method], kv_method) -> None:
             f"{where}: KV-cache method '{kv_method.name}' changes the whole model's weights at "
             f"once (KV-cache methods that run offloaded: {runs})"
         )
-    if has_static_attention(recipe):
-        raise OffloadError(f"{where}: static attention ranges are not supported offloaded yet")
 
 
 def needs_calibration(recipe: str | Path | Recipe) -> bool:

@@ -192,6 +192,37 @@ def test_kv_caches_run_offloaded_as_in_memory_and_save_and_load_back(
     assert plain != pytest.approx(expected, rel=1e-4), "the cache is in the loop"
 
 
+def test_static_attention_ranges_calibrate_offloaded_as_in_memory(
+    tmp_path, calibration_ids, token_ids
+):
+    """Static q/k/v ranges are calibrated block by block with the blocks on disk: the same
+    quantizers as in memory, saved beside the offloaded model (fake-quant and packed) and
+    restored when it loads, offloaded or whole."""
+    from channelwise.recipe import Recipe, load_recipe
+
+    static8 = {"bits": 8, "symmetric": False, "granularity": "tensor", "dynamic": False}
+    data = load_recipe("rtn-w8a8").model_dump(mode="json")
+    recipe = Recipe.from_dict(
+        dict(data, name="w8a8-static-qkv", attention={"q": static8, "k": static8, "v": static8})
+    )
+    folder = save_tiny(tmp_path / "src")
+    loaded, model, tokenizer = quantize_both(folder, recipe, calibration_ids, tmp_path / "mem")
+    with torch.no_grad():
+        expected = loaded(token_ids).logits
+        torch.testing.assert_close(model(token_ids).logits, expected, rtol=0, atol=1e-6)
+        fp = load_model(folder)[0](token_ids).logits
+    assert not torch.allclose(fp, expected, atol=1e-4), "the attention quantizers are in the loop"
+    fake = save_quantized(model, tokenizer, tmp_path / "fake")
+    assert (fake / "attention_ranges.safetensors").is_file()
+    for again in (load_offloaded(fake)[0], load_model(fake)[0]):
+        with torch.no_grad():
+            torch.testing.assert_close(again(token_ids).logits, expected, rtol=0, atol=1e-6)
+    pack_model(model)
+    packed, _ = load_model(save_quantized(model, tokenizer, tmp_path / "packed"))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(token_ids).logits, expected, rtol=0, atol=1e-6)
+
+
 def test_a_single_file_checkpoint_offloads_too(tmp_path, token_ids):
     folder = save_tiny(tmp_path / "src", shards=False)
     assert (folder / "model.safetensors").is_file()

@@ -257,6 +257,8 @@ def check_calibration(calibration: torch.Tensor, adapter: ModelAdapter) -> None:
         raise DataSourceError(f"calibration must be {expected} for '{adapter.family}'; got {got}")
     if calibration.shape[0] == 0:
         raise DataSourceError("calibration holds no samples")
+    if vision and adapter.check_image is not None:
+        adapter.check_image(*calibration.shape[2:])
 
 
 def has_static_ranges(recipe: Recipe) -> bool:

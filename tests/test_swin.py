@@ -175,3 +175,21 @@ def test_cli_compares_and_inspects_a_local_swin_folder(
     assert "after repq-vit-w4a4" in capsys.readouterr().out
     for path in (picture, tmp_path / "inspect-softmax.png"):
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_images_too_small_for_the_last_stages_window_are_one_clear_error() -> None:
+    """transformers' Swin cannot shrink a window below its relative-position table: refused
+    before any forward, naming the smallest size that works (checked here against the model)."""
+    from channelwise.errors import DataSourceError
+
+    model = tiny_vision_model("swin")  # patch 2, window 2, one merge: at least 8 px
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 8, 8))
+        with pytest.raises(RuntimeError):
+            tiny_vision_model("swin")(pixel_values=torch.randn(1, 3, 4, 4))
+    with pytest.raises(DataSourceError, match=r"2×2-token windows.*at least 8 px"):
+        quantize(model, "vit-rtn-w8a8", torch.randn(2, 3, 4, 4), progress=False)
+    grey = torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
+    images = ImageSet(grey, torch.tensor([0, 1]), ("a", "b"), "zeros")
+    with pytest.raises(DataSourceError, match="last stage 1 tokens wide"):
+        image_features(model, images, 4, (0.5,) * 3, (0.25,) * 3, progress=False)

@@ -88,6 +88,9 @@ class ModelAdapter:
     #: Whether a vision backbone's first token is a class token (ViT, DINOv2) or every token is
     #: a patch (Swin): what the image features are pooled from.
     class_token: bool = True
+    #: Raises a clear error for an image size ``(height, width)`` in pixels the model cannot
+    #: take (Swin: a stage narrower than its attention window); None: any size.
+    check_image: Callable[[int, int], None] | None = None
 
     def renamed(self, paths: dict[str, str]) -> ModelAdapter:
         """This adapter with module paths inside a block replaced (``old → new``)."""

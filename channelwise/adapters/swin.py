@@ -9,8 +9,11 @@ captured per block). Between two stages the patch merging (a LayerNorm over four
 tokens and the ``reduction`` linear) runs as a transition outside the blocks, in float, like
 the patch embedding and the final LayerNorm. Deviation from the ViT papers (RepQ-ViT
 quantizes the ``reduction`` linear, its LayerNorm reparameterized into it): here the
-reduction stays in float (about 4% of Swin-T's linear weights). There is no class token: image
-features are the mean of all tokens. Swin V2 (post-norm, cosine attention) is not supported.
+reduction stays in float (about 6% of Swin-T's linear weights). There is no class token: image
+features are the mean of all tokens. Images must leave the last stage at least one window wide
+(224 px for Swin-T: transformers' Swin cannot shrink a window to a narrower stage, the
+relative-position bias being sized for the full window), checked before any forward. Swin V2
+(post-norm, cosine attention) is not supported.
 """
 
 from dataclasses import replace
@@ -20,6 +23,7 @@ from torch import nn
 
 from channelwise.adapters.base import ModelAdapter, register_adapter
 from channelwise.adapters.vit import pre_ln_vit_adapter
+from channelwise.errors import DataSourceError
 
 
 def _stage_ends(depths: list[int]) -> dict[int, int]:
@@ -49,5 +53,26 @@ def swin_adapter(config) -> ModelAdapter:
         with torch.no_grad():
             return downsample(hidden.to(device), kwargs["input_dimensions"])
 
+    def check_image(height: int, width: int) -> None:
+        window, patch, merges = config.window_size, config.patch_size, len(depths) - 1
+        narrowest = min(_last_stage_tokens(size, patch, merges) for size in (height, width))
+        if narrowest < window:
+            raise DataSourceError(
+                f"this Swin attends in {window}×{window}-token windows, but {height}×{width} px "
+                f"images leave its last stage {narrowest} tokens wide (transformers' Swin "
+                f"cannot shrink a window); use images of at least {patch * window * 2**merges} "
+                f"px (--resolution; the model was trained at {config.image_size})"
+            )
+
     base = pre_ln_vit_adapter("swin", "encoder.layers", ("layernorm_before", "layernorm_after"))
-    return replace(base, block_paths=paths, between_blocks=merge, class_token=False)
+    return replace(
+        base, block_paths=paths, between_blocks=merge, class_token=False, check_image=check_image
+    )
+
+
+def _last_stage_tokens(pixels: int, patch: int, merges: int) -> int:
+    """Tokens along one side after the patch embedding (padded) and ``merges`` halvings."""
+    tokens = -(-pixels // patch)
+    for _ in range(merges):
+        tokens = (tokens + 1) // 2
+    return tokens

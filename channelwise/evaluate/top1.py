@@ -44,7 +44,9 @@ def image_features(
     """``(n, 2·hidden)`` float32 features: ``[class token, mean of patch tokens]`` of the
     backbone's last hidden state (after its final LayerNorm); ``(n, hidden)``, the mean of all
     tokens, for a backbone without a class token (Swin)."""
-    class_token = adapter_for_config(model.config).class_token
+    adapter = adapter_for_config(model.config)
+    if adapter.check_image is not None:
+        adapter.check_image(resolution, resolution)
     device = model_device(model)
     out = []
     for start in tqdm(
@@ -58,7 +60,7 @@ def image_features(
                 "the recipe overflows (try a wider bit-width)"
             )
         pooled = hidden.mean(dim=1)
-        if class_token:
+        if adapter.class_token:
             pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
         out.append(pooled.cpu())
     return torch.cat(out)

@@ -84,12 +84,12 @@ def main() -> None:
     result = quantize(pruned, lpvit(shares[0], args.block, "curves"),
                       protocol.calibration_pixels(), progress=False)  # fmt: skip
     adapter = adapter_for(pruned)
-    names = [f"{adapter.blocks}.{i}.{n}" for i, b in enumerate(adapter.block_list(pruned))
+    names = [f"{adapter.block_path(i)}.{n}" for i, b in enumerate(adapter.block_list(pruned))
              for n in adapter.block_linears(b)]  # fmt: skip
     replaced = block_sparse_model(pruned, names, (args.block, args.block))
-    timed = VisionProtocol(resolution=protocol.resolution, eval_images=args.batch)
+    timed = VisionProtocol(resolution=protocol.size, eval_images=args.batch)
     images = timed.eval_set()
-    pixels = images.pixels(0, len(images), timed.resolution, timed.mean, timed.std)
+    pixels = images.pixels(0, len(images), timed.size, timed.mean, timed.std)
     rates = images_per_second(
         {"fp32": load_vision_model(None, "cpu"), "block-sparse": pruned},
         pixels, args.repeats, args.rounds,

@@ -313,15 +313,24 @@ def cmd_compare(args) -> None:
 
 def cmd_vision(args) -> None:
     from channelwise.report import format_vision_markdown, plot_vision, write_json
-    from channelwise.vision import VISION_DEMO_RECIPES, VisionProtocol, compare_vision
+    from channelwise.vision import (
+        VISION_DEMO_RECIPES,
+        VisionProtocol,
+        compare_vision,
+        vision_config,
+    )
 
-    protocol = VisionProtocol().with_(
-        calib_data=args.calib_data,
-        eval_data=args.eval_data,
-        calib_images=args.calib_images,
-        probe_images=args.probe_images,
-        eval_images=args.eval_images,
-        resolution=args.resolution,
+    protocol = (
+        VisionProtocol()
+        .with_(
+            calib_data=args.calib_data,
+            eval_data=args.eval_data,
+            calib_images=args.calib_images,
+            probe_images=args.probe_images,
+            eval_images=args.eval_images,
+            resolution=args.resolution,
+        )
+        .for_model(vision_config(args.model))
     )
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, args.model)
@@ -363,11 +372,12 @@ def cmd_inspect(args) -> None:
 def _vision_protocol(args):
     """The ViT protocol of ``quantize``/``inspect``: calibration images from ``--calib-data``
     and ``--calib-samples``; ``--seqlen`` (a text option) is refused."""
-    from channelwise.vision import VisionProtocol
+    from channelwise.vision import VisionProtocol, vision_config
 
     if args.seqlen is not None:
         raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
-    return VisionProtocol().with_(calib_data=args.calib_data, calib_images=args.calib_samples)
+    protocol = VisionProtocol().with_(calib_data=args.calib_data, calib_images=args.calib_samples)
+    return protocol.for_model(vision_config(args.model))
 
 
 def _inspect_vision(args) -> None:
@@ -548,7 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, help="calibration images (default: 32)")
     p.add_argument("--probe-images", type=int, help="images the probe is fitted on (10000)")
     p.add_argument("--eval-images", type=int, help="test images (default: all)")
-    p.add_argument("--resolution", type=int, help="square input size in pixels (default: 112)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="square input size in pixels (default: a ViT's, DeiT's or Swin's own image_size; "
+        "112 for DINOv2)",
+    )
     p.add_argument("--json", help="write {recipe: {top1, agreement, …}} here")
     p.add_argument(
         "--plot",

@@ -43,6 +43,8 @@ from channelwise.state import MARKER_FILE
 log = logging.getLogger(__name__)
 
 DEFAULT_VISION_MODEL = "dinov2-small"
+#: The image size of the DINOv2 protocol (and of any model that takes every size).
+DEFAULT_RESOLUTION = 112
 #: What ``channelwise vision`` measures by default.
 VISION_DEMO_RECIPES = ("fp", "vit-rtn-w8a8", "vit-rtn-w6a6", "vit-rtn-w4a4")
 _EMBEDDED = {"dinov2-small": cached_dinov2_checkpoint}
@@ -66,19 +68,27 @@ def resolve_vision_model(spec: str | os.PathLike | None = None) -> Path:
     )
 
 
+def vision_config(spec: str | os.PathLike | None = None):
+    """The Hugging Face config of the vision model ``spec`` names (no weights read)."""
+    from transformers import AutoConfig
+
+    folder = resolve_vision_model(spec)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
+
+
 def load_vision_model(
     spec: str | os.PathLike | None = None, device: str | torch.device = "auto"
 ) -> nn.Module:
     """A vision backbone in eval mode (float32), from safetensors only; an architecture without
     a vision adapter is refused before its weights are read. A folder ``channelwise`` saved
     (packed or fake-quant) loads compressed, its runtime ops and input quantizers restored."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     folder = resolve_vision_model(spec)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
+    config = vision_config(folder)
     adapter = adapter_for_config(config)
     if adapter.modality != "vision":
         raise UnsupportedModelError(
@@ -119,7 +129,9 @@ class VisionProtocol:
 
     calib_data: str = "fashion-mnist"
     eval_data: str = "fashion-mnist"
-    resolution: int = 112
+    #: Square image size in pixels; None: the model's own where its architecture fixes one
+    #: (ViT, DeiT, Swin: ``image_size``), else :data:`DEFAULT_RESOLUTION` (:meth:`for_model`).
+    resolution: int | None = None
     calib_images: int = 32
     probe_images: int = 10_000
     eval_images: int | None = None  # None: the whole test split
@@ -128,7 +140,7 @@ class VisionProtocol:
     std: tuple[float, float, float] = IMAGE_STD
 
     def __post_init__(self) -> None:
-        if self.resolution < 14:
+        if self.resolution is not None and self.resolution < 14:
             raise DataSourceError(f"resolution must be at least one patch, got {self.resolution}")
         if image_source_identity(self.calib_data, "train") == image_source_identity(
             self.eval_data, "test"
@@ -137,6 +149,20 @@ class VisionProtocol:
                 f"calibration ('{self.calib_data}') and evaluation ('{self.eval_data}') read the "
                 "same images; never calibrate on the evaluation images: pick another folder"
             )
+
+    @property
+    def size(self) -> int:
+        """The image size in pixels: ``resolution``, or :data:`DEFAULT_RESOLUTION` if unset."""
+        return self.resolution if self.resolution is not None else DEFAULT_RESOLUTION
+
+    def for_model(self, config) -> VisionProtocol:
+        """This protocol with an unset resolution filled in for the model of ``config`` (a
+        Hugging Face config): its architecture's own input size where it fixes one, else
+        :data:`DEFAULT_RESOLUTION`."""
+        if self.resolution is not None:
+            return self
+        native = adapter_for_config(config).native_resolution
+        return replace(self, resolution=native or DEFAULT_RESOLUTION)
 
     def with_(self, **changes) -> VisionProtocol:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -150,12 +176,10 @@ class VisionProtocol:
     def calibration_pixels(self) -> torch.Tensor:
         """``(calib_images, 3, resolution, resolution)`` seeded training images."""
         images = seeded_subset(load_images(self.calib_data, "train"), self.calib_images, self.seed)
-        return images.pixels(0, len(images), self.resolution, self.mean, self.std)
+        return images.pixels(0, len(images), self.size, self.mean, self.std)
 
     def features(self, model: nn.Module, images: ImageSet, progress: bool = True):
-        return image_features(
-            model, images, self.resolution, self.mean, self.std, progress=progress
-        )
+        return image_features(model, images, self.size, self.mean, self.std, progress=progress)
 
 
 def cached_probe(
@@ -179,7 +203,7 @@ def cached_probe(
         channelwise_home()
         / "probes"
         / (
-            f"{folder.name}-{key}-images-{digest.hexdigest()[:16]}-{protocol.resolution}px-"
+            f"{folder.name}-{key}-images-{digest.hexdigest()[:16]}-{protocol.size}px-"
             f"seed{protocol.seed}.safetensors"
         )
     )
@@ -236,6 +260,7 @@ def compare_vision(
         )
     loaded = recipes_fp_first(recipes)
     reference = load_vision_model(model, device)
+    protocol = protocol.for_model(reference.config)
     for recipe in loaded:
         plan(reference, recipe)
     probe = cached_probe(model, protocol, reference, progress)
@@ -323,6 +348,7 @@ def inspect_vision(
     protocol = protocol or VisionProtocol()
     recipe = load_recipe(recipe) if recipe is not None else None
     fp_model = load_vision_model(model, device)
+    protocol = protocol.for_model(fp_model.config)
     if recipe is not None:
         plan(fp_model, recipe)
     pixels = protocol.calibration_pixels()
@@ -333,7 +359,7 @@ def inspect_vision(
     generator = torch.Generator().manual_seed(protocol.seed)
     for block in adapter.block_list(fp_model):
         with recording(block.get_submodule(adapter.attention_module)) as seen, torch.no_grad():
-            fp_model(pixel_values=pixels[: min(8, len(pixels))].to(model_device(fp_model)))
+            adapter.run(fp_model, pixels[: min(8, len(pixels))].to(model_device(fp_model)))
         values = torch.cat([p.reshape(-1).float().cpu() for p in seen["probs"]])
         pick = torch.randperm(values.numel(), generator=generator)[:sample]
         probs.append(values[pick])

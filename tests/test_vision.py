@@ -357,6 +357,46 @@ def test_compare_vision_measures_fp_first_through_one_frozen_probe(
         compare_vision(["fp", "fp"], str(tiny_dinov2_folder), protocol, device="cpu")
 
 
+def test_a_vit_is_measured_at_its_own_size_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ViT checkpoint fixes its input size through its position embeddings: by default the
+    protocol takes the checkpoint's ``image_size`` (DINOv2 keeps 112 px); another size is run
+    with the position embeddings interpolated, not refused from inside transformers."""
+    monkeypatch.setenv("CHANNELWISE_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    folder = tmp_path / "vit32"
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    protocol = VisionProtocol(
+        calib_data=str(write_image_folder(tmp_path / "train", seed=1)),
+        eval_data=str(write_image_folder(tmp_path / "test", seed=2)),
+        calib_images=6, probe_images=24, mean=MEAN, std=STD,
+    )  # fmt: skip
+    assert protocol.for_model(config).resolution == 32
+    assert protocol.for_model(tiny_dinov2_config()).resolution == 112
+    assert protocol.with_(resolution=16).for_model(config).resolution == 16
+    for resolution, expected in ((None, "32px"), (16, "16px")):
+        rows = compare_vision(
+            ["vit-rtn-w8a8"], str(folder), protocol.with_(resolution=resolution), device="cpu",
+            progress=False,
+        )  # fmt: skip
+        assert rows[1].feature_cosine > 0.99
+        assert any(expected in p.name for p in (tmp_path / "home" / "probes").iterdir())
+    model = load_vision_model(folder, "cpu")
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = ImageSet((pixels * 40 + 128).clamp(0, 255).to(torch.uint8), torch.tensor([0, 1]),
+                      ("a", "b"), "random")  # fmt: skip
+    with torch.no_grad():
+        direct = model(pixel_values=images.pixels(0, 2, 16, MEAN, STD),
+                       interpolate_pos_encoding=True).last_hidden_state  # fmt: skip
+    features = image_features(model, images, 16, MEAN, STD, progress=False)
+    torch.testing.assert_close(features[:, :32], direct[:, 0])
+
+
 def test_image_features_refuse_non_finite_activations(tiny_dinov2) -> None:
     with torch.no_grad():
         tiny_dinov2.encoder.layer[0].mlp.fc2.bias.fill_(float("nan"))

@@ -88,6 +88,13 @@ class ModelAdapter:
     #: Whether a vision backbone's first token is a class token (ViT, DINOv2) or every token is
     #: a patch (Swin): what the image features are pooled from.
     class_token: bool = True
+    #: The input size a vision model's architecture fixes (ViT/DeiT position embeddings, Swin
+    #: windows: ``config.image_size``), used where the user gives none; None: the protocol's
+    #: default (DINOv2 interpolates its position embeddings to any size).
+    native_resolution: int | None = None
+    #: Keyword arguments every forward of the model gets (ViT/DeiT: interpolate the position
+    #: embeddings to the image size).
+    forward_kwargs: dict = field(default_factory=dict)
     #: Raises a clear error for an image size ``(height, width)`` in pixels the model cannot
     #: take (Swin: a stage narrower than its attention window); None: any size.
     check_image: Callable[[int, int], None] | None = None
@@ -108,7 +115,7 @@ class ModelAdapter:
     def run(self, model: nn.Module, batch: torch.Tensor):
         """One forward of ``model`` on a calibration batch (token ids, or pixel values)."""
         if self.modality == "vision":
-            return model(pixel_values=batch)
+            return model(pixel_values=batch, **self.forward_kwargs)
         return model(batch, use_cache=False)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:

@@ -66,7 +66,12 @@ def swin_adapter(config) -> ModelAdapter:
 
     base = pre_ln_vit_adapter("swin", "encoder.layers", ("layernorm_before", "layernorm_after"))
     return replace(
-        base, block_paths=paths, between_blocks=merge, class_token=False, check_image=check_image
+        base,
+        block_paths=paths,
+        between_blocks=merge,
+        class_token=False,
+        check_image=check_image,
+        native_resolution=config.image_size,
     )
 
 

@@ -4,8 +4,12 @@ The same block as DINOv2 with other norm names (``layernorm_before``/``layernorm
 patch embedding (a convolution), the final LayerNorm, ViT's pooler and DeiT's distillation
 token sit outside the blocks and stay in float. A classification checkpoint
 (``ViTForImageClassification``) loads as its backbone; its head is not used (top-1 comes from
-the frozen probe).
+the frozen probe). Images are taken at the checkpoint's own size (``image_size``) unless the
+user gives another, to which the position embeddings are interpolated (transformers'
+``interpolate_pos_encoding``).
 """
+
+from dataclasses import replace
 
 from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
 
@@ -49,4 +53,9 @@ def pre_ln_vit_adapter(
 @register_adapter("vit", "deit")
 def vit_adapter(config) -> ModelAdapter:
     norms = ("layernorm_before", "layernorm_after")
-    return pre_ln_vit_adapter(config.model_type, "layers", norms, {"add_pooling_layer": False})
+    adapter = pre_ln_vit_adapter(config.model_type, "layers", norms, {"add_pooling_layer": False})
+    return replace(
+        adapter,
+        native_resolution=config.image_size,
+        forward_kwargs={"interpolate_pos_encoding": True},
+    )

@@ -53,7 +53,7 @@ def image_features(
         range(0, len(images), batch_size), desc="images", disable=not progress, leave=False
     ):
         pixels = images.pixels(start, min(start + batch_size, len(images)), resolution, mean, std)
-        hidden = model(pixel_values=pixels.to(device)).last_hidden_state.float()
+        hidden = adapter.run(model, pixels.to(device)).last_hidden_state.float()
         if not torch.isfinite(hidden).all():
             raise NonFiniteError(
                 f"the model produced NaN/inf features on images {start}..{start + batch_size}; "

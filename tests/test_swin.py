@@ -15,8 +15,6 @@ from helpers import STATIC4, tiny_vision_model, write_image_folder
 from channelwise.adapters import adapter_for
 from channelwise.compress import quantize, save_quantized
 from channelwise.data.images import ImageSet
-from channelwise.deploy import pack_model
-from channelwise.deploy.packed import use_kernels
 from channelwise.engine import run_blockwise
 from channelwise.evaluate.top1 import image_features
 from channelwise.recipe import Recipe
@@ -97,22 +95,6 @@ def test_every_vit_method_runs_on_swin_and_reloads_bit_identically(case, tmp_pat
     loaded = load_vision_model(save_quantized(model, None, tmp_path / "out"), "cpu")
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, out)
-
-
-def test_a_packed_swin_saves_and_loads_back_identically(tmp_path: Path) -> None:
-    model = tiny_vision_model("swin")
-    pixels = _pixels()
-    quantize(model, "repq-vit-w4a4", pixels, progress=False)
-    with torch.no_grad():
-        expected = model(pixel_values=pixels).last_hidden_state
-    pack_model(model)
-    before = use_kernels(False)
-    try:
-        loaded = load_vision_model(save_quantized(model, None, tmp_path / "packed"), "cpu")
-        with torch.no_grad():
-            assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
-    finally:
-        use_kernels(before)
 
 
 def test_swin_features_are_the_mean_of_all_tokens() -> None:

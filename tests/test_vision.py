@@ -522,30 +522,15 @@ def test_vit_deit_and_swin_compress_exactly_like_dinov2(family: str, tmp_path: P
 # --- attention through channelwise's implementation, and RepQ-ViT ----------------------------
 
 
+@pytest.mark.parametrize("family", ["dinov2", "swin"])
 @pytest.mark.parametrize("probs", [False, True], ids=["sdpa-path", "softmax-path"])
-def test_channelwise_attention_is_bidirectional_in_a_vision_transformer(tiny_dinov2, probs):
+def test_channelwise_attention_matches_eager_in_a_vision_transformer(family, probs) -> None:
+    """No causal mask in a ViT; Swin hands its attention an additive float mask (relative-position
+    bias plus the shifted-window mask), which both of channelwise's paths add as eager attention
+    does (turning it into a boolean mask, as the softmax path once did, fails here)."""
     from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
 
-    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
-    adapter = adapter_for(tiny_dinov2)
-    modules = [b.get_submodule(adapter.attention_module) for b in adapter.block_list(tiny_dinov2)]
-    identity = AttentionQuantizers(probs=lambda x: x) if probs else AttentionQuantizers()
-    install_attention_quantizers(tiny_dinov2, modules, identity)
-    with torch.no_grad():
-        got = tiny_dinov2(pixel_values=pixels).last_hidden_state
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("probs", [False, True], ids=["sdpa-path", "softmax-path"])
-def test_channelwise_attention_adds_swins_relative_position_bias_and_shift_mask(probs) -> None:
-    """Swin hands its attention an additive float mask (relative-position bias plus the
-    shifted-window mask): both of channelwise's paths add it, as eager attention does; a test
-    that turned it into a boolean mask (its former softmax path) fails here."""
-    from channelwise.quant.attention import AttentionQuantizers, install_attention_quantizers
-
-    model = tiny_vision_model("swin")
+    model = tiny_vision_model(family)
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -670,25 +655,26 @@ def test_repq_recipe_errors_are_clear(tiny_dinov2) -> None:
                                             "steps": [{"method": "repq_vit"}]}))  # fmt: skip
 
 
-def test_a_packed_vision_model_saves_and_loads_back_identically(
-    tiny_dinov2, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("family", ["dinov2", "swin"])
+def test_a_packed_vision_model_saves_and_loads_back_identically(family, tmp_path: Path) -> None:
     from channelwise.compress import save_quantized
     from channelwise.deploy import pack_model
     from channelwise.deploy.packed import PackedLinear, use_kernels
 
+    model = tiny_vision_model(family)
+    linears = 6 * len(adapter_for(model).block_list(model))
     pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    quantize(tiny_dinov2, "rtn-w8a8", pixels, progress=False)
+    quantize(model, "rtn-w8a8", pixels, progress=False)
     with torch.no_grad():
-        expected = tiny_dinov2(pixel_values=pixels).last_hidden_state
-    assert len(pack_model(tiny_dinov2)) == 12
+        expected = model(pixel_values=pixels).last_hidden_state
+    assert len(pack_model(model)) == linears
     before = use_kernels(False)  # the reference path: bit-identical to fake-quant
     try:
         with torch.no_grad():
-            assert torch.equal(tiny_dinov2(pixel_values=pixels).last_hidden_state, expected)
-        saved = save_quantized(tiny_dinov2, None, tmp_path / "out")
+            assert torch.equal(model(pixel_values=pixels).last_hidden_state, expected)
+        saved = save_quantized(model, None, tmp_path / "out")
         loaded = load_vision_model(saved, "cpu")
-        assert sum(isinstance(m, PackedLinear) for m in loaded.modules()) == 12
+        assert sum(isinstance(m, PackedLinear) for m in loaded.modules()) == linears
         with torch.no_grad():
             assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
     finally:

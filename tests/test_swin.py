@@ -175,3 +175,24 @@ def test_images_too_small_for_the_last_stages_window_are_one_clear_error() -> No
     images = ImageSet(grey, torch.tensor([0, 1]), ("a", "b"), "zeros")
     with pytest.raises(DataSourceError, match="last stage 1 tokens wide"):
         image_features(model, images, 4, (0.5,) * 3, (0.25,) * 3, progress=False)
+
+
+def test_lpvit_weighs_each_linear_by_the_tokens_its_stage_processes() -> None:
+    """A Swin's first stage runs 4× the tokens of its second: the FLOPs share LPViT keeps is
+    counted with them (counting weights alone, as for a ViT, would misstate it)."""
+    model = tiny_vision_model("swin")
+    recipe = _recipe("lpvit", flops=0.6, block=[4, 4])
+    method = quantize(model, recipe, _pixels(8), progress=False).methods[0]
+    adapter = adapter_for(model)
+    tokens = [64, 64, 16, 16]  # 8×8 patches, then 4×4 after the merge
+    kept = total = weights_kept = weights = 0
+    for index, block in enumerate(adapter.block_list(model)):
+        for module in adapter.block_linears(block).values():
+            nonzero = int(module.weight.ne(0).sum())
+            kept += nonzero * tokens[index]
+            total += module.weight.numel() * tokens[index]
+            weights_kept += nonzero
+            weights += module.weight.numel()
+    assert method.kept_flops == pytest.approx(kept / total, abs=1e-9)
+    assert method.kept_flops == pytest.approx(0.6, abs=0.03)
+    assert abs(weights_kept / weights - kept / total) > 0.01

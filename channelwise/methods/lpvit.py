@@ -9,7 +9,8 @@ scores ``mean|W ⊙ g|``; pruning a fraction ``a`` of a layer's blocks removes i
 ones and costs the distortion ``D(a) = mean((ΔW ⊙ g)²)``, tabulated for ``a`` on a grid. Each
 layer then takes the amount where the slope of its curve (a 5-point finite difference) is
 closest to a common ``2^t``, and ``t`` is bisected until the kept share of the block linears'
-FLOPs meets the target. The pruned blocks are zeroed in the weights;
+FLOPs meets the target (a linear's FLOPs per image: its weights times the tokens its block
+processes, which differ between a Swin's stages). The pruned blocks are zeroed in the weights;
 :func:`~channelwise.deploy.block_sparse.block_sparse_model` turns the linears into block-sparse
 ones that skip them.
 
@@ -134,6 +135,12 @@ class LPViT(Method):
         }
         grads = label_free_gradients(model, adapter, list(linears.values()), calibration,
                                      self.args.batch_size)  # fmt: skip
+        tokens = block_tokens(model, adapter, calibration[:1])
+        per_token = {  # FLOPs per image ∝ tokens × weights (a Swin's stages differ in tokens)
+            f"{adapter.block_path(index)}.{name}": tokens[index]
+            for index, block in enumerate(adapter.block_list(model))
+            for name in adapter.block_linears(block)
+        }
         bh, bw = self.args.block
         levels = torch.linspace(0, 1, self.args.grid, dtype=torch.float64)
         curves, orders = {}, {}
@@ -142,7 +149,7 @@ class LPViT(Method):
             score = block_means((weight * grad).abs(), bh, bw)
             energy = block_means((weight * grad).square(), bh, bw)
             curves[name], orders[name] = distortion_curve(score, energy, levels)
-        sizes = {name: module.weight.numel() for name, module in linears.items()}
+        sizes = {name: module.weight.numel() * per_token[name] for name, module in linears.items()}
         if self.args.allocation == "uniform":
             self.amounts = {name: 1 - self.args.flops for name in linears}
             self.kept_flops = self.args.flops
@@ -154,7 +161,7 @@ class LPViT(Method):
             mask = block_mask(orders[name], self.amounts[name], bh, bw, module.weight.shape)
             self._masks[name] = mask
             self.amounts[name] = 1 - mask.float().mean().item()  # whole blocks: realised
-            kept += int(mask.sum())
+            kept += int(mask.sum()) * per_token[name]
         self.kept_flops = kept / sum(sizes.values())
         self._stream = FloatStream(self.args.batch_size)
 
@@ -234,6 +241,28 @@ def label_free_gradients(
     return [total / batches for total in sums]
 
 
+def block_tokens(model: nn.Module, adapter: ModelAdapter, pixels: Tensor) -> list[int]:
+    """The number of tokens each block processes per image (the same in every block of a ViT;
+    a Swin's halve, four times fewer, at each patch merging)."""
+    counts: list[int] = []
+    handles = [
+        block.register_forward_pre_hook(
+            lambda _m, args, kwargs: counts.append(
+                (args[0] if args else kwargs["hidden_states"]).shape[1]
+            ),
+            with_kwargs=True,
+        )
+        for block in adapter.block_list(model)
+    ]
+    try:
+        with torch.no_grad():
+            adapter.run(model, pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
 def block_means(values: Tensor, bh: int, bw: int) -> Tensor:
     """``(out/bh, in/bw)`` means of ``values`` over its ``bh × bw`` blocks."""
     rows, cols = values.shape
@@ -266,8 +295,9 @@ def allocate(
     tolerance: float = 0.02,
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """Per-layer pruning amounts: for a common ``λ = 2^t`` each layer takes the level whose
-    slope is closest to ``λ``; ``t`` is bisected until the kept FLOPs share (weights ∝
-    FLOPs per token) is within ``tolerance`` of ``target`` (or the closest reachable)."""
+    slope is closest to ``λ``; ``t`` is bisected until the kept FLOPs share (``sizes``: each
+    layer's FLOPs per image, weights × tokens) is within ``tolerance`` of ``target`` (or the
+    closest reachable)."""
     step = float(levels[1] - levels[0])
     derivative = {name: slopes(curve, step) for name, curve in curves.items()}
     total = sum(sizes.values())

@@ -8,6 +8,7 @@ and installs the activation quantizers. The model is changed in place.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
-from channelwise.calibrate import quantize_block_activations
+from channelwise.calibrate import install_block_input_quantizers, quantize_block_activations
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.distributed import ProcessGroup, current_group
 from channelwise.engine import BlockContext, model_device, run_blockwise
@@ -123,10 +124,14 @@ def quantize(
         if needs_data:
             calibration = group.shard(calibration, batch_size)
 
+    transitions = dict(adapter.transitions) if quantizes_transitions(recipe, methods) else {}
+
     def block_fn(ctx: BlockContext) -> None:
         for method in methods:
             method.apply(ctx)
         quantize_block_activations(model, ctx, recipe)
+        if ctx.index in transitions:
+            quantize_transition(model, ctx, transitions[ctx.index], methods, recipe)
 
     start = time.perf_counter()
     with torch.no_grad():
@@ -170,6 +175,40 @@ def quantize(
     setattr(model, METHODS_ATTR, methods)
     setattr(model, KV_METHOD_ATTR, kv_method)
     return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
+
+
+def quantizes_transitions(recipe: Recipe, methods: list[Method]) -> bool:
+    """Whether the modules between blocks (Swin's patch merging) are quantized too: when the
+    recipe quantizes weights or activations and every step handles transitions (RTN,
+    RepQ-ViT); else they stay in float."""
+    quantizes = recipe.weights is not None or recipe.activations is not None
+    return quantizes and all(m.handles_transitions for m in methods)
+
+
+def quantize_transition(
+    model: nn.Module, ctx: BlockContext, path: str, methods: list[Method], recipe: Recipe
+) -> None:
+    """Run every step on the transition at ``path`` after block ``ctx`` (fed the block's
+    outputs as they now are), then give its linears the recipe's input quantizers."""
+    module = model.get_submodule(path)
+    accepted = inspect.signature(module.forward).parameters
+    with block_on_device(model, module, ctx.device):
+        transition = BlockContext(
+            ctx.index,
+            module,
+            ctx.adapter.transition_adapter(),
+            ctx.forward(),
+            [{k: v for k, v in kw.items() if k in accepted} for kw in ctx.kwargs],
+            ctx.device,
+            progress=ctx.progress,
+            group=ctx.group,
+            model=model,
+            path=path,
+        )
+        for method in methods:
+            method.apply(transition)
+        if recipe.activations is not None:
+            install_block_input_quantizers(transition, recipe)
 
 
 def _process_group(distributed: bool | None) -> ProcessGroup | None:

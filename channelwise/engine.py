@@ -93,6 +93,13 @@ class BlockContext:
     last: bool = False
     group: ProcessGroup | None = None
     model: nn.Module | None = None
+    #: Where ``block`` sits in the model; None: the adapter's ``block_path(index)`` (a
+    #: transition between blocks, Swin's patch merging, gives its own).
+    path: str | None = None
+
+    def module_path(self) -> str:
+        """The module path of ``block`` in the model (what its tensors' names start with)."""
+        return self.path if self.path is not None else self.adapter.block_path(self.index)
 
     def to_next_block(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """What the next block reads, given this block's output ``hidden`` on a batch it ran

@@ -196,3 +196,31 @@ def test_lpvit_weighs_each_linear_by_the_tokens_its_stage_processes() -> None:
     assert method.kept_flops == pytest.approx(kept / total, abs=1e-9)
     assert method.kept_flops == pytest.approx(0.6, abs=0.03)
     assert abs(weights_kept / weights - kept / total) > 0.01
+
+
+def test_the_patch_merging_is_quantized_where_every_step_handles_it() -> None:
+    """RepQ-ViT and RTN (``repq-vit``, ``vit-rtn``) quantize the merging's ``reduction`` as the
+    paper does: its LayerNorm reparameterized into it (a bias created where it had none), its
+    weights on the grid, its input static per tensor. Methods that work on whole blocks
+    (I&S-ViT) leave the merging in float."""
+    from channelwise.quant.activation import input_quantizer
+    from channelwise.quant.granularity import PerTensor
+
+    pixels = _pixels()
+    for recipe, quantized in (("repq-vit-w4a4", True), ("vit-rtn-w4a4", True),
+                              (CASES["ias_vit"], False)):  # fmt: skip
+        model = tiny_vision_model("swin")
+        merge = model.encoder.layers[0].downsample
+        weight, gain = merge.reduction.weight.detach().clone(), merge.norm.weight.detach().clone()
+        quantize(model, recipe, pixels, progress=False)
+        quantizer = input_quantizer(merge.reduction)
+        assert (quantizer is not None) == quantized, recipe
+        assert torch.equal(merge.reduction.weight, weight) != quantized
+        assert model.encoder.layers[1].downsample is None
+        if not quantized:
+            continue
+        assert quantizer.qparams is not None and isinstance(quantizer.spec.granularity, PerTensor)
+        assert all(len(row.unique()) <= 16 for row in merge.reduction.weight)
+        reparameterized = recipe == "repq-vit-w4a4"
+        assert (not torch.equal(merge.norm.weight, gain)) == reparameterized
+        assert (merge.reduction.bias is not None) == reparameterized

@@ -85,6 +85,11 @@ class ModelAdapter:
     #: → the next block's input, given block ``index``'s output and the keyword arguments it
     #: ran with (Swin's patch merging after a stage's last block); None: nothing.
     between_blocks: Callable[[nn.Module, int, torch.Tensor, dict], torch.Tensor] | None = None
+    #: Modules run between blocks that hold linears a recipe may quantize: ``(index of the
+    #: block they follow, module path)`` (Swin's patch merging), their linears and norms named
+    #: by ``transition_subsets`` relative to that module; see :meth:`transition_adapter`.
+    transitions: tuple[tuple[int, str], ...] = ()
+    transition_subsets: tuple[Subset, ...] = ()
     #: Whether a vision backbone's first token is a class token (ViT, DINOv2) or every token is
     #: a patch (Swin): what the image features are pooled from.
     class_token: bool = True
@@ -122,6 +127,13 @@ class ModelAdapter:
         if self.block_paths:
             return nn.ModuleList(model.get_submodule(path) for path in self.block_paths)
         return model.get_submodule(self.blocks)
+
+    def transition_adapter(self) -> ModelAdapter:
+        """This adapter for a transition module in place of a block: its subsets, no attention
+        (what a step that handles transitions, RTN or RepQ-ViT, reads as ``ctx.adapter``)."""
+        return replace(
+            self, subsets=self.transition_subsets, attention={}, transitions=(), block_paths=()
+        )
 
     def block_path(self, index: int) -> str:
         """Block ``index``'s module path in the model (what its tensors' names start with)."""

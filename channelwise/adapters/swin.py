@@ -6,10 +6,13 @@ Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Win
 (shifted) windows with a relative-position bias added to its scores; the block engine sees the
 blocks of all stages as one sequence (``encoder.layers.S.blocks.J``, their input dimensions
 captured per block). Between two stages the patch merging (a LayerNorm over four neighbouring
-tokens and the ``reduction`` linear) runs as a transition outside the blocks, in float, like
-the patch embedding and the final LayerNorm. Deviation from the ViT papers (RepQ-ViT
-quantizes the ``reduction`` linear, its LayerNorm reparameterized into it): here the
-reduction stays in float (about 6% of Swin-T's linear weights). There is no class token: image
+tokens and the ``reduction`` linear) runs as a transition outside the blocks. A recipe whose
+weight steps all handle transitions (``rtn``, with ``repq_vit`` before it: the ``vit-rtn`` and
+``repq-vit`` presets) quantizes the ``reduction`` too, after the stage's last block: RepQ-ViT
+reparameterizes its LayerNorm into it, as the paper does, RTN rounds its weights, and its input
+gets the recipe's activation quantizer. Deviation: under the other ViT methods (I&S-ViT,
+RepQuant, LRP-QViT, BiViT, LPViT), which work on whole blocks, the merging stays in float
+(its ``reduction`` is about 6% of Swin-T's linear weights). There is no class token: image
 features are the mean of all tokens. Images must leave the last stage at least one window wide
 (224 px for Swin-T: transformers' Swin cannot shrink a window to a narrower stage, the
 relative-position bias being sized for the full window), checked before any forward. Swin V2
@@ -21,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from channelwise.adapters.base import ModelAdapter, register_adapter
+from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
 from channelwise.adapters.vit import pre_ln_vit_adapter
 from channelwise.errors import DataSourceError
 
@@ -69,6 +72,10 @@ def swin_adapter(config) -> ModelAdapter:
         base,
         block_paths=paths,
         between_blocks=merge,
+        transitions=tuple(
+            (index, f"encoder.layers.{stage}.downsample") for index, stage in ends.items()
+        ),  # fmt: skip
+        transition_subsets=(Subset("merge", ("reduction",), prev="norm", prev_kind="norm"),),
         class_token=False,
         check_image=check_image,
         native_resolution=config.image_size,

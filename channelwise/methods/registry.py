@@ -34,6 +34,9 @@ class Method:
     #: Whether the method runs on a model whose blocks wait on disk (:mod:`channelwise.offload`):
     #: it changes a block only while the engine holds that block (no whole-model work).
     offloadable: ClassVar[bool] = False
+    #: Whether ``apply`` also works on a transition between blocks (Swin's patch merging: a
+    #: LayerNorm → linear subset and no attention, ``ctx.adapter`` its transition adapter).
+    handles_transitions: ClassVar[bool] = False
     Args: ClassVar[type[BaseModel]] = NoArgs
 
     def __init__(self, recipe: Recipe, args: BaseModel) -> None:

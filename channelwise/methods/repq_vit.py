@@ -48,6 +48,7 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 from channelwise.adapters import ModelAdapter
 from channelwise.engine import BlockContext
@@ -62,7 +63,7 @@ from channelwise.quant.attention import (
 )
 from channelwise.quant.core import QParams, QuantSpec, compute_qparams
 from channelwise.quant.granularity import PerColumn, PerTensor
-from channelwise.transforms.shift import shift_norm_output
+from channelwise.transforms.shift import ShiftState, restore_shift_state, shift_norm_output
 from channelwise.transforms.smooth import fold_scales_into_norm
 
 
@@ -80,6 +81,7 @@ class RepQViT(Method):
 
     name = "repq_vit"
     needs_calibration = True
+    handles_transitions = True
     quantizes_weights = False
     Args: ClassVar[type[BaseModel]] = RepQViTArgs
 
@@ -87,6 +89,9 @@ class RepQViT(Method):
         super().__init__(recipe, args)
         #: ``ratios[(block, subset)]``: max/min of ``r1`` (how far apart the channel scales were).
         self.ratios: dict[tuple[int, str], float] = {}
+        #: The biases the reparameterization created on linears that had none (Swin's patch
+        #: merging ``reduction``): a checkpoint carries them, its config cannot.
+        self.created = ShiftState()
 
     def check(self, model, adapter: ModelAdapter) -> None:
         check_static_asymmetric(self.recipe, self.name)
@@ -125,8 +130,17 @@ class RepQViT(Method):
         inputs = ctx.capture(subset.linears[0], "input")
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
         per_channel = compute_qparams(rows, replace(spec, granularity=PerColumn()))
+        biasless = [n for n in subset.linears if ctx.block.get_submodule(n).bias is None]
         ratio = reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, spec)
         self.ratios[(ctx.index, subset.name)] = ratio
+        for name in biasless:
+            self.created.biased[f"{ctx.module_path()}.{name}"] = ctx.block.get_submodule(name)
+
+    def saved_state(self) -> dict[str, Tensor]:
+        return self.created.saved()
+
+    def restore(self, model, adapter: ModelAdapter, state: dict[str, Tensor]) -> None:
+        self.created = restore_shift_state(model, state, adapter.transposed_weights)
 
 
 def install_softmax_quantizers(model, adapter: ModelAdapter, make) -> None:

@@ -25,6 +25,7 @@ def rtn_block(block: nn.Module, adapter: ModelAdapter, spec: QuantSpec) -> None:
 class RTN(Method):
     name = "rtn"
     quantizes_weights = True
+    handles_transitions = True
     distributed = True
     offloadable = True
 

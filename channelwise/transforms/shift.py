@@ -187,7 +187,7 @@ class ShiftState:
     def record(self, ctx, subset) -> None:
         """After shifting ``subset`` of ``ctx``'s block: its norm (if shifted at run time) and
         its consumer linears, by full module path."""
-        prefix = f"{ctx.adapter.block_path(ctx.index)}."
+        prefix = f"{ctx.module_path()}."
         norm = ctx.block.get_submodule(subset.prev)
         if norm_shift(norm) is not None:
             self.norms[prefix + subset.prev] = norm

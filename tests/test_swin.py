@@ -224,3 +224,35 @@ def test_the_patch_merging_is_quantized_where_every_step_handles_it() -> None:
         reparameterized = recipe == "repq-vit-w4a4"
         assert (not torch.equal(merge.norm.weight, gain)) == reparameterized
         assert (merge.reduction.bias is not None) == reparameterized
+
+
+def test_a_packed_swin_carries_the_bias_its_merge_reparameterization_created(tmp_path: Path):
+    """The config builds ``reduction`` without a bias; the packed loader gives it the one the
+    checkpoint holds, and still refuses any other tensor the model lacks."""
+    from safetensors.torch import load_file, save_file
+
+    from channelwise.deploy import pack_model
+    from channelwise.deploy.packed import use_kernels
+    from channelwise.errors import CheckpointError
+
+    model = tiny_vision_model("swin")
+    pixels = _pixels()
+    quantize(model, "repq-vit-w4a4", pixels, progress=False)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    pack_model(model)
+    before = use_kernels(False)
+    try:
+        saved = save_quantized(model, None, tmp_path / "packed")
+        loaded = load_vision_model(saved, "cpu")
+        assert loaded.encoder.layers[0].downsample.reduction.bias is not None
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, expected)
+    finally:
+        use_kernels(before)
+    weights = saved / "model.safetensors"
+    state = load_file(weights)
+    state["encoder.layers.0.downsample.reduction.scale"] = torch.ones(32)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensors the model does not have"):
+        load_vision_model(saved, "cpu")

@@ -145,6 +145,30 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
+def _add_created_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a plain linear built without a bias the one the checkpoint holds for it (a
+    reparameterization created it, e.g. RepQ-ViT on Swin's ``reduction``; its config cannot
+    say so); any other tensor the model lacks is still refused."""
+    known = set(model.state_dict())
+    for key, tensor in state.items():
+        if key in known or not key.endswith(".bias"):
+            continue
+        try:
+            module = model.get_submodule(key[: -len(".bias")])
+        except AttributeError:
+            continue
+        if (
+            type(module) is nn.Linear
+            and module.bias is None
+            and tensor.shape == (module.out_features,)
+        ):
+            weight = module.weight
+            module.bias = nn.Parameter(
+                torch.empty(tensor.shape, dtype=weight.dtype, device=weight.device),
+                requires_grad=False,
+            )
+
+
 def _load_state(model: nn.Module, folder: Path) -> dict[str, torch.dtype]:
     """Load ``folder``'s tensors into ``model``; returns the dtype each key was stored in."""
     files = sorted(folder.glob("*.safetensors"))
@@ -154,6 +178,7 @@ def _load_state(model: nn.Module, folder: Path) -> dict[str, torch.dtype]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(read_safetensors(file))
+    _add_created_biases(model, state)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     if unexpected:

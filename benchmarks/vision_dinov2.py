@@ -28,7 +28,7 @@ import torch
 from channelwise.models import resolve_device
 from channelwise.recipe import Recipe, load_recipe
 from channelwise.report import format_vision_markdown, write_json
-from channelwise.vision import VisionProtocol, compare_vision, vision_config
+from channelwise.vision import compare_vision, vision_protocol
 
 RECIPES = "fp,vit-rtn-w8a8,vit-rtn-w6a6,repq-vit-w6a6,vit-rtn-w4a4,repq-vit-w4a4"
 
@@ -123,15 +123,12 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    protocol = (
-        VisionProtocol()
-        .with_(
-            calib_images=args.calib_images,
-            probe_images=args.probe_images,
-            eval_images=args.eval_images,
-            resolution=args.resolution,
-        )
-        .for_model(vision_config(args.model))
+    protocol = vision_protocol(
+        args.model,
+        calib_images=args.calib_images,
+        probe_images=args.probe_images,
+        eval_images=args.eval_images,
+        resolution=args.resolution,
     )
 
     def show(row) -> None:

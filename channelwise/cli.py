@@ -313,24 +313,16 @@ def cmd_compare(args) -> None:
 
 def cmd_vision(args) -> None:
     from channelwise.report import format_vision_markdown, plot_vision, write_json
-    from channelwise.vision import (
-        VISION_DEMO_RECIPES,
-        VisionProtocol,
-        compare_vision,
-        vision_config,
-    )
+    from channelwise.vision import VISION_DEMO_RECIPES, compare_vision, vision_protocol
 
-    protocol = (
-        VisionProtocol()
-        .with_(
-            calib_data=args.calib_data,
-            eval_data=args.eval_data,
-            calib_images=args.calib_images,
-            probe_images=args.probe_images,
-            eval_images=args.eval_images,
-            resolution=args.resolution,
-        )
-        .for_model(vision_config(args.model))
+    protocol = vision_protocol(
+        args.model,
+        calib_data=args.calib_data,
+        eval_data=args.eval_data,
+        calib_images=args.calib_images,
+        probe_images=args.probe_images,
+        eval_images=args.eval_images,
+        resolution=args.resolution,
     )
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, args.model)
@@ -372,12 +364,11 @@ def cmd_inspect(args) -> None:
 def _vision_protocol(args):
     """The ViT protocol of ``quantize``/``inspect``: calibration images from ``--calib-data``
     and ``--calib-samples``; ``--seqlen`` (a text option) is refused."""
-    from channelwise.vision import VisionProtocol, vision_config
+    from channelwise.vision import vision_protocol
 
     if args.seqlen is not None:
         raise ChannelwiseError("--seqlen is for text models; a ViT takes --calib-samples images")
-    protocol = VisionProtocol().with_(calib_data=args.calib_data, calib_images=args.calib_samples)
-    return protocol.for_model(vision_config(args.model))
+    return vision_protocol(args.model, calib_data=args.calib_data, calib_images=args.calib_samples)
 
 
 def _inspect_vision(args) -> None:

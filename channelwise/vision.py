@@ -79,6 +79,12 @@ def vision_config(spec: str | os.PathLike | None = None):
         raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
 
 
+def vision_protocol(model: str | os.PathLike | None = None, **changes) -> VisionProtocol:
+    """The default protocol with ``changes`` (a None value keeps the default), its resolution
+    resolved for ``model`` (:meth:`VisionProtocol.for_model`)."""
+    return VisionProtocol().with_(**changes).for_model(vision_config(model))
+
+
 def load_vision_model(
     spec: str | os.PathLike | None = None, device: str | torch.device = "auto"
 ) -> nn.Module:

@@ -8,7 +8,6 @@ and installs the activation quantizers. The model is changed in place.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter, adapter_for, linear_weight
+from channelwise.adapters.base import transition_kwargs
 from channelwise.calibrate import install_block_input_quantizers, quantize_block_activations
 from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.distributed import ProcessGroup, current_group
@@ -191,14 +191,13 @@ def quantize_transition(
     """Run every step on the transition at ``path`` after block ``ctx`` (fed the block's
     outputs as they now are), then give its linears the recipe's input quantizers."""
     module = model.get_submodule(path)
-    accepted = inspect.signature(module.forward).parameters
     with block_on_device(model, module, ctx.device):
         transition = BlockContext(
             ctx.index,
             module,
             ctx.adapter.transition_adapter(),
             ctx.forward(),
-            [{k: v for k, v in kw.items() if k in accepted} for kw in ctx.kwargs],
+            [transition_kwargs(module, kw) for kw in ctx.kwargs],
             ctx.device,
             progress=ctx.progress,
             group=ctx.group,

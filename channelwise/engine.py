@@ -105,11 +105,11 @@ class BlockContext:
         """What the next block reads, given this block's output ``hidden`` on a batch it ran
         with ``kwargs``: ``hidden`` itself, or the adapter's transition between the two
         (Swin's patch merging after a stage's last block)."""
-        if self.adapter.between_blocks is None:
+        if not self.adapter.transitions:
             return hidden
         if self.model is None:
             raise ValueError("a block context without its model cannot run the transition")
-        return self.adapter.between_blocks(self.model, self.index, hidden, kwargs)
+        return self.adapter.to_next_block(self.model, self.index, hidden, kwargs)
 
     def forward(self) -> list[torch.Tensor]:
         """Run the block on every calibration batch; outputs stay on the compute device."""
@@ -240,7 +240,7 @@ def varying_layer_kwargs(model: nn.Module, adapter: ModelAdapter | None = None) 
     """Whether blocks get different keyword arguments: a model mixing layer types (Gemma's
     sliding-window and global layers take their own masks and rotary embeddings), or one whose
     blocks change shape between stages (Swin's input dimensions halve after each merge)."""
-    if adapter is not None and adapter.between_blocks is not None:
+    if adapter is not None and adapter.transitions:
         return True
     layer_types = getattr(getattr(model, "config", None), "layer_types", None)
     return bool(layer_types) and len(set(layer_types)) > 1

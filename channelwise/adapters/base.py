@@ -7,6 +7,7 @@ of walking the model's code; supporting a new family is one small file (see ``ll
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -81,13 +82,10 @@ class ModelAdapter:
     #: The blocks' own paths, in execution order, where they do not sit in one list at
     #: ``blocks`` (Swin's stages: ``encoder.layers.S.blocks.J``); empty: ``blocks.0``, ``blocks.1``…
     block_paths: tuple[str, ...] = ()
-    #: What runs between two blocks, outside them and in float: ``(model, index, hidden, kwargs)``
-    #: → the next block's input, given block ``index``'s output and the keyword arguments it
-    #: ran with (Swin's patch merging after a stage's last block); None: nothing.
-    between_blocks: Callable[[nn.Module, int, torch.Tensor, dict], torch.Tensor] | None = None
-    #: Modules run between blocks that hold linears a recipe may quantize: ``(index of the
-    #: block they follow, module path)`` (Swin's patch merging), their linears and norms named
-    #: by ``transition_subsets`` relative to that module; see :meth:`transition_adapter`.
+    #: Modules that run between blocks, outside them: ``(index of the block they follow,
+    #: module path)`` (Swin's patch merging after a stage's last block; see
+    #: :meth:`to_next_block`); the linears and norms a recipe may quantize in them are named by
+    #: ``transition_subsets`` relative to that module (see :meth:`transition_adapter`).
     transitions: tuple[tuple[int, str], ...] = ()
     transition_subsets: tuple[Subset, ...] = ()
     #: Whether a vision backbone's first token is a class token (ViT, DINOv2) or every token is
@@ -128,6 +126,20 @@ class ModelAdapter:
             return nn.ModuleList(model.get_submodule(path) for path in self.block_paths)
         return model.get_submodule(self.blocks)
 
+    def to_next_block(
+        self, model: nn.Module, index: int, hidden: torch.Tensor, kwargs: dict
+    ) -> torch.Tensor:
+        """The next block's input given block ``index``'s output ``hidden`` on a batch it ran
+        with ``kwargs``: ``hidden``, or the transition after that block run on it (with the
+        keyword arguments its ``forward`` takes)."""
+        path = dict(self.transitions).get(index)
+        if path is None:
+            return hidden
+        module = model.get_submodule(path)
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            return module(hidden.to(device), **transition_kwargs(module, kwargs))
+
     def transition_adapter(self) -> ModelAdapter:
         """This adapter for a transition module in place of a block: its subsets, no attention
         (what a step that handles transitions, RTN or RepQ-ViT, reads as ``ctx.adapter``)."""
@@ -163,6 +175,13 @@ class ModelAdapter:
         self.require_folding(what)
         if self.shift_unsupported:
             raise UnsupportedModelError(f"{what} cannot be applied: {self.shift_unsupported}")
+
+
+def transition_kwargs(module: nn.Module, kwargs: dict) -> dict:
+    """The block keyword arguments a transition ``module``'s ``forward`` takes (Swin's patch
+    merging: ``input_dimensions``)."""
+    accepted = inspect.signature(module.forward).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
 
 
 _COLUMN_READERS_ATTR = "_channelwise_column_readers"

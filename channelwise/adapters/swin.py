@@ -21,9 +21,6 @@ relative-position bias being sized for the full window), checked before any forw
 
 from dataclasses import replace
 
-import torch
-from torch import nn
-
 from channelwise.adapters.base import ModelAdapter, Subset, register_adapter
 from channelwise.adapters.vit import pre_ln_vit_adapter
 from channelwise.errors import DataSourceError
@@ -48,14 +45,6 @@ def swin_adapter(config) -> ModelAdapter:
     )
     ends = _stage_ends(depths)
 
-    def merge(model: nn.Module, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if index not in ends:
-            return hidden
-        downsample = model.get_submodule(f"encoder.layers.{ends[index]}.downsample")
-        device = next(downsample.parameters()).device
-        with torch.no_grad():
-            return downsample(hidden.to(device), kwargs["input_dimensions"])
-
     def check_image(height: int, width: int) -> None:
         window, patch, merges = config.window_size, config.patch_size, len(depths) - 1
         narrowest = min(_last_stage_tokens(size, patch, merges) for size in (height, width))
@@ -71,7 +60,6 @@ def swin_adapter(config) -> ModelAdapter:
     return replace(
         base,
         block_paths=paths,
-        between_blocks=merge,
         transitions=tuple(
             (index, f"encoder.layers.{stage}.downsample") for index, stage in ends.items()
         ),  # fmt: skip

@@ -59,9 +59,10 @@ def image_features(
                 f"the model produced NaN/inf features on images {start}..{start + batch_size}; "
                 "the recipe overflows (try a wider bit-width)"
             )
-        pooled = hidden.mean(dim=1)
         if adapter.class_token:
             pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
+        else:
+            pooled = hidden.mean(dim=1)
         out.append(pooled.cpu())
     return torch.cat(out)
 

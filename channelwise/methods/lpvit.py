@@ -128,19 +128,14 @@ class LPViT(Method):
         if self.args.finetune_steps:  # the dense model's features: the fine-tuning's targets
             targets = teacher_features(model, adapter, calibration, self.args.batch_size)
             self._teacher = (model, calibration, targets)
-        linears = {
-            f"{adapter.block_path(index)}.{name}": module
-            for index, block in enumerate(adapter.block_list(model))
-            for name, module in adapter.block_linears(block).items()
-        }
+        tokens = block_tokens(model, adapter, calibration[:1])
+        linears, per_token = {}, {}  # FLOPs per image ∝ tokens × weights (Swin: per stage)
+        for index, block in enumerate(adapter.block_list(model)):
+            for name, module in adapter.block_linears(block).items():
+                linears[f"{adapter.block_path(index)}.{name}"] = module
+                per_token[f"{adapter.block_path(index)}.{name}"] = tokens[index]
         grads = label_free_gradients(model, adapter, list(linears.values()), calibration,
                                      self.args.batch_size)  # fmt: skip
-        tokens = block_tokens(model, adapter, calibration[:1])
-        per_token = {  # FLOPs per image ∝ tokens × weights (a Swin's stages differ in tokens)
-            f"{adapter.block_path(index)}.{name}": tokens[index]
-            for index, block in enumerate(adapter.block_list(model))
-            for name in adapter.block_linears(block)
-        }
         bh, bw = self.args.block
         levels = torch.linspace(0, 1, self.args.grid, dtype=torch.float64)
         curves, orders = {}, {}

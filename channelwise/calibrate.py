@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from channelwise.engine import BlockContext
-from channelwise.quant import compute_qparams
+from channelwise.quant import static_qparams
 from channelwise.quant.activation import InputQuantizer, input_quantizer, install_input_quantizer
 from channelwise.quant.attention import (
     AttentionQuantizers,
@@ -101,4 +101,4 @@ def install_block_input_quantizers(
             batches = ctx.group.gather_batches(batches)
         rows = torch.cat(batches)
         own = replace(specs[name], granularity=PerColumn()) if name in per_channel else specs[name]
-        install_input_quantizer(module, InputQuantizer(own, compute_qparams(rows, own)))
+        install_input_quantizer(module, InputQuantizer(own, static_qparams(rows, own)))

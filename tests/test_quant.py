@@ -13,6 +13,7 @@ from channelwise.quant import (
     PerTensor,
     QParams,
     QuantSpec,
+    calibration_sample,
     compute_qparams,
     dequantize,
     fake_quantize,
@@ -20,7 +21,9 @@ from channelwise.quant import (
     qparams_from_range,
     quantization_error,
     quantize,
+    static_qparams,
 )
+from channelwise.quant.core import CALIBRATION_MIN_ROWS
 
 GRANULARITIES = [
     PerTensor(),
@@ -542,3 +545,71 @@ def test_float_minimum_rejects_nan():
 def test_bad_zero_point_or_scale_dtype_is_rejected(kwargs):
     with pytest.raises(QuantConfigError):
         QuantSpec(**{"bits": 4, "symmetric": False, "granularity": PerRow(), **kwargs})
+
+
+def sorted_rows(n: int, cols: int) -> torch.Tensor:
+    """Token rows whose scale grows with the row index: a sample of the first (or every k-th
+    few) rows would see another distribution than the whole."""
+    x = torch.randn(n, cols, generator=torch.Generator().manual_seed(0))
+    return x * torch.linspace(0.1, 3.0, n)[:, None]
+
+
+def test_calibration_sample_leaves_few_rows_alone():
+    rows = torch.randn(100, 8)
+    assert calibration_sample(rows, limit=800) is rows
+    assert calibration_sample(rows, limit=8) is rows  # under CALIBRATION_MIN_ROWS
+
+
+@pytest.mark.parametrize("granularity", [PerTensor(), PerColumn()], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_calibration_sample_keeps_every_columns_extremes(granularity, symmetric):
+    rows = sorted_rows(40_000, 16)
+    rows[123, 5], rows[7, 9] = 50.0, -40.0  # single outliers the random rows may miss
+    sample = calibration_sample(rows, limit=16 * CALIBRATION_MIN_ROWS)
+    assert sample.shape == (CALIBRATION_MIN_ROWS + 2, 16)
+    torch.testing.assert_close(sample.amax(0), rows.amax(0), rtol=0, atol=0)
+    torch.testing.assert_close(sample.amin(0), rows.amin(0), rtol=0, atol=0)
+    assert torch.equal(sample, calibration_sample(rows, limit=16 * CALIBRATION_MIN_ROWS))
+    minmax = spec(4, symmetric, granularity)
+    full, sampled = compute_qparams(rows, minmax), compute_qparams(sample, minmax)
+    torch.testing.assert_close(sampled.scale, full.scale, rtol=0, atol=0)
+    torch.testing.assert_close(sampled.zero_point, full.zero_point, rtol=0, atol=0)
+
+
+def test_mse_search_on_the_sample_is_as_good_as_on_all_rows():
+    u = torch.rand(66_560, 16, generator=torch.Generator().manual_seed(0)) - 0.5
+    rows = -u.sign() * torch.log1p(-2 * u.abs())  # Laplace; as many rows as 1,024 DINOv2 images
+    s = spec(4, False, PerColumn(), range_method="mse")
+    sample = calibration_sample(rows, limit=16 * CALIBRATION_MIN_ROWS)
+    assert sample.shape[0] == CALIBRATION_MIN_ROWS + 2
+
+    def error(qparams):  # per column, on all rows
+        return (fake_quantize(rows, s, qparams) - rows).square().sum(0)
+
+    best = error(compute_qparams(rows, s))
+    assert (error(compute_qparams(sample, s)) <= best * 1.03).all()
+    few = torch.cat([rows[:1024], rows.amin(0, keepdim=True), rows.amax(0, keepdim=True)])
+    assert (error(compute_qparams(few, s)) > best * 1.03).any(), "a too small sample shows"
+
+
+def test_only_the_mse_search_reads_a_sample():
+    rows = sorted_rows(20_000, 64)  # over CALIBRATION_MIN_ROWS, CALIBRATION_SAMPLE // 64 rows
+    assert calibration_sample(rows).shape[0] < rows.shape[0]
+    for method in ("minmax", "percentile"):
+        s = spec(4, False, PerColumn(), range_method=method)
+        full, static = compute_qparams(rows, s), static_qparams(rows, s)
+        assert torch.equal(static.scale, full.scale) and torch.equal(
+            static.zero_point, full.zero_point
+        )
+    s = spec(4, False, PerColumn(), range_method="mse")
+    assert torch.equal(
+        static_qparams(rows, s).scale, compute_qparams(calibration_sample(rows), s).scale
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_static_qparams_sees_a_non_finite_row_the_sample_skips(bad):
+    rows = torch.randn(50_000, 8)
+    rows[31_337, 2] = bad
+    with pytest.raises(NonFiniteError):
+        static_qparams(rows, spec(8, False, PerTensor(), range_method="mse"))

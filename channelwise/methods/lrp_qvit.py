@@ -66,7 +66,7 @@ from channelwise.methods.ias_vit import check_reconstruction_step
 from channelwise.methods.registry import Method, register
 from channelwise.methods.repq_vit import install_softmax_quantizers, reparameterize_norm_input
 from channelwise.quant.attention import LogSqrt2Quantizer, probabilities_detached
-from channelwise.quant.core import compute_qparams
+from channelwise.quant.core import static_qparams
 from channelwise.quant.granularity import PerColumn
 from channelwise.quant.grid import round_weight_, stored_bits, weight_grid
 
@@ -171,7 +171,7 @@ class LRPQViT(Method):
                 channel = replace(input_spec, granularity=PerColumn())
                 if self.args.clip is not None:
                     channel = replace(channel, range_method="percentile", percentile=self.args.clip)
-                per_channel = compute_qparams(rows, channel)
+                per_channel = static_qparams(rows, channel)
                 reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, input_spec)
             else:
                 for name in subset.linears:

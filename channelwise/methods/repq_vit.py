@@ -61,7 +61,7 @@ from channelwise.quant.attention import (
     LogSqrt2Quantizer,
     install_attention_quantizers,
 )
-from channelwise.quant.core import QParams, QuantSpec, compute_qparams
+from channelwise.quant.core import QParams, QuantSpec, static_qparams
 from channelwise.quant.granularity import PerColumn, PerTensor
 from channelwise.transforms.shift import ShiftState, restore_shift_state, shift_norm_output
 from channelwise.transforms.smooth import fold_scales_into_norm
@@ -129,7 +129,7 @@ class RepQViT(Method):
         spec = self.recipe.activations.spec("activation")
         inputs = ctx.capture(subset.linears[0], "input")
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
-        per_channel = compute_qparams(rows, replace(spec, granularity=PerColumn()))
+        per_channel = static_qparams(rows, replace(spec, granularity=PerColumn()))
         biasless = [n for n in subset.linears if ctx.block.get_submodule(n).bias is None]
         ratio = reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, spec)
         self.ratios[(ctx.index, subset.name)] = ratio

@@ -3,6 +3,7 @@
 from channelwise.quant.core import (
     QParams,
     QuantSpec,
+    calibration_sample,
     compute_qparams,
     dequantize,
     fake_quantize,
@@ -11,6 +12,7 @@ from channelwise.quant.core import (
     quantize,
     spec_from_dict,
     spec_to_dict,
+    static_qparams,
 )
 from channelwise.quant.granularity import (
     Granularity,
@@ -29,6 +31,7 @@ __all__ = [
     "PerTensor",
     "QParams",
     "QuantSpec",
+    "calibration_sample",
     "compute_qparams",
     "dequantize",
     "fake_quantize",
@@ -38,4 +41,5 @@ __all__ = [
     "quantize",
     "spec_from_dict",
     "spec_to_dict",
+    "static_qparams",
 ]

@@ -31,13 +31,13 @@ from channelwise.quant.core import (
     QParams,
     QuantSpec,
     _check_finite,
-    compute_qparams,
+    calibration_sample,
     fake_quantize,
     spec_from_dict,
     spec_to_dict,
+    static_qparams,
     straight_through,
 )
-from channelwise.quant.granularity import PerTensor
 
 ATTENTION_IMPLEMENTATION = "channelwise"
 _ATTR = "_channelwise_attention_quantizers"
@@ -46,15 +46,13 @@ _RECORD_ATTR = "_channelwise_attention_record"
 
 #: The attention inputs a quantizer can sit on, in the order they are calibrated.
 ATTENTION_INPUTS = ("q", "k", "v", "probs")
-#: Values sampled per tensor for a static quantizer's range search (a quantile search cannot
-#: take more than 2^24 values, and a few million do not change a per-tensor range).
-CALIBRATION_SAMPLE = 1 << 20
 
 
 @dataclass
 class StaticQuantizer:
     """Uniform fake-quantization with ranges calibrated once by ``spec``'s range method, per
-    tensor over the calibration values (a random million of them, extremes always kept)."""
+    tensor over the calibration values (about a million of them, extremes always kept:
+    :func:`~channelwise.quant.core.calibration_sample`)."""
 
     spec: QuantSpec
     qparams: QParams | None = None
@@ -64,10 +62,7 @@ class StaticQuantizer:
         return self.qparams is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        rows = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in samples])
-        if isinstance(self.spec.granularity, PerTensor):
-            rows = _sampled(rows.reshape(-1), CALIBRATION_SAMPLE).reshape(1, -1)
-        self.qparams = compute_qparams(rows, self.spec)
+        self.qparams = static_qparams(_rows(samples), self.spec)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.qparams is None:  # calibration of earlier parts of the block: float
@@ -97,7 +92,7 @@ class LogSqrt2Quantizer:
         return self.delta is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        values = _sampled(torch.cat([x.reshape(-1).float() for x in samples]), CALIBRATION_SAMPLE)
+        values = calibration_sample(_rows(samples)).reshape(-1)
         levels = torch.tensor(self.percentiles, device=values.device, dtype=values.dtype)
         candidates = torch.quantile(values, levels).tolist()
         candidates.append(values.max().item())
@@ -155,7 +150,7 @@ class ShiftLog2Quantizer:
         return self.eta is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        values = _sampled(torch.cat([x.reshape(-1).float() for x in samples]), CALIBRATION_SAMPLE)
+        values = calibration_sample(_rows(samples)).reshape(-1)
         _check_finite(values)
         best = None
         for eta in self.etas:
@@ -192,14 +187,9 @@ def shift_uniform_log2(x: Tensor, bits: int, eta: float, lo: float, hi: float) -
     return straight_through(x, out.to(x.dtype))
 
 
-def _sampled(values: Tensor, limit: int) -> Tensor:
-    """At most ``limit`` of ``values``: a seeded random subset that always keeps the extremes
-    (a stride would see only some of the channels of a flattened ``(…, head_dim)`` tensor)."""
-    if values.numel() <= limit:
-        return values
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    pick = torch.randperm(values.numel(), generator=generator)[: limit - 2].to(values.device)
-    return torch.cat([values[pick], values.min().reshape(1), values.max().reshape(1)])
+def _rows(samples: list[Tensor]) -> Tensor:
+    """Calibration tensors ``(..., C)`` as float32 rows ``(n, C)``."""
+    return torch.cat([x.reshape(-1, x.shape[-1]).float() for x in samples])
 
 
 #: A quantizer entry: dynamic (a spec) or static (calibrated once).

@@ -184,6 +184,37 @@ def compute_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     return qparams_from_range(lo, hi, spec)
 
 
+#: Rows an MSE range search of a static quantizer reads: beyond
+#: ``max(CALIBRATION_SAMPLE // cols, CALIBRATION_MIN_ROWS)`` rows, a sample
+#: (:func:`calibration_sample`).
+CALIBRATION_SAMPLE = 1 << 20
+CALIBRATION_MIN_ROWS = 16384
+
+
+def calibration_sample(rows: Tensor, limit: int = CALIBRATION_SAMPLE) -> Tensor:
+    """The rows of ``rows (n, C)`` a search over calibration values reads: all of them up to
+    ``max(limit // C, CALIBRATION_MIN_ROWS)``; beyond, that many seeded random rows plus two
+    holding every column's minimum and maximum, so a min–max range (per tensor or per column)
+    is kept exactly and a NaN or inf anywhere still reaches the sample. With 16,384 rows a
+    per-column 4-bit MSE search on Laplace data lands within ~1% of its error on 66,560 rows
+    (3–15% with 4,096; tests/test_quant.py)."""
+    keep = max(limit // max(rows.shape[-1], 1), CALIBRATION_MIN_ROWS)
+    if rows.shape[0] <= keep + 2:
+        return rows
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    pick = torch.randperm(rows.shape[0], generator=generator)[:keep].to(rows.device)
+    return torch.cat([rows[pick], rows.amin(dim=0, keepdim=True), rows.amax(dim=0, keepdim=True)])
+
+
+def static_qparams(rows: Tensor, spec: QuantSpec) -> QParams:
+    """Static (calibrated once) ``scale`` and ``zero_point`` of an activation from its
+    calibration rows ``(n, C)`` (per tensor or per column): :func:`compute_qparams`, the MSE
+    search on :func:`calibration_sample` (its 80 fake-quant passes over every token row of
+    1,024 DINOv2 images took ~95% of an I&S-ViT block's calibration); min–max and percentile
+    ranges, cheap, read every row."""
+    return compute_qparams(calibration_sample(rows) if spec.range_method == "mse" else rows, spec)
+
+
 def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> QParams:
     """Scale and zero point from per-block ranges ``lo``, ``hi`` (each ``(R, C)``).
 

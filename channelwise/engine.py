@@ -101,6 +101,11 @@ class BlockContext:
         """The module path of ``block`` in the model (what its tensors' names start with)."""
         return self.path if self.path is not None else self.adapter.block_path(self.index)
 
+    @property
+    def is_transition(self) -> bool:
+        """Whether ``block`` is a module between blocks (Swin's patch merging), not a block."""
+        return self.path is not None
+
     def to_next_block(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """What the next block reads, given this block's output ``hidden`` on a batch it ran
         with ``kwargs``: ``hidden`` itself, or the adapter's transition between the two

@@ -198,32 +198,35 @@ def test_lpvit_weighs_each_linear_by_the_tokens_its_stage_processes() -> None:
     assert abs(weights_kept / weights - kept / total) > 0.01
 
 
-def test_the_patch_merging_is_quantized_where_every_step_handles_it() -> None:
-    """RepQ-ViT and RTN (``repq-vit``, ``vit-rtn``) quantize the merging's ``reduction`` as the
-    paper does: its LayerNorm reparameterized into it (a bias created where it had none), its
-    weights on the grid, its input static per tensor. Methods that work on whole blocks
-    (I&S-ViT) leave the merging in float."""
+@pytest.mark.parametrize(
+    ("case", "reparameterized"),
+    [("repq-vit-w4a4", True), ("vit-rtn-w4a4", False), ("ias_vit", True), ("repquant", True),
+     ("lrp_qvit", None)],
+)  # fmt: skip
+def test_the_patch_merging_is_quantized_where_every_step_handles_it(case, reparameterized):
+    """RepQ-ViT (``repq-vit``) quantizes the merging's ``reduction`` as the paper does: its
+    LayerNorm reparameterized into it (a bias created where it had none), its weights on the
+    grid, its input static per tensor; RTN (``vit-rtn``) without the reparameterization; I&S-ViT
+    and RepQuant, which train whole blocks, as RepQ-ViT does (untrained). LRP-QViT, whose bits
+    are allocated over the blocks' layers, leaves it in float (``reparameterized`` None)."""
     from channelwise.quant.activation import input_quantizer
     from channelwise.quant.granularity import PerTensor
 
-    pixels = _pixels()
-    for recipe, quantized in (("repq-vit-w4a4", True), ("vit-rtn-w4a4", True),
-                              (CASES["ias_vit"], False)):  # fmt: skip
-        model = tiny_vision_model("swin")
-        merge = model.encoder.layers[0].downsample
-        weight, gain = merge.reduction.weight.detach().clone(), merge.norm.weight.detach().clone()
-        quantize(model, recipe, pixels, progress=False)
-        quantizer = input_quantizer(merge.reduction)
-        assert (quantizer is not None) == quantized, recipe
-        assert torch.equal(merge.reduction.weight, weight) != quantized
-        assert model.encoder.layers[1].downsample is None
-        if not quantized:
-            continue
-        assert quantizer.qparams is not None and isinstance(quantizer.spec.granularity, PerTensor)
-        assert all(len(row.unique()) <= 16 for row in merge.reduction.weight)
-        reparameterized = recipe == "repq-vit-w4a4"
-        assert (not torch.equal(merge.norm.weight, gain)) == reparameterized
-        assert (merge.reduction.bias is not None) == reparameterized
+    quantized = reparameterized is not None
+    model = tiny_vision_model("swin")
+    merge = model.encoder.layers[0].downsample
+    weight, gain = merge.reduction.weight.detach().clone(), merge.norm.weight.detach().clone()
+    quantize(model, CASES[case], _pixels(), progress=False)
+    quantizer = input_quantizer(merge.reduction)
+    assert (quantizer is not None) == quantized
+    assert torch.equal(merge.reduction.weight, weight) != quantized
+    assert model.encoder.layers[1].downsample is None
+    if not quantized:
+        return
+    assert quantizer.qparams is not None and isinstance(quantizer.spec.granularity, PerTensor)
+    assert all(len(row.unique()) <= 16 for row in merge.reduction.weight)
+    assert (not torch.equal(merge.norm.weight, gain)) == reparameterized
+    assert (merge.reduction.bias is not None) == reparameterized
 
 
 def test_a_packed_swin_carries_the_bias_its_merge_reparameterization_created(tmp_path: Path):

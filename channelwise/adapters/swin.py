@@ -10,12 +10,14 @@ tokens and the ``reduction`` linear) runs as a transition outside the blocks. A 
 weight steps all handle transitions (``rtn``, with ``repq_vit`` before it: the ``vit-rtn`` and
 ``repq-vit`` presets) quantizes the ``reduction`` too, after the stage's last block: RepQ-ViT
 reparameterizes its LayerNorm into it, as the paper does, RTN rounds its weights, and its input
-gets the recipe's activation quantizer. Deviation: under the other ViT methods (I&S-ViT,
-RepQuant, LRP-QViT, BiViT, LPViT), which work on whole blocks, the merging stays in float
-(its ``reduction`` is about 6% of Swin-T's linear weights). There is no class token: image
-features are the mean of all tokens. Images must leave the last stage at least one window wide
-(224 px for Swin-T: transformers' Swin cannot shrink a window to a narrower stage, the
-relative-position bias being sized for the full window), checked before any forward. Swin V2
+gets the recipe's activation quantizer. I&S-ViT and RepQuant, which train whole blocks, give
+it the same treatment untrained (:class:`~channelwise.methods.repq_vit.RepQViTTransition`).
+Deviation: under LRP-QViT (bits allocated over the blocks' layers), BiViT and LPViT the
+merging stays in float (its ``reduction`` is about 6% of Swin-T's linear weights). There is
+no class token: image features are the mean of all tokens. Images must leave the last stage
+at least one window wide (224 px for Swin-T: transformers' Swin cannot shrink a window to a
+narrower stage, the relative-position bias being sized for the full window), checked before
+any forward. Swin V2
 (post-norm, cosine attention) is not supported.
 """
 

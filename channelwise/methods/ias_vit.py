@@ -41,6 +41,8 @@ Deviations from the paper and the official code:
   model's inputs (the engine's order), not on the first 64 images; the paper's 1,024 calibration
   images are ``--calib-images 1024``.
 - The per-channel ranges are reparameterized with a rounded ``z̃`` (exactly code-preserving).
+- A Swin's patch merging, which is no block, is quantized as RepQ-ViT does it and not trained
+  (:class:`~channelwise.methods.repq_vit.RepQViTTransition`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from torch import Tensor, nn
 
 from channelwise.adapters import ModelAdapter
 from channelwise.calibrate import quantize_block_activations
@@ -57,6 +59,7 @@ from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
 from channelwise.methods.repq_vit import (
+    RepQViTTransition,
     check_static_asymmetric,
     install_softmax_quantizers,
     reparameterize_norm_input,
@@ -127,6 +130,7 @@ class IaSViT(Method):
     name = "ias_vit"
     needs_calibration = True
     quantizes_weights = True
+    handles_transitions = True
     Args: ClassVar[type[BaseModel]] = IaSViTArgs
 
     def __init__(self, recipe, args) -> None:
@@ -135,6 +139,7 @@ class IaSViT(Method):
         self.losses: dict[tuple[int, int], Reconstruction] = {}
         self._model: nn.Module | None = None
         self._stream = FloatStream(self.args.batch_size)
+        self._transition = RepQViTTransition(recipe)
 
     @property
     def iters(self) -> int:
@@ -158,6 +163,9 @@ class IaSViT(Method):
             install_softmax_quantizers(model, adapter, lambda: ShiftLog2Quantizer(bits))
 
     def apply(self, ctx: BlockContext) -> None:
+        if ctx.is_transition:  # Swin's patch merging: not trained
+            self._transition.apply(ctx)
+            return
         kwargs = block_kwargs(ctx)
         quantized_inputs = stacked_inputs(ctx)
         float_inputs, targets = self._stream.step(ctx)  # the float block, before any change
@@ -191,3 +199,9 @@ class IaSViT(Method):
             self.losses[(ctx.index, 3)] = result
         if ctx.last:
             self._model = None
+
+    def saved_state(self) -> dict[str, Tensor]:
+        return self._transition.saved_state()
+
+    def restore(self, model, adapter: ModelAdapter, state: dict[str, Tensor]) -> None:
+        self._transition.restore(model, adapter, state)

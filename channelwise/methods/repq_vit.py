@@ -55,6 +55,7 @@ from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods import registry
 from channelwise.methods.registry import Method, register
+from channelwise.methods.rtn import rtn_block
 from channelwise.quant.activation import InputQuantizer, install_input_quantizer
 from channelwise.quant.attention import (
     AttentionQuantizers,
@@ -141,6 +142,28 @@ class RepQViT(Method):
 
     def restore(self, model, adapter: ModelAdapter, state: dict[str, Tensor]) -> None:
         self.created = restore_shift_state(model, state, adapter.transposed_weights)
+
+
+class RepQViTTransition:
+    """What a step that trains whole blocks (I&S-ViT, RepQuant) does with a module between
+    blocks (Swin's patch merging), which is no block: RepQ-ViT's treatment, untrained. Its
+    norm is reparameterized into its linear (per-channel input ranges to one static per-tensor
+    grid; a bias created where the linear had none, kept as step state) and the weights are
+    rounded on the recipe's grid, as the ``repq-vit`` presets do."""
+
+    def __init__(self, recipe) -> None:
+        self.recipe = recipe
+        self.reparameterization = RepQViT(recipe, RepQViTArgs(softmax="none"))
+
+    def apply(self, ctx: BlockContext) -> None:
+        self.reparameterization.apply(ctx)
+        rtn_block(ctx.block, ctx.adapter, self.recipe.weights.spec("weight"))
+
+    def saved_state(self) -> dict[str, Tensor]:
+        return self.reparameterization.saved_state()
+
+    def restore(self, model, adapter: ModelAdapter, state: dict[str, Tensor]) -> None:
+        self.reparameterization.restore(model, adapter, state)
 
 
 def install_softmax_quantizers(model, adapter: ModelAdapter, make) -> None:

@@ -51,6 +51,8 @@ Deviations and readings of the paper (its text beyond the abstract was not retri
 - Only the linears' weights and biases are trained in the weight stage; the other activation
   quantizers keep their calibrated (``range``) grids.
 - ``z̃`` is rounded to an integer, so the reparameterization is exactly code-preserving.
+- A Swin's patch merging, which is no block, is quantized as RepQ-ViT does it (no learned
+  clipping, no training: :class:`~channelwise.methods.repq_vit.RepQViTTransition`).
 """
 
 from __future__ import annotations
@@ -58,14 +60,18 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from torch import Tensor, nn
 
 from channelwise.adapters import ModelAdapter
 from channelwise.calibrate import quantize_block_activations
 from channelwise.engine import BlockContext
 from channelwise.methods.ias_vit import check_reconstruction_step
 from channelwise.methods.registry import Method, register
-from channelwise.methods.repq_vit import install_softmax_quantizers, reparameterize_norm_input
+from channelwise.methods.repq_vit import (
+    RepQViTTransition,
+    install_softmax_quantizers,
+    reparameterize_norm_input,
+)
 from channelwise.quant.activation import input_quantizer, install_input_quantizer
 from channelwise.quant.attention import LogSqrt2Quantizer
 from channelwise.quant.clipping import MIN_FACTOR, ClippingQuantizer
@@ -101,6 +107,7 @@ class RepQuant(Method):
     name = "repquant"
     needs_calibration = True
     quantizes_weights = True
+    handles_transitions = True
     Args: ClassVar[type[BaseModel]] = RepQuantArgs
 
     def __init__(self, recipe, args) -> None:
@@ -111,6 +118,7 @@ class RepQuant(Method):
         self.factors: dict[tuple[int, str], tuple[float, float]] = {}
         self._model: nn.Module | None = None
         self._stream = FloatStream(self.args.batch_size)
+        self._transition = RepQViTTransition(recipe)
 
     @property
     def iters(self) -> int:
@@ -131,6 +139,9 @@ class RepQuant(Method):
             install_softmax_quantizers(model, adapter, lambda: LogSqrt2Quantizer(bits))
 
     def apply(self, ctx: BlockContext) -> None:
+        if ctx.is_transition:  # Swin's patch merging: not trained
+            self._transition.apply(ctx)
+            return
         kwargs = block_kwargs(ctx)
         inputs = stacked_inputs(ctx)
         _, targets = self._stream.step(ctx)  # the float block's outputs, before any change
@@ -174,3 +185,9 @@ class RepQuant(Method):
             self.losses[(ctx.index, 4)] = result
         if ctx.last:
             self._model = None
+
+    def saved_state(self) -> dict[str, Tensor]:
+        return self._transition.saved_state()
+
+    def restore(self, model, adapter: ModelAdapter, state: dict[str, Tensor]) -> None:
+        self._transition.restore(model, adapter, state)

@@ -23,7 +23,7 @@ from channelwise.quant import (
     quantize,
     static_qparams,
 )
-from channelwise.quant.core import CALIBRATION_MIN_ROWS
+from channelwise.quant.core import CALIBRATION_MIN_ROWS, CALIBRATION_SAMPLE
 
 GRANULARITIES = [
     PerTensor(),
@@ -558,6 +558,12 @@ def test_calibration_sample_leaves_few_rows_alone():
     rows = torch.randn(100, 8)
     assert calibration_sample(rows, limit=800) is rows
     assert calibration_sample(rows, limit=8) is rows  # under CALIBRATION_MIN_ROWS
+
+
+def test_calibration_sample_without_a_row_floor_is_bounded_by_values():
+    rows = torch.randn(5000, 4096)  # long rows: the log softmax quantizers' quantile needs few
+    sample = calibration_sample(rows, min_rows=1)
+    assert sample.shape == (CALIBRATION_SAMPLE // 4096 + 2, 4096)
 
 
 @pytest.mark.parametrize("granularity", [PerTensor(), PerColumn()], ids=str)

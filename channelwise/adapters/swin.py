@@ -17,8 +17,7 @@ merging stays in float (its ``reduction`` is about 6% of Swin-T's linear weights
 no class token: image features are the mean of all tokens. Images must leave the last stage
 at least one window wide (224 px for Swin-T: transformers' Swin cannot shrink a window to a
 narrower stage, the relative-position bias being sized for the full window), checked before
-any forward. Swin V2
-(post-norm, cosine attention) is not supported.
+any forward. Swin V2 (post-norm, cosine attention) is not supported.
 """
 
 from dataclasses import replace

@@ -51,8 +51,8 @@ ATTENTION_INPUTS = ("q", "k", "v", "probs")
 @dataclass
 class StaticQuantizer:
     """Uniform fake-quantization with ranges calibrated once by ``spec``'s range method, per
-    tensor over the calibration values (about a million of them, extremes always kept:
-    :func:`~channelwise.quant.core.calibration_sample`)."""
+    tensor over the calibration values (an MSE search over a seeded sample of them, extremes
+    kept: :func:`~channelwise.quant.core.static_qparams`)."""
 
     spec: QuantSpec
     qparams: QParams | None = None
@@ -92,7 +92,7 @@ class LogSqrt2Quantizer:
         return self.delta is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        values = calibration_sample(_rows(samples)).reshape(-1)
+        values = calibration_sample(_rows(samples), min_rows=1).reshape(-1)  # ~2^20 values
         levels = torch.tensor(self.percentiles, device=values.device, dtype=values.dtype)
         candidates = torch.quantile(values, levels).tolist()
         candidates.append(values.max().item())
@@ -150,7 +150,7 @@ class ShiftLog2Quantizer:
         return self.eta is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        values = calibration_sample(_rows(samples)).reshape(-1)
+        values = calibration_sample(_rows(samples), min_rows=1).reshape(-1)  # ~2^20 values
         _check_finite(values)
         best = None
         for eta in self.etas:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter
 from channelwise.errors import NonFiniteError
+from channelwise.quant.core import loss_checked_training
 from channelwise.reconstruct import Reconstruction, only_trainable
 
 
@@ -73,7 +74,7 @@ def distill(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(trained, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    with only_trainable(model, trained):
+    with only_trainable(model, trained), loss_checked_training():
         for _ in tqdm(range(steps), desc="distil", disable=not progress, leave=False):
             pick = torch.randperm(pixels.shape[0], generator=generator)[:batch_size]
             out = backbone_features(model, adapter, pixels[pick.to(pixels.device)])

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from channelwise.adapters import linear_weight
 from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import NonFiniteError
-from channelwise.quant.core import QParams, QuantSpec, compute_qparams, fake_quantize
+from channelwise.quant.core import (
+    QParams,
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    loss_checked_training,
+)
 from channelwise.quant.grid import round_weight_
 
 
@@ -108,7 +114,7 @@ def reconstruct_block(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(trained, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
-    with only_trainable(block, trained):
+    with only_trainable(block, trained), loss_checked_training():
         steps = tqdm(range(iters), desc="reconstruct", disable=not progress, leave=False)
         for _ in steps:
             pick = torch.randperm(inputs.shape[0], generator=generator)[:batch_size]

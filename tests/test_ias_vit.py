@@ -123,6 +123,36 @@ def test_reconstruction_lowers_the_block_loss_and_trains_only_the_linears(tiny_d
             assert torch.equal(param, frozen[name]), f"{name} was trained"
 
 
+def test_reconstruction_refuses_nan_inputs_and_divergence_with_quantizer_checks_off_inside(
+    tiny_dinov2,
+):
+    """The training steps skip the quantizers' per-activation NaN check (the loss is checked
+    every step); a NaN calibration input is still refused by the checked pass before training,
+    a diverging training by the loss check, and the checks are on again afterwards."""
+    from channelwise.quant.activation import InputQuantizer, install_input_quantizer
+    from channelwise.quant.core import loss_checked_training
+
+    adapter, inputs, kwargs = _block_data(tiny_dinov2)
+    block = adapter.block_list(tiny_dinov2)[0]
+    linears = list(adapter.block_linears(block).values())
+    spec = QuantSpec(4, False, PerRow())
+    for module in linears:
+        install_input_quantizer(module, InputQuantizer(spec))
+    targets = torch.zeros_like(inputs)
+    train = dict(iters=2, batch_size=8, lr=1e-3)
+    bad = inputs.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="input to quantizer"):
+        reconstruct_block(block, linear_parameters(linears), bad, kwargs, targets, **train)
+    with pytest.raises(NonFiniteError, match="diverged"):
+        reconstruct_block(block, linear_parameters(linears), inputs, kwargs, targets,
+                          iters=5, batch_size=8, lr=1e30)  # fmt: skip
+    with pytest.raises(NonFiniteError):  # checks back on after the raise inside
+        fake_quantize(torch.tensor([[float("nan"), 1.0]]), spec)
+    with loss_checked_training():
+        assert fake_quantize(torch.tensor([[float("nan"), 1.0]]), spec).isnan().any()
+
+
 def _ias(**args) -> Recipe:
     return Recipe.from_dict({
         "name": "ias-test", "weights": WEIGHTS4, "activations": STATIC4, "attention": ATTENTION4,

@@ -89,8 +89,10 @@ def main(out: Path) -> None:
         return run_blockwise(model, adapter, input_ids, *args, **kwargs)
 
     compress.run_blockwise = recording
+    own = out / f"rank-{rank}"  # a recipe file each: one rank rewriting it as another reads it
+    own.mkdir(exist_ok=True)
     for case, (family, recipe) in CASES.items():
-        tensors = quantized_tensors(family, recipe_for(recipe, out), calibration_ids())
+        tensors = quantized_tensors(family, recipe_for(recipe, own), calibration_ids())
         if rank == 0:
             save_file(tensors, str(out / f"{case}.safetensors"))
     gathered = [None] * dist.get_world_size()

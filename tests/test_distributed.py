@@ -33,8 +33,15 @@ def torchrun(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 def two_processes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_processes")
     done = torchrun(str(WORKER), str(out), cwd=out)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done.stderr)
     return out
+
+
+def failure_report(stderr: str) -> str:
+    """Each rank's last lines of a failed torchrun (its tail alone is mostly rank 0's)."""
+    lines = stderr.splitlines()
+    ranks = ["\n".join([s for s in lines if s.startswith(f"[rank{r}]")][-25:]) for r in (0, 1)]
+    return "\n".join([*ranks, *lines[-15:]])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -76,7 +83,7 @@ def test_cli_quantize_under_torchrun_writes_what_one_process_writes(tmp_path):
     args = ["-q", "--device", "cpu", "quantize", str(folder), "--recipe", "gptq-w4a16-g64"]
     args += ["--calib-samples", "16", "--seqlen", "32"]
     done = torchrun("-m", "channelwise.cli", *args, "--out", str(tmp_path / "two"), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done.stderr)
     assert done.stdout.count("wrote") == 1  # process 0 alone writes and reports
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two, one = (load_file(str(tmp_path / k / "model.safetensors")) for k in ("two", "one"))

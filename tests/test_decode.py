@@ -79,6 +79,23 @@ def test_compiled_decode_matches_the_fake_quant_model(
         assert kernel in ran
 
 
+def test_compiled_decode_takes_the_sparse_input_kernel_without_an_eager_decode_first(
+    calibration_ids, fresh_dynamo
+):
+    """A TEAL model (sparse-input linears, no sparse MLP) compiled straight after quantizing:
+    compile_decode builds the kernels' operands itself, so the graph multiplies only the
+    active columns (it took the dense products unless an eager decode had built them)."""
+    import copy
+
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, "teal-50", calibration_ids, progress=False)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(9))
+    expected_ids, expected_scores = greedy(copy.deepcopy(model), ids)  # eager, on a copy
+    ran = assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, fresh_dynamo)
+    if kernels.kernel_available():
+        assert "channelwise_cpu::sparse_input_mm" in ran, sorted(ran)
+
+
 def test_compile_decode_refuses_a_model_that_cannot_generate():
     with pytest.raises(ChannelwiseError, match="generative transformers model"):
         compile_decode(torch.nn.Linear(4, 4))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from channelwise.deploy.packed_modules import PackedCodes
-from channelwise.deploy.sparse import SparseGatedMLP, build_sparse_weights
+from channelwise.deploy.sparse import SPARSE_INPUT_ATTR, SparseGatedMLP, build_sparse_weights
 from channelwise.errors import ChannelwiseError
 from channelwise.kernels import kernel_available
 
@@ -62,7 +62,10 @@ def compile_decode(
     from transformers.generation.configuration_utils import CompileConfig
 
     packed = [m for m in model.modules() if isinstance(m, PackedCodes)]
-    sparse = any(isinstance(m, SparseGatedMLP) for m in model.modules())
+    sparse = any(  # CHESS/CATS MLPs, TEAL's (and CHESS's q/o) sparse-input linears
+        isinstance(m, SparseGatedMLP) or getattr(m, SPARSE_INPUT_ATTR, False)
+        for m in model.modules()
+    )
     if (packed or sparse) and next(model.parameters()).device.type == "cpu":
         kernel_available()  # builds the extension and registers its shape functions
     for module in packed:

@@ -66,7 +66,7 @@ from channelwise.methods.ias_vit import check_reconstruction_step
 from channelwise.methods.registry import Method, register
 from channelwise.methods.repq_vit import install_softmax_quantizers, reparameterize_norm_input
 from channelwise.quant.attention import LogSqrt2Quantizer, probabilities_detached
-from channelwise.quant.core import static_qparams
+from channelwise.quant.core import calibration_rows, static_qparams
 from channelwise.quant.granularity import PerColumn
 from channelwise.quant.grid import round_weight_, stored_bits, weight_grid
 
@@ -166,8 +166,7 @@ class LRPQViT(Method):
             bits = self.bits[(ctx.index, subset.name)]
             input_spec = replace(spec, bits=bits) if self.args.activations == "mixed" else spec
             if subset.prev_kind == "norm":
-                inputs = ctx.capture(subset.linears[0], "input")
-                rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
+                rows = calibration_rows(ctx.capture(subset.linears[0], "input"))
                 channel = replace(input_spec, granularity=PerColumn())
                 if self.args.clip is not None:
                     channel = replace(channel, range_method="percentile", percentile=self.args.clip)

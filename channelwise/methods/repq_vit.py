@@ -62,7 +62,7 @@ from channelwise.quant.attention import (
     LogSqrt2Quantizer,
     install_attention_quantizers,
 )
-from channelwise.quant.core import QParams, QuantSpec, static_qparams
+from channelwise.quant.core import QParams, QuantSpec, calibration_rows, static_qparams
 from channelwise.quant.granularity import PerColumn, PerTensor
 from channelwise.transforms.shift import ShiftState, restore_shift_state, shift_norm_output
 from channelwise.transforms.smooth import fold_scales_into_norm
@@ -128,8 +128,7 @@ class RepQViT(Method):
 
     def _reparameterize(self, ctx: BlockContext, subset) -> None:
         spec = self.recipe.activations.spec("activation")
-        inputs = ctx.capture(subset.linears[0], "input")
-        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
+        rows = calibration_rows(ctx.capture(subset.linears[0], "input"))
         per_channel = static_qparams(rows, replace(spec, granularity=PerColumn()))
         biasless = [n for n in subset.linears if ctx.block.get_submodule(n).bias is None]
         ratio = reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, spec)

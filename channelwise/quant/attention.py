@@ -31,6 +31,7 @@ from channelwise.quant.core import (
     QParams,
     QuantSpec,
     _check_finite,
+    calibration_rows,
     calibration_sample,
     fake_quantize,
     spec_from_dict,
@@ -62,7 +63,7 @@ class StaticQuantizer:
         return self.qparams is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        self.qparams = static_qparams(_rows(samples), self.spec)
+        self.qparams = static_qparams(calibration_rows(samples), self.spec)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.qparams is None:  # calibration of earlier parts of the block: float
@@ -92,7 +93,7 @@ class LogSqrt2Quantizer:
         return self.delta is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        values = calibration_sample(_rows(samples), min_rows=1).reshape(-1)  # ~2^20 values
+        values = _sampled_values(samples)
         levels = torch.tensor(self.percentiles, device=values.device, dtype=values.dtype)
         candidates = torch.quantile(values, levels).tolist()
         candidates.append(values.max().item())
@@ -150,7 +151,7 @@ class ShiftLog2Quantizer:
         return self.eta is not None
 
     def calibrate(self, samples: list[Tensor]) -> None:
-        values = calibration_sample(_rows(samples), min_rows=1).reshape(-1)  # ~2^20 values
+        values = _sampled_values(samples)
         _check_finite(values)
         best = None
         for eta in self.etas:
@@ -187,9 +188,10 @@ def shift_uniform_log2(x: Tensor, bits: int, eta: float, lo: float, hi: float) -
     return straight_through(x, out.to(x.dtype))
 
 
-def _rows(samples: list[Tensor]) -> Tensor:
-    """Calibration tensors ``(..., C)`` as float32 rows ``(n, C)``."""
-    return torch.cat([x.reshape(-1, x.shape[-1]).float() for x in samples])
+def _sampled_values(samples: list[Tensor]) -> Tensor:
+    """About 2^20 of the calibration values, flat, every column's extremes kept (what the log
+    softmax quantizers search: torch.quantile takes at most 2^24)."""
+    return calibration_sample(calibration_rows(samples), min_rows=1).reshape(-1)
 
 
 #: A quantizer entry: dynamic (a spec) or static (calibrated once).

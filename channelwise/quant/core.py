@@ -186,6 +186,11 @@ def compute_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     return qparams_from_range(lo, hi, spec)
 
 
+def calibration_rows(samples: list[Tensor]) -> Tensor:
+    """Calibration tensors ``(..., C)`` (one per batch) as one float32 ``(n, C)``."""
+    return torch.cat([x.reshape(-1, x.shape[-1]).float() for x in samples])
+
+
 #: Rows an MSE range search of a static quantizer reads: beyond
 #: ``max(CALIBRATION_SAMPLE // cols, CALIBRATION_MIN_ROWS)`` rows, a sample
 #: (:func:`calibration_sample`).

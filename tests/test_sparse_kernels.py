@@ -17,7 +17,7 @@ import torch
 
 from channelwise.kernels import KernelInputError, kernel_available
 from channelwise.kernels import sparse as sk
-from channelwise.kernels.extension import _state
+from channelwise.kernels.extension import _state, load_ops
 
 EPS32 = 2.0**-24
 KINDS = ["f32", "w8", "w4"]
@@ -256,3 +256,57 @@ def test_w4_columns_in_another_layout_are_one_clear_error() -> None:
     row_major = weight_t.w.permute(1, 0, 2).reshape(128, 32).contiguous()
     with pytest.raises(KernelInputError, match=r"\(N/32, K, 16\)"):
         sk.cols_linear(torch.randn(1, 2), torch.tensor([0, 5]), replace(weight_t, w=row_major))
+
+
+def block_pruned(n: int, k: int, width: int, pattern: str, seed: int) -> torch.Tensor:
+    """A weight ``(n, k)`` zero outside some 16-row × ``width`` segments."""
+    g = gen(seed)
+    w = torch.randn(n, k, generator=g)
+    strips, segments = -(-n // 16), k // width
+    keep = torch.rand(strips, segments, generator=g) < 0.5
+    if pattern != "half":
+        keep.fill_(pattern != "none")
+    if pattern == "one_strip_empty":
+        keep[0] = False
+    mask = keep.repeat_interleave(16, 0)[:n].repeat_interleave(width, 1)
+    return w * mask
+
+
+SHAPES = [(48, 64, 16), (40, 96, 32), (32, 72, 8), (17, 48, 48)]  # (N, K, segment width)
+
+
+@pytest.mark.parametrize("pattern", ["half", "all", "none", "one_strip_empty"])
+@pytest.mark.parametrize(("n", "k", "width"), SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_sparse_equals_the_dense_masked_product(extension, pattern, n, k, width, bias):
+    w = block_pruned(n, k, width, pattern, seed=n + k)
+    packed = sk.BlockSparseWeight.from_dense(w, width)
+    assert torch.equal(packed.dense(), w)
+    b = torch.randn(n, generator=gen(5)) if bias else None
+    # One extra input column of ones carries the bias through the float64 reference.
+    w64 = torch.cat((w, (b if bias else torch.zeros(n))[:, None]), dim=1).double()
+    for m in (1, 13, 97, 200):  # one row, tails of a 12-row tile, beyond one 96-row chunk
+        x = torch.randn(m, k, generator=gen(m))
+        got = sk.block_sparse_linear(x, packed, b)
+        assert_close_to(got, torch.cat((x, torch.ones(m, 1)), dim=1), w64)
+    x = torch.randn(2, 7, k, generator=gen(6))
+    assert sk.block_sparse_linear(x, packed, b).shape == (2, 7, n)
+
+
+def test_block_sparse_stores_only_the_kept_segments_and_refuses_bad_input():
+    w = block_pruned(64, 128, 16, "half", seed=7)
+    packed = sk.BlockSparseWeight.from_dense(w, 16)
+    kept = w.reshape(4, 16, 8, 16).ne(0).any(3).any(1)
+    assert packed.blocks.shape == (int(kept.sum()), 16, 16)
+    assert packed.stored_fraction == pytest.approx(kept.float().mean().item())
+    with pytest.raises(KernelInputError, match="do not split"):
+        sk.BlockSparseWeight.from_dense(w, 48)
+    with pytest.raises(KernelInputError, match="input has 112 features, the weight 128"):
+        sk.block_sparse_linear(torch.randn(3, 112), packed, None)
+    if kernel_available():
+        broken = replace(packed, columns=packed.columns + 100)
+        with pytest.raises(KernelInputError, match="out of range"):
+            sk.block_sparse_linear(torch.randn(3, 128), broken, None)
+        operands = (packed.blocks, packed.starts, packed.columns, None, packed.out_features)
+        with pytest.raises(RuntimeError, match="multiple of the segment width"):
+            load_ops().block_sparse_mm(torch.randn(3, 120), *operands)

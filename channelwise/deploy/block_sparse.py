@@ -1,20 +1,23 @@
 """Block-sparse linears on the CPU: skip the weight blocks that pruning zeroed.
 
 A linear whose weight has all-zero ``bh × bw`` blocks (LPViT's block pruning) becomes a
-:class:`BlockSparseLinear`: each block row keeps its runs of consecutive non-zero blocks as
-dense ``bh × (k·bw)`` tiles, and the product is computed transposed, ``yᵀ[rows] += tile ·
-xᵀ[cols]``, one BLAS call per tile into contiguous rows of ``yᵀ``. The work is proportional to
-the kept blocks; with ~50% of the blocks kept it runs faster than the dense product
-(``benchmarks/vision_lpvit.py`` measures it in the same run as the dense model). Outputs equal
-the dense masked product up to float summation order.
+:class:`BlockSparseLinear`: the weight is kept as strips of 16 output rows cut into segments of
+``bw`` input columns, only the segments that hold a nonzero stored
+(:class:`~channelwise.kernels.sparse.BlockSparseWeight`), and the product runs over those only,
+in the extension's AVX-512 kernel (:func:`~channelwise.kernels.sparse.block_sparse_linear`). With
+``bh`` a multiple of 16 the stored segments are exactly the kept blocks; with a smaller ``bh`` a
+strip stores the union of its block rows' kept blocks, so less of the sparsity is used. Outputs
+equal the dense masked product up to float summation order. ``benchmarks/vision_lpvit.py``
+measures the speed in the same run as the dense model, and the same kernel with every block
+kept.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from channelwise.errors import PackingError
+from channelwise.kernels.sparse import BlockSparseWeight, block_sparse_linear
 
 
 class BlockSparseLinear(nn.Module):
@@ -29,45 +32,30 @@ class BlockSparseLinear(nn.Module):
                 f"a {out_features}×{in_features} weight does not split into {bh}×{bw} blocks"
             )
         self.in_features, self.out_features, self.block = in_features, out_features, (bh, bw)
-        weight = linear.weight.detach()
+        weight = linear.weight.detach().float()
         kept = weight.reshape(out_features // bh, bh, in_features // bw, bw).ne(0).any(3).any(1)
-        self.runs: list[tuple[int, int, int]] = []  # (block row, first block column, end)
-        tiles = []
-        for row, flags in enumerate(kept.tolist()):
-            column = 0
-            while column < len(flags):
-                if not flags[column]:
-                    column += 1
-                    continue
-                end = column
-                while end < len(flags) and flags[end]:
-                    end += 1
-                self.runs.append((row, column, end))
-                tiles.append(weight[row * bh : (row + 1) * bh, column * bw : end * bw].clone())
-                column = end
-        for index, tile in enumerate(tiles):
-            self.register_buffer(f"tile{index}", tile.contiguous())
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
         self.kept_fraction = float(kept.float().mean())
+        packed = BlockSparseWeight.from_dense(weight, bw)
+        self.register_buffer("blocks", packed.blocks)
+        self.register_buffer("starts", packed.starts)
+        self.register_buffer("columns", packed.columns)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    @property
+    def weight(self) -> BlockSparseWeight:
+        return BlockSparseWeight(
+            self.blocks, self.starts, self.columns, self.out_features, self.in_features
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        xt = rows.t().contiguous()
-        if self.bias is not None:
-            yt = self.bias[:, None].expand(self.out_features, rows.shape[0]).contiguous()
-        else:
-            yt = torch.zeros(self.out_features, rows.shape[0], dtype=x.dtype, device=x.device)
-        bh, bw = self.block
-        for index, (row, column, end) in enumerate(self.runs):
-            tile = getattr(self, f"tile{index}")
-            yt[row * bh : (row + 1) * bh].addmm_(tile, xt[column * bw : end * bw])
-        return yt.t().reshape(*x.shape[:-1], self.out_features)
+        return block_sparse_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"block={self.block}, kept={self.kept_fraction:.2f}"
+            f"block={self.block}, kept={self.kept_fraction:.2f}, "
+            f"multiplied={self.weight.stored_fraction:.2f}"
         )
 
 

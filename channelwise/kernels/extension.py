@@ -1,5 +1,6 @@
 """Building and loading the AVX-512 extension behind the CPU kernels: ``csrc/weight_only.cpp``
-(dense weight-only and W8A8) and ``csrc/sparse.cpp`` (sparse decode), sharing ``csrc/tiles.h``.
+(dense weight-only and W8A8), ``csrc/sparse.cpp`` (sparse decode) and ``csrc/block_sparse.cpp``
+(block-sparse float products), sharing ``csrc/tiles.h``.
 
 It is compiled on first use (~10 s of CPU; 15–40 s wall on the shared host) into
 ``$CHANNELWISE_HOME/kernels`` and reused (the folder name carries a hash of source and flags);
@@ -23,7 +24,7 @@ from channelwise.paths import channelwise_home
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "weight_only.cpp", _CSRC / "sparse.cpp")
+_SOURCES = (_CSRC / "weight_only.cpp", _CSRC / "sparse.cpp", _CSRC / "block_sparse.cpp")
 _HEADERS = (_CSRC / "tiles.h",)
 # -fopenmp: ATen's parallel_for is a header template; without the flag its ``omp parallel``
 # compiles away and every kernel runs on one thread (measured: no gain from 2 threads until it).
@@ -127,6 +128,7 @@ def _register_fakes() -> None:
     shapes["sparse_mlp"] = sparse_mlp
     shapes["sparse_input_mm"] = lambda x, wt, *_: columns_out(x, wt)
     shapes["sparsify"] = lambda x, _t: torch.empty_like(x)
+    shapes["block_sparse_mm"] = lambda x, _b, _s, _c, _bias, n: x.new_empty((*x.shape[:-1], n))
     shapes["quantize_per_token"] = codes
     shapes |= {"quantize_static": codes, "w8a8_small_mm": small_w8a8}
     for name, shape in shapes.items():

@@ -10,7 +10,9 @@ only the ``up`` rows and ``down`` columns of the active channels ``idx`` matter:
   (:func:`transpose_weight`), each contiguous;
 * :func:`sparse_mlp`: both, with the active set found from the activation, in one call (one
   op: little Python per decode step, and a fixed output shape ``torch.compile`` can trace);
-* :func:`sparse_input_linear`: the columns product with the active set found from the input.
+* :func:`sparse_input_linear`: the columns product with the active set found from the input;
+* :func:`block_sparse_linear`: ``x @ W.T + b`` over the kept blocks of a block-pruned weight
+  (:class:`BlockSparseWeight`, LPViT), for many rows at once (``csrc/block_sparse.cpp``).
 
 Weights (:class:`SparseWeight`) are as the dense kernels take them (:mod:`channelwise.kernels.cpu`):
 float32 ``(N, K)``; W8 int8 codes with a per-row scale; W4 codes two per byte along ``K``,
@@ -167,3 +169,71 @@ def transpose_weight(weight: SparseWeight) -> SparseWeight:
     return SparseWeight(
         packed_t.contiguous(), weight.scale.T.contiguous(), weight.zero.T.contiguous(), weight.group
     )
+
+
+@dataclass(frozen=True)
+class BlockSparseWeight:
+    """A float32 weight ``W (N, K)`` kept as strips of 16 output rows cut into segments of
+    ``width`` input columns, only the segments where a row of the strip is nonzero stored:
+    ``blocks (B, width, 16)`` (segment ``b`` transposed: ``blocks[b, k, j] = W[16 s + j,
+    width · columns[b] + k]`` for its strip ``s``), strip ``s`` owning ``blocks[starts[s] :
+    starts[s + 1]]``; the last strip's rows past ``N`` are zero."""
+
+    blocks: Tensor
+    starts: Tensor
+    columns: Tensor
+    out_features: int
+    in_features: int
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, width: int) -> BlockSparseWeight:
+        """Pack ``weight (N, K)``, keeping each strip's segments that hold a nonzero."""
+        n, k = weight.shape
+        if width <= 0 or k % width:
+            raise KernelInputError(f"block-sparse: {k} input columns do not split into {width}")
+        strips = -(-n // 16)
+        padded = weight.detach().float().new_zeros(strips * 16, k)
+        padded[:n] = weight.detach()
+        segments = padded.reshape(strips, 16, k // width, width)
+        kept = segments.ne(0).any(3).any(1)
+        strip, column = kept.nonzero(as_tuple=True)
+        starts = torch.zeros(strips + 1, dtype=torch.long, device=weight.device)
+        starts[1:] = kept.sum(1).cumsum(0)
+        blocks = segments[strip, :, column, :].transpose(1, 2).contiguous()
+        return cls(blocks, starts, column.contiguous(), n, k)
+
+    @property
+    def width(self) -> int:
+        return self.blocks.shape[1]
+
+    @property
+    def stored_fraction(self) -> float:
+        """The share of the strips' segments stored (and multiplied)."""
+        total = (self.starts.numel() - 1) * (self.in_features // self.width)
+        return self.blocks.shape[0] / total if total else 0.0
+
+    def dense(self) -> Tensor:
+        """``W (N, K)`` rebuilt from the kept segments (zero elsewhere)."""
+        strips = self.starts.numel() - 1
+        counts = self.starts.diff()
+        strip = torch.repeat_interleave(torch.arange(strips, device=counts.device), counts)
+        segments = self.blocks.new_zeros(strips, self.in_features // self.width, self.width, 16)
+        segments[strip, self.columns] = self.blocks
+        return segments.permute(0, 3, 1, 2).reshape(strips * 16, -1)[: self.out_features]
+
+
+def block_sparse_linear(x: Tensor, weight: BlockSparseWeight, bias: Tensor | None) -> Tensor:
+    """``x (..., K) @ W.T + bias`` → ``(..., N)``, multiplying only the kept segments of
+    ``W`` (the extension's AVX-512 kernel for float32 CPU inputs; else ``F.linear`` on the
+    rebuilt weight, the reference)."""
+    if x.shape[-1] != weight.in_features:
+        raise KernelInputError(
+            f"block-sparse: input has {x.shape[-1]} features, the weight {weight.in_features}"
+        )
+    if x.dtype == torch.float32 and x.device.type == "cpu" and weight.blocks.device.type == "cpu":
+        operands = (weight.blocks, weight.starts, weight.columns, bias, weight.out_features)
+        y = _call("block_sparse_mm", x.contiguous(), *operands)
+        if y is not None:
+            return y
+    w = weight.dense().to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -8,7 +8,8 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
 
     .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
         [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
-        [--ablation 4] [--lrp-ablation 4] [--recon-iters 200 --recon-batch 32] [--threads 2]
+        [--ablation 4] [--lrp-ablation 4] [--ias-ablation 4] [--recon-iters 200 --recon-batch 32]
+        [--threads 2]
         [--device cpu]
         [--json out.json]
 
@@ -57,6 +58,20 @@ def repquant_ablation(bits: int) -> list[Recipe]:
     data["name"] = f"repquant-noclip-w{bits}a{bits}"
     data["steps"] = [{"method": "repquant", "args": {"clipping": False}}]
     return [Recipe.from_dict(data)]
+
+
+def ias_ablation(bits: int) -> list[Recipe]:
+    """I&S-ViT's two parts one at a time (the paper's ablation of SULQ and SOS): the softmax on
+    the baseline's uniform per-tensor quantizer instead of SULQ, and SULQ with the per-channel
+    reparameterization but no block reconstruction."""
+    data = load_recipe(f"ias-vit-w{bits}a{bits}").model_dump(mode="json")
+    uniform = load_recipe(f"vit-rtn-w{bits}a{bits}").model_dump(mode="json")["attention"]["probs"]
+    no_sulq = dict(data, name=f"ias-vit-uniform-softmax-w{bits}a{bits}")
+    no_sulq["attention"] = {**data["attention"], "probs": uniform}
+    no_sulq["steps"] = [{"method": "ias_vit", "args": {"softmax": "none"}}]
+    no_sos = dict(data, name=f"ias-vit-no-reconstruction-w{bits}a{bits}")
+    no_sos["steps"] = [{"method": "ias_vit", "args": {"reconstruct": False}}]
+    return [Recipe.from_dict(no_sulq), Recipe.from_dict(no_sos)]
 
 
 def lrp_ablation(bits: int) -> list[Recipe]:
@@ -118,6 +133,7 @@ def main() -> None:
     p.add_argument("--ablation", type=int, help="add RepQ-ViT's ablation rows at these bits (4)")
     p.add_argument("--repquant-ablation", type=int, help="add RepQuant without clipping (4)")
     p.add_argument("--lrp-ablation", type=int, help="add LRP-QViT's ablation rows at these bits")
+    p.add_argument("--ias-ablation", type=int, help="add I&S-ViT's ablation rows at these bits")
     p.add_argument("--recon-iters", "--ias-iters", type=int, help="iterations per stage")
     p.add_argument("--recon-batch", "--ias-batch", type=int, help="reconstruction batch size")
     args = p.parse_args()
@@ -153,6 +169,11 @@ def main() -> None:
         ]
     if args.lrp_ablation:
         recipes += lrp_ablation(args.lrp_ablation)
+    if args.ias_ablation:
+        recipes += [
+            shortened(recipe, args.recon_iters, args.recon_batch)
+            for recipe in ias_ablation(args.ias_ablation)
+        ]
     rows = compare_vision(
         recipes, args.model, protocol, device=args.device, progress=False, on_row=show
     )

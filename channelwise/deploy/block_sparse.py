@@ -43,19 +43,19 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     @property
-    def weight(self) -> BlockSparseWeight:
+    def sparse_weight(self) -> BlockSparseWeight:
         return BlockSparseWeight(
             self.blocks, self.starts, self.columns, self.out_features, self.in_features
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return block_sparse_linear(x, self.weight, self.bias)
+        return block_sparse_linear(x, self.sparse_weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"block={self.block}, kept={self.kept_fraction:.2f}, "
-            f"multiplied={self.weight.stored_fraction:.2f}"
+            f"multiplied={self.sparse_weight.stored_fraction:.2f}"
         )
 
 

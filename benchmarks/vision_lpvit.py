@@ -105,9 +105,8 @@ def main() -> None:
     diff = float((got - expected).abs().max() / expected.abs().max())
     dense_kernel = load_vision_model(None, "cpu")
     for name in block_linear_names(dense_kernel):
-        parent, _, child = name.rpartition(".")
         every_block = BlockSparseLinear(dense_kernel.get_submodule(name), (args.block,) * 2)
-        setattr(dense_kernel.get_submodule(parent), child, every_block)
+        dense_kernel.set_submodule(name, every_block)
     models = {"fp32": load_vision_model(None, "cpu"), "block-sparse": pruned,
               "all-blocks-kept": dense_kernel}  # fmt: skip
     rates = images_per_second(models, pixels, args.repeats, args.rounds)

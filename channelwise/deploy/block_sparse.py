@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from channelwise.deploy.packed import _set_submodule
 from channelwise.errors import PackingError
 from channelwise.kernels.sparse import BlockSparseWeight, block_sparse_linear
 
@@ -70,7 +71,6 @@ def block_sparse_model(model: nn.Module, names: list[str], block: tuple[int, int
         sparse = BlockSparseLinear(module, block)
         if sparse.kept_fraction >= 1.0:
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, sparse)
+        _set_submodule(model, name, sparse)
         replaced.append(name)
     return replaced

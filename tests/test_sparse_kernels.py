@@ -114,8 +114,10 @@ def test_rows_equal_the_reference_rows(extension, kind, m) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("m", [1, 3, 5])
-@pytest.mark.parametrize("n", [64, 96, 32])  # output widths: whole, partial and single chunks
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+# Output widths: one to three 32-column blocks, then 9 and 17 blocks (W4 chunks of up to 8
+# blocks split unevenly, for one thread or several).
+@pytest.mark.parametrize("n", [32, 64, 96, 288, 544])
 def test_columns_equal_the_reference_columns(extension, kind, m, n) -> None:
     k = 192  # three W4 groups of 64 along the input
     weight = random_weight(kind, n, k, seed=3)
@@ -248,14 +250,16 @@ def test_sparsify_refuses_non_finite_activations(extension, bad) -> None:
 
 
 def test_w4_columns_in_another_layout_are_one_clear_error() -> None:
-    """A W4 columns weight that is not ``transpose_weight``'s block-major ``(N/32, K, 16)``
-    (here the row-major ``(K, N/2)`` codes) is refused, not read as if it were."""
+    """A W4 columns weight that is not ``transpose_weight``'s ``(K, N/32, 16)`` (here the
+    row-major ``(K, N/2)`` codes, and the block-major ``(N/32, K, 16)`` of an earlier version)
+    is refused, not read as if it were."""
     if not kernel_available():
         pytest.skip("the checks are the extension's")
     weight_t = sk.transpose_weight(random_weight("w4", 64, 128, seed=16))
-    row_major = weight_t.w.permute(1, 0, 2).reshape(128, 32).contiguous()
-    with pytest.raises(KernelInputError, match=r"\(N/32, K, 16\)"):
-        sk.cols_linear(torch.randn(1, 2), torch.tensor([0, 5]), replace(weight_t, w=row_major))
+    h, idx = torch.randn(1, 2), torch.tensor([0, 5])
+    for other in (weight_t.w.reshape(128, 32), weight_t.w.permute(1, 0, 2).contiguous()):
+        with pytest.raises(KernelInputError, match=r"\(K, N/32, 16\)"):
+            sk.cols_linear(h, idx, replace(weight_t, w=other))
 
 
 def block_pruned(n: int, k: int, width: int, pattern: str, seed: int) -> torch.Tensor:

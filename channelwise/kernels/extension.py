@@ -116,8 +116,8 @@ def _register_fakes() -> None:
         return x_scale.new_empty((q.shape[0], u.shape[0]))
 
     def columns_out(x: Tensor, wt: Tensor) -> Tensor:
-        """The output of a product with a columns-form weight: (K, N), or W4 (N/32, K, 16)."""
-        columns = wt.shape[0] * 32 if wt.dtype == torch.uint8 else wt.shape[1]
+        """The output of a product with a columns-form weight: (K, N), or W4 (K, N/32, 16)."""
+        columns = wt.shape[1] * 32 if wt.dtype == torch.uint8 else wt.shape[1]
         return x.new_empty((*x.shape[:-1], columns))
 
     def sparse_mlp(x: Tensor, a: Tensor, up: Tensor, s: Tensor | None, z: Tensor | None,

@@ -142,9 +142,9 @@ def columns_reference(weight_t: SparseWeight) -> Tensor:
     if wt.dtype == torch.int8:
         return wt.float() * weight_t.scale
     if wt.dtype == torch.uint8:
-        blocks, k, _ = wt.shape
-        codes = torch.stack((wt & 0xF, wt >> 4), dim=2)  # (blocks, K, half, 16)
-        codes = codes.permute(1, 0, 2, 3).reshape(k, blocks * 32).float()
+        k, blocks, _ = wt.shape
+        codes = torch.stack((wt & 0xF, wt >> 4), dim=2)  # (K, blocks, half, 16)
+        codes = codes.reshape(k, blocks * 32).float()
         expand = torch.arange(k, device=wt.device) // weight_t.group
         return (codes - weight_t.zero[expand]) * weight_t.scale[expand]
     return wt
@@ -152,10 +152,10 @@ def columns_reference(weight_t: SparseWeight) -> Tensor:
 
 def transpose_weight(weight: SparseWeight) -> SparseWeight:
     """The columns form of a rows-form weight ``(N, K)``: float32 or int8 codes transposed to
-    ``(K, N)`` (the same per-row scale); W4 codes block-major as ``(N / 32, K, 16)``: block ``b``
-    holds output columns ``32b … 32b + 31`` of every input row, byte ``j`` column ``32b + j``
-    (low nibble) and ``32b + j + 16`` (high nibble), so the kernel's walk over the active rows
-    reads each block forwards; ``scale`` and ``zero`` transposed to ``(K / group, N)``."""
+    ``(K, N)`` (the same per-row scale); W4 codes as ``(K, N / 32, 16)``: row ``k`` holds input
+    ``k``'s codes (contiguous, so an inactive row is skipped whole), block ``b`` its output
+    columns ``32b … 32b + 31``, byte ``j`` column ``32b + j`` (low nibble) and ``32b + j + 16``
+    (high nibble); ``scale`` and ``zero`` transposed to ``(K / group, N)``."""
     w = weight.w
     if w.dtype != torch.uint8:
         return SparseWeight(w.T.contiguous(), weight.scale, None, weight.group)
@@ -165,7 +165,7 @@ def transpose_weight(weight: SparseWeight) -> SparseWeight:
             f"transpose_weight: {n} output rows; W4 columns need a multiple of 32"
         )
     codes = unpack_int4(w).reshape(n // 32, 2, 16, -1)  # (blocks, half, 16, K)
-    packed_t = (codes[:, 0] | (codes[:, 1] << 4)).transpose(1, 2)  # (blocks, K, 16)
+    packed_t = (codes[:, 0] | (codes[:, 1] << 4)).permute(2, 0, 1)  # (K, blocks, 16)
     return SparseWeight(
         packed_t.contiguous(), weight.scale.T.contiguous(), weight.zero.T.contiguous(), weight.group
     )

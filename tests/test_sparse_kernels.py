@@ -130,6 +130,27 @@ def test_columns_equal_the_reference_columns(extension, kind, m, n) -> None:
         assert_close_to(got, h, w64[:, idx], magnitude[:, idx])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 3])
+def test_w4_columns_over_threads_equal_the_reference(extension, threads, m) -> None:
+    """Large enough that threads split the output columns, in chunks whose count is a multiple
+    of the threads (9 blocks of 32 columns: uneven chunks); 25 K-groups of 64."""
+    n, k = 288, 1600
+    weight = random_weight("w4", n, k, seed=7)
+    weight_t = sk.transpose_weight(weight)
+    w64, magnitude = dense64(weight), magnitude64(weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, idx in index_sets(k).items():
+            h = torch.randn(m, idx.numel(), generator=gen(8))
+            got = sk.cols_linear(h, idx, weight_t)
+            assert got.shape == (m, n), name
+            assert_close_to(got, h, w64[:, idx], magnitude[:, idx])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_columns_form_holds_the_same_weight(kind) -> None:
     weight = random_weight(kind, 64, 128, seed=5)

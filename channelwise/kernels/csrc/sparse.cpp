@@ -484,16 +484,28 @@ void cols_into(const float* h, int64_t M, const int64_t* idx, int64_t A, const W
 }
 
 // ------------------------------------------------------------------ ops
-// The channels (columns of v (M, C)) nonzero in at least one row, increasing.
+// The channels (columns of v (M, C)) nonzero in at least one row (NaN counts), increasing.
+// Branch-free, 16 channels at a time: the scalar scan's branch on each channel, taken half the
+// time at random at 50% sparsity, cost ~6 us per SmolLM2 MLP call (48.6 against 45.5 us for
+// the same products as two calls).
 std::vector<int64_t> active_channels(const float* v, int64_t M, int64_t C) {
-  std::vector<int64_t> idx;
-  idx.reserve(C);
-  for (int64_t c = 0; c < C; ++c)
+  std::vector<int64_t> idx(static_cast<size_t>(C + 16));  // + 16: whole-vector stores
+  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t A = 0;
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 in = lanes(C - c);
+    __mmask16 nonzero = 0;
     for (int64_t m = 0; m < M; ++m)
-      if (v[m * C + c] != 0.0f) {
-        idx.push_back(c);
-        break;
-      }
+      nonzero |= _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, v + m * C + c),
+                                         _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    for (int half = 0; half < 2; ++half) {
+      const __mmask8 bits = static_cast<__mmask8>(nonzero >> (8 * half));
+      const __m512i channels = _mm512_add_epi64(_mm512_set1_epi64(c + 8 * half), iota);
+      _mm512_storeu_si512(idx.data() + A, _mm512_maskz_compress_epi64(bits, channels));
+      A += __builtin_popcount(bits);
+    }
+  }
+  idx.resize(static_cast<size_t>(A));
   return idx;
 }
 

@@ -248,6 +248,21 @@ def test_sparse_input_equals_the_dense_product(extension, kind, m, active) -> No
         assert (got == 0).all()
 
 
+@pytest.mark.parametrize("k", [200, 7])  # the active-channel scan's partial last 16 channels
+def test_sparse_input_finds_the_active_channels_of_any_width(extension, k) -> None:
+    """A channel counts when it is nonzero in any row (here only in one), down to the last
+    channel of a width that is not a multiple of 16; a NaN channel counts too."""
+    weight = random_weight("f32", 48, k, seed=22)
+    x = torch.zeros(3, k)
+    x[0, 0], x[2, k - 1], x[1, k // 2] = 1.5, -2.0, 0.5
+    x[2, 1::3] = torch.randn(len(range(1, k, 3)), generator=gen(23))
+    got = sk.sparse_input_linear(x, sk.transpose_weight(weight))
+    assert_close_to(got, x, dense64(weight), magnitude64(weight))
+    x[1, 2] = float("nan")
+    got = sk.sparse_input_linear(x, sk.transpose_weight(weight))
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 37), (2, 5, 64), (3, 0, 16)])
 def test_sparsify_zeroes_exactly_the_small_entries(extension, per_channel, shape) -> None:

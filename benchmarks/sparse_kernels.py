@@ -6,7 +6,9 @@ down (576 × 1536) weights, so the weights stream from memory as in a real forwa
 the whole weights (fp32 ``F.linear``, or the packed W4 g64 decode kernel); sparse:
 :func:`channelwise.kernels.sparse.sparse_mlp`, reading only the active rows of up and columns of
 down. Candidates run interleaved, ``--repeats`` times; medians per MLP, and the ratio dense /
-sparse (> 1: the sparse kernel is faster).
+sparse (> 1: the sparse kernel is faster). The W4 halves are also timed apart (``up_proj``: the
+active rows against the dense product; ``down_proj``: the active columns against the dense
+product on the zeroed activation), each call with its own dispatch cost.
 
 Also LPViT's block-sparse linear (:class:`~channelwise.deploy.block_sparse.BlockSparseLinear`)
 against the dense ``F.linear`` on one ViT-S MLP weight (1536 × 384) with half of its blocks
@@ -33,7 +35,13 @@ from kernels import GROUP, make_weights
 from channelwise.deploy.block_sparse import BlockSparseLinear
 from channelwise.kernels import cpu
 from channelwise.kernels.extension import load_ops
-from channelwise.kernels.sparse import SparseWeight, sparse_mlp, transpose_weight
+from channelwise.kernels.sparse import (
+    SparseWeight,
+    cols_linear,
+    rows_linear,
+    sparse_mlp,
+    transpose_weight,
+)
 
 HIDDEN, INTERMEDIATE = 576, 1536
 
@@ -41,12 +49,14 @@ HIDDEN, INTERMEDIATE = 576, 1536
 def make_layer(active: float, gen: torch.Generator) -> dict:
     up, down = make_weights(INTERMEDIATE, HIDDEN, gen), make_weights(HIDDEN, INTERMEDIATE, gen)
     a = torch.randn(1, INTERMEDIATE, generator=gen)
-    keep = torch.randperm(INTERMEDIATE, generator=gen)[: round(active * INTERMEDIATE)]
+    keep = torch.randperm(INTERMEDIATE, generator=gen)[: round(active * INTERMEDIATE)].sort().values
     a = torch.zeros_like(a).index_copy_(1, keep, a[:, keep])
     up4 = SparseWeight(up["packed"], up["s4"], up["z4"], GROUP)
     down4 = SparseWeight(down["packed"], down["s4"], down["z4"], GROUP)
     return {
         "a": a,
+        "idx": keep,
+        "h": a[:, keep].contiguous(),
         "up": up["fp32"],
         "down": down["fp32"],
         "up4": up4,
@@ -66,6 +76,11 @@ def candidates() -> dict[str, Callable]:
         "fp32 sparse": lambda x, L: sparse_mlp(x, L["a"], L["up_sparse"], L["down_t"]),
         "w4 dense": lambda x, L: w4(w4(x, L["up4"]) * L["a"], L["down4"]),
         "w4 sparse": lambda x, L: sparse_mlp(x, L["a"], L["up4"], L["down4_t"]),
+        # The two halves apart (where a loss hides): up's active rows, down's active columns.
+        "w4 up_proj dense": lambda x, L: w4(x, L["up4"]),
+        "w4 up_proj sparse": lambda x, L: rows_linear(x, L["idx"], L["up4"]),
+        "w4 down_proj dense": lambda x, L: w4(L["a"], L["down4"]),
+        "w4 down_proj sparse": lambda x, L: cols_linear(L["h"], L["idx"], L["down4_t"]),
     }
 
 
@@ -81,7 +96,8 @@ def check(x: torch.Tensor, layer: dict, cands: dict[str, Callable]) -> dict[str,
     """Each sparse result's largest relative difference from its dense counterpart."""
     out = {c: fn(x, layer) for c, fn in cands.items()}
     diffs = {}
-    for kind in ("fp32", "w4"):
+    out["w4 up_proj dense"] = out["w4 up_proj dense"][:, layer["idx"]]
+    for kind in ("fp32", "w4", "w4 up_proj", "w4 down_proj"):
         dense, sparse = out[f"{kind} dense"], out[f"{kind} sparse"]
         diffs[kind] = float((sparse - dense).abs().max() / dense.abs().max())
     return diffs
@@ -150,12 +166,12 @@ def main() -> None:
     us = {c: statistics.median(s) * 1e6 for c, s in samples.items()}
     rows = []
     print(f"{args.layers} MLPs, {args.active:.0%} active, {args.threads} thread(s); µs per MLP")
-    for kind in ("fp32", "w4"):
+    for kind in ("fp32", "w4", "w4 up_proj", "w4 down_proj"):
         dense, sparse = us[f"{kind} dense"], us[f"{kind} sparse"]
         row = {"weights": kind, "dense_us": dense, "sparse_us": sparse,
                "speedup": dense / sparse, "max_rel_diff": diffs[kind]}  # fmt: skip
         rows.append(row)
-        print(f"{kind:5s} dense {dense:8.1f}  sparse {sparse:8.1f}  {dense / sparse:5.2f}×  "
+        print(f"{kind:12s} dense {dense:8.1f}  sparse {sparse:8.1f}  {dense / sparse:5.2f}×  "
               f"(max rel. diff {diffs[kind]:.1e})")  # fmt: skip
     for row in block_sparse_rows(args.repeats, gen):
         rows.append(row)

@@ -352,6 +352,9 @@ inline void cols_chunk(const float* h, int64_t A, const int64_t* idx, const type
 // block-major (N/32, K, 16) codes in 64-column chunks 0.80x; these rows, each group's rows
 // prefetched whole in its first chunk (16 ahead) 0.80x; each chunk its piece, 16 ahead 0.80x,
 // 32 ahead 1.05x (48-96: 0.89-0.95x); the scales and zeros of the next group prefetched too.
+// Also tried, no faster: whole rows prefetched to L2 64-128 rows ahead besides (0.90-0.99x);
+// M = 1 in one pass per row, the sums in an L1 buffer (0.80x); reading no scales at all (1.11x
+// against 1.04x: the scales are not what holds it back).
 constexpr int64_t W4_ROWS_AHEAD = 32;
 
 // One group's rows a0..a1 into chunk n0 .. n0 + 32 NB of y.

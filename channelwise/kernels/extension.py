@@ -117,7 +117,7 @@ def _register_fakes() -> None:
 
     def columns_out(x: Tensor, wt: Tensor) -> Tensor:
         """The output of a product with a columns-form weight: (K, N), or W4 (K, N/32, 16)."""
-        columns = wt.shape[1] * 32 if wt.dtype == torch.uint8 else wt.shape[1]
+        columns = wt.shape[1] * (32 if wt.dtype == torch.uint8 else 1)
         return x.new_empty((*x.shape[:-1], columns))
 
     def sparse_mlp(x: Tensor, a: Tensor, up: Tensor, s: Tensor | None, z: Tensor | None,

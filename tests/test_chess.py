@@ -12,6 +12,12 @@ from helpers import count_calls, greedy_generate, logits, save_and_reload
 
 from channelwise import quantize
 from channelwise.deploy import pack_model
+from channelwise.deploy.sparse import (
+    SPARSITY_HOOK_ATTR,
+    SPARSITY_THRESHOLD_ATTR,
+    install_threshold_hook,
+    remove_threshold_hook,
+)
 from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.methods.chess import ACT, ATTENTION_INPUTS, GATE, UP
 from channelwise.recipe import Recipe
@@ -99,6 +105,25 @@ def test_hooks_zero_the_small_activations_and_only_those(make_tiny_model, calibr
     q_threshold = method.thresholds[f"1.{ATTENTION_INPUTS[0]}"]
     assert (seen["q"][seen["q"] != 0].abs() >= q_threshold).all()
     assert (seen["k"] == 0).float().mean() < 0.05, "k_proj reads the dense input"
+
+
+def test_threshold_hook_reads_its_threshold_in_place_and_goes_away_whole() -> None:
+    linear = torch.nn.Linear(8, 4)
+    x = torch.linspace(-1, 1, 16).reshape(2, 8)
+    threshold = torch.tensor(0.5)
+    install_threshold_hook(linear, threshold, on_output=False)
+    assert torch.equal(
+        linear(x),
+        torch.nn.functional.linear(x.masked_fill(x.abs() < 0.5, 0), linear.weight, linear.bias),
+    )
+    threshold.fill_(2.0)  # read at every call
+    assert torch.equal(linear(x), linear.bias.expand(2, 4))
+    install_threshold_hook(linear, torch.tensor(0.0), on_output=False)  # replaces, never stacks
+    assert len(linear._forward_pre_hooks) == 1
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+    remove_threshold_hook(linear)
+    assert not linear._forward_pre_hooks and not hasattr(linear, SPARSITY_HOOK_ATTR)
+    assert not hasattr(linear, SPARSITY_THRESHOLD_ATTR)
 
 
 def test_low_sparsity_barely_changes_the_model(make_tiny_model, calibration) -> None:

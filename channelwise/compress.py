@@ -32,7 +32,7 @@ from channelwise.kvcache.methods import (
     offloadable_kv_methods,
 )
 from channelwise.methods import Method, build_method
-from channelwise.methods.registry import method_classes
+from channelwise.methods.registry import method_classes, quantizes_transitions
 from channelwise.offload import OffloadError, block_on_device, offloaded, save_offloaded
 from channelwise.paths import output_folder, staged_folder
 from channelwise.quant import QParams, spec_from_dict, spec_to_dict
@@ -124,7 +124,7 @@ def quantize(
         if needs_data:
             calibration = group.shard(calibration, batch_size)
 
-    transitions = dict(adapter.transitions) if quantizes_transitions(recipe, methods) else {}
+    transitions = dict(adapter.transitions) if quantizes_transitions(recipe) else {}
 
     def block_fn(ctx: BlockContext) -> None:
         for method in methods:
@@ -175,14 +175,6 @@ def quantize(
     setattr(model, METHODS_ATTR, methods)
     setattr(model, KV_METHOD_ATTR, kv_method)
     return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
-
-
-def quantizes_transitions(recipe: Recipe, methods: list[Method]) -> bool:
-    """Whether the modules between blocks (Swin's patch merging) are quantized too: when the
-    recipe quantizes weights or activations and every step handles transitions (RTN,
-    RepQ-ViT); else they stay in float."""
-    quantizes = recipe.weights is not None or recipe.activations is not None
-    return quantizes and all(m.handles_transitions for m in methods)
 
 
 def quantize_transition(

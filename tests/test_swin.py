@@ -201,16 +201,18 @@ def test_lpvit_weighs_each_linear_by_the_tokens_its_stage_processes() -> None:
 @pytest.mark.parametrize(
     ("case", "reparameterized"),
     [("repq-vit-w4a4", True), ("vit-rtn-w4a4", False), ("ias_vit", True), ("repquant", True),
-     ("lrp_qvit", None)],
+     ("lrp_qvit", True), ("bivit", None)],
 )  # fmt: skip
 def test_the_patch_merging_is_quantized_where_every_step_handles_it(case, reparameterized):
     """RepQ-ViT (``repq-vit``) quantizes the merging's ``reduction`` as the paper does: its
     LayerNorm reparameterized into it (a bias created where it had none), its weights on the
     grid, its input static per tensor; RTN (``vit-rtn``) without the reparameterization; I&S-ViT
-    and RepQuant, which train whole blocks, as RepQ-ViT does (untrained). LRP-QViT, whose bits
-    are allocated over the blocks' layers, leaves it in float (``reparameterized`` None)."""
+    and RepQuant, which train whole blocks, as RepQ-ViT does (untrained); LRP-QViT as one more
+    layer of its allocation, at the bits it allocates it. BiViT, which trains the whole
+    backbone, leaves it in float (``reparameterized`` None)."""
     from channelwise.quant.activation import input_quantizer
     from channelwise.quant.granularity import PerTensor
+    from channelwise.quant.grid import weight_grid
 
     quantized = reparameterized is not None
     model = tiny_vision_model("swin")
@@ -224,7 +226,9 @@ def test_the_patch_merging_is_quantized_where_every_step_handles_it(case, repara
     if not quantized:
         return
     assert quantizer.qparams is not None and isinstance(quantizer.spec.granularity, PerTensor)
-    assert all(len(row.unique()) <= 16 for row in merge.reduction.weight)
+    bits = weight_grid(merge.reduction).spec.bits  # LRP-QViT's allocation; else the recipe's 4
+    assert bits == 4 or case == "lrp_qvit"
+    assert all(len(row.unique()) <= 2**bits for row in merge.reduction.weight)
     assert (not torch.equal(merge.norm.weight, gain)) == reparameterized
     assert (merge.reduction.bias is not None) == reparameterized
 
@@ -259,3 +263,24 @@ def test_a_packed_swin_carries_the_bias_its_merge_reparameterization_created(tmp
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="tensors the model does not have"):
         load_vision_model(saved, "cpu")
+
+
+def test_lrp_qvit_allocates_bits_to_the_merge_and_counts_its_weights() -> None:
+    """The merging's ``reduction`` is scored and allocated like a block layer (keyed by the
+    block it follows), rounded at its bits, and counted in the reported bits per weight."""
+    from channelwise.quant.grid import stored_bits, weight_grid
+
+    model = tiny_vision_model("swin")
+    result = quantize(model, CASES["lrp_qvit"], _pixels(), progress=False)
+    method = result.methods[0]
+    assert (1, "merge") in method.scores and method.scores[(1, "merge")] > 0
+    reduction = model.encoder.layers[0].downsample.reduction
+    bits = method.bits[(1, "merge")]
+    assert weight_grid(reduction).spec.bits == bits
+    assert all(len(row.unique()) <= 2**bits for row in reduction.weight)
+    adapter = adapter_for(model)
+    linears = [m for b in adapter.block_list(model) for m in adapter.block_linears(b).values()]
+    linears.append(reduction)
+    total = sum(stored_bits(*m.weight.shape, weight_grid(m).spec) for m in linears)
+    count = sum(m.weight.numel() for m in linears)
+    assert method.weight_bits(model, adapter) == pytest.approx(total / count)

@@ -11,8 +11,8 @@ weight steps all handle transitions (``rtn``, with ``repq_vit`` before it: the `
 ``repq-vit`` presets) quantizes the ``reduction`` too, after the stage's last block: RepQ-ViT
 reparameterizes its LayerNorm into it, as the paper does, RTN rounds its weights, and its input
 gets the recipe's activation quantizer. I&S-ViT and RepQuant, which train whole blocks, give
-it the same treatment untrained (:class:`~channelwise.methods.repq_vit.RepQViTTransition`).
-Deviation: under LRP-QViT (bits allocated over the blocks' layers), BiViT and LPViT the
+it the same treatment untrained (:class:`~channelwise.methods.repq_vit.RepQViTTransition`);
+LRP-QViT scores and allocates it as one more layer. Deviation: under BiViT and LPViT the
 merging stays in float (its ``reduction`` is about 6% of Swin-T's linear weights). There is
 no class token: image features are the mean of all tokens. Images must leave the last stage
 at least one window wide (224 px for Swin-T: transformers' Swin cannot shrink a window to a

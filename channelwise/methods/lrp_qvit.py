@@ -11,7 +11,9 @@ reparameterized to per tensor as in RepQ-ViT (:func:`~channelwise.methods.repq_v
 reparameterize_norm_input`), whose log√2 softmax quantizer this step installs too.
 
 A *layer* is one adapter subset of a block: q/k/v together (the fused ``qkv`` of timm's ViT),
-the attention output, fc1 and fc2. A layer's weights and its input get the same bits.
+the attention output, fc1 and fc2; and, where every step of the recipe handles transitions,
+a Swin patch merging's ``reduction`` (its LayerNorm reparameterized into it as in the blocks,
+the bias this creates kept as step state). A layer's weights and its input get the same bits.
 
 Arguments: ``budget`` (average weight bits over the block linears, weighted by parameter
 count; default the recipe's ``weights.bits``), ``candidates`` (the bit-widths a layer may take;
@@ -63,12 +65,13 @@ from channelwise.calibrate import set_input_bits
 from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import NonFiniteError, RecipeError
 from channelwise.methods.ias_vit import check_reconstruction_step
-from channelwise.methods.registry import Method, register
+from channelwise.methods.registry import Method, quantizes_transitions, register
 from channelwise.methods.repq_vit import install_softmax_quantizers, reparameterize_norm_input
 from channelwise.quant.attention import LogSqrt2Quantizer, probabilities_detached
 from channelwise.quant.core import calibration_rows, static_qparams
 from channelwise.quant.granularity import PerColumn
 from channelwise.quant.grid import round_weight_, stored_bits, weight_grid
+from channelwise.transforms.shift import ShiftState, restore_shift_state
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,7 @@ class LRPQViT(Method):
     name = "lrp_qvit"
     needs_calibration = True
     quantizes_weights = True
+    handles_transitions = True
     Args: ClassVar[type[BaseModel]] = LRPQViTArgs
 
     def __init__(self, recipe, args) -> None:
@@ -110,6 +114,9 @@ class LRPQViT(Method):
         self.scores: dict[Layer, float] = {}
         #: ``bits[(block, subset)]``: the layer's weight (and, ``mixed``, input) bits.
         self.bits: dict[Layer, int] = {}
+        #: The biases the reparameterization created (Swin's patch merging ``reduction`` has
+        #: none): a checkpoint carries them, its config cannot.
+        self.created = ShiftState()
 
     @property
     def budget(self) -> float:
@@ -136,13 +143,15 @@ class LRPQViT(Method):
 
     def prepare_model(self, model, adapter: ModelAdapter, calibration: Tensor) -> None:
         """Score every layer by relevance on the calibration images, allocate the bits, then
-        give every block an uncalibrated log√2 softmax quantizer."""
+        give every block an uncalibrated log√2 softmax quantizer. The layers are the blocks'
+        subsets and, where the recipe quantizes them, those of the transitions between blocks
+        (Swin's patch merging, keyed by the block it follows)."""
         inputs, sizes = {}, {}
-        for index, block in enumerate(adapter.block_list(model)):
-            for subset in adapter.subsets:
-                inputs[(index, subset.name)] = block.get_submodule(subset.linears[0])
+        for index, module, subsets in quantized_layers(model, adapter, self.recipe):
+            for subset in subsets:
+                inputs[(index, subset.name)] = module.get_submodule(subset.linears[0])
                 sizes[(index, subset.name)] = sum(
-                    block.get_submodule(name).weight.numel() for name in subset.linears
+                    module.get_submodule(name).weight.numel() for name in subset.linears
                 )
         relevance = input_relevance(model, adapter, list(inputs.values()), calibration,
                                     self.args.batch_size)  # fmt: skip
@@ -171,7 +180,11 @@ class LRPQViT(Method):
                 if self.args.clip is not None:
                     channel = replace(channel, range_method="percentile", percentile=self.args.clip)
                 per_channel = static_qparams(rows, channel)
+                biasless = [n for n in subset.linears if ctx.block.get_submodule(n).bias is None]
                 reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, input_spec)
+                for name in biasless:
+                    path = f"{ctx.module_path()}.{name}"
+                    self.created.biased[path] = ctx.block.get_submodule(name)
             else:
                 for name in subset.linears:
                     set_input_bits(ctx.block.get_submodule(name), input_spec.bits)
@@ -191,11 +204,13 @@ class LRPQViT(Method):
         return f"W{self.budget:g}A{self.recipe.activations.bits} mixed W"
 
     def weight_bits(self, model, adapter: ModelAdapter) -> float | None:
-        """Stored bits per block-linear weight, read from the grids each linear was rounded to
-        (``None`` on a model not yet compressed: the recipe's spec stands in)."""
+        """Stored bits per weight of the linears the bits were allocated over (the blocks',
+        and the quantized transitions'), read from the grids each was rounded to (``None`` on
+        a model not yet compressed: the recipe's spec stands in)."""
         weights = bits = 0
-        for block in adapter.block_list(model):
-            for module in adapter.block_linears(block).values():
+        for _index, parent, subsets in quantized_layers(model, adapter, self.recipe):
+            for name in (name for subset in subsets for name in subset.linears):
+                module = parent.get_submodule(name)
                 grid = weight_grid(module)
                 if grid is None:
                     return None
@@ -203,6 +218,25 @@ class LRPQViT(Method):
                 weights += rows * cols
                 bits += stored_bits(rows, cols, grid.spec)
         return bits / weights
+
+    def saved_state(self) -> dict[str, Tensor]:
+        return self.created.saved()
+
+    def restore(self, model, adapter: ModelAdapter, state: dict[str, Tensor]) -> None:
+        self.created = restore_shift_state(model, state, adapter.transposed_weights)
+
+
+def quantized_layers(
+    model: nn.Module, adapter: ModelAdapter, recipe
+) -> Iterator[tuple[int, nn.Module, tuple]]:
+    """``(index, module, subsets)`` for every block, then every transition between blocks the
+    recipe quantizes (:func:`~channelwise.methods.registry.quantizes_transitions`; ``index``:
+    the block it follows)."""
+    for index, block in enumerate(adapter.block_list(model)):
+        yield index, block, adapter.subsets
+    if quantizes_transitions(recipe):
+        for index, path in adapter.transitions:
+            yield index, model.get_submodule(path), adapter.transition_subsets
 
 
 def input_relevance(

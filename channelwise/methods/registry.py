@@ -131,6 +131,15 @@ def quantizes_weights(method: str) -> bool:
     return cls is not None and cls.quantizes_weights
 
 
+def quantizes_transitions(recipe: Recipe) -> bool:
+    """Whether the modules between blocks (Swin's patch merging) are quantized too: when the
+    recipe quantizes weights or activations and every step handles transitions (RTN,
+    RepQ-ViT, I&S-ViT, RepQuant, LRP-QViT); else they stay in float."""
+    quantizes = recipe.weights is not None or recipe.activations is not None
+    handled = [getattr(_METHODS.get(s.method), "handles_transitions", False) for s in recipe.steps]
+    return quantizes and all(handled)
+
+
 def check_transform_order(
     recipe: Recipe, name: str, what: str = "", needs_quantizer_after: bool = False
 ) -> None:

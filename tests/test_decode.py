@@ -94,6 +94,13 @@ def test_compiled_decode_takes_the_sparse_input_kernel_without_an_eager_decode_f
     ran = assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, fresh_dynamo)
     if kernels.kernel_available():
         assert "channelwise_cpu::sparse_input_mm" in ran, sorted(ran)
+        # In the graph the thresholds are fused torch ops: the sparse kernels' scan refuses
+        # NaN. A token first read by a compiled step (never in the eager prefill) is made NaN.
+        new = [t for t in expected_ids[0, ids.shape[1] :].tolist() if t not in ids[0].tolist()]
+        with torch.no_grad():
+            model.get_input_embeddings().weight[new[0]] = float("nan")
+        with pytest.raises(Exception, match="NaN or inf"):
+            greedy(model, ids)
 
 
 def test_compile_decode_refuses_a_model_that_cannot_generate():

@@ -251,16 +251,30 @@ def test_sparse_input_equals_the_dense_product(extension, kind, m, active) -> No
 @pytest.mark.parametrize("k", [200, 7])  # the active-channel scan's partial last 16 channels
 def test_sparse_input_finds_the_active_channels_of_any_width(extension, k) -> None:
     """A channel counts when it is nonzero in any row (here only in one), down to the last
-    channel of a width that is not a multiple of 16; a NaN channel counts too."""
+    channel of a width that is not a multiple of 16."""
     weight = random_weight("f32", 48, k, seed=22)
     x = torch.zeros(3, k)
     x[0, 0], x[2, k - 1], x[1, k // 2] = 1.5, -2.0, 0.5
     x[2, 1::3] = torch.randn(len(range(1, k, 3)), generator=gen(23))
     got = sk.sparse_input_linear(x, sk.transpose_weight(weight))
     assert_close_to(got, x, dense64(weight), magnitude64(weight))
-    x[1, 2] = float("nan")
-    got = sk.sparse_input_linear(x, sk.transpose_weight(weight))
-    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 2, 199])  # the first, a middle and the partial last vector
+def test_the_active_channel_scan_refuses_non_finite_activations(extension, bad, where) -> None:
+    """Inside a compiled graph the thresholding is plain torch ops, so the sparse kernels'
+    scan is what refuses NaN/inf there: in either op, in any row, on any channel."""
+    from channelwise.errors import NonFiniteError
+
+    k = 200
+    x = torch.randn(3, k, generator=gen(24))
+    x[2, where] = bad
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        sk.sparse_input_linear(x, sk.transpose_weight(random_weight("f32", 48, k, seed=25)))
+    up, down = random_weight("f32", k, 64, seed=26), random_weight("f32", 48, k, seed=27)
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        sk.sparse_mlp(torch.randn(3, 64, generator=gen(28)), x, up, sk.transpose_weight(down))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -54,8 +54,9 @@ _FORMS_ATTR = "_sparse_forms"  # the cached forms: not carried to a packed repla
 def install_threshold_hook(module: nn.Module, threshold: Tensor, on_output: bool) -> None:
     """Zero the entries of ``module``'s output (or first input) whose magnitude is below
     ``threshold`` (a scalar, or one value per last-dimension channel; read at every call, so it
-    may be changed in place). NaN or inf activations raise :class:`NonFiniteError` (in a
-    compiled graph too where the extension runs; elsewhere there they propagate).
+    may be changed in place). NaN or inf activations raise :class:`NonFiniteError`; in a
+    compiled graph the thresholding is fused torch ops and the sparse kernel that reads them
+    refuses them (a RuntimeError naming them), where no sparse kernel reads them they propagate.
 
     The threshold is kept on the module (:data:`SPARSITY_THRESHOLD_ATTR`), not in the hook's
     closure: a compiled graph then reaches it as a plain module attribute, where a closure

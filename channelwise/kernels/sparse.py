@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from channelwise.errors import KernelInputError, NonFiniteError
-from channelwise.kernels.extension import load_ops, loaded_ops
+from channelwise.kernels.extension import load_ops
 from channelwise.kernels.reference import dequantize_w4, unpack_int4
 
 
@@ -56,11 +56,16 @@ def _call(name: str, *args) -> Tensor | None:
         return getattr(ops, name)(*args)
     except RuntimeError as error:  # the extension's TORCH_CHECKs: bad shapes, dtypes, indices
         message = str(error).strip().splitlines()[0]
+        if "NaN or inf" in message:
+            raise NonFiniteError("activation sparsity: NaN or inf activations") from None
         raise KernelInputError(f"sparse kernel {name}: {message}") from None
 
 
 def _active_channels(tokens: Tensor) -> Tensor:
-    """The columns of ``tokens (M, C)`` nonzero in at least one row, increasing (int64)."""
+    """The columns of ``tokens (M, C)`` nonzero in at least one row, increasing (int64); NaN
+    or inf refused, as the extension's scan does."""
+    if not torch.isfinite(tokens).all():
+        raise NonFiniteError("activation sparsity: NaN or inf activations")
     return tokens.ne(0).any(dim=0).nonzero().squeeze(1)
 
 
@@ -106,13 +111,15 @@ def sparse_input_linear(x: Tensor, weight_t: SparseWeight) -> Tensor:
 def sparsify(x: Tensor, threshold: Tensor) -> Tensor:
     """``x`` with the entries of magnitude below ``threshold`` zeroed (one value, or one per
     channel of the last dimension); a NaN or inf entry raises :class:`NonFiniteError`. One pass
-    in the extension for a float32 CPU ``x``, else the same in torch ops."""
+    in the extension for a float32 CPU ``x``, else the same in torch ops.
+
+    Inside a compiled graph it is torch ops, which inductor fuses into the kernel that made
+    ``x`` (an extension op there is one more call per threshold: 90 per SmolLM2 CHESS step);
+    NaN or inf are then refused by the sparse kernel that reads ``x`` (its active-channel scan),
+    and propagate where no sparse kernel reads it."""
     threshold = threshold.to(x.device, x.dtype)
-    if x.dtype == torch.float32 and x.device.type == "cpu":
-        if torch.compiler.is_compiling():  # the op raises inside the graph too
-            if (ops := loaded_ops()) is not None:
-                return ops.sparsify(x.contiguous(), threshold.reshape(-1).contiguous())
-        elif (ops := load_ops()) is not None:
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (ops := load_ops()) is not None:
             try:
                 return ops.sparsify(x.contiguous(), threshold.reshape(-1).contiguous())
             except RuntimeError as error:

@@ -487,20 +487,26 @@ void cols_into(const float* h, int64_t M, const int64_t* idx, int64_t A, const W
 }
 
 // ------------------------------------------------------------------ ops
-// The channels (columns of v (M, C)) nonzero in at least one row (NaN counts), increasing.
-// Branch-free, 16 channels at a time: the scalar scan's branch on each channel, taken half the
-// time at random at 50% sparsity, cost ~6 us per SmolLM2 MLP call (48.6 against 45.5 us for
-// the same products as two calls).
+// The channels (columns of v (M, C)) nonzero in at least one row, increasing. A NaN or inf
+// entry is refused: these kernels read thresholded activations, and inside a compiled graph
+// the thresholding is plain torch ops fused into the kernel before it, so this scan is where
+// a compiled step finds them (as `sparsify` does eagerly). Branch-free, 16 channels at a
+// time: the scalar scan's branch on each channel, taken half the time at random at 50%
+// sparsity, cost ~6 us per SmolLM2 MLP call (48.6 against 45.5 us for the same products as
+// two calls).
 std::vector<int64_t> active_channels(const float* v, int64_t M, int64_t C) {
   std::vector<int64_t> idx(static_cast<size_t>(C + 16));  // + 16: whole-vector stores
   const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t A = 0;
+  __mmask16 non_finite = 0;
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 in = lanes(C - c);
     __mmask16 nonzero = 0;
-    for (int64_t m = 0; m < M; ++m)
-      nonzero |= _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, v + m * C + c),
-                                         _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 x = _mm512_maskz_loadu_ps(in, v + m * C + c);
+      nonzero |= _mm512_mask_cmp_ps_mask(in, x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      non_finite |= _mm512_mask_fpclass_ps_mask(in, x, 0x99);  // QNaN, +inf, -inf, SNaN
+    }
     for (int half = 0; half < 2; ++half) {
       const __mmask8 bits = static_cast<__mmask8>(nonzero >> (8 * half));
       const __m512i channels = _mm512_add_epi64(_mm512_set1_epi64(c + 8 * half), iota);
@@ -508,6 +514,7 @@ std::vector<int64_t> active_channels(const float* v, int64_t M, int64_t C) {
       A += __builtin_popcount(bits);
     }
   }
+  TORCH_CHECK(non_finite == 0, "NaN or inf activations");
   idx.resize(static_cast<size_t>(A));
   return idx;
 }

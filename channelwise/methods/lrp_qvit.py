@@ -15,7 +15,7 @@ the attention output, fc1 and fc2; and, where every step of the recipe handles t
 a Swin patch merging's ``reduction`` (its LayerNorm reparameterized into it as in the blocks,
 the bias this creates kept as step state). A layer's weights and its input get the same bits.
 
-Arguments: ``budget`` (average weight bits over the block linears, weighted by parameter
+Arguments: ``budget`` (average weight bits over the layers' linears, weighted by parameter
 count; default the recipe's ``weights.bits``), ``candidates`` (the bit-widths a layer may take;
 default budget − 1 … budget + 2 within 2..8), ``activations`` (``mixed``: each layer's input at
 its layer's bits; ``fixed``: every input at the recipe's activation bits), ``clip`` (the

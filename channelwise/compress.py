@@ -140,7 +140,9 @@ def quantize(
                 model, adapter, calibration if needs_data else None, progress=progress
             )
         for method in methods:
-            method.prepare_model(model, adapter, calibration if needs_data else None)
+            method.prepare_model(
+                model, adapter, calibration if needs_data else None, progress=progress
+            )
         if has_static_ranges(recipe) or any(m.needs_calibration for m in methods):  # inputs needed
             run_blockwise(
                 model,

@@ -147,3 +147,20 @@ def test_finetuning_after_pruning_keeps_the_blocks_zero_and_lowers_the_distillat
         errors[steps] = ((got - expected).norm() / expected.norm()).item()
     # a tiny random model's output moves little when pruned (2.6%): the part fine-tuning recovers
     assert errors[150] < 0.95 * errors[0], errors
+
+
+@pytest.mark.parametrize("method", ["lpvit", "bivit"])
+def test_whole_model_training_shows_its_progress_bar_only_when_asked(method, capfd):
+    """LPViT's fine-tuning (at the last block) and BiViT's training (in ``prepare_model``) run
+    for minutes to hours: ``quantize(progress=True)`` shows their distillation bar."""
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    if method == "lpvit":
+        args = dict(flops=0.5, block=[8, 8], finetune_steps=3, batch_size=4)
+    else:
+        args = dict(steps=3, batch_size=4, mlp=False)
+    recipe = Recipe.from_dict({"name": "t", "steps": [{"method": method, "args": args}]})
+    shown = {}
+    for progress in (False, True):
+        quantize(tiny_vision_model("dinov2"), recipe, pixels, progress=progress)
+        shown[progress] = "distil" in capfd.readouterr().err
+    assert shown == {False: False, True: True}

@@ -32,7 +32,7 @@ class ShiftDownInput(Method):
         super().__init__(recipe, args)
         self.offset = torch.tensor([0.25])
 
-    def prepare_model(self, model, adapter, calibration) -> None:
+    def prepare_model(self, model, adapter, calibration, *, progress=False) -> None:
         ShiftDownInput.events.append(f"prepare {tuple(calibration.shape)}")
         self._install(model, adapter)
 

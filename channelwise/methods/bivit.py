@@ -100,7 +100,9 @@ class BiViT(Method):
                 "recipe's only step, with no weights/activations/attention quantizers"
             )
 
-    def prepare_model(self, model, adapter: ModelAdapter, calibration: Tensor) -> None:
+    def prepare_model(
+        self, model, adapter: ModelAdapter, calibration: Tensor, *, progress: bool = False
+    ) -> None:
         targets = teacher_features(model, adapter, calibration, self.args.batch_size)
         blocks = adapter.block_list(model)
         attention, mlp = _split_linears(adapter, blocks)
@@ -108,13 +110,13 @@ class BiViT(Method):
         for linear in attention:
             parametrize.register_parametrization(linear, "weight", BinaryWeight(linear.weight))
         trained = lambda: [p for block in blocks for p in block.parameters()]  # noqa: E731
-        self.losses[1] = self._train(model, adapter, calibration, targets, trained())
+        self.losses[1] = self._train(model, adapter, calibration, targets, trained(), progress)
         binarized = list(attention)
         if self.args.mlp:
             for linear in mlp:
                 parametrize.register_parametrization(linear, "weight", BinaryWeight(linear.weight))
             binarized += mlp
-            self.losses[2] = self._train(model, adapter, calibration, targets, trained())
+            self.losses[2] = self._train(model, adapter, calibration, targets, trained(), progress)
         for linear in binarized:  # write α·sign into the weight; α is folded away
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
 
@@ -153,11 +155,13 @@ class BiViT(Method):
         )  # fmt: skip
         install_attention_quantizers(model, modules, entries)
 
-    def _train(self, model, adapter, pixels: Tensor, targets: Tensor, trained) -> Reconstruction:
+    def _train(
+        self, model, adapter, pixels: Tensor, targets: Tensor, trained, progress: bool
+    ) -> Reconstruction:
         args = self.args
         return distill(
             model, adapter, pixels, targets, trained, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
         )  # fmt: skip
 
 

@@ -154,7 +154,9 @@ class IaSViT(Method):
         softmax = "SULQ" if self.args.softmax == "sulq" else None
         check_reconstruction_step(self.recipe, self.name, adapter, "I&S-ViT", softmax)
 
-    def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+    def prepare_model(
+        self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
+    ) -> None:
         """Give every block's attention an uncalibrated SULQ probabilities quantizer."""
         self._model = model
         self._stream = FloatStream(self.args.batch_size)

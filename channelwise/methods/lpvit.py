@@ -124,7 +124,9 @@ class LPViT(Method):
                     f"{bh}×{bw} blocks; pick a block that divides every linear"
                 )
 
-    def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+    def prepare_model(
+        self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
+    ) -> None:
         if self.args.finetune_steps:  # the dense model's features: the fine-tuning's targets
             targets = teacher_features(model, adapter, calibration, self.args.batch_size)
             self._teacher = (model, calibration, targets)
@@ -177,7 +179,7 @@ class LPViT(Method):
         if self.args.reconstruct_iters:
             self._reconstruct(ctx, linears, masks, targets)
         if ctx.last and self._teacher is not None:
-            self._finetune(ctx.adapter)
+            self._finetune(ctx.adapter, ctx.progress)
 
     def _reconstruct(self, ctx: BlockContext, linears, masks, targets: Tensor) -> None:
         kwargs = block_kwargs(ctx)
@@ -191,7 +193,7 @@ class LPViT(Method):
             for module, mask in zip(linears, masks, strict=True):
                 module.weight.mul_(mask.to(module.weight.dtype))
 
-    def _finetune(self, adapter: ModelAdapter) -> None:
+    def _finetune(self, adapter: ModelAdapter, progress: bool) -> None:
         """Distil the whole pruned backbone from the dense one, the pruned blocks held at 0."""
         model, pixels, targets = self._teacher
         self._teacher = None
@@ -203,7 +205,7 @@ class LPViT(Method):
                 model, adapter, pixels, targets,
                 [p for block in blocks for p in block.parameters()],
                 steps=self.args.finetune_steps, batch_size=self.args.batch_size,
-                lr=self.args.finetune_lr, seed=self.args.seed,
+                lr=self.args.finetune_lr, seed=self.args.seed, progress=progress,
             )  # fmt: skip
         with torch.no_grad():
             for module, mask in zip(linears, masks, strict=True):

@@ -141,7 +141,9 @@ class LRPQViT(Method):
                 f"{list(self.candidates)}"
             )
 
-    def prepare_model(self, model, adapter: ModelAdapter, calibration: Tensor) -> None:
+    def prepare_model(
+        self, model, adapter: ModelAdapter, calibration: Tensor, *, progress: bool = False
+    ) -> None:
         """Score every layer by relevance on the calibration images, allocate the bits, then
         give every block an uncalibrated log√2 softmax quantizer. The layers are the blocks'
         subsets and, where the recipe quantizes them, those of the transitions between blocks

@@ -42,7 +42,9 @@ class ShiftMigration(Method):
         if self.args.shift:
             adapter.require_shifting(f"{self.name} with shift (args {{shift: false}} scales only)")
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+    def prepare_model(
+        self, model: nn.Module, adapter, calibration: Tensor | None, *, progress: bool = False
+    ) -> None:
         if self.args.shift:
             enable_llama_biases(model, adapter)
 

@@ -166,7 +166,9 @@ class QuaRot(Method):
             sizes = ", ".join(f"{n} ({what})" for what, n in missing.items())
             raise RecipeError(f"{where}: no Hadamard matrix of order {sizes}; {'; '.join(hints)}")
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+    def prepare_model(
+        self, model: nn.Module, adapter, calibration: Tensor | None, *, progress: bool = False
+    ) -> None:
         apply_quarot(model, adapter, self.args.seed, self.args.rotation, self.args.online_o)
         self.online_sizes = self._online_sizes(model)
 

@@ -54,11 +54,14 @@ class Method:
                 "(e.g. weights: {bits: 4, symmetric: false, granularity: group, group_size: 64})"
             )
 
-    def prepare_model(self, model: nn.Module, adapter, calibration: Tensor | None) -> None:
+    def prepare_model(
+        self, model: nn.Module, adapter, calibration: Tensor | None, *, progress: bool = False
+    ) -> None:
         """Whole-model work, once, after every step's ``check`` and before the block loop.
 
         Steps run it in recipe order (e.g. rotating the embeddings and the LM head, or a global
-        hyper-parameter search on ``calibration`` token ids ``(n, seq)``). Default: nothing.
+        hyper-parameter search on ``calibration`` token ids ``(n, seq)``); ``progress``: whether
+        long work may show its own progress bar. Default: nothing.
         """
 
     def apply(self, ctx: BlockContext) -> None:

@@ -113,7 +113,9 @@ class RepQViT(Method):
                 )
         registry.check_transform_order(self.recipe, self.name, "the reparameterization")
 
-    def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+    def prepare_model(
+        self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
+    ) -> None:
         """Give every block's attention an uncalibrated log√2 probabilities quantizer; the block
         loop calibrates each on its block's quantized q and k."""
         if self.args.softmax == "log_sqrt2":

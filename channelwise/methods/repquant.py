@@ -131,7 +131,9 @@ class RepQuant(Method):
         softmax = "the log√2 one" if self.args.softmax == "log_sqrt2" else None
         check_reconstruction_step(self.recipe, self.name, adapter, "RepQuant", softmax)
 
-    def prepare_model(self, model, adapter: ModelAdapter, calibration) -> None:
+    def prepare_model(
+        self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
+    ) -> None:
         self._model = model
         self._stream = FloatStream(self.args.batch_size)
         if self.args.softmax == "log_sqrt2":

@@ -187,7 +187,9 @@ class SmoothQuantPlus(Method):
         if any(subset.prev_kind == "grouped_heads" for subset in self.subsets):
             self.n_rep, self.head_dim = head_geometry(model.config)
 
-    def prepare_model(self, model: nn.Module, adapter: ModelAdapter, calibration) -> None:
+    def prepare_model(
+        self, model: nn.Module, adapter: ModelAdapter, calibration, *, progress: bool = False
+    ) -> None:
         if calibration is None:
             raise RecipeError(f"{self.name}: the α search needs calibration token ids")
         ids = calibration[: self.args.samples].to(model_device(model))

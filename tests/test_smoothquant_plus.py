@@ -121,6 +121,17 @@ def test_search_picks_the_alpha_with_the_lowest_loss(
     assert hf_loss(model, ids) == pytest.approx(explicit[method.alpha], rel=1e-4)
 
 
+def test_the_search_shows_its_progress_bar_only_when_asked(
+    make_tiny_model, calibration_ids, capfd
+) -> None:
+    shown = {}
+    for progress in (False, True):
+        recipe = sq_plus_recipe(samples=2, alphas=(0.0, 0.5))
+        quantize(make_tiny_model("llama"), recipe, calibration_ids[:2], progress=progress)
+        shown[progress] = "smoothquant_plus α" in capfd.readouterr().err
+    assert shown == {False: False, True: True}
+
+
 def test_abs_max_statistics_cover_every_smoothable_subset(make_tiny_model, calibration_ids) -> None:
     model = make_tiny_model("mistral")
     adapter = adapter_for(model)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from channelwise.adapters import ModelAdapter, Subset
 from channelwise.engine import BlockContext, model_device
@@ -202,7 +203,7 @@ class SmoothQuantPlus(Method):
         float_state = {k: v.clone() for k, v in blocks.state_dict().items()}
         self.losses = {}
         try:
-            for alpha in self.args.alphas:
+            for alpha in tqdm(self.args.alphas, desc=f"{self.name} α", disable=not progress):
                 for index, block in enumerate(blocks):
                     self._smooth(block, index, alpha, adapter.transposed_weights)
                     rtn_block(block, adapter, spec)

@@ -12,7 +12,7 @@ from channelwise import kernels, quantize
 from channelwise.deploy import pack_model
 from channelwise.deploy.decode import compile_decode
 from channelwise.deploy.packed import use_kernels
-from channelwise.errors import ChannelwiseError
+from channelwise.errors import ChannelwiseError, NonFiniteError
 from channelwise.kernels.extension import vnni_supported
 
 WIDE = dict(hidden_size=128, intermediate_size=256)  # groups of 64 fit; the W4 kernel runs
@@ -94,13 +94,33 @@ def test_compiled_decode_takes_the_sparse_input_kernel_without_an_eager_decode_f
     ran = assert_compiled_decode_matches(model, ids, expected_ids, expected_scores, fresh_dynamo)
     if kernels.kernel_available():
         assert "channelwise_cpu::sparse_input_mm" in ran, sorted(ran)
-        # In the graph the thresholds are fused torch ops: the sparse kernels' scan refuses
-        # NaN. A token first read by a compiled step (never in the eager prefill) is made NaN.
-        new = [t for t in expected_ids[0, ids.shape[1] :].tolist() if t not in ids[0].tolist()]
-        with torch.no_grad():
-            model.get_input_embeddings().weight[new[0]] = float("nan")
-        with pytest.raises(Exception, match="NaN or inf"):
-            greedy(model, ids)
+
+
+def test_a_compiled_sparse_step_names_nan_activations(calibration_ids, fresh_dynamo):
+    """In the graph the thresholds are fused torch ops and the sparse kernels' active-channel
+    scan refuses NaN/inf; ``generate_text`` names that refusal as a NonFiniteError. A token
+    first read by a compiled step (generated, fed back, never in the eager prefill) is made
+    NaN in the embedding."""
+    import copy
+
+    from conftest import build_tiny_tokenizer
+
+    from channelwise.deploy import generate_text
+
+    if not kernels.kernel_available():
+        pytest.skip("the compiled graph scans for NaN in the extension's sparse kernels")
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, "teal-50", calibration_ids, progress=False)
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    expected, _ = greedy(copy.deepcopy(model), ids, steps=6)
+    fed_back = expected[0, ids.shape[1] : -1].tolist()  # the last token is never read
+    new = [t for t in fed_back if t not in ids[0].tolist()]
+    assert new, "the continuation must hold a token the prompt lacks"
+    with torch.no_grad():
+        model.get_input_embeddings().weight[new[0]] = float("nan")
+    with pytest.raises(NonFiniteError, match="compiled decode step"):
+        generate_text(model, tokenizer, PROMPT, max_new_tokens=6, chat=False, compiled=True)
 
 
 def test_compile_decode_refuses_a_model_that_cannot_generate():

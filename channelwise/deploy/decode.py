@@ -39,7 +39,7 @@ from torch import nn
 
 from channelwise.deploy.packed_modules import PackedCodes
 from channelwise.deploy.sparse import SPARSE_INPUT_ATTR, SparseGatedMLP, build_sparse_weights
-from channelwise.errors import ChannelwiseError
+from channelwise.errors import ChannelwiseError, NonFiniteError
 from channelwise.kernels import kernel_available
 
 
@@ -164,8 +164,15 @@ def generate_text(
 
     def run(**override) -> torch.Tensor:
         extra = {cache_kwarg(model): make_cache(model)} if compressed_kv else {}
-        with torch.no_grad():
-            return model.generate(ids, **{**options, **override}, **extra)
+        try:
+            with torch.no_grad():
+                return model.generate(ids, **{**options, **override}, **extra)
+        except RuntimeError as error:  # a kernel's refusal, raised inside the compiled step
+            if compiled and "NaN or inf" in str(error):
+                raise NonFiniteError(
+                    "NaN or inf activations in the compiled decode step (a kernel refused them)"
+                ) from None
+            raise
 
     compile_seconds = None
     if compiled:

@@ -9,10 +9,12 @@ through the same kernel with all blocks kept (the kernel's own speed against ``F
 from the sparsity), on one batch of test images, the median of ``--repeats`` forwards after a
 warm-up, rounds interleaved. ``--speed-only`` skips the top-1 rows. ``--finetune-steps N`` adds
 LPViT at the first ``--flops`` with N steps of whole-backbone distillation after pruning
-(``finetune_steps``); the timed model is the one without fine-tuning (same sparsity pattern).
+(``finetune_steps``; ``--finetune-targets blocks``: every block's output distilled too, ``both``:
+each in the same run); the timed model is the one without fine-tuning (same sparsity pattern).
 
     .venv/bin/python benchmarks/vision_lpvit.py [--flops 0.5,0.9] [--block 16]
-        [--reconstruct-iters 100] [--finetune-steps 200] [--eval-images N] [--batch 32]
+        [--reconstruct-iters 100] [--finetune-steps 200] [--finetune-targets blocks]
+        [--eval-images N] [--batch 32]
         [--repeats 5] [--rounds 2] [--threads 2] [--speed-only] [--json out]
 """
 
@@ -34,7 +36,12 @@ from channelwise.vision import VisionProtocol, compare_vision, load_vision_model
 
 
 def lpvit(
-    flops: float, block: int, allocation: str = "curves", iters: int = 0, finetune: int = 0
+    flops: float,
+    block: int,
+    allocation: str = "curves",
+    iters: int = 0,
+    finetune: int = 0,
+    targets: str = "output",
 ) -> Recipe:
     args = {"flops": flops, "block": [block, block], "allocation": allocation}
     name = f"lpvit-{round(flops * 100)}" + ("" if allocation == "curves" else "-uniform")
@@ -43,7 +50,8 @@ def lpvit(
         name += f"-reconstructed-i{iters}"
     if finetune:
         args["finetune_steps"] = finetune
-        name += f"-finetuned-{finetune}"
+        args["finetune_targets"] = targets
+        name += f"-finetuned-{finetune}" + ("" if targets == "output" else f"-{targets}")
     return Recipe.from_dict({"name": name, "steps": [{"method": "lpvit", "args": args}]})
 
 
@@ -65,6 +73,10 @@ def main() -> None:
         "--finetune-steps", type=int, default=0,
         help="also LPViT at the first --flops fine-tuned by distillation for this many steps",
     )  # fmt: skip
+    p.add_argument(
+        "--finetune-targets", default="output", choices=["output", "blocks", "both"],
+        help="distil the last hidden state, every block's output too, or run both (one run)",
+    )  # fmt: skip
     p.add_argument("--calib-images", type=int)
     p.add_argument("--eval-images", type=int)
     p.add_argument("--batch", type=int, default=32)
@@ -82,7 +94,9 @@ def main() -> None:
     if args.reconstruct_iters:
         recipes.append(lpvit(shares[0], args.block, iters=args.reconstruct_iters))
     if args.finetune_steps:
-        recipes.append(lpvit(shares[0], args.block, finetune=args.finetune_steps))
+        kinds = ["output", "blocks"] if args.finetune_targets == "both" else [args.finetune_targets]
+        for kind in kinds:
+            recipes.append(lpvit(shares[0], args.block, finetune=args.finetune_steps, targets=kind))
     rows = []
     if not args.speed_only:
         rows = compare_vision(recipes, None, protocol, device="cpu", progress=False)

@@ -164,3 +164,47 @@ def test_whole_model_training_shows_its_progress_bar_only_when_asked(method, cap
         quantize(tiny_vision_model("dinov2"), recipe, pixels, progress=progress)
         shown[progress] = "distil" in capfd.readouterr().err
     assert shown == {False: False, True: True}
+
+
+def test_layerwise_targets_are_the_block_outputs_and_the_loss_weighs_each_by_its_scale():
+    from channelwise.distill import distillation_loss, teacher_features
+
+    model = tiny_vision_model("dinov2")
+    adapter = adapter_for(model)
+    pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    targets = teacher_features(model, adapter, pixels, batch_size=4, blocks=True)
+    with torch.no_grad():
+        out = model(pixel_values=pixels, output_hidden_states=True)
+    expected = [*out.hidden_states[1:], out.last_hidden_state]  # after each block, then the norm
+    assert len(targets.tensors) == len(model.encoder.layer) + 1
+    for got, want, scale in zip(targets.tensors, expected, targets.scales, strict=True):
+        torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)  # float16 blocks
+        assert scale == pytest.approx(want.square().mean().item(), rel=1e-4)
+    assert distillation_loss(model, adapter, pixels, targets, 4) < 1e-5
+    with torch.no_grad():
+        fc2 = model.encoder.layer[1].mlp.fc2.weight
+        fc2.add_(torch.randn(fc2.shape, generator=torch.Generator().manual_seed(6)))
+        moved = model(pixel_values=pixels, output_hidden_states=True)
+    moved = [*moved.hidden_states[1:], moved.last_hidden_state]
+    reference = sum(
+        ((m - t.float()).square().mean() / s).item()
+        for m, t, s in zip(moved, targets.tensors, targets.scales, strict=True)
+    ) / len(moved)
+    assert distillation_loss(model, adapter, pixels, targets, 4) == pytest.approx(
+        reference, rel=1e-4
+    )
+    assert reference > 1e-2, reference
+
+
+def test_layerwise_finetuning_lowers_its_loss_and_keeps_the_pruned_blocks_zero():
+    pixels = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    model = tiny_vision_model("dinov2")
+    args = dict(flops=0.5, block=[8, 8], finetune_steps=100, finetune_lr=1e-3, batch_size=8,
+                finetune_targets="blocks")  # fmt: skip
+    method = quantize(model, _lpvit(**args), pixels, progress=False).methods[0]
+    assert method.finetune.loss_after < 0.8 * method.finetune.loss_before, method.finetune
+    for layer in model.encoder.layer:
+        for linear in adapter_for(model).block_linears(layer).values():
+            assert linear.weight[~getattr(linear, MASK_ATTR)].eq(0).all()
+    with pytest.raises(RecipeError, match="finetune_targets"):
+        plan(model, _lpvit(finetune_targets="logits"))

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from channelwise.adapters import ModelAdapter
-from channelwise.distill import distill, teacher_features
+from channelwise.distill import Targets, distill, teacher_features
 from channelwise.engine import BlockContext
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods.registry import Method, register
@@ -156,7 +156,7 @@ class BiViT(Method):
         install_attention_quantizers(model, modules, entries)
 
     def _train(
-        self, model, adapter, pixels: Tensor, targets: Tensor, trained, progress: bool
+        self, model, adapter, pixels: Tensor, targets: Targets, trained, progress: bool
     ) -> Reconstruction:
         args = self.args
         return distill(

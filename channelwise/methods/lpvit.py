@@ -20,9 +20,10 @@ Arguments: ``flops`` (the share of the block linears' FLOPs kept, default 0.5), 
 ablation), ``reconstruct_iters`` (default 0; ``lr``, ``seed``): block-output reconstruction of
 the kept weights after pruning (:mod:`channelwise.reconstruct`, as I&S-ViT trains its blocks),
 a post-training stand-in for the paper's fine-tuning; ``finetune_steps`` (default 0;
-``finetune_lr``): after every block is pruned, the whole backbone fine-tuned by distillation
-from the float model on the calibration images (:func:`channelwise.distill.distill`), the pruned
-blocks held at zero.
+``finetune_lr``, ``finetune_targets``): after every block is pruned, the whole backbone
+fine-tuned by distillation from the float model on the calibration images
+(:func:`channelwise.distill.distill`), the pruned blocks held at zero; its targets are the last
+hidden state (``output``, the default) or every block's output too (``blocks``, layer-wise).
 
 Deviations from the paper and the official code:
 
@@ -50,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from channelwise.adapters import ModelAdapter
-from channelwise.distill import distill, teacher_features
+from channelwise.distill import Targets, distill, teacher_features
 from channelwise.engine import BlockContext, hidden_state
 from channelwise.errors import RecipeError, UnsupportedModelError
 from channelwise.methods.registry import Method, register
@@ -80,6 +81,7 @@ class LPViTArgs(BaseModel):
     lr: float = Field(default=4e-5, gt=0)
     finetune_steps: int = Field(default=0, ge=0)
     finetune_lr: float = Field(default=1e-4, gt=0)
+    finetune_targets: Literal["output", "blocks"] = "output"
     seed: int = 0
 
 
@@ -102,7 +104,7 @@ class LPViT(Method):
         self.losses: dict[int, Reconstruction] = {}
         #: The distillation loss before and after fine-tuning (``finetune_steps``).
         self.finetune: Reconstruction | None = None
-        self._teacher: tuple[nn.Module, Tensor, Tensor] | None = None
+        self._teacher: tuple[nn.Module, Tensor, Targets] | None = None
         self._masks: dict[str, Tensor] = {}
         self._stream = FloatStream(self.args.batch_size)
 
@@ -128,7 +130,8 @@ class LPViT(Method):
         self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
     ) -> None:
         if self.args.finetune_steps:  # the dense model's features: the fine-tuning's targets
-            targets = teacher_features(model, adapter, calibration, self.args.batch_size)
+            blocks = self.args.finetune_targets == "blocks"
+            targets = teacher_features(model, adapter, calibration, self.args.batch_size, blocks)
             self._teacher = (model, calibration, targets)
         tokens = block_tokens(model, adapter, calibration[:1])
         linears, per_token = {}, {}  # FLOPs per image ∝ tokens × weights (Swin: per stage)

@@ -200,7 +200,7 @@ def cmd_eval(args) -> None:
         raise ChannelwiseError("--limit counts lm-eval documents; it needs --tasks")
     protocol = _protocol(args)
     if args.json:
-        check_output_file(args.json, JSON_SUFFIXES, args.model)
+        check_output_file(args.json, JSON_SUFFIXES, *_inputs(args))
     model, tokenizer = _load_text_model(args.model, args.device, args.offload)
     windows = protocol.eval_tokens(tokenizer)
     start = time.perf_counter()
@@ -242,7 +242,7 @@ def _eval_tasks(args) -> None:
                 "--tasks runs lm-eval tasks instead (drop one of them)"
             )
     if args.json:
-        check_output_file(args.json, JSON_SUFFIXES, args.model)
+        check_output_file(args.json, JSON_SUFFIXES, *_inputs(args))
     model, tokenizer = load_model(args.model, device=args.device)
     start = time.perf_counter()
     results = run_tasks(
@@ -259,6 +259,14 @@ def _eval_tasks(args) -> None:
             "eval_s": time.perf_counter() - start,
         }
         write_atomic(args.json, json.dumps(payload, indent=2))
+
+
+def _inputs(args) -> list[str]:
+    """The paths a command reads (model, recipe files, data sources): outputs stay off them."""
+    named = [getattr(args, "model", None), getattr(args, "recipe", None)]
+    named += [getattr(args, flag, None) for flag in ("eval_data", "calib_data")]
+    named += (getattr(args, "recipes", None) or "").split(",")
+    return [name.strip() for name in named if name and Path(name.strip()).expanduser().exists()]
 
 
 def cmd_generate(args) -> None:
@@ -291,8 +299,8 @@ def cmd_compare(args) -> None:
 
     protocol = _protocol(args)
     if args.json:
-        check_output_file(args.json, JSON_SUFFIXES, args.model)
-    check_output_file(args.plot, image_suffixes(), args.model)
+        check_output_file(args.json, JSON_SUFFIXES, *_inputs(args))
+    check_output_file(args.plot, image_suffixes(), *_inputs(args))
     given = args.recipes if args.recipes is not None else ",".join(DEMO_RECIPES)
     recipes = [name.strip() for name in given.split(",") if name.strip()]
     rows = compare(recipes, args.model, protocol, progress=not args.quiet, device=args.device)
@@ -325,8 +333,8 @@ def cmd_vision(args) -> None:
         resolution=args.resolution,
     )
     if args.json:
-        check_output_file(args.json, JSON_SUFFIXES, args.model)
-    check_output_file(args.plot, image_suffixes(), args.model)
+        check_output_file(args.json, JSON_SUFFIXES, *_inputs(args))
+    check_output_file(args.plot, image_suffixes(), *_inputs(args))
     given = args.recipes if args.recipes is not None else ",".join(VISION_DEMO_RECIPES)
     recipes = [name.strip() for name in given.split(",") if name.strip()]
     rows = compare_vision(recipes, args.model, protocol, args.device, progress=not args.quiet)
@@ -342,7 +350,7 @@ def cmd_inspect(args) -> None:
     from channelwise.report import outlier_change_summary, outlier_summary, plot_channel_heatmap
     from channelwise.vision import is_vision_model
 
-    check_output_file(args.out, image_suffixes(), args.model)
+    check_output_file(args.out, image_suffixes(), *_inputs(args))
     if is_vision_model(args.model):
         _inspect_vision(args)
         return
@@ -385,7 +393,7 @@ def _inspect_vision(args) -> None:
     protocol = _vision_protocol(args)
     out = Path(args.out)
     softmax_out = out.with_name(f"{out.stem}-softmax{out.suffix}")
-    check_output_file(softmax_out, image_suffixes(), args.model)
+    check_output_file(softmax_out, image_suffixes(), *_inputs(args))
     found = inspect_vision(args.model, protocol, args.recipe, args.device, not args.quiet)
     title = f"{args.model} on {protocol.calib_images} {protocol.calib_data} images"
     print(outlier_summary(found.channels.before))

@@ -34,8 +34,12 @@ def output_folder(out_dir: str | os.PathLike, model: object, force: bool) -> Pat
     ``name_or_path``) and an existing path that ``force`` may not replace."""
     out = Path(out_dir).expanduser().resolve()
     source = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
-    if source.exists() and (out == source.resolve() or source.resolve().is_relative_to(out)):
-        raise OutputExistsError(f"refusing to write into {out}: it holds the input model")
+    if source.exists() and (
+        out.is_relative_to(source.resolve()) or source.resolve().is_relative_to(out)
+    ):
+        raise OutputExistsError(
+            f"refusing to write into {out}: it holds or is inside the input model"
+        )
     check_replaceable(out, force)
     return out
 
@@ -104,7 +108,7 @@ def _umask_file_mode() -> int:
 def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], *inputs) -> Path:
     """``path`` resolved, checked before any work: it ends in one of ``suffixes``, is not a
     folder, lies in a folder that exists or can be created, and is not inside any of ``inputs``
-    (model sources: a report must never replace a model's file)."""
+    (the model, recipe files, data sources: a report must never replace or join an input)."""
     out = Path(path).expanduser().resolve()
     if out.suffix.lower() not in suffixes:
         raise OutputPathError(f"{path}: expected a file ending in {' or '.join(suffixes)}")
@@ -113,7 +117,7 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], *input
     for source in filter(None, inputs):
         folder = Path(str(source)).expanduser()
         if folder.exists() and out.is_relative_to(folder.resolve()):
-            raise OutputPathError(f"refusing to write {path} inside the input model {source}")
+            raise OutputPathError(f"refusing to write {path} over or inside the input {source}")
     check_parent_writable(out)
     return out
 

@@ -91,6 +91,35 @@ def test_a_report_never_replaces_a_file_of_the_input_model(capsys, tmp_path):
     assert weights.read_bytes() == b"weights" and not (model / "scores.json").exists()
 
 
+@pytest.mark.parametrize("command", ["compare-recipe", "eval-data", "vision-data"])
+def test_a_report_never_replaces_or_joins_a_recipe_or_data_input(capsys, tmp_path, command):
+    """--json and --plot are checked against every input the command reads, not the model only
+    (a recipe file given as --json was overwritten with the results; a plot went into a class
+    folder of the evaluation images, which then read it as an image)."""
+    recipe = tmp_path / "mine.json"
+    recipe.write_text('{"name": "mine", "weights": {"bits": 8}}')
+    text = tmp_path / "notes.json"
+    text.write_text('{"text": "' + "word " * 50 + '"}')
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    argv = {
+        "compare-recipe": ("compare", "--recipes", f"fp,{recipe}", "--json", str(recipe)),
+        "eval-data": ("eval", "--data", str(text), "--windows", "1", "--json", str(text)),
+        "vision-data": (
+            "vision",
+            "--eval-data",
+            str(images.parent),
+            "--plot",
+            str(images / "p.png"),
+        ),
+    }[command]
+    before = {path: path.read_bytes() for path in (recipe, text)}
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "over or inside the input" in err, err
+    assert {path: path.read_bytes() for path in before} == before
+    assert list(images.iterdir()) == []
+
+
 def test_write_failures_are_one_line_and_leave_no_temporary(tmp_path):
     from channelwise.errors import OutputPathError
     from channelwise.report import write_atomic

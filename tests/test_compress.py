@@ -381,7 +381,7 @@ def test_save_with_force_fills_an_empty_folder(make_tiny_model, tmp_path: Path) 
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("target", ["source", "parent"])
+@pytest.mark.parametrize("target", ["source", "parent", "child"])
 def test_save_never_writes_over_the_models_own_folder(
     make_tiny_model, tmp_path: Path, target: str
 ) -> None:
@@ -390,7 +390,7 @@ def test_save_never_writes_over_the_models_own_folder(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     quantize(model, "rtn-w8a16", progress=False)
     before = folder_contents(tmp_path)
-    out = source if target == "source" else source.parent
+    out = {"source": source, "parent": source.parent, "child": source / "quantized"}[target]
     with pytest.raises(OutputExistsError, match="input model"):
         save_quantized(model, None, out, force=True)
     assert folder_contents(tmp_path) == before

@@ -241,10 +241,30 @@ class Recipe(BaseModel):
     @classmethod
     def from_yaml(cls, text: str, origin: str = "recipe") -> Recipe:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+        except yaml.MarkedYAMLError as exc:
+            where = f", line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+            problem = exc.problem or exc.context or "malformed"
+            raise RecipeError(f"{origin}: not valid YAML ({problem}{where})") from None
         except yaml.YAMLError as exc:
             raise RecipeError(f"{origin}: not valid YAML ({exc})".replace("\n", " ")) from None
         return cls.from_dict(data, origin)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last, so a recipe with two ``weights:`` would silently quantize with the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _first_problem(exc: ValidationError) -> str:

@@ -205,6 +205,19 @@ def test_invalid_yaml_is_a_one_line_recipe_error() -> None:
     assert "YAML" in message
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("name: x\nweights: {bits: 4}\nsteps: [{method: rtn}]\nweights: {bits: 8}\n", "weights"),
+        ('{"name": "x", "weights": {"bits": 4, "bits": 8}, "steps": [{"method": "rtn"}]}', "bits"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_overwritten(text: str, key: str) -> None:
+    """Plain YAML keeps the last value: a recipe would quantize with the second ``weights``."""
+    message = one_line_error(text)
+    assert f"the key '{key}' is given twice" in message and "line" in message
+
+
 def test_yaml_list_instead_of_mapping_is_refused() -> None:
     message = one_line_error("- weights\n- steps\n")
     assert "mapping" in message and "list" in message

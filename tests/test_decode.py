@@ -186,6 +186,22 @@ def test_generate_text_is_the_models_greedy_continuation(packed_folder, fresh_dy
     assert model.generation_config.cache_implementation == "static"
 
 
+def test_generate_text_refuses_nan_logits_instead_of_printing_nothing():
+    """Greedy decoding picks token 0 from NaN logits: a broken checkpoint printed an empty
+    continuation and a tok/s figure, exit 0."""
+    from conftest import build_tiny_tokenizer
+
+    from channelwise.deploy import generate_text
+
+    model = build_tiny_model("llama")
+    tokenizer = build_tiny_tokenizer()
+    assert generate_text(model, tokenizer, PROMPT, max_new_tokens=3, chat=False).new_tokens == 3
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="logits hold NaN or inf"):
+        generate_text(model, tokenizer, PROMPT, max_new_tokens=3, chat=False)
+
+
 def test_generate_text_decodes_through_a_compressed_kv_cache(calibration_ids, fresh_dynamo):
     from conftest import build_tiny_tokenizer
 

@@ -157,12 +157,18 @@ def generate_text(
     )
     mask = encoded.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    options = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=mask)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        attention_mask=mask,
+        output_scores=True,  # each step's logits, checked for NaN/inf
+        return_dict_in_generate=True,
+    )
     eos = getattr(tokenizer, "eos_token_id", None)
     if getattr(tokenizer, "pad_token_id", None) is None and eos is not None:
         options["pad_token_id"] = eos
 
-    def run(**override) -> torch.Tensor:
+    def run(**override):
         extra = {cache_kwarg(model): make_cache(model)} if compressed_kv else {}
         try:
             with torch.no_grad():
@@ -174,18 +180,29 @@ def generate_text(
                 ) from None
             raise
 
+    def tokens(out) -> torch.Tensor:
+        """The generated ids, after refusing NaN/inf logits (greedy decoding would silently
+        pick token 0 from them)."""
+        if not all(torch.isfinite(step).all() for step in out.scores):
+            raise NonFiniteError(
+                "the model's logits hold NaN or inf while generating; check the checkpoint "
+                "(channelwise eval refuses it too)"
+            )
+        return out.sequences
+
     compile_seconds = None
     if compiled:
         compile_decode(model, cpp_wrapper=cpp_wrapper)
         start = time.perf_counter()
-        run()
+        warm = run()
         compile_seconds = time.perf_counter() - start
     else:  # builds the kernels' operands and loads the extension outside the timing
-        run(max_new_tokens=min(2, max_new_tokens))
+        warm = run(max_new_tokens=min(2, max_new_tokens))
+    tokens(warm)
     start = time.perf_counter()
     out = run()
     seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1] :]
+    new = tokens(out)[0, ids.shape[1] :]
     return Generation(
         text=tokenizer.decode(new, skip_special_tokens=True),
         prompt_tokens=int(ids.shape[1]),

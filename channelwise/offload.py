@@ -32,9 +32,10 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -43,6 +44,19 @@ from channelwise.paths import channelwise_home
 from channelwise.state import MARKER_FILE, OFFLOAD_ATTR
 
 INDEX_FILE = "model.safetensors.index.json"
+
+#: safetensors' names of the dtypes that are not floating point, as torch names them.
+_NON_FLOAT_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+}
 
 
 class OffloadError(ChannelwiseError):
@@ -53,11 +67,16 @@ class SafetensorsFolder:
     """Tensors by name from safetensors files, read one at a time from memory-mapped files."""
 
     def __init__(
-        self, folder: Path, files: dict[str, Path], stored: dict[str, str] | None = None
+        self,
+        folder: Path,
+        files: dict[str, Path],
+        stored: dict[str, str] | None = None,
+        dtypes: dict[str, str] | None = None,
     ) -> None:
         self.folder = folder
         self.files = files
         self.stored = stored or {}  # a renamed tensor's name in its file
+        self.dtypes = dtypes or {}  # each tensor's dtype as its file's header names it ("F32")
 
     def renamed(self, renames: tuple[tuple[str, str], ...]) -> SafetensorsFolder:
         """The same tensors under names rewritten by ``renames`` (regex, replacement), in
@@ -66,6 +85,7 @@ class SafetensorsFolder:
             return self
         files: dict[str, Path] = {}
         stored: dict[str, str] = {}
+        dtypes: dict[str, str] = {}
         for key, path in self.files.items():
             name = key
             for pattern, replacement in renames:
@@ -74,12 +94,15 @@ class SafetensorsFolder:
                 first = stored[name]
                 raise CheckpointError(f"{self.folder}: tensors {first} and {key} both name {name}")
             files[name], stored[name] = path, self.stored.get(key, key)
-        return SafetensorsFolder(self.folder, files, stored)
+            if key in self.dtypes:
+                dtypes[name] = self.dtypes[key]
+        return SafetensorsFolder(self.folder, files, stored, dtypes)
 
     @classmethod
     def open(cls, folder: Path) -> SafetensorsFolder:
         """A checkpoint folder: ``model.safetensors``, or the shards its
-        ``model.safetensors.index.json`` lists."""
+        ``model.safetensors.index.json`` lists; every file's header is read now, so a corrupt
+        file is refused before any work."""
         index = folder / INDEX_FILE
         if index.is_file():
             try:
@@ -92,7 +115,14 @@ class SafetensorsFolder:
                 raise CheckpointError(
                     f"{folder}: shard {missing[0]} named in {INDEX_FILE} is missing"
                 )
-            return cls(folder, files)
+            headers = {path: _header_dtypes(path) for path in set(files.values())}
+            for key, path in files.items():
+                if key not in headers[path]:
+                    raise CheckpointError(
+                        f"{folder}: {INDEX_FILE} puts tensor {key} in {path.name}, which does "
+                        "not hold it"
+                    )
+            return cls(folder, files, dtypes={key: headers[p][key] for key, p in files.items()})
         if (folder / "model.safetensors").is_file():
             return cls.of_file(folder / "model.safetensors")
         raise CheckpointError(
@@ -102,8 +132,9 @@ class SafetensorsFolder:
 
     @classmethod
     def of_file(cls, path: Path) -> SafetensorsFolder:
-        with safe_open(str(path), "pt") as handle:
-            return cls(path.parent, dict.fromkeys(handle.keys(), path))
+        """The tensors of one safetensors file."""
+        dtypes = _header_dtypes(path)
+        return cls(path.parent, dict.fromkeys(dtypes, path), dtypes=dtypes)
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -117,10 +148,35 @@ class SafetensorsFolder:
             by_file.setdefault(self.files[key], []).append(key)
         out = {}
         for path, names in by_file.items():
-            with safe_open(str(path), "pt") as handle:
+            with _opened(path) as handle:
                 for key in names:
-                    out[key] = handle.get_tensor(self.stored.get(key, key)).clone()
+                    try:
+                        out[key] = handle.get_tensor(self.stored.get(key, key)).clone()
+                    except SafetensorError as exc:
+                        raise CheckpointError(f"{path}: cannot read tensor {key} ({exc})") from exc
         return out
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``path`` opened with ``safe_open``; a corrupt or unreadable file is a
+    :class:`CheckpointError` naming it."""
+    try:
+        handle = safe_open(str(path), "pt")
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file, truncated or not a safetensors file ({exc})"
+        ) from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    with handle:
+        yield handle
+
+
+def _header_dtypes(path: Path) -> dict[str, str]:
+    """``{tensor name: dtype}`` from the header of the safetensors file ``path``."""
+    with _opened(path) as handle:
+        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
 
 
 class DiskWeights:
@@ -346,16 +402,9 @@ def load_offloaded(
     model.name_or_path = str(source)
     if adapter.prepare is not None:
         adapter.prepare(model)  # on meta: a split block reads its fused tensors when loaded
-    blocks = list(adapter.block_list(model))
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
-    slots = [
-        slot for slot in _meta_slots(model, "") if id(slot[0]._parameters[slot[1]]) not in in_blocks
-    ]
-    slots = [slot for slot in slots if slot[2] in checkpoint]  # a tied head: tie_weights below
-    _fill(slots, checkpoint.read([key for *_, key in slots]), device, dtype)
     with parts_by_name():
-        expected = set(model.state_dict())
-    expected |= set(model.state_dict())  # a split module's fused names too
+        expected = {key: value.dtype for key, value in model.state_dict().items()}
+    expected |= {key: value.dtype for key, value in model.state_dict().items()}  # fused names
     strangers = sorted(checkpoint.stored.get(k, k) for k in checkpoint.files if k not in expected)
     if strangers:
         raise OffloadError(
@@ -364,6 +413,14 @@ def load_offloaded(
             "own tensor names (or the family's known renames), not through transformers' "
             "conversions"
         )
+    _check_float_dtypes(checkpoint, expected)
+    blocks = list(adapter.block_list(model))
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    slots = [
+        slot for slot in _meta_slots(model, "") if id(slot[0]._parameters[slot[1]]) not in in_blocks
+    ]
+    slots = [slot for slot in slots if slot[2] in checkpoint]  # a tied head: tie_weights below
+    _fill(slots, checkpoint.read([key for *_, key in slots]), device, dtype)
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in in_blocks]
     if left:
@@ -381,6 +438,20 @@ def load_offloaded(
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not load the tokenizer of '{spec}': {exc}") from exc
     return model.eval(), tokenizer
+
+
+def _check_float_dtypes(checkpoint: SafetensorsFolder, expected: dict[str, torch.dtype]) -> None:
+    """Refuse a saved tensor of an integer or boolean dtype where the model holds floats (a
+    block would otherwise fail deep inside its first matrix product)."""
+    for key, stored in checkpoint.dtypes.items():
+        wanted = expected.get(key)
+        if wanted is None or not wanted.is_floating_point or stored.startswith(("F", "BF")):
+            continue
+        raise CheckpointError(
+            f"{checkpoint.folder}: tensor {checkpoint.stored.get(key, key)} is stored as "
+            f"{_NON_FLOAT_DTYPES.get(stored, stored)}, where the model its config describes "
+            "holds floating-point values"
+        )
 
 
 def _restore_offloaded(model: nn.Module, folder: Path) -> None:

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from conftest import build_tiny_model, build_tiny_tokenizer
 
 from channelwise import load_model, quantize
 from channelwise.cli import main
@@ -117,6 +118,18 @@ def test_unknown_tasks_and_bad_limits_are_one_line_errors(smollm2) -> None:
         run_tasks(model, tokenizer, [" "])
     with pytest.raises(ChannelwiseError, match="positive number"):
         run_tasks(model, tokenizer, [NEXT_WORD_TASK], limit=0)
+
+
+def test_a_tokenizer_without_bos_or_eos_is_refused_up_front(tmp_path, capsys) -> None:
+    folder = tmp_path / "tiny"
+    build_tiny_model("llama").save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)  # no BOS, no EOS
+    model, tokenizer = load_model(folder, device="cpu")
+    assert tokenizer.bos_token_id is None and tokenizer.eos_token_id is None
+    with pytest.raises(ChannelwiseError, match="tokenizer has no BOS or EOS token"):
+        run_tasks(model, tokenizer, [NEXT_WORD_TASK], limit=2)
+    assert main(["-q", "eval", str(folder), "--tasks", NEXT_WORD_TASK, "--limit", "2"]) == 2
+    assert "error: the tokenizer has no BOS or EOS token" in capsys.readouterr().err
 
 
 def test_a_hub_task_offline_names_the_local_tasks(smollm2, monkeypatch) -> None:

@@ -261,6 +261,45 @@ def test_broken_checkpoints_are_clear_errors(tmp_path):
         load_offloaded(folder)
 
 
+def test_a_truncated_or_mislisted_safetensors_file_is_refused_when_opened(tmp_path, capsys):
+    single = save_tiny(tmp_path / "single", shards=False)
+    os.truncate(single / "model.safetensors", 1000)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*truncated or not a safet"):
+        load_offloaded(single)
+    args = ["--offload", "--windows", "2", "--seqlen", "32"]
+    assert main(["-q", "eval", str(single), *args]) == 2
+    assert "truncated or not a safetensors file" in capsys.readouterr().err
+    sharded = save_tiny(tmp_path / "sharded")
+    last = sorted(sharded.glob("model-*.safetensors"))[-1]
+    os.truncate(last, 1000)  # a block's shard: refused at load, not when the block runs
+    with pytest.raises(CheckpointError, match=f"{last.name}: .*truncated"):
+        load_offloaded(sharded)
+    listed = save_tiny(tmp_path / "listed")
+    index = listed / "model.safetensors.index.json"
+    spec = json.loads(index.read_text())
+    key = "model.layers.2.mlp.up_proj.weight"
+    others = sorted(set(spec["weight_map"].values()) - {spec["weight_map"][key]})
+    spec["weight_map"][key] = others[0]
+    index.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=f"puts tensor {key} in {others[0]}, which does not"):
+        load_offloaded(listed)
+
+
+def test_an_integer_tensor_where_the_model_holds_floats_is_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny(tmp_path / "src", shards=False)
+    state = load_file(folder / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    state[key] = state[key].to(torch.int8)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {key} is stored as int8, where"):
+        load_offloaded(folder)
+    args = ["--offload", "--windows", "2", "--seqlen", "32"]
+    assert main(["-q", "eval", str(folder), *args]) == 2
+    assert f"{key} is stored as int8" in capsys.readouterr().err
+
+
 def test_a_missing_block_tensor_is_refused_when_the_block_is_read(tmp_path, token_ids):
     folder = tmp_path / "src"
     model = build_tiny_model("llama", num_hidden_layers=3)

@@ -127,6 +127,19 @@ def _harness():
     return simple_evaluate, HFLM, TaskManager
 
 
+def _check_tokenizer(tokenizer) -> None:
+    """Refuse a tokenizer with neither a BOS nor an EOS token: lm-eval puts one of them before
+    every scored text (the context of its first token) and fails deep inside otherwise."""
+    if getattr(tokenizer, "bos_token_id", None) is None and (
+        getattr(tokenizer, "eos_token_id", None) is None
+    ):
+        raise ChannelwiseError(
+            "the tokenizer has no BOS or EOS token, which lm-eval needs to start every scored "
+            "text; give the checkpoint's tokenizer one (bos_token or eos_token in "
+            "tokenizer_config.json)"
+        )
+
+
 def run_tasks(
     model: nn.Module,
     tokenizer,
@@ -150,6 +163,7 @@ def run_tasks(
             f"unknown lm-eval task {unknown[0]!r}; the local tasks are {', '.join(LOCAL_TASKS)} "
             "(every name `lm-eval ls tasks` lists is accepted too)"
         )
+    _check_tokenizer(tokenizer)
     lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         output = simple_evaluate(

@@ -191,6 +191,11 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype) -> tuple[nn.Module,
         model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, output_loading_info=True, **options
         )
+    if isinstance(source, Path) and not options:  # integer codes are expected where quantized
+        from channelwise.offload import SafetensorsFolder, check_float_dtypes
+
+        state = {key: value.dtype for key, value in model.state_dict().items()}
+        check_float_dtypes(SafetensorsFolder.open(source), state)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         packed = any(k.endswith((".qweight", ".scale")) for k in info.get("unexpected_keys", ()))

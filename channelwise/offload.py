@@ -413,7 +413,7 @@ def load_offloaded(
             "own tensor names (or the family's known renames), not through transformers' "
             "conversions"
         )
-    _check_float_dtypes(checkpoint, expected)
+    check_float_dtypes(checkpoint, expected)
     blocks = list(adapter.block_list(model))
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     slots = [
@@ -440,9 +440,10 @@ def load_offloaded(
     return model.eval(), tokenizer
 
 
-def _check_float_dtypes(checkpoint: SafetensorsFolder, expected: dict[str, torch.dtype]) -> None:
-    """Refuse a saved tensor of an integer or boolean dtype where the model holds floats (a
-    block would otherwise fail deep inside its first matrix product)."""
+def check_float_dtypes(checkpoint: SafetensorsFolder, expected: dict[str, torch.dtype]) -> None:
+    """Refuse a saved tensor of an integer or boolean dtype where the model holds floats
+    (``expected``: the model's state-dict dtypes): offloaded, a block would fail deep inside
+    its first matrix product; through transformers, the tensor is cast to zeros."""
     for key, stored in checkpoint.dtypes.items():
         wanted = expected.get(key)
         if wanted is None or not wanted.is_floating_point or stored.startswith(("F", "BF")):

@@ -196,8 +196,11 @@ def cmd_eval(args) -> None:
         raise ChannelwiseError("--offload evaluates the perplexity protocol; it takes no --tasks")
     if args.tasks:
         return _eval_tasks(args)
-    if args.limit is not None:
-        raise ChannelwiseError("--limit counts lm-eval documents; it needs --tasks")
+    for flag in ("limit", "batch_size"):
+        if getattr(args, flag) is not None:
+            raise ChannelwiseError(
+                f"--{flag.replace('_', '-')} applies to lm-eval tasks; it needs --tasks"
+            )
     protocol = _protocol(args)
     if args.json:
         check_output_file(args.json, JSON_SUFFIXES, *_inputs(args))
@@ -246,7 +249,11 @@ def _eval_tasks(args) -> None:
     model, tokenizer = load_model(args.model, device=args.device)
     start = time.perf_counter()
     results = run_tasks(
-        model, tokenizer, args.tasks.split(","), limit=args.limit, batch_size=args.batch_size
+        model,
+        tokenizer,
+        args.tasks.split(","),
+        limit=args.limit,
+        batch_size=8 if args.batch_size is None else args.batch_size,
     )
     for task, metrics in results.items():
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
@@ -508,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         "local, no network: austen_pride_perplexity, austen_pride_next_word",
     )
     p.add_argument("--limit", type=int, help="with --tasks: the first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8, help="with --tasks: lm-eval batch size")
+    p.add_argument("--batch-size", type=int, help="with --tasks: lm-eval batch size (default 8)")
     p.add_argument("--json", help="write {'ppl': …} (or the tasks' metrics) here")
     p.add_argument(
         "--offload",

@@ -118,6 +118,8 @@ def test_unknown_tasks_and_bad_limits_are_one_line_errors(smollm2) -> None:
         run_tasks(model, tokenizer, [" "])
     with pytest.raises(ChannelwiseError, match="positive number"):
         run_tasks(model, tokenizer, [NEXT_WORD_TASK], limit=0)
+    with pytest.raises(ChannelwiseError, match="batch size must be at least 1, got 0"):
+        run_tasks(model, tokenizer, [NEXT_WORD_TASK], limit=1, batch_size=0)
 
 
 def test_a_tokenizer_without_bos_or_eos_is_refused_up_front(tmp_path, capsys) -> None:
@@ -155,3 +157,5 @@ def test_cli_runs_tasks_and_writes_json(tmp_path, capsys) -> None:
     assert "--tasks runs lm-eval tasks instead" in capsys.readouterr().err
     assert main(["-q", "eval", "--limit", "2"]) == 2
     assert "needs --tasks" in capsys.readouterr().err
+    assert main(["-q", "eval", "--batch-size", "4"]) == 2  # was ignored
+    assert "--batch-size applies to lm-eval tasks; it needs --tasks" in capsys.readouterr().err

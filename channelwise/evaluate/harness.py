@@ -155,6 +155,8 @@ def run_tasks(
         raise ChannelwiseError(f"no task given; the local tasks are {', '.join(LOCAL_TASKS)}")
     if limit is not None and limit < 1:
         raise ChannelwiseError(f"limit must be a positive number of documents, got {limit}")
+    if batch_size < 1:
+        raise ChannelwiseError(f"batch size must be at least 1, got {batch_size}")
     simple_evaluate, hflm, task_manager_class = _harness()
     manager = task_manager_class(include_path=str(local_task_folder()), verbosity="ERROR")
     unknown = [task for task in tasks if task not in manager.all_tasks]

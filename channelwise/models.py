@@ -25,6 +25,7 @@ from channelwise.errors import (
     CheckpointError,
     DeviceError,
     ModelNotFoundError,
+    UnsupportedModelError,
 )
 from channelwise.paths import channelwise_home, staged_folder
 from channelwise.state import MARKER_FILE
@@ -84,7 +85,12 @@ def resolve_model(spec: str | os.PathLike | None = None) -> Path | str:
                 f"{path} is a folder but has no config.json; expected a "
                 "Hugging Face checkpoint directory"
             )
+        _check_causal_lm(path)
         return path
+    from channelwise.vision import is_vision_model
+
+    if is_vision_model(spec):
+        raise UnsupportedModelError(_NOT_A_LANGUAGE_MODEL.format(spec=spec, kind="vision"))
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(
@@ -98,6 +104,42 @@ def resolve_model(spec: str | os.PathLike | None = None) -> Path | str:
             "a checkpoint directory, a .gguf file or a hub id like 'org/name'"
         )
     return spec
+
+
+_NOT_A_LANGUAGE_MODEL = (
+    "'{spec}' is a {kind} model, not a causal language model (eval, generate, compare and "
+    "the LLM recipes take one); the vision families channelwise compresses are ViT, DeiT, Swin "
+    "(v1) and DINOv2, through `channelwise quantize` and `channelwise vision --model ...`"
+)
+
+
+def _check_causal_lm(folder: Path) -> None:
+    """Refuse a checkpoint folder that holds no causal language model, before loading it: a
+    vision model (transformers' message lists a hundred LLM configs), or a masked language
+    model such as BERT (transformers loads it as a decoder and scores it meaninglessly)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers' loader words its own error
+    if not isinstance(config, dict):
+        return
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(name) for name in config.get("architectures") or ()]
+    generative = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    if any(name.endswith(generative) for name in architectures):
+        return  # a multimodal LM has a vision_config too
+    if "image_size" in config or "vision_config" in config or model_type.endswith("_vision_model"):
+        from channelwise.vision import is_vision_model
+
+        kind = "Vision Transformer" if is_vision_model(folder) else f"{model_type or 'vision'}"
+        raise UnsupportedModelError(_NOT_A_LANGUAGE_MODEL.format(spec=folder, kind=kind))
+    if any(name.endswith(("ForMaskedLM", "ForPreTraining")) for name in architectures):
+        raise UnsupportedModelError(
+            f"'{folder}' is a masked language model ({', '.join(architectures)}), not a "
+            "causal one: its perplexity and generation would be meaningless"
+        )
 
 
 def cached_gguf_checkpoint(gguf_path: Path) -> Path:

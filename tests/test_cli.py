@@ -38,6 +38,7 @@ def test_recipes_lists_every_preset(capsys):
             "needs the whole model in memory",
         ),
         (("eval", "--offload", "--tasks", "austen_pride_next_word"), "takes no --tasks"),
+        (("eval", "dinov2-small"), "'dinov2-small' is a vision model, not a causal language"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -145,3 +146,28 @@ def test_a_cuda_index_beyond_the_visible_devices_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeviceError, match="only 1 CUDA device is visible"):
         resolve_device("cuda:7")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("Swinv2Config", "is a swinv2 model, not a causal language model"),
+        ("Dinov2Config", "is a Vision Transformer model, not a causal language model"),
+        ("BertConfig", "is a masked language model (BertForMaskedLM)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_model_that_is_no_causal_lm_is_named_as_such(capsys, tmp_path, config, message, command):
+    """Transformers' message for a vision config listed a hundred LLM configs (or, for saved
+    vision checkpoints, blamed a missing tokenizer); a BERT loaded as a decoder and printed a
+    meaningless perplexity."""
+    import transformers
+
+    cfg = getattr(transformers, config)()
+    if config == "BertConfig":
+        cfg.architectures = ["BertForMaskedLM"]
+    cfg.save_pretrained(tmp_path / "model")
+    argv = ["--windows", "1"] if command == "eval" else ["--prompt", "hi"]
+    code, _, err = run(capsys, command, str(tmp_path / "model"), *argv)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err

@@ -80,6 +80,16 @@ def _quantize(args, device, group) -> None:
             f"recipe '{recipe.name}' quantizes no linear weights: --format {args.format} has "
             "nothing to export (use --format packed or fake)"
         )
+    if exports and recipe.weights is not None:  # the format's refusal, before calibration
+        spec, where = recipe.weights.spec("weight"), f"recipe '{recipe.name}' weights"
+        if args.format == "gguf":
+            from channelwise.deploy.gguf import gguf_type
+
+            gguf_type(spec, where)
+        else:
+            from channelwise.deploy.compressed_tensors import weight_args
+
+            weight_args(spec, where)
     vision = is_vision_model(args.model)
     if vision and exports:
         raise ChannelwiseError(

@@ -171,3 +171,26 @@ def test_a_model_that_is_no_causal_lm_is_named_as_such(capsys, tmp_path, config,
     code, _, err = run(capsys, command, str(tmp_path / "model"), *argv)
     assert code == 2 and message in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("recipe", "fmt", "message"),
+    [
+        ("gptq-w3a16-g64", "compressed-tensors", "3-bit weights; vLLM's compressed-tensors"),
+        ("gptq-w4a16-g64", "gguf", "one scale per group of 32 input channels"),
+    ],
+)
+def test_an_export_format_refuses_the_recipe_before_calibrating(
+    capsys, tmp_path, monkeypatch, recipe, fmt, message
+):
+    """The format's refusal came after the calibration (minutes on SmolLM2)."""
+    import channelwise
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("calibrated before refusing")
+
+    monkeypatch.setattr(channelwise, "quantize", calibrated)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "quantize", "--recipe", recipe, "--format", fmt, "--out", str(out))
+    assert code == 2 and f"recipe '{recipe}' weights" in err and message in err, err
+    assert not out.exists()

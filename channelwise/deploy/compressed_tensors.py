@@ -177,7 +177,7 @@ def plan_schemes(model: nn.Module) -> dict:
                 f"{name}: GPT-2 Conv1D layout; vLLM transposes these weights on load, which "
                 "packed compressed-tensors weights cannot undergo"
             )
-        weights = _weight_args(module.spec, name)
+        weights = weight_args(module.spec, name)
         inputs = _input_args(quantizer, name)
         if inputs is not None and not (
             module.spec.bits == 8 and module.spec.symmetric and weights.strategy != "group"
@@ -203,7 +203,9 @@ def _describe(spec: QuantSpec) -> str:
     return f"{spec.bits}-bit {kind} {spec.granularity}"
 
 
-def _weight_args(spec: QuantSpec, where: str):
+def weight_args(spec: QuantSpec, where: str):
+    """compressed-tensors' ``QuantizationArgs`` of a weight grid, or :class:`ExportError` for a
+    grid it cannot hold (also checked on a recipe before any calibration)."""
     from compressed_tensors.quantization import QuantizationArgs
 
     if spec.bits not in SUPPORTED_WEIGHT_BITS:

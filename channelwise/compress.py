@@ -319,6 +319,13 @@ def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
         )
     check_recipe_fits(model, adapter, recipe)
     methods = [build_method(step, recipe) for step in recipe.steps]
+    quantizing = [method.name for method in methods if method.quantizes_weights]
+    if len(quantizing) > 1:
+        raise RecipeError(
+            f"recipe '{recipe.name}': steps '{quantizing[0]}' and '{quantizing[1]}' both quantize "
+            "the weights; a recipe has one quantizing step, after its transforms (the second "
+            "would round weights the first already rounded)"
+        )
     for method in methods:
         method.check(model, adapter)
     kv_method = build_kv_method(recipe)

@@ -254,6 +254,18 @@ def test_recipe_built_in_code_without_steps_still_quantizes_weights(make_tiny_mo
     assert all(not torch.equal(changed[p], original[p]) for p in original)
 
 
+@pytest.mark.parametrize("steps", [["rtn", "gptq"], ["gptq", "smoothquant", "rtn"]])
+def test_two_quantizing_steps_are_refused_before_any_change(make_tiny_model, steps) -> None:
+    model = make_tiny_model("llama")
+    before = weights_out_in(model)
+    recipe = Recipe.from_dict(
+        {"name": "twice", "weights": {"bits": 4}, "steps": [{"method": m} for m in steps]}
+    )
+    with pytest.raises(RecipeError, match="both quantize the weights; a recipe has one"):
+        quantize(model, recipe, progress=False)
+    assert all(torch.equal(weights_out_in(model)[p], before[p]) for p in before)
+
+
 def test_activation_only_recipe_quantizes_inputs_and_keeps_weights(make_tiny_model) -> None:
     model = make_tiny_model("llama")
     before = snapshot(model)

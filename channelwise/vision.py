@@ -180,8 +180,16 @@ class VisionProtocol:
         return seeded_subset(load_images(self.calib_data, "train"), self.probe_images, self.seed)
 
     def calibration_pixels(self) -> torch.Tensor:
-        """``(calib_images, 3, resolution, resolution)`` seeded training images."""
-        images = seeded_subset(load_images(self.calib_data, "train"), self.calib_images, self.seed)
+        """``(calib_images, 3, resolution, resolution)`` seeded training images (all of them,
+        with a warning, where the source holds fewer)."""
+        source = load_images(self.calib_data, "train")
+        if len(source) < self.calib_images:
+            log.warning(
+                "%s holds %d training images, fewer than the %d calibration images asked for: "
+                "calibrating on %d",
+                self.calib_data, len(source), self.calib_images, len(source),
+            )  # fmt: skip
+        images = seeded_subset(source, self.calib_images, self.seed)
         return images.pixels(0, len(images), self.size, self.mean, self.std)
 
     def features(self, model: nn.Module, images: ImageSet, progress: bool = True):

@@ -153,6 +153,17 @@ def test_seeded_subset_is_reproducible_sorted_and_without_repeats() -> None:
         seeded_subset(images, 0, 0)
 
 
+def test_calibrating_on_fewer_images_than_asked_says_so(tmp_path: Path, caplog) -> None:
+    train = write_image_folder(tmp_path / "train", classes=2, per_class=1)
+    test = write_image_folder(tmp_path / "test", classes=2, per_class=1)
+    protocol = VisionProtocol(calib_data=str(train), eval_data=str(test), resolution=16)
+    with caplog.at_level("WARNING"):
+        assert protocol.with_(calib_images=2).calibration_pixels().shape[0] == 2
+        assert not caplog.records
+        assert protocol.with_(calib_images=50).calibration_pixels().shape[0] == 2
+    assert "holds 2 training images, fewer than the 50 calibration images" in caplog.text
+
+
 def test_image_folder_loads_classes_in_order(tmp_path: Path) -> None:
     images = image_folder(write_image_folder(tmp_path / "imgs"), size=16)
     assert images.classes == ("class0", "class1", "class2")

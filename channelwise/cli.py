@@ -320,6 +320,8 @@ def cmd_compare(args) -> None:
     check_output_file(args.plot, image_suffixes(), *_inputs(args))
     given = args.recipes if args.recipes is not None else ",".join(DEMO_RECIPES)
     recipes = [name.strip() for name in given.split(",") if name.strip()]
+    if not recipes:
+        raise ChannelwiseError(f"--recipes {given!r} names no recipe (comma-separated presets)")
     rows = compare(recipes, args.model, protocol, progress=not args.quiet, device=args.device)
     print(format_table(rows))
     meta = {
@@ -354,6 +356,8 @@ def cmd_vision(args) -> None:
     check_output_file(args.plot, image_suffixes(), *_inputs(args))
     given = args.recipes if args.recipes is not None else ",".join(VISION_DEMO_RECIPES)
     recipes = [name.strip() for name in given.split(",") if name.strip()]
+    if not recipes:
+        raise ChannelwiseError(f"--recipes {given!r} names no recipe (comma-separated presets)")
     rows = compare_vision(recipes, args.model, protocol, args.device, progress=not args.quiet)
     print(format_vision_markdown(rows))
     print(f"wrote {plot_vision(rows, args.plot)}")

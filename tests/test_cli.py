@@ -39,6 +39,9 @@ def test_recipes_lists_every_preset(capsys):
         ),
         (("eval", "--offload", "--tasks", "austen_pride_next_word"), "takes no --tasks"),
         (("eval", "dinov2-small"), "'dinov2-small' is a vision model, not a causal language"),
+        (("compare", "--recipes", ",,"), "names no recipe"),
+        (("vision", "--recipes", " , "), "names no recipe"),
+        (("vision", "--calib-data", __file__), "is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

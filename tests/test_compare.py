@@ -148,3 +148,19 @@ def test_chart_numbers_coinciding_points_once_and_keeps_collapsed_recipes_off_sc
     ]
     out = plot_comparison(rows, tmp_path / "chart.png")
     assert out.stat().st_size > 10_000
+
+
+def test_nan_logits_blame_the_recipe_only_when_there_is_one(make_tiny_model) -> None:
+    """A broken float checkpoint was told "the recipe overflows (try wider bits)"."""
+    from channelwise import quantize
+    from channelwise.errors import NonFiniteError
+
+    windows = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="carries no recipe: its own weights hold NaN/inf"):
+        perplexity(model, windows, progress=False)
+    quantize(model, "rtn-w8a16", progress=False)
+    with pytest.raises(NonFiniteError, match="the recipe overflows"):
+        perplexity(model, windows, progress=False)

@@ -112,9 +112,10 @@ def load_images(source: str, split: str) -> ImageSet:
     path = Path(source).expanduser()
     if path.is_dir():
         return image_folder(path)
+    state = "is a file, not a folder" if path.exists() else "does not exist"
     raise DataSourceError(
-        f"image source {source!r} is neither 'fashion-mnist' nor an existing folder "
-        f"({path.resolve()} does not exist)"
+        f"image source {source!r} is neither 'fashion-mnist' nor a folder of class subfolders "
+        f"({path.resolve()} {state})"
     )
 
 

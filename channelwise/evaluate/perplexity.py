@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from channelwise.engine import model_device
 from channelwise.errors import DataSourceError, NonFiniteError
+from channelwise.state import RECIPE_ATTR
 
 
 def window_nll(
@@ -77,8 +78,14 @@ def perplexity(
 ) -> float:
     """Perplexity over all predicted tokens of ``windows`` ``(n_windows, seq)``."""
     nll = window_nll(model, windows, batch_size, progress)
-    return perplexity_from_nll(
-        nll,
-        windows,
-        "on the evaluation windows; the recipe overflows (try wider bits or an outlier method)",
-    )
+    return perplexity_from_nll(nll, windows, f"on the evaluation windows; {overflow_hint(model)}")
+
+
+def overflow_hint(model: nn.Module, remedy: str = "wider bits or an outlier method") -> str:
+    """Why a model's outputs are NaN/inf: its recipe overflows, or (a model no recipe
+    compressed) its own weights or activations are broken."""
+    if getattr(model, RECIPE_ATTR, None) is None:
+        return (
+            "the model carries no recipe: its own weights hold NaN/inf or its activations overflow"
+        )
+    return f"the recipe overflows (try {remedy})"

@@ -25,6 +25,7 @@ from channelwise.adapters import adapter_for_config
 from channelwise.data.images import ImageSet
 from channelwise.engine import model_device
 from channelwise.errors import CheckpointError, DataSourceError, NonFiniteError
+from channelwise.evaluate.perplexity import overflow_hint
 from channelwise.paths import staged_file
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -57,7 +58,7 @@ def image_features(
         if not torch.isfinite(hidden).all():
             raise NonFiniteError(
                 f"the model produced NaN/inf features on images {start}..{start + batch_size}; "
-                "the recipe overflows (try a wider bit-width)"
+                + overflow_hint(model, "a wider bit-width")
             )
         if adapter.class_token:
             pooled = torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)

@@ -33,9 +33,12 @@ def output_folder(out_dir: str | os.PathLike, model: object, force: bool) -> Pat
     """``out_dir`` resolved, after refusing the folder holding ``model``'s own files (its
     ``name_or_path``) and an existing path that ``force`` may not replace."""
     out = Path(out_dir).expanduser().resolve()
-    source = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
-    if source.exists() and (
-        out.is_relative_to(source.resolve()) or source.resolve().is_relative_to(out)
+    name = str(getattr(model, "name_or_path", "") or "")
+    source = Path(name).expanduser()  # "" (a model built from a config) names no folder
+    if (
+        name
+        and source.exists()
+        and (out.is_relative_to(source.resolve()) or source.resolve().is_relative_to(out))
     ):
         raise OutputExistsError(
             f"refusing to write into {out}: it holds or is inside the input model"

@@ -408,6 +408,18 @@ def test_save_never_writes_over_the_models_own_folder(
     assert folder_contents(tmp_path) == before
 
 
+def test_a_model_built_from_a_config_saves_under_the_working_directory(
+    make_tiny_model, tmp_path: Path, monkeypatch
+) -> None:
+    """Its ``name_or_path`` is "": that is no input folder (it resolved to the working
+    directory, so every output below it was refused as "inside the input model")."""
+    monkeypatch.chdir(tmp_path)
+    model = make_tiny_model("llama")
+    assert model.name_or_path == ""
+    quantize(model, "rtn-w8a16", progress=False)
+    assert (save_quantized(model, None, "out/q") / "config.json").is_file()
+
+
 def test_a_saved_tensor_the_model_would_drop_is_refused_on_load(calibration_ids, tmp_path) -> None:
     from channelwise.errors import CheckpointError
 

@@ -80,6 +80,12 @@ def _quantize(args, device, group) -> None:
             f"recipe '{recipe.name}' quantizes no linear weights: --format {args.format} has "
             "nothing to export (use --format packed or fake)"
         )
+    vision = is_vision_model(args.model)
+    if vision and exports:
+        raise ChannelwiseError(
+            f"--format {args.format} holds language models; save a Vision Transformer with "
+            "--format packed (default) or fake"
+        )
     if exports and recipe.weights is not None:  # the format's refusal, before calibration
         spec, where = recipe.weights.spec("weight"), f"recipe '{recipe.name}' weights"
         if args.format == "gguf":
@@ -90,12 +96,6 @@ def _quantize(args, device, group) -> None:
             from channelwise.deploy.compressed_tensors import weight_args
 
             weight_args(spec, where)
-    vision = is_vision_model(args.model)
-    if vision and exports:
-        raise ChannelwiseError(
-            f"--format {args.format} holds language models; save a Vision Transformer with "
-            "--format packed (default) or fake"
-        )
     protocol = _vision_protocol(args) if vision else None
     out = Path(args.out)
     if args.format == "gguf":

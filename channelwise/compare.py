@@ -13,7 +13,7 @@ from torch import nn
 from channelwise.adapters import adapter_for, linear_weight
 from channelwise.compress import CompressionResult, needs_calibration, plan, quantize
 from channelwise.engine import model_device
-from channelwise.errors import RecipeError
+from channelwise.errors import ChannelwiseError, RecipeError
 from channelwise.evaluate import perplexity
 from channelwise.kvcache import chunked_perplexity, kv_bytes
 from channelwise.memory import PeakMemory
@@ -134,6 +134,13 @@ def compare(
     its cache holds after the first ``kv_tokens`` evaluation tokens against a float16 cache.
     """
     protocol = protocol or Protocol()
+    for name, value in (
+        ("batch_size", batch_size),
+        ("kv_chunk", kv_chunk),
+        ("kv_tokens", kv_tokens),
+    ):
+        if value < 1:
+            raise ChannelwiseError(f"{name} must be at least 1, got {value}")
     loaded = recipes_fp_first(recipes)
     reference, tokenizer = load_model(model, device=device)
     for recipe in loaded:

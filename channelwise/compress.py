@@ -25,7 +25,7 @@ from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.distributed import ProcessGroup, current_group
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, CheckpointError, DataSourceError, RecipeError
-from channelwise.evaluate.perplexity import check_positions
+from channelwise.evaluate.perplexity import check_positions, check_token_ids
 from channelwise.kvcache.methods import (
     attach_kv_config,
     build_kv_method,
@@ -71,7 +71,7 @@ class CompressionResult:
 
 def quantize(
     model: nn.Module,
-    recipe: str | Path | Recipe,
+    recipe: str | Path | Recipe | dict,
     calibration: torch.Tensor | None = None,
     *,
     batch_size: int = 8,
@@ -79,7 +79,8 @@ def quantize(
     progress: bool = True,
     distributed: bool | None = None,
 ) -> CompressionResult:
-    """Compress ``model`` in place with ``recipe`` (a preset name, YAML path or ``Recipe``).
+    """Compress ``model`` in place with ``recipe`` (a preset name, YAML path, mapping or
+    ``Recipe``).
 
     ``calibration`` holds token ids ``(n_samples, seq_len)`` (pixel values ``(n, 3, h, w)`` for a
     vision model); methods that observe activations need it. Raises a
@@ -90,7 +91,13 @@ def quantize(
     ``torchrun``). Every process passes the same model and all of ``calibration``; each works
     on its share of the batches (:mod:`channelwise.distributed`) and ends with the same model.
     """
+    from channelwise.models import resolve_device
+
     recipe = load_recipe(recipe)
+    if batch_size < 1:
+        raise DataSourceError(f"batch_size must be at least 1, got {batch_size}")
+    if device is not None:  # checked before any change: a bad one failed after a rotation
+        device = resolve_device(device)
     if getattr(model, RECIPE_ATTR, None) is not None:
         raise ChannelwiseError(
             f"this model was already compressed with "
@@ -105,7 +112,7 @@ def quantize(
             "ranges or a calibrating method); pass calibration token ids (or images)"
         )
     if needs_data:
-        check_calibration(calibration, adapter)
+        check_calibration(calibration, adapter, model)
     if needs_data and adapter.modality == "text":
         check_positions(
             model,
@@ -269,10 +276,12 @@ def needs_calibration(recipe: str | Path | Recipe) -> bool:
     )
 
 
-def check_calibration(calibration: torch.Tensor, adapter: ModelAdapter) -> None:
-    """Token ids ``(n, seq)`` for a language model, pixel values ``(n, 3, h, w)`` for a vision
-    model, at least one sample: anything else is one clear error, not a traceback from inside
-    the model."""
+def check_calibration(
+    calibration: torch.Tensor, adapter: ModelAdapter, model: nn.Module | None = None
+) -> None:
+    """Token ids ``(n, seq)`` for a language model (inside ``model``'s vocabulary), pixel
+    values ``(n, 3, h, w)`` for a vision model (at least one patch), at least one sample:
+    anything else is one clear error, not a traceback from inside the model."""
     vision = adapter.modality == "vision"
     expected = "pixel values (n, 3, height, width)" if vision else "token ids (n, seq_len)"
     fits = isinstance(calibration, torch.Tensor) and (
@@ -289,6 +298,16 @@ def check_calibration(calibration: torch.Tensor, adapter: ModelAdapter) -> None:
         raise DataSourceError(f"calibration must be {expected} for '{adapter.family}'; got {got}")
     if calibration.shape[0] == 0:
         raise DataSourceError("calibration holds no samples")
+    if not vision and model is not None:
+        check_token_ids(calibration, model, "calibration token ids")
+    if vision and model is not None:
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
+        patch = patch[0] if isinstance(patch, list | tuple) else patch
+        if isinstance(patch, int) and min(calibration.shape[2:]) < patch:
+            raise DataSourceError(
+                f"calibration images of {calibration.shape[2]}×{calibration.shape[3]} pixels are "
+                f"smaller than one {patch}-pixel patch of '{adapter.family}'"
+            )
     if vision and adapter.check_image is not None:
         adapter.check_image(*calibration.shape[2:])
 
@@ -319,6 +338,8 @@ def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
         )
     check_recipe_fits(model, adapter, recipe)
     methods = [build_method(step, recipe) for step in recipe.steps]
+    for method in methods:  # a step's own ordering rule words its refusal best
+        method.check(model, adapter)
     quantizing = [method.name for method in methods if method.quantizes_weights]
     if len(quantizing) > 1:
         raise RecipeError(
@@ -326,8 +347,6 @@ def plan(model: nn.Module, recipe: Recipe) -> list[Method]:
             "the weights; a recipe has one quantizing step, after its transforms (the second "
             "would round weights the first already rounded)"
         )
-    for method in methods:
-        method.check(model, adapter)
     kv_method = build_kv_method(recipe)
     if kv_method is not None:
         kv_method.check(model, adapter)

@@ -173,9 +173,10 @@ def content_key(path: Path, chunk: int = 1 << 22) -> str:
     return _CONTENT_KEYS[stamp]
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; anything else must name a usable device."""
-    if str(device) == "auto":
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) → CUDA when present, else CPU; anything else must name a usable
+    device."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
@@ -250,7 +251,24 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype) -> tuple[nn.Module,
             f"{source}: {len(missing)} tensor(s) the model needs are not in its checkpoint "
             f"(first: {missing[0]}){hint}; refusing to fill them with random values"
         )
-    return model, sorted(info.get("unexpected_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    _check_block_count(model, source, unexpected)
+    return model, unexpected
+
+
+def _check_block_count(model: nn.Module, source: str | Path, unexpected: list[str]) -> None:
+    """Refuse a checkpoint holding blocks beyond its config's ``num_hidden_layers``:
+    transformers builds the shorter model and drops them, naming them only in its report."""
+    import re
+
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    extra = [k for k in unexpected if (m := re.search(r"\.layers\.(\d+)\.", k))
+             and isinstance(layers, int) and int(m.group(1)) >= layers]  # fmt: skip
+    if extra:
+        raise CheckpointError(
+            f"{source}: the checkpoint holds blocks beyond the config's num_hidden_layers = "
+            f"{layers} (first: {extra[0]}); the config does not describe these weights"
+        )
 
 
 def _check_nothing_dropped(model: nn.Module, source: Path, unexpected: list[str]) -> None:

@@ -282,10 +282,18 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
-    """A preset by name, a YAML file path, or a ``Recipe`` passed through."""
+def load_recipe(name_or_path: str | Path | Recipe | dict) -> Recipe:
+    """A preset by name, a YAML file path, a mapping (as a YAML file would hold), or a
+    ``Recipe`` passed through."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
+    if isinstance(name_or_path, dict):
+        return Recipe.from_dict({"name": "recipe", **name_or_path}, origin="recipe mapping")
+    if not isinstance(name_or_path, str | Path):
+        raise RecipeError(
+            f"a recipe is a preset name, a YAML file path, a mapping or a Recipe; got "
+            f"{type(name_or_path).__name__}"
+        )
     named = NAME_PATTERN.fullmatch(str(name_or_path)) is not None
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     path = preset if named and preset.is_file() else Path(name_or_path).expanduser()

@@ -226,7 +226,7 @@ def test_generate_text_decodes_through_a_compressed_kv_cache(calibration_ids, fr
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt", "  "], "the prompt must be non-empty text"),
         (["--prompt", "t1", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
         (["--prompt", "t1 t2", "--max-new-tokens", "63"], "exceed the model's 64 positions"),
         (["--prompt", "t1", "--cpp-wrapper"], "cpp_wrapper applies to the compiled decode loop"),

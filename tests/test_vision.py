@@ -184,7 +184,9 @@ def test_bad_image_folders_get_one_line_errors(tmp_path: Path) -> None:
     (root / "class0" / "broken.png").write_bytes(b"\x89PNG but cut")
     with pytest.raises(DataSourceError, match="cannot be read as an image"):
         image_folder(root)
-    with pytest.raises(DataSourceError, match="neither 'fashion-mnist' nor an existing folder"):
+    with pytest.raises(
+        DataSourceError, match="neither 'fashion-mnist' nor a folder of class subfolders"
+    ):
         load_images(str(tmp_path / "missing"), "test")
 
 

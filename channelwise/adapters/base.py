@@ -248,6 +248,15 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     if getattr(config, "model_type", None) not in _FACTORIES:
         _unsupported(getattr(config, "model_type", None) or type(model).__name__)
     adapter = adapter_for_config(config)
+    try:
+        adapter.block_list(model)
+    except AttributeError:
+        head = "with its language-model head (e.g. AutoModelForCausalLM)"
+        kind = head if adapter.modality == "text" else "as the backbone transformers loads"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not hold '{config.model_type}' blocks where channelwise "
+            f"looks for them; load the model {kind}"
+        ) from None
     if adapter.prepare is not None:
         adapter.prepare(model)
     return adapter

@@ -120,8 +120,12 @@ def generate_text(
     :func:`compile_decode` and a whole ``generate`` of the same shapes, which compiles the step:
     ``compile_seconds``; ``cpp_wrapper``: see :func:`compile_decode`). A model quantized with a
     ``kv_cache`` recipe decodes through its compressed cache."""
-    if not prompt.strip():
-        raise ChannelwiseError("the prompt is empty")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ChannelwiseError(f"the prompt must be non-empty text, got {prompt!r}")
+    if not callable(tokenizer):
+        raise ChannelwiseError(f"a tokenizer is needed to encode the prompt, got {tokenizer!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ChannelwiseError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ChannelwiseError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not callable(getattr(model, "generate", None)):

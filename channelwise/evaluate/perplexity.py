@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from channelwise.engine import model_device
-from channelwise.errors import DataSourceError, NonFiniteError
+from channelwise.errors import DataSourceError, NonFiniteError, UnsupportedModelError
 from channelwise.state import RECIPE_ATTR
 
 
@@ -22,7 +22,16 @@ def window_nll(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> torch.Tensor:
     """Summed next-token NLL of each window, ``(n_windows, seq)`` → ``(n_windows,)`` float64."""
+    head = getattr(model, "get_output_embeddings", None)
+    if not callable(head) or head() is None:
+        raise UnsupportedModelError(
+            f"perplexity needs a language model with its output head; got {type(model).__name__}"
+        )
+    check_token_ids(windows, model, "evaluation windows", min_length=2)
+    if batch_size < 1:
+        raise DataSourceError(f"batch_size must be at least 1, got {batch_size}")
     check_window_length(model, windows.shape[-1])
+    windows = windows.long()
     device = model_device(model)
     totals = []
     with torch.no_grad():
@@ -35,6 +44,34 @@ def window_nll(
             batch = windows[start : start + batch_size].to(device)
             totals.append(next_token_nll(model(batch, use_cache=False).logits, batch))
     return torch.cat(totals)
+
+
+def check_token_ids(ids: object, model: nn.Module, what: str, min_length: int = 1) -> None:
+    """Refuse anything but integer token ids ``(n, seq)`` with ``n ≥ 1``, ``seq ≥ min_length``
+    and every id inside ``model``'s vocabulary (its input embedding's rows), in one line naming
+    ``what``: not a traceback from the embedding lookup or the loss."""
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.is_floating_point()
+        or (ids.dtype in (torch.bool, torch.complex64, torch.complex128))
+    ):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids)
+        raise DataSourceError(f"{what} must be integer token ids (n, seq_len); got {got}")
+    if ids.shape[0] == 0 or ids.shape[1] < min_length:
+        raise DataSourceError(
+            f"{what} {tuple(ids.shape)}: need at least one sequence of {min_length} or more tokens"
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        raise DataSourceError(
+            f"{what} hold token id {bad}, outside the model's vocabulary 0..{vocab - 1}"
+            if vocab is not None
+            else f"{what} hold the negative token id {bad}"
+        )
 
 
 def check_window_length(model: nn.Module, length: int) -> None:

@@ -9,6 +9,7 @@ and installs the activation quantizers. The model is changed in place.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ from channelwise.state import (
     STATIC_QPARAMS_FILE,
     STEP_STATE_FILE,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -415,6 +418,17 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
     """
     recipe: Recipe | None = getattr(model, RECIPE_ATTR, None)
     out = output_folder(out_dir, model, force)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise ChannelwiseError(
+            f"tokenizer must be a transformers tokenizer (or None), got {type(tokenizer).__name__}"
+        )
+    head = getattr(model, "get_output_embeddings", None)
+    if tokenizer is None and callable(head) and head() is not None:  # a language model
+        log.warning(
+            "saving %s without a tokenizer: load_model reads one from the folder, so add it "
+            "(pass the tokenizer, or copy its files in) before loading",
+            out,
+        )
     with staged_folder(out) as tmp:
         _write_checkpoint(model, tokenizer, recipe, tmp)
     return out

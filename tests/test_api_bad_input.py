@@ -134,3 +134,20 @@ def test_a_checkpoint_with_more_blocks_than_its_config_is_refused(tmp_path) -> N
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="blocks beyond the config's num_hidden_layers = 1"):
         load_model(folder, device="cpu")
+
+
+def test_saving_a_language_model_without_its_tokenizer_warns(tmp_path, caplog) -> None:
+    """``load_model`` reads the tokenizer from the folder: without one the folder did not load
+    back, and nothing said so when it was written."""
+    from channelwise import save_quantized
+
+    model = build_tiny_model("llama")
+    quantize(model, "rtn-w8a16", progress=False)
+    with caplog.at_level("WARNING"):
+        save_quantized(model, build_tiny_tokenizer(), tmp_path / "with")
+        assert not caplog.records
+        save_quantized(model, None, tmp_path / "without")
+    assert "without a tokenizer: load_model reads one from the folder" in caplog.text
+    with pytest.raises(ChannelwiseError, match="tokenizer must be a transformers tokenizer"):
+        save_quantized(model, "gpt2", tmp_path / "str")
+    assert not (tmp_path / "str").exists()

@@ -26,7 +26,7 @@ from channelwise.deploy.checkpoint import packed_layout, save_packed_weights
 from channelwise.distributed import ProcessGroup, current_group
 from channelwise.engine import BlockContext, model_device, run_blockwise
 from channelwise.errors import ChannelwiseError, CheckpointError, DataSourceError, RecipeError
-from channelwise.evaluate.perplexity import check_positions, check_token_ids
+from channelwise.evaluate.perplexity import check_positions, check_token_ids, has_lm_head
 from channelwise.kvcache.methods import (
     attach_kv_config,
     build_kv_method,
@@ -279,9 +279,7 @@ def needs_calibration(recipe: str | Path | Recipe) -> bool:
     )
 
 
-def check_calibration(
-    calibration: torch.Tensor, adapter: ModelAdapter, model: nn.Module | None = None
-) -> None:
+def check_calibration(calibration: torch.Tensor, adapter: ModelAdapter, model: nn.Module) -> None:
     """Token ids ``(n, seq)`` for a language model (inside ``model``'s vocabulary), pixel
     values ``(n, 3, h, w)`` for a vision model (at least one patch), at least one sample:
     anything else is one clear error, not a traceback from inside the model."""
@@ -301,9 +299,9 @@ def check_calibration(
         raise DataSourceError(f"calibration must be {expected} for '{adapter.family}'; got {got}")
     if calibration.shape[0] == 0:
         raise DataSourceError("calibration holds no samples")
-    if not vision and model is not None:
+    if not vision:
         check_token_ids(calibration, model, "calibration token ids")
-    if vision and model is not None:
+    else:
         patch = getattr(getattr(model, "config", None), "patch_size", None)
         patch = patch[0] if isinstance(patch, list | tuple) else patch
         if isinstance(patch, int) and min(calibration.shape[2:]) < patch:
@@ -311,8 +309,8 @@ def check_calibration(
                 f"calibration images of {calibration.shape[2]}×{calibration.shape[3]} pixels are "
                 f"smaller than one {patch}-pixel patch of '{adapter.family}'"
             )
-    if vision and adapter.check_image is not None:
-        adapter.check_image(*calibration.shape[2:])
+        if adapter.check_image is not None:
+            adapter.check_image(*calibration.shape[2:])
 
 
 def has_static_ranges(recipe: Recipe) -> bool:
@@ -422,8 +420,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, force: bool
         raise ChannelwiseError(
             f"tokenizer must be a transformers tokenizer (or None), got {type(tokenizer).__name__}"
         )
-    head = getattr(model, "get_output_embeddings", None)
-    if tokenizer is None and callable(head) and head() is not None:  # a language model
+    if tokenizer is None and has_lm_head(model):
         log.warning(
             "saving %s without a tokenizer: load_model reads one from the folder, so add it "
             "(pass the tokenizer, or copy its files in) before loading",

@@ -22,8 +22,7 @@ def window_nll(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> torch.Tensor:
     """Summed next-token NLL of each window, ``(n_windows, seq)`` → ``(n_windows,)`` float64."""
-    head = getattr(model, "get_output_embeddings", None)
-    if not callable(head) or head() is None:
+    if not has_lm_head(model):
         raise UnsupportedModelError(
             f"perplexity needs a language model with its output head; got {type(model).__name__}"
         )
@@ -44,6 +43,13 @@ def window_nll(
             batch = windows[start : start + batch_size].to(device)
             totals.append(next_token_nll(model(batch, use_cache=False).logits, batch))
     return torch.cat(totals)
+
+
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether ``model`` is a language model with its output head (a vision backbone, or a
+    bare ``LlamaModel``, has none)."""
+    head = getattr(model, "get_output_embeddings", None)
+    return callable(head) and head() is not None
 
 
 def check_token_ids(ids: object, model: nn.Module, what: str, min_length: int = 1) -> None:

@@ -50,6 +50,7 @@ from channelwise.quant.grid import round_weight_
 from channelwise.recipe import Recipe, load_recipe
 from channelwise.state import (
     ATTENTION_RANGES_FILE,
+    FAILED_ATTR,
     KV_METHOD_ATTR,
     MARKER_FILE,
     METHODS_ATTR,
@@ -106,6 +107,11 @@ def quantize(
             f"this model was already compressed with "
             f"'{getattr(model, RECIPE_ATTR).name}'; load a fresh copy first"
         )
+    if getattr(model, FAILED_ATTR, None) is not None:
+        raise ChannelwiseError(
+            f"a failed quantize with '{getattr(model, FAILED_ATTR)}' may have changed part of "
+            "this model in place; load a fresh copy first"
+        )
     adapter = adapter_for(model)
     methods = plan(model, recipe)
     needs_data = needs_calibration(recipe)
@@ -144,15 +150,41 @@ def quantize(
             quantize_transition(model, ctx, transitions[ctx.index], methods, recipe)
 
     start = time.perf_counter()
+    try:
+        _run_steps(
+            model, adapter, recipe, methods, kv_method, calibration if needs_data else None,
+            block_fn, batch_size, device, progress, group,
+        )  # fmt: skip
+    except BaseException as err:  # the blocks done so far stay changed: say so, and refuse reuse
+        setattr(model, FAILED_ATTR, recipe.name)
+        if isinstance(err, ChannelwiseError):
+            raise type(err)(
+                f"{err} (quantize may have changed part of the model in place before this "
+                "failure: load a fresh copy before another attempt)"
+            ) from err
+        raise
+    missed = uncalibrated_attention(model)
+    if missed:
+        raise ChannelwiseError(
+            f"recipe '{recipe.name}': the static attention quantizers of {missed[0]} were never "
+            "calibrated (does a step install them outside the block loop?)"
+        )
+    setattr(model, RECIPE_ATTR, recipe)
+    setattr(model, METHODS_ATTR, methods)
+    setattr(model, KV_METHOD_ATTR, kv_method)
+    return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
+
+
+def _run_steps(
+    model, adapter, recipe, methods, kv_method, calibration, block_fn, batch_size, device,
+    progress, group,
+) -> None:  # fmt: skip
+    """The part of :func:`quantize` that changes the model: every step, block by block."""
     with torch.no_grad():
         if kv_method is not None:  # exact weight-side changes come before any weight step
-            kv_method.prepare_model(
-                model, adapter, calibration if needs_data else None, progress=progress
-            )
+            kv_method.prepare_model(model, adapter, calibration, progress=progress)
         for method in methods:
-            method.prepare_model(
-                model, adapter, calibration if needs_data else None, progress=progress
-            )
+            method.prepare_model(model, adapter, calibration, progress=progress)
         if has_static_ranges(recipe) or any(m.needs_calibration for m in methods):  # inputs needed
             run_blockwise(
                 model,
@@ -177,16 +209,6 @@ def quantize(
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
         if kv_method is not None:
             attach_kv_config(model, kv_method.cache_config(model, adapter))
-    missed = uncalibrated_attention(model)
-    if missed:
-        raise ChannelwiseError(
-            f"recipe '{recipe.name}': the static attention quantizers of {missed[0]} were never "
-            "calibrated (does a step install them outside the block loop?)"
-        )
-    setattr(model, RECIPE_ATTR, recipe)
-    setattr(model, METHODS_ATTR, methods)
-    setattr(model, KV_METHOD_ATTR, kv_method)
-    return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
 
 
 def quantize_transition(

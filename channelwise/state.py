@@ -9,6 +9,8 @@ METHODS_ATTR = "channelwise_methods"
 KV_METHOD_ATTR = "channelwise_kv_method"
 #: The KV-cache configuration ``make_cache(model)`` uses by default.
 KV_CONFIG_ATTR = "_channelwise_kv_config"
+#: The recipe name of a ``quantize`` that failed after it began changing the model in place.
+FAILED_ATTR = "_channelwise_failed"
 #: An offloaded model's :class:`~channelwise.offload.DiskWeights` (its blocks wait on disk).
 OFFLOAD_ATTR = "_channelwise_offload"
 

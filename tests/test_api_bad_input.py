@@ -17,11 +17,12 @@ from channelwise.errors import (
     CheckpointError,
     DataSourceError,
     DeviceError,
+    NonFiniteError,
     RecipeError,
     UnsupportedModelError,
 )
 from channelwise.models import resolve_device
-from channelwise.state import RECIPE_ATTR
+from channelwise.state import FAILED_ATTR, RECIPE_ATTR
 
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -151,3 +152,20 @@ def test_saving_a_language_model_without_its_tokenizer_warns(tmp_path, caplog) -
     with pytest.raises(ChannelwiseError, match="tokenizer must be a transformers tokenizer"):
         save_quantized(model, "gpt2", tmp_path / "str")
     assert not (tmp_path / "str").exists()
+
+
+def test_a_quantize_that_fails_partway_says_the_model_changed_and_refuses_a_retry() -> None:
+    model = build_tiny_model("llama")
+    last = model.model.layers[-1].mlp.down_proj
+    last.weight.data[0, 0] = float("inf")  # the earlier blocks are quantized before this one fails
+    first = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    with pytest.raises(NonFiniteError, match=r"load a fresh copy before another attempt\)$"):
+        quantize(model, "rtn-w8a8", IDS, progress=False)
+    assert getattr(model, FAILED_ATTR) == "rtn-w8a8"
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, first)  # what it warns of
+    assert getattr(model, RECIPE_ATTR, None) is None
+    with pytest.raises(
+        ChannelwiseError, match="a failed quantize with 'rtn-w8a8' may have changed"
+    ):
+        quantize(model, "rtn-w8a8", IDS, progress=False)
+    quantize(build_tiny_model("llama"), "rtn-w8a8", IDS, progress=False)  # a fresh copy works

@@ -157,11 +157,11 @@ def quantize(
         )  # fmt: skip
     except BaseException as err:  # the blocks done so far stay changed: say so, and refuse reuse
         setattr(model, FAILED_ATTR, recipe.name)
-        if isinstance(err, ChannelwiseError):
-            raise type(err)(
+        if isinstance(err, ChannelwiseError):  # the same error (its cause chain kept), told
+            err.args = (
                 f"{err} (quantize may have changed part of the model in place before this "
-                "failure: load a fresh copy before another attempt)"
-            ) from err
+                "failure: load a fresh copy before another attempt)",
+            )
         raise
     missed = uncalibrated_attention(model)
     if missed:

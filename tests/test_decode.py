@@ -79,6 +79,35 @@ def test_compiled_decode_matches_the_fake_quant_model(
         assert kernel in ran
 
 
+def test_a_prompt_longer_than_small_m_compiles_on_a_w8a8_model(calibration_ids, fresh_dynamo):
+    """The prefill of a prompt over SMALL_M tokens never asks whether the CPU has VNNI, so the
+    first decode step asked it inside the graph, where dynamo refuses torch's check (the CLI's
+    chat-templated prompt crashed ``generate --compile``). The answer is now fixed at import."""
+    from channelwise.kernels import extension
+    from channelwise.kernels.cpu import SMALL_M
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        return x + 1 if extension.vnni_supported() else x - 1
+
+    x = torch.zeros(2)
+    assert torch.equal(step(x), x + 1 if extension._has_vnni() else x - 1)
+    model = build_tiny_model("llama", **WIDE)
+    quantize(model, "rtn-w8a8", calibration_ids, progress=False)
+    ids = torch.randint(0, 128, (1, SMALL_M + 4), generator=torch.Generator().manual_seed(3))
+    expected_ids, expected_scores = greedy(model, ids)
+    pack_model(model)
+    before = use_kernels(True)
+    try:
+        compile_decode(model)
+        got_ids, got_scores = greedy(model, ids)
+    finally:
+        use_kernels(before)
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+
+
 def test_compiled_decode_takes_the_sparse_input_kernel_without_an_eager_decode_first(
     calibration_ids, fresh_dynamo
 ):

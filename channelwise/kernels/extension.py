@@ -69,12 +69,19 @@ def loaded_ops():
     return _state.get("ops")
 
 
+def _has_vnni() -> bool:
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check and check())
+
+
+#: Asked once at import: torch's check is skipped by dynamo, so the first question must not come
+#: from inside a compiled decode step (a prompt longer than SMALL_M tokens did that).
+_VNNI = _has_vnni()
+
+
 def vnni_supported() -> bool:
     """Whether this CPU has AVX-512 VNNI (the small-M W8A8 kernel's instructions)."""
-    if "vnni" not in _state:
-        check = getattr(torch.cpu, "_is_vnni_supported", None)
-        _state["vnni"] = bool(check and check())
-    return bool(_state["vnni"])
+    return _VNNI
 
 
 def _build():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -447,8 +448,14 @@ def cmd_prepare(args) -> None:
 def cmd_recipes(args) -> None:
     from channelwise.recipe import load_recipe, preset_names
 
-    for name in preset_names():
-        print(f"{name:<18} {load_recipe(name).description}")
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {load_recipe(name).description}")
+
+
+#: What ``quantize --offload`` runs (a test keeps it equal to the registries' flags).
+_OFFLOADABLE = "awq, gptq, rtn, smoothquant; KV caches kivi, kv_bfp"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload",
         action="store_true",
         help="leave the decoder blocks' weights on disk and read one block at a time: for a "
-        "model larger than memory (steps that work block by block: rtn, gptq, smoothquant, awq)",
+        "model larger than memory (steps that work block by block: " + _OFFLOADABLE + ")",
     )
     data_options(p, evaluation=False)
     p.set_defaults(func=cmd_quantize)
@@ -608,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the preset recipes")
     p.set_defaults(func=cmd_recipes)
+    for name, command in sub.choices.items():  # --device after the command works too
+        if name not in ("recipes", "prepare"):
+            command.add_argument(
+                "--device", default=argparse.SUPPRESS, help="as the global --device"
+            )
     return parser
 
 
@@ -635,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output path", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader (`| head`) left: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

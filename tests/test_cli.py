@@ -197,3 +197,23 @@ def test_an_export_format_refuses_the_recipe_before_calibrating(
     code, _, err = run(capsys, "quantize", "--recipe", recipe, "--format", fmt, "--out", str(out))
     assert code == 2 and f"recipe '{recipe}' weights" in err and message in err, err
     assert not out.exists()
+
+
+def test_device_is_taken_before_or_after_the_command() -> None:
+    from channelwise.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval"]).device == "auto"
+    assert parser.parse_args(["--device", "cpu", "eval"]).device == "cpu"
+    assert parser.parse_args(["eval", "--device", "cuda:1"]).device == "cuda:1"
+    both = ["--device", "cpu", "quantize", "--recipe", "fp", "--out", "o", "--device", "cuda"]
+    assert parser.parse_args(both).device == "cuda"
+
+
+def test_the_offload_help_names_what_runs_offloaded() -> None:
+    from channelwise.cli import _OFFLOADABLE
+    from channelwise.kvcache.methods import offloadable_kv_methods
+    from channelwise.methods.registry import method_classes
+
+    steps = sorted(name for name, cls in method_classes().items() if cls.offloadable)
+    assert _OFFLOADABLE == f"{', '.join(steps)}; KV caches {', '.join(offloadable_kv_methods())}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,23 @@ class CompressionResult:
     calib_seconds: float
     calibration_samples: int
     methods: list[Method] = field(default_factory=list)
+
+
+@contextmanager
+def _failure_marked(model: nn.Module, recipe_name: str) -> Iterator[None]:
+    """Mark ``model`` if the body fails (its finished blocks stay changed) and say so in a
+    ChannelwiseError's message (the same error: its cause chain kept); ``quantize`` then refuses
+    the model."""
+    try:
+        yield
+    except BaseException as err:
+        setattr(model, FAILED_ATTR, recipe_name)
+        if isinstance(err, ChannelwiseError):
+            err.args = (
+                f"{err} (quantize may have changed part of the model in place before this "
+                "failure: load a fresh copy before another attempt)",
+            )
+        raise
 
 
 def quantize(
@@ -150,46 +169,17 @@ def quantize(
             quantize_transition(model, ctx, transitions[ctx.index], methods, recipe)
 
     start = time.perf_counter()
-    try:
-        _run_steps(
-            model, adapter, recipe, methods, kv_method, calibration if needs_data else None,
-            block_fn, batch_size, device, progress, group,
-        )  # fmt: skip
-    except BaseException as err:  # the blocks done so far stay changed: say so, and refuse reuse
-        setattr(model, FAILED_ATTR, recipe.name)
-        if isinstance(err, ChannelwiseError):  # the same error (its cause chain kept), told
-            err.args = (
-                f"{err} (quantize may have changed part of the model in place before this "
-                "failure: load a fresh copy before another attempt)",
-            )
-        raise
-    missed = uncalibrated_attention(model)
-    if missed:
-        raise ChannelwiseError(
-            f"recipe '{recipe.name}': the static attention quantizers of {missed[0]} were never "
-            "calibrated (does a step install them outside the block loop?)"
-        )
-    setattr(model, RECIPE_ATTR, recipe)
-    setattr(model, METHODS_ATTR, methods)
-    setattr(model, KV_METHOD_ATTR, kv_method)
-    return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
-
-
-def _run_steps(
-    model, adapter, recipe, methods, kv_method, calibration, block_fn, batch_size, device,
-    progress, group,
-) -> None:  # fmt: skip
-    """The part of :func:`quantize` that changes the model: every step, block by block."""
-    with torch.no_grad():
+    data = calibration if needs_data else None
+    with _failure_marked(model, recipe.name), torch.no_grad():
         if kv_method is not None:  # exact weight-side changes come before any weight step
-            kv_method.prepare_model(model, adapter, calibration, progress=progress)
+            kv_method.prepare_model(model, adapter, data, progress=progress)
         for method in methods:
-            method.prepare_model(model, adapter, calibration, progress=progress)
+            method.prepare_model(model, adapter, data, progress=progress)
         if has_static_ranges(recipe) or any(m.needs_calibration for m in methods):  # inputs needed
             run_blockwise(
                 model,
                 adapter,
-                calibration,
+                data,
                 block_fn,
                 batch_size=batch_size,
                 device=device,
@@ -209,6 +199,16 @@ def _run_steps(
             round_weight_(embedding, embedding.weight.data, recipe.embedding.spec("weight"))
         if kv_method is not None:
             attach_kv_config(model, kv_method.cache_config(model, adapter))
+    missed = uncalibrated_attention(model)
+    if missed:
+        raise ChannelwiseError(
+            f"recipe '{recipe.name}': the static attention quantizers of {missed[0]} were never "
+            "calibrated (does a step install them outside the block loop?)"
+        )
+    setattr(model, RECIPE_ATTR, recipe)
+    setattr(model, METHODS_ATTR, methods)
+    setattr(model, KV_METHOD_ATTR, kv_method)
+    return CompressionResult(recipe, time.perf_counter() - start, n_samples, methods)
 
 
 def quantize_transition(

@@ -217,3 +217,19 @@ def test_the_offload_help_names_what_runs_offloaded() -> None:
 
     steps = sorted(name for name, cls in method_classes().items() if cls.offloadable)
     assert _OFFLOADABLE == f"{', '.join(steps)}; KV caches {', '.join(offloadable_kv_methods())}"
+
+
+def test_a_closed_pipe_exits_quietly(monkeypatch, capsys) -> None:
+    """``channelwise recipes | head``: the reader leaves, the CLI stops with 141, no traceback."""
+    from channelwise import cli
+
+    def leaves(args):
+        raise BrokenPipeError
+
+    redirected = []
+    monkeypatch.setattr(cli, "cmd_recipes", leaves)
+    monkeypatch.setattr(cli.os, "dup2", lambda fd, to: redirected.append(to))
+    monkeypatch.setattr(cli.sys.stdout, "fileno", lambda: 1, raising=False)
+    assert cli.main(["recipes"]) == 141
+    assert redirected == [1]
+    assert capsys.readouterr().err == ""

@@ -80,19 +80,25 @@ def test_compiled_decode_matches_the_fake_quant_model(
         assert kernel in ran
 
 
-def test_a_prompt_longer_than_small_m_compiles_on_a_w8a8_model(calibration_ids, fresh_dynamo):
+def test_a_prompt_longer_than_small_m_compiles_on_a_w8a8_model(
+    calibration_ids, fresh_dynamo, monkeypatch
+):
     """The prefill of a prompt over SMALL_M tokens never asks whether the CPU has VNNI, so the
     first decode step asked it inside the graph, where dynamo refuses torch's check (the CLI's
     chat-templated prompt crashed ``generate --compile``). The answer is now fixed at import."""
     from channelwise.kernels import extension
     from channelwise.kernels.cpu import SMALL_M
 
+    extension._state.pop("vnni", None)  # a lazy cache (the old code's) must not hide the question
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: pytest.fail("asked in the graph"))
+
     @torch.compile(fullgraph=True, backend="eager")
     def step(x):
         return x + 1 if extension.vnni_supported() else x - 1
 
     x = torch.zeros(2)
-    assert torch.equal(step(x), x + 1 if extension._has_vnni() else x - 1)
+    assert torch.equal(step(x), x + 1 if extension.vnni_supported() else x - 1)
+    monkeypatch.undo()
     model = build_tiny_model("llama", **WIDE)
     quantize(model, "rtn-w8a8", calibration_ids, progress=False)
     ids = torch.randint(0, 128, (1, SMALL_M + 4), generator=torch.Generator().manual_seed(3))

@@ -92,6 +92,7 @@ def load_vision_model(
     a vision adapter is refused before its weights are read. A folder ``channelwise`` saved
     (packed or fake-quant) loads compressed, its runtime ops and input quantizers restored."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     folder = resolve_vision_model(spec)
     config = vision_config(folder)
@@ -107,6 +108,7 @@ def load_vision_model(
         )
     marker = folder / MARKER_FILE
     layout = read_marker(folder).get("packed_linears") if marker.is_file() else None
+    hf_logging.disable_progress_bar()  # our commands draw their own bars; -q hides those
     if layout:
         model = load_packed(folder, layout, torch.float32)
     else:

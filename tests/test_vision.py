@@ -339,6 +339,22 @@ def test_load_vision_model_refuses_what_it_cannot_take(tmp_path: Path, tiny_dino
         load_vision_model(str(partial))
 
 
+def test_load_vision_model_draws_no_transformers_bar(
+    tiny_dinov2_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """transformers' "Loading weights" bar would show through ``-q``: the loader turns it off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        load_vision_model(tiny_dinov2_folder, "cpu")
+    finally:
+        enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+    assert not enabled
+    assert "Loading weights" not in capsys.readouterr().err
+
+
 def test_compare_vision_measures_fp_first_through_one_frozen_probe(
     tiny_dinov2_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,10 +17,14 @@ with a one-line error naming the local tasks.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import random
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 from torch import nn
 
@@ -127,6 +131,37 @@ def _harness():
     return simple_evaluate, HFLM, TaskManager
 
 
+@contextlib.contextmanager
+def _lm_eval_quiet():
+    """lm-eval's own logging at ERROR (its ``verbosity`` arguments are deprecated), and its
+    record of the git commit asked quietly (:func:`_quiet_git_hash`)."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", _quiet_git_hash):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's record of the working directory's git commit, asked without the ``fatal: not
+    a git repository`` line that lm-eval's own ``git describe`` prints outside a checkout."""
+    try:
+        found = subprocess.run(
+            ["git", "describe", "--always"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip() or None
+
+
 def _check_tokenizer(tokenizer) -> None:
     """Refuse a tokenizer with neither a BOS nor an EOS token: lm-eval puts one of them before
     every scored text (the context of its first token) and fails deep inside otherwise."""
@@ -158,7 +193,8 @@ def run_tasks(
     if batch_size < 1:
         raise ChannelwiseError(f"batch size must be at least 1, got {batch_size}")
     simple_evaluate, hflm, task_manager_class = _harness()
-    manager = task_manager_class(include_path=str(local_task_folder()), verbosity="ERROR")
+    with _lm_eval_quiet():
+        manager = task_manager_class(include_path=str(local_task_folder()))
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ChannelwiseError(
@@ -166,11 +202,11 @@ def run_tasks(
             "(every name `lm-eval ls tasks` lists is accepted too)"
         )
     _check_tokenizer(tokenizer)
-    lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with _lm_eval_quiet():
+        lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        output = simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR"
-        )
+        with _lm_eval_quiet():
+            output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
     except ChannelwiseError:
         raise
     except Exception as exc:  # noqa: BLE001 (a dataset the machine cannot fetch, said in one line)

@@ -265,6 +265,7 @@ def _eval_tasks(args) -> None:
         args.tasks.split(","),
         limit=args.limit,
         batch_size=8 if args.batch_size is None else args.batch_size,
+        progress=not args.quiet,
     )
     for task, metrics in results.items():
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())

@@ -18,6 +18,7 @@ with a one-line error naming the local tasks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -132,17 +133,47 @@ def _harness():
 
 
 @contextlib.contextmanager
-def _lm_eval_quiet():
-    """lm-eval's own logging at ERROR (its ``verbosity`` arguments are deprecated), and its
-    record of the git commit asked quietly (:func:`_quiet_git_hash`)."""
+def _lm_eval_quiet(progress: bool = True):
+    """lm-eval's own logging at ERROR (its ``verbosity`` arguments are deprecated), its record
+    of the git commit asked quietly (:func:`_quiet_git_hash`), and with ``progress`` False its
+    request-building bar off (the model's bars are :func:`_without_bars`')."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with mock.patch("lm_eval.evaluator.get_git_commit_hash", _quiet_git_hash):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                mock.patch("lm_eval.evaluator.get_git_commit_hash", _quiet_git_hash)
+            )
+            if not progress:
+                from tqdm import tqdm
+
+                stack.enter_context(
+                    mock.patch("lm_eval.api.task.tqdm", functools.partial(tqdm, disable=True))
+                )
             yield
     finally:
         logger.setLevel(level)
+
+
+def _without_bars(hflm: type) -> type:
+    """``hflm`` whose scoring and generation draw no progress bar (lm-eval calls them, and
+    rolling scoring its token scorer, without asking for that)."""
+
+    class QuietHFLM(hflm):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, **kwargs)
+
+    return QuietHFLM
 
 
 def _quiet_git_hash() -> str | None:
@@ -182,9 +213,10 @@ def run_tasks(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` of ``model`` on lm-eval ``tasks`` (the first ``limit``
-    documents of each, all by default)."""
+    documents of each, all by default); ``progress`` False draws no lm-eval progress bar."""
     tasks = [task.strip() for task in tasks if task.strip()]
     if not tasks:
         raise ChannelwiseError(f"no task given; the local tasks are {', '.join(LOCAL_TASKS)}")
@@ -202,10 +234,12 @@ def run_tasks(
             "(every name `lm-eval ls tasks` lists is accepted too)"
         )
     _check_tokenizer(tokenizer)
+    if not progress:
+        hflm = _without_bars(hflm)
     with _lm_eval_quiet():
         lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        with _lm_eval_quiet():
+        with _lm_eval_quiet(progress):
             output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
     except ChannelwiseError:
         raise

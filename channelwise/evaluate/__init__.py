@@ -1,4 +1,5 @@
-"""Quality evaluation: perplexity today; top-1, lm-eval, speed and memory later."""
+"""Quality evaluation: perplexity (:mod:`.perplexity`), top-1 for vision (:mod:`.top1`), and
+lm-eval tasks (:mod:`.harness`)."""
 
 from channelwise.evaluate.perplexity import perplexity, window_nll
 

@@ -164,3 +164,18 @@ def test_cli_runs_tasks_and_writes_json(tmp_path, capsys) -> None:
     assert "needs --tasks" in capsys.readouterr().err
     assert main(["-q", "eval", "--batch-size", "4"]) == 2  # was ignored
     assert "--batch-size applies to lm-eval tasks; it needs --tasks" in capsys.readouterr().err
+
+
+def test_quiet_patches_restore_and_skip_what_this_lm_eval_lacks() -> None:
+    import contextlib
+
+    import lm_eval.evaluator
+
+    original, marker = lm_eval.evaluator.get_git_commit_hash, object()
+    with contextlib.ExitStack() as stack:
+        harness._replace_if_present(stack, "lm_eval.evaluator", "no_such_name", marker)
+        harness._replace_if_present(stack, "lm_eval.no_such_module", "tqdm", marker)
+        harness._replace_if_present(stack, "lm_eval.evaluator", "get_git_commit_hash", marker)
+        assert lm_eval.evaluator.get_git_commit_hash is marker
+        assert not hasattr(lm_eval.evaluator, "no_such_name")
+    assert lm_eval.evaluator.get_git_commit_hash is original

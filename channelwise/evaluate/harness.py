@@ -142,18 +142,28 @@ def _lm_eval_quiet(progress: bool = True):
     logger.setLevel(logging.ERROR)
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                mock.patch("lm_eval.evaluator.get_git_commit_hash", _quiet_git_hash)
-            )
+            _replace_if_present(stack, "lm_eval.evaluator", "get_git_commit_hash", _quiet_git_hash)
             if not progress:
                 from tqdm import tqdm
 
-                stack.enter_context(
-                    mock.patch("lm_eval.api.task.tqdm", functools.partial(tqdm, disable=True))
-                )
+                quiet_tqdm = functools.partial(tqdm, disable=True)
+                _replace_if_present(stack, "lm_eval.api.task", "tqdm", quiet_tqdm)
             yield
     finally:
         logger.setLevel(level)
+
+
+def _replace_if_present(stack: contextlib.ExitStack, module: str, name: str, value) -> None:
+    """``module.name`` replaced by ``value`` for the ``stack``'s life, where this lm-eval has
+    it (another version may not: then its own, noisier, behaviour stays)."""
+    import importlib
+
+    try:
+        target = importlib.import_module(module)
+    except ImportError:
+        return
+    if hasattr(target, name):
+        stack.enter_context(mock.patch.object(target, name, value))
 
 
 def _without_bars(hflm: type) -> type:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import logging
 import random
@@ -134,9 +135,9 @@ def _harness():
 
 @contextlib.contextmanager
 def _lm_eval_quiet(progress: bool = True):
-    """lm-eval's own logging at ERROR (its ``verbosity`` arguments are deprecated), its record
-    of the git commit asked quietly (:func:`_quiet_git_hash`), and with ``progress`` False its
-    request-building bar off (the model's bars are :func:`_without_bars`')."""
+    """While lm-eval runs: its logging at ERROR (its ``verbosity`` arguments are deprecated), its
+    record of the git commit asked quietly (:func:`_quiet_git_hash`), and with ``progress``
+    False its request-building bar off (the model's bars are :func:`_without_bars`')."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -156,8 +157,6 @@ def _lm_eval_quiet(progress: bool = True):
 def _replace_if_present(stack: contextlib.ExitStack, module: str, name: str, value) -> None:
     """``module.name`` replaced by ``value`` for the ``stack``'s life, where this lm-eval has
     it (another version may not: then its own, noisier, behaviour stays)."""
-    import importlib
-
     try:
         target = importlib.import_module(module)
     except ImportError:
@@ -235,34 +234,32 @@ def run_tasks(
     if batch_size < 1:
         raise ChannelwiseError(f"batch size must be at least 1, got {batch_size}")
     simple_evaluate, hflm, task_manager_class = _harness()
-    with _lm_eval_quiet():
+    with _lm_eval_quiet(progress):
         manager = task_manager_class(include_path=str(local_task_folder()))
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        raise ChannelwiseError(
-            f"unknown lm-eval task {unknown[0]!r}; the local tasks are {', '.join(LOCAL_TASKS)} "
-            "(every name `lm-eval ls tasks` lists is accepted too)"
-        )
-    _check_tokenizer(tokenizer)
-    if not progress:
-        hflm = _without_bars(hflm)
-    with _lm_eval_quiet():
-        lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    try:
-        with _lm_eval_quiet(progress):
+        unknown = [task for task in tasks if task not in manager.all_tasks]
+        if unknown:
+            raise ChannelwiseError(
+                f"unknown lm-eval task {unknown[0]!r}; the local tasks are "
+                f"{', '.join(LOCAL_TASKS)} (every name `lm-eval ls tasks` lists is accepted too)"
+            )
+        _check_tokenizer(tokenizer)
+        lm_class = hflm if progress else _without_bars(hflm)
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        try:
             output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
-    except ChannelwiseError:
-        raise
-    except Exception as exc:  # noqa: BLE001 (a dataset the machine cannot fetch, said in one line)
-        hub = [task for task in tasks if task not in LOCAL_TASKS]
-        if not hub:
+        except ChannelwiseError:
             raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ChannelwiseError(
-            f"lm-eval could not run {', '.join(hub)}: {first}. Their datasets come from the "
-            f"Hugging Face hub, which this machine may not reach; the local tasks "
-            f"({', '.join(LOCAL_TASKS)}) need no network"
-        ) from exc
+        except Exception as exc:  # noqa: BLE001 (a dataset the machine cannot fetch: one line)
+            hub = [task for task in tasks if task not in LOCAL_TASKS]
+            if not hub:
+                raise
+            text = str(exc).strip()
+            first = text.splitlines()[0][:300] if text else type(exc).__name__
+            raise ChannelwiseError(
+                f"lm-eval could not run {', '.join(hub)}: {first}. Their datasets come from the "
+                f"Hugging Face hub, which this machine may not reach; the local tasks "
+                f"({', '.join(LOCAL_TASKS)}) need no network"
+            ) from exc
     results = {}
     for task in tasks:
         values = output["results"].get(task, {})

@@ -23,7 +23,13 @@ from torch import nn
 from channelwise.adapters import adapter_for_config
 from channelwise.compare import bits_label, recipes_fp_first, weight_bits
 from channelwise.compress import needs_calibration, plan, quantize, restore_quantized
-from channelwise.data.images import ImageSet, image_source_identity, load_images, seeded_subset
+from channelwise.data.images import (
+    ImageSet,
+    image_classes,
+    image_source_identity,
+    load_images,
+    seeded_subset,
+)
 from channelwise.deploy.checkpoint import load_packed, read_marker
 from channelwise.dinov2 import IMAGE_MEAN, IMAGE_STD, cached_dinov2_checkpoint
 from channelwise.engine import model_device
@@ -176,7 +182,20 @@ class VisionProtocol:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def eval_set(self) -> ImageSet:
-        return seeded_subset(load_images(self.eval_data, "test"), self.eval_images, self.seed)
+        """The seeded test images; their classes must be the probe's (the calibration
+        source's), in the same order, or labels would be scored against other classes."""
+        images = load_images(self.eval_data, "test")
+        probe_classes = image_classes(self.calib_data)
+        if images.classes != probe_classes:
+            missing = sorted(set(probe_classes) ^ set(images.classes))
+            named = ", ".join(missing[:3]) + (", …" if len(missing) > 3 else "")
+            what = f"differ (in one only: {named})" if missing else "are in another order"
+            raise DataSourceError(
+                f"the evaluation images' classes {what}: '{self.eval_data}' has "
+                f"{len(images.classes)}, the probe's '{self.calib_data}' {len(probe_classes)}; "
+                "give both the same class subfolders"
+            )
+        return seeded_subset(images, self.eval_images, self.seed)
 
     def probe_set(self) -> ImageSet:
         return seeded_subset(load_images(self.calib_data, "train"), self.probe_images, self.seed)

@@ -42,6 +42,7 @@ def expected_refusals(family: str) -> dict[str, str]:
         "repquant-w4a4": "Vision Transformer",
         "repquant-w6a6": "Vision Transformer",
         "bivit": "Vision Transformer",
+        "lpvit-50": "Vision Transformer",
         "lrp-qvit-w4a4": "Vision Transformer",
         "lrp-qvit-w6a6": "Vision Transformer",
         "repq-vit-w4a4": "has no bias",

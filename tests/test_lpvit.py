@@ -3,6 +3,8 @@ block-sparse CPU linear that skips the pruned blocks, on tiny random models."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from helpers import tiny_vision_model
@@ -13,7 +15,7 @@ from channelwise.compress import plan, quantize
 from channelwise.deploy.block_sparse import BlockSparseLinear, block_sparse_model
 from channelwise.errors import PackingError, RecipeError, UnsupportedModelError
 from channelwise.methods.lpvit import MASK_ATTR, allocate, block_mask, distortion_curve
-from channelwise.recipe import Recipe
+from channelwise.recipe import Recipe, load_recipe
 
 
 def test_distortion_curve_prunes_the_lowest_scoring_blocks_first():
@@ -147,6 +149,25 @@ def test_finetuning_after_pruning_keeps_the_blocks_zero_and_lowers_the_distillat
         errors[steps] = ((got - expected).norm() / expected.norm()).item()
     # a tiny random model's output moves little when pruned (2.6%): the part fine-tuning recovers
     assert errors[150] < 0.95 * errors[0], errors
+
+
+def test_finetuning_on_few_calibration_images_is_warned_about(caplog):
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for steps in (0, 2):
+        caplog.clear()
+        args = dict(flops=0.5, block=[8, 8], finetune_steps=steps, batch_size=4)
+        with caplog.at_level(logging.WARNING, logger="channelwise.methods.lpvit"):
+            quantize(tiny_vision_model("dinov2"), _lpvit(**args), pixels, progress=False)
+        warned = [r.getMessage() for r in caplog.records if "calibration images" in r.getMessage()]
+        assert len(warned) == (1 if steps else 0), warned
+    assert "on only 8 calibration images (1 passes" in warned[0], warned
+
+
+def test_the_lpvit_preset_plans_on_a_vit_and_keeps_half_the_flops():
+    recipe = load_recipe("lpvit-50")
+    (step,) = recipe.steps
+    assert step.method == "lpvit" and step.args["flops"] == 0.5 and step.args["finetune_steps"]
+    plan(tiny_vision_model("dinov2"), recipe)
 
 
 @pytest.mark.parametrize("method", ["lpvit", "bivit"])

@@ -467,6 +467,23 @@ def test_cli_vision_writes_rows_and_refuses_bad_input_in_one_line(
     assert err.startswith("error: ") and "never calibrate" in err and "\n" not in err
     assert main(common + ["--eval-data", str(test), "--model", str(tmp_path / "nope")]) == 2
     assert "vision model" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notes = write_image_folder(tmp_path / "notes", seed=3)
+    (notes / "class1" / "readme.txt").write_text("not an image")
+    other = write_image_folder(tmp_path / "other", classes=4, seed=4)
+    swinv2 = tmp_path / "swinv2"
+    transformers.Swinv2Config(embed_dim=16, depths=[1], num_heads=[2]).save_pretrained(swinv2)
+    refusals = {
+        "no class subfolders": ["--eval-data", str(empty)],
+        "readme.txt is not an image": ["--eval-data", str(notes)],
+        "classes differ (in one only: class3)": ["--eval-data", str(other)],
+        "unsupported architecture 'swinv2'": ["--eval-data", str(test), "--model", str(swinv2)],
+    }
+    for message, extra in refusals.items():
+        assert main(common + extra) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
 def test_cli_quantize_saves_a_vit_with_its_static_attention_ranges(

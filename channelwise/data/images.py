@@ -119,6 +119,22 @@ def load_images(source: str, split: str) -> ImageSet:
     )
 
 
+def image_classes(source: str) -> tuple[str, ...]:
+    """The class names of ``source`` in label order, without reading its images."""
+    if source.strip().lower() == "fashion-mnist":
+        return FASHION_MNIST_CLASSES
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return load_images(source, "train").classes  # its one-line error
+    return _class_folders(path)
+
+
+def _class_folders(root: Path) -> tuple[str, ...]:
+    return tuple(
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    )
+
+
 def image_source_identity(source: str, split: str) -> str:
     """What ``source`` reads at ``split``, comparable across spellings."""
     if source.strip().lower() == "fashion-mnist":
@@ -199,7 +215,7 @@ def image_folder(root: Path, size: int = FOLDER_SIZE) -> ImageSet:
     """Images under ``root/<class>/``, classes in sorted order, each resized to ``size``² RGB."""
     from PIL import Image, UnidentifiedImageError
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = _class_folders(root)
     if not classes:
         raise DataSourceError(
             f"{root} has no class subfolders; expected one subfolder of images per class"

@@ -44,6 +44,7 @@ Deviations from the paper and the official code:
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar, Literal
 
 import torch
@@ -67,6 +68,11 @@ from channelwise.reconstruct import (
 )
 
 MASK_ATTR = "_channelwise_block_mask"
+
+#: Fewer calibration images than this, and fine-tuning fits them rather than the model.
+FINETUNE_IMAGES = 1024
+
+log = logging.getLogger(__name__)
 
 
 class LPViTArgs(BaseModel):
@@ -129,6 +135,14 @@ class LPViT(Method):
     def prepare_model(
         self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
     ) -> None:
+        if self.args.finetune_steps and len(calibration) < FINETUNE_IMAGES:
+            log.warning(
+                "LPViT fine-tunes %d steps on only %d calibration images (%.0f passes over "
+                "each); give it at least %d (its figures used 4,096: --calib-images 4096)",
+                self.args.finetune_steps, len(calibration),
+                self.args.finetune_steps * self.args.batch_size / len(calibration),
+                FINETUNE_IMAGES,
+            )  # fmt: skip
         if self.args.finetune_steps:  # the dense model's features: the fine-tuning's targets
             blocks = self.args.finetune_targets == "blocks"
             targets = teacher_features(model, adapter, calibration, self.args.batch_size, blocks)

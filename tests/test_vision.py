@@ -647,6 +647,42 @@ def test_repq_per_tensor_codes_equal_the_per_channel_codes_before(tiny_dinov2) -
     assert same > 0.999 and (per_channel.int() - per_tensor.int()).abs().max() <= 1
 
 
+def test_repq_target_scale_changes_the_grid_but_not_the_model() -> None:
+    """DopQ-ViT's median target (MOSF) against RepQ-ViT's mean: another per-tensor scale, the
+    same codes, so the same quantized model (to float rounding)."""
+    from channelwise.quant.activation import input_quantizer
+
+    pixels = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    outputs, scales = {}, {}
+    for target in ("mean", "median"):
+        model = tiny_vision_model("dinov2")
+        with torch.no_grad():
+            model.encoder.layer[0].norm1.weight[3] *= 40.0  # an outlier channel: mean ≠ median
+        step = {"method": "repq_vit", "args": {"softmax": "none", "target": target}}
+        recipe = Recipe.from_dict(
+            {
+                "name": f"repq-{target}",
+                "weights": {
+                    "bits": 4,
+                    "symmetric": False,
+                    "granularity": "channel",
+                    "range": "mse",
+                },
+                "activations": STATIC4,
+                "steps": [step, {"method": "rtn"}],
+            }
+        )
+        quantize(model, recipe, pixels, progress=False)
+        scales[target] = float(
+            input_quantizer(model.encoder.layer[0].attention.q_proj).qparams.scale
+        )
+        with torch.no_grad():
+            outputs[target] = model(pixel_values=pixels).last_hidden_state
+    assert scales["median"] < 0.9 * scales["mean"], scales
+    error = (outputs["mean"] - outputs["median"]).abs().max() / outputs["mean"].abs().max()
+    assert error < 1e-5, error
+
+
 def test_repq_rescues_a_post_layernorm_outlier_channel(tiny_dinov2) -> None:
     from copy import deepcopy
 

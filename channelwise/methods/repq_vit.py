@@ -25,7 +25,14 @@ The reparameterized inputs (of q/k/v and fc1) get this step's own static per-ten
 
 Arguments: ``reparam`` (default true) and ``softmax`` (``log_sqrt2``, the paper's, or ``none``:
 the recipe's ``attention.probs`` quantizer, if any) switch the two parts, for the paper's
-ablation; ``softmax_bits`` (default: the activations' bits).
+ablation; ``softmax_bits`` (default: the activations' bits); ``target`` (``mean``, the paper's,
+or ``median``: DopQ-ViT's MOSF, arXiv 2408.03291, as its v1 abstract states it).
+
+Which target makes no difference here: with an integer ``z̃`` every ``(s̃, z̃)`` preserves the
+codes, and ``s̃`` only rescales every column of ``W·diag(r1)`` by one constant, which the per
+output channel weight grid follows. The median and the mean give the same model to float
+rounding (tested); DopQ-ViT's reported gain from the median must come from where its
+reparameterization differs from this exact one (its paper was not retrieved beyond page 1).
 
 Deviations from the paper and the official code (``zkkli/RepQ-ViT``):
 
@@ -74,6 +81,7 @@ class RepQViTArgs(BaseModel):
     reparam: bool = True
     softmax: Literal["log_sqrt2", "none"] = "log_sqrt2"
     softmax_bits: int | None = Field(default=None, ge=2, le=8)
+    target: Literal["mean", "median"] = "mean"
 
 
 @register
@@ -133,7 +141,9 @@ class RepQViT(Method):
         rows = calibration_rows(ctx.capture(subset.linears[0], "input"))
         per_channel = static_qparams(rows, replace(spec, granularity=PerColumn()))
         biasless = [n for n in subset.linears if ctx.block.get_submodule(n).bias is None]
-        ratio = reparameterize_norm_input(ctx.block, ctx.adapter, subset, per_channel, spec)
+        ratio = reparameterize_norm_input(
+            ctx.block, ctx.adapter, subset, per_channel, spec, self.args.target
+        )
         self.ratios[(ctx.index, subset.name)] = ratio
         for name in biasless:
             self.created.biased[f"{ctx.module_path()}.{name}"] = ctx.block.get_submodule(name)
@@ -193,17 +203,23 @@ def check_static_asymmetric(recipe, step: str) -> None:
 
 
 def reparameterize_norm_input(
-    block, adapter: ModelAdapter, subset, per_channel: QParams, spec: QuantSpec
+    block,
+    adapter: ModelAdapter,
+    subset,
+    per_channel: QParams,
+    spec: QuantSpec,
+    target: Literal["mean", "median"] = "mean",
 ) -> float:
     """Move per-channel input ranges ``(s, z)`` of ``subset``'s linears into its LayerNorm and the
     linears (exact in float), and give the linears one static per-tensor quantizer ``(s̃, z̃)``
-    of ``spec`` whose codes equal the per-channel ones. Returns ``max(r1)/min(r1)``."""
+    of ``spec`` whose codes equal the per-channel ones; ``s̃, z̃`` are the ``target`` (RepQ-ViT's
+    mean, or DopQ-ViT's median) of ``s`` and ``z``. Returns ``max(r1)/min(r1)``."""
     linears = [block.get_submodule(name) for name in subset.linears]
     norm = block.get_submodule(subset.prev)
     s = per_channel.scale.reshape(-1)
     z = per_channel.zero_point.reshape(-1)
-    s_tilde = s.mean()
-    z_tilde = torch.round(z.mean())
+    s_tilde = s.median() if target == "median" else s.mean()
+    z_tilde = torch.round(z.median() if target == "median" else z.mean())
     r1 = s / s_tilde
     r2 = z - z_tilde
     transposed = adapter.transposed_weights

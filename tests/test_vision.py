@@ -71,7 +71,7 @@ def test_embedded_dinov2_matches_the_onnx_model_under_onnxruntime() -> None:
     with torch.no_grad():
         got = model(pixel_values=x).last_hidden_state
     assert got.shape == expected.shape == (1, 257, 384)
-    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - expected).abs().max().item() < 5e-5  # 1.05e-5 measured, outputs up to 8.3
 
 
 def test_a_file_that_is_not_the_dinov2_onnx_is_refused(tmp_path: Path) -> None:

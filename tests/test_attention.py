@@ -184,6 +184,37 @@ def test_log_sqrt2_matches_a_plain_reference_on_random_and_adversarial_probabili
         assert attention.log_sqrt2(probs, bits, 1.0)[2, 1:].eq(0).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_log2_shift_product_equals_the_log_sqrt2_product(bits):
+    """RepQ-ViT's log2 form of the log√2 quantizer: shifts of integer values and one √2 give
+    the fake-quantized probabilities times the values."""
+    generator = torch.Generator().manual_seed(bits)
+    probs = torch.softmax(4 * torch.randn(2, 3, 12, 40, generator=generator), dim=-1)
+    probs[0, 0, 0] = 0.0  # a zero row
+    probs[0, 0, 1, :] = 1e-30  # below the grid: zeros
+    probs[0, 0, 1, 0] = 1.0
+    values = torch.randint(-128, 128, (2, 3, 40, 16), generator=generator)
+    for delta in (float(probs.max()), 0.37):
+        codes = attention.log_sqrt2_codes(probs, bits, delta)
+        assert codes.min() >= 0 and codes.max() <= 2**bits
+        expected = attention.log_sqrt2(probs, bits, delta).double() @ values.double() / delta
+        got = attention.log2_shift_matmul(codes, values, bits)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max())
+    assert got[0, 0, 0].eq(0).all()
+
+
+def test_log2_shift_product_refuses_what_it_cannot_compute():
+    from channelwise.errors import KernelInputError
+
+    codes = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(KernelInputError, match="8-bit codes are not supported"):
+        attention.log2_shift_matmul(codes, torch.zeros(4, 3, dtype=torch.long), 8)
+    with pytest.raises(KernelInputError, match="must be integer codes"):
+        attention.log2_shift_matmul(codes, torch.zeros(4, 3), 4)
+    with pytest.raises(KernelInputError, match="do not multiply"):
+        attention.log2_shift_matmul(codes, torch.zeros(5, 3, dtype=torch.long), 4)
+
+
 def test_log_sqrt2_refuses_non_finite_probabilities_and_calibrates_by_error():
     from channelwise.errors import NonFiniteError
 

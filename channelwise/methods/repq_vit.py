@@ -11,7 +11,10 @@ LayerNorm ``γ ← γ/r1``, ``β ← (β + s⊙r2)/r1``; next linears ``W ← W�
 ``b ← b − W(s⊙r2)``. The per-tensor codes of the new activations with ``(s̃, z̃)`` are then the
 per-channel codes of the old ones with ``(s, z)``. Post-softmax probabilities get the log√2
 quantizer (:class:`~channelwise.quant.attention.LogSqrt2Quantizer`), which the paper
-reparameterizes to a log2 one with a √2 multiplier for integer hardware (the same values).
+reparameterizes to a log2 one with a √2 multiplier for integer hardware (the same values:
+:func:`~channelwise.quant.attention.log2_shift_matmul` multiplies the codes by integer values
+that way, tested against the fake-quantized product; the model itself runs the fake-quantized
+probabilities).
 
 In a recipe, this step comes before the weight-quantizing step (which quantizes the
 reparameterized weights per output channel)::

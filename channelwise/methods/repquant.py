@@ -10,8 +10,8 @@ each channel with a lower and an upper clipping bound that are *learned*
 the log√2 quantizer. For inference the per-channel grids are reparameterized into the LayerNorm
 and the next linears, leaving one per-tensor grid with the same codes
 (:func:`~channelwise.methods.repq_vit.reparameterize_norm_input`), and log√2 into log2 with a
-√2 multiplier (the same values). Quantized weight reconstruction is integrated into the
-procedure. Per block:
+√2 multiplier (the same values: :func:`~channelwise.quant.attention.log2_shift_matmul`).
+Quantized weight reconstruction is integrated into the procedure. Per block:
 
 1. the recipe's activation quantizers are calibrated, the q/k/v and fc1 inputs per channel;
 2. each of those per-channel quantizers gets learnable bounds, trained on the block-output

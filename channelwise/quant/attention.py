@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from channelwise.errors import KernelInputError
 from channelwise.quant.core import (
     QParams,
     QuantSpec,
@@ -115,13 +116,59 @@ class LogSqrt2Quantizer:
 
 def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
     """Fake-quantize non-negative ``x`` on the grid ``Δ·2^(−q/2)``, q in [0, 2^bits − 1]."""
-    _check_finite(x)
     with torch.no_grad():
-        raw = torch.round(-2.0 * torch.log2(x.float() / delta))  # +inf at 0: flushed below
-        codes = raw.clamp(0, 2**bits - 1)
-        out = delta * torch.exp2(-codes / 2)
-        out = torch.where((raw >= 2**bits) | (x <= 0), torch.zeros_like(out), out)
+        codes = log_sqrt2_codes(x, bits, delta)
+        out = delta * torch.exp2(-codes.float() / 2)
+        out = torch.where(codes == 2**bits, torch.zeros_like(out), out)
     return straight_through(x, out.to(x.dtype))
+
+
+def log_sqrt2_codes(x: Tensor, bits: int, delta: float) -> Tensor:
+    """The log√2 codes of non-negative ``x`` (``int64``): ``q`` in [0, 2^bits − 1], or ``2^bits``
+    for a value that rounds below the grid (or is 0), which stands for 0."""
+    _check_finite(x)
+    raw = torch.round(-2.0 * torch.log2(x.detach().float() / delta))  # +inf at 0
+    codes = raw.clamp(0, 2**bits - 1).long()
+    return torch.where((raw >= 2**bits) | (x <= 0), torch.full_like(codes, 2**bits), codes)
+
+
+#: The widest log√2 codes :func:`log2_shift_matmul` multiplies exactly in int64.
+LOG2_SHIFT_MAX_BITS = 6
+
+
+def log2_shift_matmul(codes: Tensor, values: Tensor, bits: int) -> Tensor:
+    """``(Δ·2^(−q/2)) @ values / Δ`` from log√2 ``codes`` and integer ``values``, in integers.
+
+    RepQ-ViT's reparameterization of the log√2 quantizer to log2 (arXiv 2212.08254, §3.3):
+    ``2^(−q/2) = 2^(−⌈q/2⌉)·(√2 if q is odd else 1)``, so the product is two integer sums of
+    shifted values, ``E = Σ_{q even} v·2^(S−⌈q/2⌉)`` and ``O`` alike over odd ``q`` with
+    ``S = 2^(bits−1)`` the largest shift, and ``(E + √2·O)·2^(−S)`` at the end (float64). Left
+    shifts keep every bit, so the result equals the float product to rounding; codes ``2^bits``
+    (zeros) add nothing. Beyond :data:`LOG2_SHIFT_MAX_BITS` bits the shifts overflow int64."""
+    if not 1 <= bits <= LOG2_SHIFT_MAX_BITS:
+        raise KernelInputError(
+            f"log2 shift product: {bits}-bit codes are not supported (1 to "
+            f"{LOG2_SHIFT_MAX_BITS} bits; wider grids would overflow int64)"
+        )
+    if values.dtype.is_floating_point or values.dtype.is_complex:
+        raise KernelInputError(
+            f"log2 shift product: values must be integer codes, not {values.dtype}"
+        )
+    if codes.shape[-1] != values.shape[-2]:
+        raise KernelInputError(
+            f"log2 shift product: codes {tuple(codes.shape)} and values {tuple(values.shape)} "
+            "do not multiply"
+        )
+    top = 2 ** (bits - 1)
+    zero = codes == 2**bits
+    shift = top - (codes + 1) // 2  # S − ⌈q/2⌉ ≥ 0
+    odd = (codes % 2 == 1) & ~zero
+    even = (codes % 2 == 0) & ~zero
+    values = values.long()
+    scaled = torch.where(zero, 0, torch.bitwise_left_shift(torch.ones_like(codes), shift))
+    even_sum = (scaled * even) @ values
+    odd_sum = (scaled * odd) @ values
+    return (even_sum.double() + 2.0**0.5 * odd_sum.double()) * 2.0**-top
 
 
 @dataclass

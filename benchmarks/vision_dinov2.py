@@ -8,7 +8,8 @@ against it. Not ImageNet: the figures are this protocol's, not the papers'. Raw 
 
     .venv/bin/python benchmarks/vision_dinov2.py [--recipes fp,vit-rtn-w8a8,...]
         [--calib-images 32] [--probe-images 10000] [--eval-images N] [--resolution 112]
-        [--ablation 4] [--lrp-ablation 4] [--ias-ablation 4] [--recon-iters 200 --recon-batch 32]
+        [--ablation 4] [--lrp-ablation 4] [--ias-ablation 4] [--median-target 4]
+        [--recon-iters 200 --recon-batch 32]
         [--threads 2]
         [--device cpu]
         [--json out.json]
@@ -46,6 +47,14 @@ def repq_ablation(bits: int) -> list[Recipe]:
         recipe["steps"] = [{"method": "repq_vit", "args": args}, {"method": "rtn"}]
         variants.append(Recipe.from_dict(recipe))
     return variants
+
+
+def median_target(bits: int) -> list[Recipe]:
+    """RepQ-ViT with DopQ-ViT's median target scale and zero point (MOSF) instead of the mean."""
+    data = load_recipe(f"repq-vit-w{bits}a{bits}").model_dump(mode="json")
+    data["name"] = f"repq-vit-median-w{bits}a{bits}"
+    data["steps"] = [{"method": "repq_vit", "args": {"target": "median"}}, {"method": "rtn"}]
+    return [Recipe.from_dict(data)]
 
 
 #: Training steps and the argument holding their iteration count.
@@ -134,6 +143,9 @@ def main() -> None:
     p.add_argument("--repquant-ablation", type=int, help="add RepQuant without clipping (4)")
     p.add_argument("--lrp-ablation", type=int, help="add LRP-QViT's ablation rows at these bits")
     p.add_argument("--ias-ablation", type=int, help="add I&S-ViT's ablation rows at these bits")
+    p.add_argument(
+        "--median-target", type=int, help="add RepQ-ViT with DopQ-ViT's median target at these bits"
+    )
     p.add_argument("--recon-iters", "--ias-iters", type=int, help="iterations per stage")
     p.add_argument("--recon-batch", "--ias-batch", type=int, help="reconstruction batch size")
     args = p.parse_args()
@@ -169,6 +181,8 @@ def main() -> None:
         ]
     if args.lrp_ablation:
         recipes += lrp_ablation(args.lrp_ablation)
+    if args.median_target:
+        recipes += median_target(args.median_target)
     if args.ias_ablation:
         recipes += [
             shortened(recipe, args.recon_iters, args.recon_batch)

@@ -182,20 +182,25 @@ class VisionProtocol:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def eval_set(self) -> ImageSet:
-        """The seeded test images; their classes must be the probe's (the calibration
-        source's), in the same order, or labels would be scored against other classes."""
-        images = load_images(self.eval_data, "test")
+        """The seeded test images (after :meth:`check_classes`)."""
+        self.check_classes()
+        return seeded_subset(load_images(self.eval_data, "test"), self.eval_images, self.seed)
+
+    def check_classes(self) -> None:
+        """Refuse evaluation images whose classes (names, in label order) are not the probe's,
+        the calibration source's: their labels would be scored against other classes."""
         probe_classes = image_classes(self.calib_data)
-        if images.classes != probe_classes:
-            missing = sorted(set(probe_classes) ^ set(images.classes))
-            named = ", ".join(missing[:3]) + (", …" if len(missing) > 3 else "")
-            what = f"differ (in one only: {named})" if missing else "are in another order"
-            raise DataSourceError(
-                f"the evaluation images' classes {what}: '{self.eval_data}' has "
-                f"{len(images.classes)}, the probe's '{self.calib_data}' {len(probe_classes)}; "
-                "give both the same class subfolders"
-            )
-        return seeded_subset(images, self.eval_images, self.seed)
+        classes = image_classes(self.eval_data)
+        if classes == probe_classes:
+            return
+        only_in_one = sorted(set(probe_classes) ^ set(classes))
+        named = ", ".join(only_in_one[:3]) + (", …" if len(only_in_one) > 3 else "")
+        what = f"differ (in one only: {named})" if only_in_one else "are in another order"
+        raise DataSourceError(
+            f"the evaluation images' classes {what}: '{self.eval_data}' has {len(classes)}, "
+            f"the probe's calibration source '{self.calib_data}' {len(probe_classes)}; "
+            "calibrate and evaluate on sources with the same classes"
+        )
 
     def probe_set(self) -> ImageSet:
         return seeded_subset(load_images(self.calib_data, "train"), self.probe_images, self.seed)
@@ -298,6 +303,7 @@ def compare_vision(
     protocol = protocol.for_model(reference.config)
     for recipe in loaded:
         plan(reference, recipe)
+    protocol.check_classes()  # before the probe's features: a mismatch costs no minutes
     probe = cached_probe(model, protocol, reference, progress)
     images = protocol.eval_set()
     calibration = None

@@ -207,12 +207,24 @@ def test_log2_shift_product_refuses_what_it_cannot_compute():
     from channelwise.errors import KernelInputError
 
     codes = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(KernelInputError, match="8-bit codes are not supported"):
-        attention.log2_shift_matmul(codes, torch.zeros(4, 3, dtype=torch.long), 8)
-    with pytest.raises(KernelInputError, match="must be integer codes"):
-        attention.log2_shift_matmul(codes, torch.zeros(4, 3), 4)
-    with pytest.raises(KernelInputError, match="do not multiply"):
-        attention.log2_shift_matmul(codes, torch.zeros(5, 3, dtype=torch.long), 4)
+    values = torch.zeros(4, 3, dtype=torch.long)
+    refusals = {
+        "8-bit codes are not supported": (codes, values, 8),
+        "values must be integers, not torch.float32": (codes, values.float(), 4),
+        "codes must be integers, not torch.float32": (codes.float(), values, 4),
+        "do not multiply": (codes, torch.zeros(5, 3, dtype=torch.long), 4),
+        "values need at least 2 dimensions": (codes, torch.zeros(4, dtype=torch.long), 4),
+        r"codes must lie in \[0, 2\^4\]": (codes - 1, values, 4),
+        r"got \[17, 17\]": (codes + 17, values, 4),
+        "could overflow int64 at 6 bits": (codes, values + 2**29, 6),
+    }
+    for message, (c, v, bits) in refusals.items():
+        with pytest.raises(KernelInputError, match=message):
+            attention.log2_shift_matmul(c, v, bits)
+    # the largest values that fit: every term at the largest shift, summed, stays in int64
+    big = torch.full((4, 3), 2**29 - 1, dtype=torch.long)
+    got = attention.log2_shift_matmul(codes, big, 6)
+    torch.testing.assert_close(got, torch.full((2, 3), 4.0 * (2**29 - 1), dtype=torch.float64))
 
 
 def test_log_sqrt2_refuses_non_finite_probabilities_and_calibrates_by_error():

@@ -163,7 +163,7 @@ def test_finetuning_on_few_calibration_images_is_warned_about(caplog):
     assert "on only 8 calibration images (1 passes" in warned[0], warned
 
 
-def test_the_lpvit_preset_plans_on_a_vit_and_keeps_half_the_flops():
+def test_the_lpvit_preset_asks_for_half_the_flops_and_fine_tuning_and_plans_on_a_vit():
     recipe = load_recipe("lpvit-50")
     (step,) = recipe.steps
     assert step.method == "lpvit" and step.args["flops"] == 0.5 and step.args["finetune_steps"]

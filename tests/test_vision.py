@@ -647,40 +647,49 @@ def test_repq_per_tensor_codes_equal_the_per_channel_codes_before(tiny_dinov2) -
     assert same > 0.999 and (per_channel.int() - per_tensor.int()).abs().max() <= 1
 
 
-def test_repq_target_scale_changes_the_grid_but_not_the_model() -> None:
-    """DopQ-ViT's median target (MOSF) against RepQ-ViT's mean: another per-tensor scale, the
-    same codes, so the same quantized model (to float rounding)."""
+def _repq_with_target(target: str, weights: bool, offsets: bool):
+    """RepQ-ViT on a tiny DINOv2 with a 40× outlier channel (and, with ``offsets``, channels
+    shifted far off zero): block 0's q_proj input grid and the model's outputs."""
     from channelwise.quant.activation import input_quantizer
 
     pixels = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    outputs, scales = {}, {}
-    for target in ("mean", "median"):
-        model = tiny_vision_model("dinov2")
-        with torch.no_grad():
-            model.encoder.layer[0].norm1.weight[3] *= 40.0  # an outlier channel: mean ≠ median
-        step = {"method": "repq_vit", "args": {"softmax": "none", "target": target}}
-        recipe = Recipe.from_dict(
-            {
-                "name": f"repq-{target}",
-                "weights": {
-                    "bits": 4,
-                    "symmetric": False,
-                    "granularity": "channel",
-                    "range": "mse",
-                },
-                "activations": STATIC4,
-                "steps": [step, {"method": "rtn"}],
-            }
-        )
-        quantize(model, recipe, pixels, progress=False)
-        scales[target] = float(
-            input_quantizer(model.encoder.layer[0].attention.q_proj).qparams.scale
-        )
-        with torch.no_grad():
-            outputs[target] = model(pixel_values=pixels).last_hidden_state
-    assert scales["median"] < 0.9 * scales["mean"], scales
-    error = (outputs["mean"] - outputs["median"]).abs().max() / outputs["mean"].abs().max()
-    assert error < 1e-5, error
+    model = tiny_vision_model("dinov2")
+    with torch.no_grad():
+        norm = model.encoder.layer[0].norm1
+        norm.weight[3] *= 40.0  # one wide channel: the mean scale ≠ the median scale
+        if offsets:
+            norm.bias[:12] += 6.0  # channels off zero: the mean zero point ≠ the median one
+    step = {"method": "repq_vit", "args": {"softmax": "none", "target": target}}
+    data = {"name": f"repq-{target}", "activations": STATIC4, "steps": [step]}
+    if weights:
+        data["weights"] = {"bits": 4, "symmetric": False, "granularity": "channel", "range": "mse"}
+        data["steps"] = [step, {"method": "rtn"}]
+    quantize(model, Recipe.from_dict(data), pixels, progress=False)
+    qparams = input_quantizer(model.encoder.layer[0].attention.q_proj).qparams
+    with torch.no_grad():
+        out = model(pixel_values=pixels).last_hidden_state
+    return float(qparams.scale), float(qparams.zero_point), out
+
+
+def test_repq_target_scale_keeps_the_codes_and_only_its_zero_point_meets_the_weights() -> None:
+    """DopQ-ViT's median target (MOSF) against RepQ-ViT's mean. Any integer (s̃, z̃) keeps the
+    per-channel codes, so with float weights the model is the same; s̃ alone rescales W·diag(r1)
+    by one constant, which the per-channel weight grid follows; z̃ reaches the output through
+    the quantized weights' error times (q − z̃)."""
+
+    def relative(a, b):
+        return ((a - b).abs().max() / a.abs().max()).item()
+
+    for offsets in (False, True):
+        mean, median = (_repq_with_target(t, False, offsets) for t in ("mean", "median"))
+        assert median[0] < 0.9 * mean[0], (mean[:2], median[:2])
+        assert relative(mean[2], median[2]) < 1e-5
+    mean, median = (_repq_with_target(t, True, False) for t in ("mean", "median"))
+    assert median[0] < 0.9 * mean[0] and median[1] == mean[1], (mean[:2], median[:2])
+    assert relative(mean[2], median[2]) < 1e-5  # s̃ alone: the same quantized model
+    mean, median = (_repq_with_target(t, True, True) for t in ("mean", "median"))
+    assert median[1] != mean[1], (mean[:2], median[:2])
+    assert relative(mean[2], median[2]) > 1e-4  # another z̃: another quantized model
 
 
 def test_repq_rescues_a_post_layernorm_outlier_channel(tiny_dinov2) -> None:

@@ -126,7 +126,12 @@ def image_classes(source: str) -> tuple[str, ...]:
     path = Path(source).expanduser()
     if not path.is_dir():
         return load_images(source, "train").classes  # its one-line error
-    return _class_folders(path)
+    classes = _class_folders(path)
+    if not classes:
+        raise DataSourceError(
+            f"{path} has no class subfolders; expected one subfolder of images per class"
+        )
+    return classes
 
 
 def _class_folders(root: Path) -> tuple[str, ...]:
@@ -215,11 +220,7 @@ def image_folder(root: Path, size: int = FOLDER_SIZE) -> ImageSet:
     """Images under ``root/<class>/``, classes in sorted order, each resized to ``size``² RGB."""
     from PIL import Image, UnidentifiedImageError
 
-    classes = _class_folders(root)
-    if not classes:
-        raise DataSourceError(
-            f"{root} has no class subfolders; expected one subfolder of images per class"
-        )
+    classes = image_classes(str(root))
     images, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(

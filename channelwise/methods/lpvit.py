@@ -135,15 +135,16 @@ class LPViT(Method):
     def prepare_model(
         self, model, adapter: ModelAdapter, calibration, *, progress: bool = False
     ) -> None:
-        if self.args.finetune_steps and len(calibration) < FINETUNE_IMAGES:
-            log.warning(
-                "LPViT fine-tunes %d steps on only %d calibration images (%.0f passes over "
-                "each); give it at least %d (its figures used 4,096: --calib-images 4096)",
-                self.args.finetune_steps, len(calibration),
-                self.args.finetune_steps * self.args.batch_size / len(calibration),
-                FINETUNE_IMAGES,
-            )  # fmt: skip
         if self.args.finetune_steps:  # the dense model's features: the fine-tuning's targets
+            if len(calibration) < FINETUNE_IMAGES:
+                log.warning(
+                    "LPViT fine-tunes %d steps on only %d calibration images (%.0f passes over "
+                    "each); give it at least %d (its figures used 4,096: `channelwise vision "
+                    "--calib-images 4096`, `channelwise quantize --calib-samples 4096`)",
+                    self.args.finetune_steps, len(calibration),
+                    self.args.finetune_steps * self.args.batch_size / len(calibration),
+                    FINETUNE_IMAGES,
+                )  # fmt: skip
             blocks = self.args.finetune_targets == "blocks"
             targets = teacher_features(model, adapter, calibration, self.args.batch_size, blocks)
             self._teacher = (model, calibration, targets)

@@ -117,56 +117,75 @@ class LogSqrt2Quantizer:
 def log_sqrt2(x: Tensor, bits: int, delta: float) -> Tensor:
     """Fake-quantize non-negative ``x`` on the grid ``Δ·2^(−q/2)``, q in [0, 2^bits − 1]."""
     with torch.no_grad():
-        codes = log_sqrt2_codes(x, bits, delta)
-        out = delta * torch.exp2(-codes.float() / 2)
-        out = torch.where(codes == 2**bits, torch.zeros_like(out), out)
+        codes, zero = _log_sqrt2_grid(x, bits, delta)
+        out = (delta * torch.exp2(-codes / 2)).masked_fill_(zero, 0.0)
     return straight_through(x, out.to(x.dtype))
 
 
 def log_sqrt2_codes(x: Tensor, bits: int, delta: float) -> Tensor:
     """The log√2 codes of non-negative ``x`` (``int64``): ``q`` in [0, 2^bits − 1], or ``2^bits``
     for a value that rounds below the grid (or is 0), which stands for 0."""
+    codes, zero = _log_sqrt2_grid(x, bits, delta)
+    return codes.long().masked_fill_(zero, 2**bits)
+
+
+def _log_sqrt2_grid(x: Tensor, bits: int, delta: float) -> tuple[Tensor, Tensor]:
+    """Float codes clamped to [0, 2^bits − 1], and where the value is 0 instead."""
     _check_finite(x)
     raw = torch.round(-2.0 * torch.log2(x.detach().float() / delta))  # +inf at 0
-    codes = raw.clamp(0, 2**bits - 1).long()
-    return torch.where((raw >= 2**bits) | (x <= 0), torch.full_like(codes, 2**bits), codes)
+    zero = (raw >= 2**bits) | (x.detach() <= 0)
+    return raw.clamp_(0, 2**bits - 1), zero
 
 
-#: The widest log√2 codes :func:`log2_shift_matmul` multiplies exactly in int64.
+#: The widest log√2 codes :func:`log2_shift_matmul` multiplies in int64.
 LOG2_SHIFT_MAX_BITS = 6
 
 
 def log2_shift_matmul(codes: Tensor, values: Tensor, bits: int) -> Tensor:
-    """``(Δ·2^(−q/2)) @ values / Δ`` from log√2 ``codes`` and integer ``values``, in integers.
+    """``(Δ·2^(−q/2)) @ values / Δ`` from log√2 ``codes`` and integer ``values``, in integers
+    (on the CPU: torch has no int64 matmul on CUDA).
 
     RepQ-ViT's reparameterization of the log√2 quantizer to log2 (arXiv 2212.08254, §3.3):
     ``2^(−q/2) = 2^(−⌈q/2⌉)·(√2 if q is odd else 1)``, so the product is two integer sums of
     shifted values, ``E = Σ_{q even} v·2^(S−⌈q/2⌉)`` and ``O`` alike over odd ``q`` with
     ``S = 2^(bits−1)`` the largest shift, and ``(E + √2·O)·2^(−S)`` at the end (float64). Left
     shifts keep every bit, so the result equals the float product to rounding; codes ``2^bits``
-    (zeros) add nothing. Beyond :data:`LOG2_SHIFT_MAX_BITS` bits the shifts overflow int64."""
+    (zeros) add nothing. Inputs whose sums could overflow int64 (wider codes than
+    :data:`LOG2_SHIFT_MAX_BITS` bits, or values too large for their count) are refused."""
+    where = "log2 shift product"
     if not 1 <= bits <= LOG2_SHIFT_MAX_BITS:
         raise KernelInputError(
-            f"log2 shift product: {bits}-bit codes are not supported (1 to "
-            f"{LOG2_SHIFT_MAX_BITS} bits; wider grids would overflow int64)"
+            f"{where}: {bits}-bit codes are not supported (1 to {LOG2_SHIFT_MAX_BITS} bits; "
+            "wider grids would overflow int64)"
         )
-    if values.dtype.is_floating_point or values.dtype.is_complex:
+    for name, t in (("codes", codes), ("values", values)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise KernelInputError(f"{where}: {name} must be integers, not {t.dtype}")
+        if t.device.type != "cpu":
+            raise KernelInputError(f"{where}: {name} are on {t.device}; it runs on the CPU")
+    if codes.dim() < 1 or values.dim() < 2 or codes.shape[-1] != values.shape[-2]:
         raise KernelInputError(
-            f"log2 shift product: values must be integer codes, not {values.dtype}"
+            f"{where}: codes {tuple(codes.shape)} and values {tuple(values.shape)} do not "
+            "multiply (values need at least 2 dimensions)"
         )
-    if codes.shape[-1] != values.shape[-2]:
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2**bits):
         raise KernelInputError(
-            f"log2 shift product: codes {tuple(codes.shape)} and values {tuple(values.shape)} "
-            "do not multiply"
+            f"{where}: codes must lie in [0, 2^{bits}] (2^{bits} stands for 0), got "
+            f"[{int(codes.min())}, {int(codes.max())}]"
         )
     top = 2 ** (bits - 1)
-    zero = codes == 2**bits
-    shift = top - (codes + 1) // 2  # S − ⌈q/2⌉ ≥ 0
-    odd = (codes % 2 == 1) & ~zero
-    even = (codes % 2 == 0) & ~zero
+    largest = int(values.abs().max()) if values.numel() else 0
+    if largest * codes.shape[-1] >= 2 ** (63 - top):
+        raise KernelInputError(
+            f"{where}: values up to {largest} over {codes.shape[-1]} terms could overflow int64 "
+            f"at {bits} bits (keep their sum below 2^{63 - top})"
+        )
+    codes = codes.long()
+    nonzero = codes != 2**bits
+    scaled = torch.bitwise_left_shift(torch.ones_like(codes), top - (codes + 1) // 2) * nonzero
+    odd = codes % 2 == 1
     values = values.long()
-    scaled = torch.where(zero, 0, torch.bitwise_left_shift(torch.ones_like(codes), shift))
-    even_sum = (scaled * even) @ values
+    even_sum = (scaled * ~odd) @ values
     odd_sum = (scaled * odd) @ values
     return (even_sum.double() + 2.0**0.5 * odd_sum.double()) * 2.0**-top
 

@@ -38,27 +38,6 @@ quantized model. ``z̃`` does change it: the reparameterized input dequantizes t
 so the quantized weights' error meets ``q − z̃``, and a ``z̃`` nearer the channels' typical
 zero point (the median, when a few channels sit far off) leaves less of it (tested).
 
-In a recipe, this step comes before the weight-quantizing step (which quantizes the
-reparameterized weights per output channel)::
-
-    activations: {bits: 4, symmetric: false, granularity: tensor, dynamic: false, range: mse}
-    attention: {q: …, k: …, v: …}          # per tensor, static
-    steps: [{method: repq_vit}, {method: rtn}]
-
-The reparameterized inputs (of q/k/v and fc1) get this step's own static per-tensor quantizer
-``(s̃, z̃)``; the other linear inputs take the recipe's ``activations`` quantizer.
-
-Arguments: ``reparam`` (default true) and ``softmax`` (``log_sqrt2``, the paper's, or ``none``:
-the recipe's ``attention.probs`` quantizer, if any) switch the two parts, for the paper's
-ablation; ``softmax_bits`` (default: the activations' bits); ``target`` (``mean``, the paper's,
-or ``median``: DopQ-ViT's MOSF, arXiv 2408.03291, as its v1 abstract states it).
-
-Which target makes no difference here: with an integer ``z̃`` every ``(s̃, z̃)`` preserves the
-codes, and ``s̃`` only rescales every column of ``W·diag(r1)`` by one constant, which the per
-output channel weight grid follows. The median and the mean give the same model to float
-rounding (tested); DopQ-ViT's reported gain from the median must come from where its
-reparameterization differs from this exact one (its paper was not retrieved beyond page 1).
-
 Deviations from the paper and the official code (``zkkli/RepQ-ViT``):
 
 - The per-channel ``(s, z)`` come from the recipe's activation range method run per channel

@@ -126,18 +126,19 @@ def image_classes(source: str) -> tuple[str, ...]:
     path = Path(source).expanduser()
     if not path.is_dir():
         return load_images(source, "train").classes  # its one-line error
-    classes = _class_folders(path)
-    if not classes:
-        raise DataSourceError(
-            f"{path} has no class subfolders; expected one subfolder of images per class"
-        )
-    return classes
+    return _folder_classes(path)
 
 
-def _class_folders(root: Path) -> tuple[str, ...]:
-    return tuple(
+def _folder_classes(root: Path) -> tuple[str, ...]:
+    """The class subfolders of ``root``, sorted; none is a DataSourceError."""
+    classes = tuple(
         sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     )
+    if not classes:
+        raise DataSourceError(
+            f"{root} has no class subfolders; expected one subfolder of images per class"
+        )
+    return classes
 
 
 def image_source_identity(source: str, split: str) -> str:
@@ -220,7 +221,7 @@ def image_folder(root: Path, size: int = FOLDER_SIZE) -> ImageSet:
     """Images under ``root/<class>/``, classes in sorted order, each resized to ``size``² RGB."""
     from PIL import Image, UnidentifiedImageError
 
-    classes = image_classes(str(root))
+    classes = _folder_classes(root)
     images, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(

@@ -222,8 +222,9 @@ def reparameterize_norm_input(
     norm = block.get_submodule(subset.prev)
     s = per_channel.scale.reshape(-1)
     z = per_channel.zero_point.reshape(-1)
-    s_tilde = s.median() if target == "median" else s.mean()
-    z_tilde = torch.round(z.median() if target == "median" else z.mean())
+    centre = torch.median if target == "median" else torch.mean
+    s_tilde = centre(s)
+    z_tilde = torch.round(centre(z))
     r1 = s / s_tilde
     r2 = z - z_tilde
     transposed = adapter.transposed_weights
